@@ -1,0 +1,3 @@
+"""Trainer callbacks."""
+
+from lightning_losses.callbacks.distillation import *

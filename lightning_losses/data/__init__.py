@@ -1,0 +1,5 @@
+"""LightningDataModules over the embedded real data (MNIST 5k, digits, Shakespeare plays)."""
+
+from lightning_losses.data.vision import DigitsDataModule, IndexedTensorDataset, MNIST5kDataModule, load_image_dataset
+
+__all__ = ["DigitsDataModule", "IndexedTensorDataset", "MNIST5kDataModule", "load_image_dataset"]

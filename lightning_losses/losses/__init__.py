@@ -1,0 +1,4 @@
+"""``nn.Module`` twins of the functional losses: validate and store settings (as named hyperparameters)."""
+
+from lightning_losses.losses.base import LossModule
+from lightning_losses.losses.distillation import *

@@ -1,0 +1,1 @@
+"""torchmetrics ``Metric`` classes (streaming calibration errors, unlearning metrics)."""

@@ -1,0 +1,4 @@
+"""LightningModule mixins, one per family. Put them before ``pl.LightningModule`` in the bases."""
+
+from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.mixins.distillation import *

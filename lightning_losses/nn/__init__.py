@@ -1,0 +1,3 @@
+"""Trainable building blocks: heads, projectors, calibrators, TempNet, STN hyper-layers."""
+
+from lightning_losses.nn.distillation import *
