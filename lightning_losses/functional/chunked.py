@@ -1,0 +1,779 @@
+r"""Large-vocabulary losses computed from hidden states and the output head, without materialising the logits.
+
+A language-model head maps ``N`` hidden states of width ``d`` to ``N × V`` logits; with ``V`` in the tens or hundreds
+of thousands this tensor (and its gradient, and the log-softmax that autograd keeps) dominates training memory.
+The functions here take the hidden states and the head's weight (and bias) instead of the logits, and process the
+rows in chunks: only one chunk of logits (``chunk_size × V``) exists at any time, always in float32 (float64 when the
+inputs are float64).
+
+Two execution paths share one autograd function:
+
+* scalar reductions (``"mean"`` / ``"sum"``): while the forward pass visits a chunk it also computes that chunk's
+  gradient with respect to the hidden states, the weight, the bias and any tensor hyperparameter; backward only
+  rescales those gradients by the incoming scalar. Three matrix products per chunk, as many as the naive computation.
+* per-row or per-sequence outputs (``reduction="none"``, :func:`linear_sequence_log_probs`): the forward pass keeps
+  only the per-row losses; backward recomputes each chunk's logits and weights its gradient with the incoming
+  per-row gradient.
+
+Rows that are ignored (``ignore_index``) are dropped before any logits are computed, so prompt and padding tokens cost
+nothing. Everything is plain torch and runs on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "default_chunk_size",
+    "linear_cross_entropy",
+    "linear_distillation_loss",
+    "linear_sequence_log_probs",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+
+# One chunk of logits holds about this many elements (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk used when ``chunk_size=None``: about 16 M logits (64 MiB in float32) per chunk.
+
+    Example:
+        >>> default_chunk_size(131072), default_chunk_size(32000), default_chunk_size(10)
+        (128, 524, 4096)
+    """
+    return max(1, min(4096, _CHUNK_ELEMENTS // max(int(vocab_size), 1)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The chunked autograd function
+# --------------------------------------------------------------------------------------------------------------------
+
+RowLoss = Callable[..., Tensor]
+"""``row_loss(logits, *extras) -> (rows,)``: the loss of each row from its float32 logits and its row extras."""
+
+
+@dataclass(frozen=True)
+class _HeadSpec:
+    row_loss: RowLoss
+    chunk_size: int
+    softcap: float | None
+    # None: return per-row losses and recompute in backward; a float: return scale · Σ rows, gradients in forward.
+    scale: float | None
+    grad_enabled: bool
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_extras(extras: Sequence[Tensor], n_rows: int, start: int, stop: int) -> list[Tensor]:
+    """Slice per-row extras (leading dimension ``n_rows``); 0-d extras are shared by every row."""
+    return [e if e.ndim == 0 else e[start:stop] for e in extras]
+
+
+def _chunk_loss_and_grads(
+    spec: _HeadSpec,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    extras: Sequence[Tensor],
+    extras_need_grad: Sequence[bool],
+    row_grad: Tensor | float | None,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    """Loss of one chunk of rows and, when ``row_grad`` is given, the gradient of ``Σ row_grad·loss``.
+
+    Returns ``(loss, grad_logits, grad_extras)`` where ``grad_logits`` is the gradient with respect to the raw
+    (pre-softcap) logits, in the accumulation dtype.
+    """
+    acc = _accumulation_dtype(hidden.dtype)
+    with torch.autocast(hidden.device.type, enabled=False), torch.enable_grad():
+        raw = F.linear(hidden, weight, bias).to(acc)
+        if row_grad is None:
+            with torch.no_grad():
+                logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
+                return spec.row_loss(logits, *extras), None, [None] * len(extras)
+        raw.requires_grad_(True)
+        logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
+        leaves = [e.detach().requires_grad_(True) if need else e for e, need in zip(extras, extras_need_grad)]
+        loss = spec.row_loss(logits, *leaves)
+        inputs = [raw] + [leaf for leaf, need in zip(leaves, extras_need_grad) if need]
+        grads = torch.autograd.grad((loss * row_grad).sum(), inputs)
+    it = iter(grads[1:])
+    grad_extras = [next(it) if need else None for need in extras_need_grad]
+    return loss.detach(), grads[0], grad_extras
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """Row losses of ``row_loss(softcap(hidden @ weightᵀ + bias), *extras)`` computed chunk by chunk."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, spec: _HeadSpec, hidden: Tensor, weight: Tensor, bias: Tensor | None, *extras: Tensor
+    ) -> Tensor:
+        n = hidden.shape[0]
+        acc = _accumulation_dtype(hidden.dtype)
+        needs = [bool(x) and spec.grad_enabled for x in ctx.needs_input_grad[1:]]
+        need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+        need_x = needs[3:]
+        ctx.spec = spec
+        ctx.consumed = False
+        if spec.scale is None:  # per-row output; backward recomputes
+            out = torch.empty(n, dtype=acc, device=hidden.device)
+            for start in range(0, n, spec.chunk_size):
+                stop = min(start + spec.chunk_size, n)
+                loss, _, _ = _chunk_loss_and_grads(
+                    spec, hidden[start:stop], weight, bias, _chunk_extras(extras, n, start, stop), need_x, None
+                )
+                out[start:stop] = loss
+            ctx.save_for_backward(hidden, weight, bias, *extras)
+            ctx.needs = (need_h, need_w, need_b, need_x)
+            return out
+
+        any_grad = need_h or need_w or need_b or any(need_x)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grad_x: list[Tensor | None] = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None
+                                       for e, nd in zip(extras, need_x)]  # fmt: skip
+        for start in range(0, n, spec.chunk_size):
+            stop = min(start + spec.chunk_size, n)
+            h = hidden[start:stop]
+            loss, grad_logits, gx = _chunk_loss_and_grads(
+                spec, h, weight, bias, _chunk_extras(extras, n, start, stop), need_x, spec.scale if any_grad else None
+            )
+            total += loss.sum()
+            if grad_logits is not None:
+                if grad_h is not None:
+                    grad_h[start:stop] = grad_logits.to(weight.dtype) @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(grad_logits.t(), h.to(acc))
+                if grad_b is not None:
+                    grad_b += grad_logits.sum(0)
+            for i, g in enumerate(gx):
+                if g is not None:
+                    target = grad_x[i]
+                    assert target is not None
+                    if extras[i].ndim == 0:
+                        target += g
+                    else:
+                        target[start:stop] = g
+        ctx.grads = (grad_h, grad_w, grad_b, grad_x)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, [e.dtype for e in extras])
+        return total * spec.scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError(
+                "The chunked linear loss computed its gradients during the forward pass and they were already used "
+                "by a previous backward. Recompute the loss instead of calling backward twice (retain_graph=True "
+                "is not supported)."
+            )
+        ctx.consumed = True
+        spec: _HeadSpec = ctx.spec
+        if spec.scale is not None:
+            grad_h, grad_w, grad_b, grad_x = ctx.grads
+            ctx.grads = None
+            w_dtype, b_dtype, x_dtypes = ctx.dtypes
+            g = grad_out.detach()
+            out_h = None if grad_h is None else grad_h.mul_(g.to(grad_h.dtype))
+            out_w = None if grad_w is None else grad_w.mul_(g.to(grad_w.dtype)).to(w_dtype)
+            out_b = None if grad_b is None else grad_b.mul_(g.to(grad_b.dtype)).to(b_dtype)
+            out_x = [None if gx is None else (gx * g).to(dt) for gx, dt in zip(grad_x, x_dtypes)]
+            return (None, out_h, out_w, out_b, *out_x)
+
+        hidden, weight, bias, *extras = ctx.saved_tensors
+        need_h, need_w, need_b, need_x = ctx.needs
+        n = hidden.shape[0]
+        acc = _accumulation_dtype(hidden.dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        grad_x = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None for e, nd in zip(extras, need_x)]
+        g_rows = grad_out.detach().to(acc)
+        for start in range(0, n, spec.chunk_size):
+            stop = min(start + spec.chunk_size, n)
+            h = hidden[start:stop]
+            _, grad_logits, gx = _chunk_loss_and_grads(
+                spec, h, weight, bias, _chunk_extras(extras, n, start, stop), need_x, g_rows[start:stop]
+            )
+            assert grad_logits is not None
+            if grad_h is not None:
+                grad_h[start:stop] = grad_logits.to(weight.dtype) @ weight
+            if grad_w is not None:
+                grad_w.addmm_(grad_logits.t(), h.to(acc))
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+            for i, gi in enumerate(gx):
+                if gi is not None:
+                    tgt = grad_x[i]
+                    assert tgt is not None
+                    if extras[i].ndim == 0:
+                        tgt += gi
+                    else:
+                        tgt[start:stop] = gi
+        return (
+            None,
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+            *[None if gx is None else gx.to(e.dtype) for gx, e in zip(grad_x, extras)],
+        )
+
+
+def _chunked(
+    row_loss: RowLoss,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    extras: Sequence[Tensor],
+    *,
+    chunk_size: int | None,
+    softcap: float | None,
+    scale: float | None,
+) -> Tensor:
+    spec = _HeadSpec(
+        row_loss=row_loss,
+        chunk_size=default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size),
+        softcap=None if softcap is None else float(softcap),
+        scale=scale,
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    out = _ChunkedLinearLoss.apply(spec, hidden, weight, bias, *extras)
+    assert isinstance(out, Tensor)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument checks and preparation shared by the public functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, prefix: str = "") -> None:
+    h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    if not hidden.is_floating_point() or hidden.ndim < 2:
+        raise ValueError(
+            f"`{h}` must be a floating tensor of shape (..., d) with at least 2 dimensions, got dtype {hidden.dtype} "
+            f"and shape {tuple(hidden.shape)}. Pass the final hidden states (tokens × d or batch × seq × d)."
+        )
+    if not weight.is_floating_point() or weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`{w}` must be the output head's weight of shape (V, d) with d = {hidden.shape[-1]} (the width of "
+            f"`{h}`), got dtype {weight.dtype} and shape {tuple(weight.shape)}. Pass `lm_head.weight`, not its "
+            "transpose."
+        )
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(
+            f"`{b}` must have shape (V,) = ({weight.shape[0]},) to match `{w}`, got shape {tuple(bias.shape)}."
+        )
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) > 1:
+        raise ValueError(
+            f"`{h}`, `{w}` and `{b}` must share one dtype, got {sorted(str(d) for d in dtypes)}. Cast them to the "
+            "same dtype (or run under torch.autocast, which casts them to the autocast dtype)."
+        )
+
+
+def _autocast_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under autocast, cast the matrix-product operands as ``F.linear`` would (the loss itself stays float32)."""
+    device = hidden.device.type
+    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return hidden, weight, bias
+
+
+def _check_softcap(softcap: float | None, name: str = "softcap") -> None:
+    if softcap is not None and not float(softcap) > 0:
+        raise ValueError(f"`{name}` must be a positive number or None, got {softcap!r}.")
+
+
+def _check_labels(labels: Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int, name: str) -> Tensor:
+    """Validate integer labels of shape ``lead_shape`` and return the boolean mask of rows that count."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"`{name}` must hold integer token ids, got dtype {labels.dtype}.")
+    if labels.shape != lead_shape:
+        raise ValueError(
+            f"`{name}` must have shape {tuple(lead_shape)} (the hidden states' shape without the last dimension), "
+            f"got {tuple(labels.shape)}."
+        )
+    valid = labels != ignore_index
+    if bool(valid.any()):
+        chosen = labels[valid]
+        low, high = int(chosen.min()), int(chosen.max())
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"`{name}` holds token ids outside [0, {vocab}) (min {low}, max {high}) that are not "
+                f"ignore_index={ignore_index}. Check the vocabulary size of the head and the padding label."
+            )
+    return valid
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive integer or None (automatic), got {chunk_size!r}.")
+
+
+def _per_row(
+    value: float | Tensor, lead_shape: torch.Size, like: Tensor, name: str, *, low: float | None = None
+) -> Tensor:
+    """A hyperparameter as a 0-d tensor or one value per row (flattened over ``lead_shape``), keeping its graph.
+
+    Accepted: a Python number, a 0-d tensor, one value per sample (``lead_shape[0]`` values, shared by the sample's
+    tokens) or one value per row (shape ``lead_shape``).
+    """
+    t = torch.as_tensor(value, device=like.device)
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if low is not None and bool((t.detach() <= low).any()):
+        shown = t.detach().flatten()[:8].tolist()
+        raise ValueError(f"`{name}` must be > {low:g}, got {shown}.")
+    if t.ndim == 0:
+        return t
+    if t.shape == lead_shape:
+        return t.reshape(-1)
+    if t.ndim == 1 and t.shape[0] == lead_shape[0]:
+        rest = 1
+        for s in lead_shape[1:]:
+            rest *= s
+        return t.repeat_interleave(rest)
+    raise ValueError(
+        f"`{name}` must be a number, a 0-d tensor, one value per sample (shape ({lead_shape[0]},)) or one value per "
+        f"token (shape {tuple(lead_shape)}), got shape {tuple(t.shape)}."
+    )
+
+
+def _select(t: Tensor, index: Tensor) -> Tensor:
+    return t if t.ndim == 0 else t.index_select(0, index)
+
+
+def _reduce(
+    rows: Tensor, index: Tensor, lead_shape: torch.Size, reduction: Reduction, n_valid: int
+) -> Tensor:  # only for "none"
+    full = rows.new_zeros(int(torch.Size(lead_shape).numel()))
+    return full.index_put((index,), rows).reshape(lead_shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cross-entropy and log-probabilities
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _ce_rows(use_temperature: bool, use_z_loss: bool, sign: float) -> RowLoss:
+    def row_loss(logits: Tensor, target: Tensor, *hyper: Tensor) -> Tensor:
+        it = iter(hyper)
+        if use_temperature:
+            t = next(it)
+            logits = logits / (t if t.ndim == 0 else t.unsqueeze(1))
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = lse - logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        if use_z_loss:
+            loss = loss + next(it) * lse.square()
+        return sign * loss
+
+    return row_loss
+
+
+def _ce_like(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None,
+    *,
+    ignore_index: int,
+    reduction: Reduction,
+    chunk_size: int | None,
+    softcap: float | None,
+    temperature: float | Tensor | None,
+    z_loss: float | Tensor,
+    sign: float,
+    target_name: str,
+) -> tuple[Tensor, Tensor, int]:
+    """Shared body: returns ``(row_values_or_scalar, valid_index, n_valid)``."""
+    _check_head(hidden, weight, bias)
+    _check_reduction(reduction)
+    _check_chunk_size(chunk_size)
+    _check_softcap(softcap)
+    lead = hidden.shape[:-1]
+    valid = _check_labels(target, lead, weight.shape[0], ignore_index, target_name)
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    n_valid = int(index.numel())
+    rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+    extras = [target.reshape(-1).index_select(0, index).long()]
+    use_t = temperature is not None
+    if temperature is not None:
+        extras.append(_select(_per_row(temperature, lead, hidden, "temperature", low=0.0), index))
+    use_z = not (isinstance(z_loss, (int, float)) and z_loss == 0)
+    if use_z:
+        extras.append(_select(_per_row(z_loss, lead, hidden, "z_loss"), index))
+    scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
+    out = _chunked(
+        _ce_rows(use_t, use_z, sign),
+        rows_h,
+        weight,
+        bias,
+        extras,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        scale=scale,
+    )
+    return out, index, n_valid
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    z_loss: float | Tensor = 0.0,
+    temperature: float | Tensor | None = None,
+) -> Tensor:
+    r"""Cross-entropy of the head ``hidden @ weightᵀ + bias`` against ``target``, never holding all the logits.
+
+    With :math:`z = c\,\tanh\big((hW^\top + b)/c\big)` (or :math:`hW^\top + b` without ``softcap`` :math:`c`),
+    the temperature :math:`\tau` and the z-loss weight :math:`\lambda`, each counted token :math:`i` gives
+
+    .. math::
+
+        \ell_i = \operatorname{logsumexp}_j\!\Big(\frac{z_{ij}}{\tau_i}\Big) - \frac{z_{i y_i}}{\tau_i}
+                 + \lambda_i \operatorname{logsumexp}_j\!\Big(\frac{z_{ij}}{\tau_i}\Big)^2
+
+    reduced by the mean over counted tokens (``target != ignore_index``), the sum, or not at all. Value and
+    gradients (hidden, weight, bias, and tensor ``temperature`` / ``z_loss``) equal those of
+    ``F.cross_entropy(softcap(F.linear(hidden, weight, bias)).float() / τ, target)`` plus the z-loss; the largest
+    temporary is one chunk of ``chunk_size × V`` float32 logits.
+
+    Args:
+        hidden: final hidden states, shape ``(N, d)`` or ``(B, T, d)``.
+        weight: the output head's weight, shape ``(V, d)``.
+        target: token ids, shape ``hidden.shape[:-1]``; ``ignore_index`` marks tokens that do not count.
+        bias: optional head bias, shape ``(V,)``.
+        ignore_index: label of tokens left out of the loss (they cost no computation).
+        reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (shape of ``target``,
+            0 at ignored tokens).
+        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk (:func:`default_chunk_size`).
+        softcap: logit soft-capping value :math:`c` (Gemma-2 style), or ``None``.
+        z_loss: weight :math:`\lambda` of the auxiliary :math:`\operatorname{logsumexp}^2` term (PaLM uses 1e-4);
+            a number, a 0-d tensor, or per sample / per token.
+        temperature: optional :math:`\tau > 0` dividing the logits (a number or a tensor, per sample / per token,
+            differentiable), e.g. for the KL-DRO temperature loss :math:`\tau\,\mathrm{CE}(z/\tau, y)`.
+
+    Returns:
+        The reduced loss (float32, float64 for float64 inputs).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden = torch.randn(10, 8, generator=g, requires_grad=True)
+        >>> weight = torch.randn(37, 8, generator=g, requires_grad=True)
+        >>> target = torch.randint(0, 37, (10,), generator=g)
+        >>> loss = linear_cross_entropy(hidden, weight, target, chunk_size=3)
+        >>> naive = F.cross_entropy(hidden @ weight.T, target)
+        >>> torch.allclose(loss, naive)
+        True
+        >>> loss.backward()
+        >>> hidden.grad.shape, weight.grad.shape
+        (torch.Size([10, 8]), torch.Size([37, 8]))
+    """
+    out, index, n_valid = _ce_like(
+        hidden,
+        weight,
+        target,
+        bias,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        chunk_size=chunk_size,
+        softcap=softcap,
+        temperature=temperature,
+        z_loss=z_loss,
+        sign=1.0,
+        target_name="target",
+    )
+    if reduction == "none":
+        return _reduce(out, index, target.shape, reduction, n_valid)
+    return out
+
+
+def linear_sequence_log_probs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    average: bool = False,
+    shift: bool = False,
+    chunk_size: int | None = None,
+    softcap: float | None = None,
+    temperature: float | Tensor | None = None,
+) -> Tensor:
+    r"""Per-sequence sum (or mean) of the log-probabilities of the answer tokens, from hidden states and the head.
+
+    For sequence :math:`b` with counted positions :math:`A_b = \{t : y_{bt} \ne \text{ignore\_index}\}`
+
+    .. math::
+
+        \log \pi(y_b \mid x_b) = \sum_{t \in A_b} \Big( \frac{z_{bt y_{bt}}}{\tau}
+            - \operatorname{logsumexp}_j \frac{z_{btj}}{\tau} \Big),
+        \qquad z = \operatorname{softcap}(h W^\top + b),
+
+    divided by :math:`|A_b|` when ``average=True`` (SimNPO's length normalisation; 0 for a sequence with no counted
+    token). This is what NPO, SimNPO and GradDiff need, computed chunk by chunk: no ``B × T × V`` tensor exists.
+
+    Args:
+        hidden: final hidden states, shape ``(B, T, d)``.
+        weight: the output head's weight, shape ``(V, d)``.
+        labels: shape ``(B, T)``; prompt and padding positions hold ``ignore_index``.
+        bias: optional head bias, shape ``(V,)``.
+        ignore_index: label of positions that do not count.
+        average: divide each sequence's sum by its number of counted tokens.
+        shift: ``False``: ``labels[:, t]`` is the token predicted from ``hidden[:, t]``. ``True``: Hugging Face
+            causal-LM convention, ``labels`` are the input ids (with prompt masked) and ``hidden[:, t]`` predicts
+            ``labels[:, t + 1]``.
+        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk.
+        softcap: logit soft-capping value, or ``None``.
+        temperature: optional temperature dividing the logits (number, or tensor per sequence / per token).
+
+    Returns:
+        Tensor of shape ``(B,)`` (float32, float64 for float64 inputs).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hidden, weight = torch.randn(2, 5, 8, generator=g), torch.randn(11, 8, generator=g)
+        >>> labels = torch.tensor([[-100, 3, 4, 5, -100], [-100, -100, 1, 2, 3]])
+        >>> logps = linear_sequence_log_probs(hidden, weight, labels, chunk_size=4)
+        >>> naive = (hidden @ weight.T).log_softmax(-1)
+        >>> expected = naive[0, 1:4].gather(1, labels[0, 1:4, None]).sum()
+        >>> torch.allclose(logps[0], expected)
+        True
+    """
+    if hidden.ndim != 3:
+        raise ValueError(
+            f"`hidden` must have shape (B, T, d) for per-sequence log-probabilities, got {tuple(hidden.shape)}."
+        )
+    if shift:
+        hidden = hidden[:, :-1]
+        labels = labels[:, 1:]
+        if temperature is not None and isinstance(temperature, Tensor) and temperature.ndim == 2:
+            temperature = temperature[:, :-1]
+    out, index, _ = _ce_like(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index=ignore_index,
+        reduction="none",
+        chunk_size=chunk_size,
+        softcap=softcap,
+        temperature=temperature,
+        z_loss=0.0,
+        sign=-1.0,
+        target_name="labels",
+    )
+    batch, length = labels.shape
+    sequence = torch.div(index, max(length, 1), rounding_mode="floor")
+    sums = out.new_zeros(batch).index_add(0, sequence, out)
+    if average:
+        counts = torch.zeros(batch, dtype=out.dtype, device=out.device).index_add_(0, sequence, torch.ones_like(out))
+        sums = sums / counts.clamp(min=1)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distillation (forward KL, reverse KL, generalized Jensen-Shannon)
+# --------------------------------------------------------------------------------------------------------------------
+
+_Mode = Literal["forward", "reverse", "mixture", "mixed"]
+
+
+def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Σ_j p_j (log p_j − log q_j) per row."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _distillation_rows(
+    mode: _Mode,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    teacher_softcap: float | None,
+    use_temperature: bool,
+) -> RowLoss:
+    def row_loss(student: Tensor, teacher_hidden: Tensor, beta: Tensor, *hyper: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(student.dtype)
+            if teacher_softcap is not None:
+                teacher = teacher_softcap * torch.tanh(teacher / teacher_softcap)
+        if use_temperature:
+            t = hyper[0]
+            t = t if t.ndim == 0 else t.unsqueeze(1)
+            student, teacher = student / t, teacher / t
+        log_s = torch.log_softmax(student, dim=-1)
+        log_t = torch.log_softmax(teacher, dim=-1)
+        if mode == "forward":
+            return _kl_rows(log_t, log_s)
+        if mode == "reverse":
+            return _kl_rows(log_s, log_t)
+        b = beta.to(student.dtype)
+        b = b if b.ndim == 0 else b.unsqueeze(1)
+        # log m = log((1 − β)·p_s + β·p_t); clamping only protects the β ∈ {0, 1} rows that torch.where discards.
+        b_in = b.clamp(1e-12, 1 - 1e-12) if mode == "mixed" else b
+        log_m = torch.logaddexp(log_s + torch.log1p(-b_in), log_t + torch.log(b_in))
+        mix = b.squeeze(-1) * _kl_rows(log_t, log_m) + (1 - b.squeeze(-1)) * _kl_rows(log_s, log_m)
+        if mode == "mixture":
+            return mix
+        b_row = b.squeeze(-1).expand_as(mix)
+        return torch.where(b_row == 0, _kl_rows(log_t, log_s), torch.where(b_row == 1, _kl_rows(log_s, log_t), mix))
+
+    return row_loss
+
+
+def linear_distillation_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    beta: float | Tensor = 0.5,
+    temperature: float | Tensor = 1.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+) -> Tensor:
+    r"""Token-level generalized Jensen-Shannon distillation from hidden states and heads, chunked over tokens.
+
+    With student and teacher logits :math:`z^s = h^s W_s^\top + b_s`, :math:`z^t = h^t W_t^\top + b_t` (soft-capped
+    when asked), :math:`p = \operatorname{softmax}(z^s/T)`, :math:`q = \operatorname{softmax}(z^t/T)` and the mixture
+    :math:`m = \beta q + (1-\beta) p`, each counted token gives
+
+    .. math::
+
+        \ell = \begin{cases}
+            \mathrm{KL}(q \,\|\, p) & \beta = 0 \text{ (forward KL)} \\
+            \mathrm{KL}(p \,\|\, q) & \beta = 1 \text{ (reverse KL)} \\
+            \beta\,\mathrm{KL}(q \,\|\, m) + (1-\beta)\,\mathrm{KL}(p \,\|\, m) & 0 < \beta < 1
+        \end{cases}
+
+    (TRL's ``generalized_jsd_loss``; no :math:`T^2` factor), averaged over the tokens whose label is not
+    ``ignore_index`` (all tokens when ``labels`` is None). It equals
+    :func:`lightning_losses.functional.generalized_jsd_loss` applied to the full logits. The teacher side runs without
+    gradient; gradients reach the student hidden states, weight and bias, and tensor ``beta`` / ``temperature``.
+
+    Args:
+        student_hidden: student final hidden states, ``(N, d_s)`` or ``(B, T, d_s)``.
+        student_weight: student head weight ``(V, d_s)``.
+        teacher_hidden: teacher final hidden states with the same leading shape, ``(..., d_t)``.
+        teacher_weight: teacher head weight ``(V, d_t)``; the same vocabulary size ``V`` is required.
+        beta: interpolation :math:`\beta \in [0, 1]`; a number or tensor (0-d, per sample, per token).
+        temperature: softmax temperature :math:`T > 0`; a number or tensor (0-d, per sample, per token).
+        labels: optional token labels (shape of the leading dimensions); ``ignore_index`` marks tokens left out.
+        ignore_index: label of tokens left out.
+        reduction: ``"mean"`` over counted tokens (0 when none), ``"sum"``, or ``"none"`` (leading shape, 0 at
+            ignored tokens).
+        student_bias: optional student head bias ``(V,)``.
+        teacher_bias: optional teacher head bias ``(V,)``.
+        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk.
+        student_softcap: student logit soft-capping, or ``None``.
+        teacher_softcap: teacher logit soft-capping, or ``None``.
+
+    Returns:
+        The reduced loss (float32, float64 for float64 inputs).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> hs, ws = torch.randn(6, 4, generator=g), torch.randn(13, 4, generator=g)
+        >>> ht, wt = torch.randn(6, 5, generator=g), torch.randn(13, 5, generator=g)
+        >>> forward_kl = linear_distillation_loss(hs, ws, ht, wt, beta=0.0, chunk_size=4)
+        >>> p_t, log_p_s = (ht @ wt.T).softmax(-1), (hs @ ws.T).log_softmax(-1)
+        >>> naive = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+        >>> torch.allclose(forward_kl, naive, atol=1e-6)
+        True
+        >>> float(linear_distillation_loss(hs, ws, hs, ws, beta=0.5))  # identical models: zero
+        0.0
+    """
+    _check_head(student_hidden, student_weight, student_bias, "student_")
+    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
+    _check_reduction(reduction)
+    _check_chunk_size(chunk_size)
+    _check_softcap(student_softcap, "student_softcap")
+    _check_softcap(teacher_softcap, "teacher_softcap")
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(
+            f"`teacher_hidden` must have the same leading shape as `student_hidden` ({tuple(lead)}), got "
+            f"{tuple(teacher_hidden.shape[:-1])}. Feed both models the same tokens."
+        )
+    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
+    if vs != vt:
+        raise ValueError(
+            f"Vocabulary mismatch: the student head has {vs} rows and the teacher head {vt}. Distillation needs one "
+            "vocabulary; if the extra rows are padding, slice both heads to the shared vocabulary "
+            "(e.g. `teacher_weight[:V]`)."
+        )
+    if labels is None:
+        valid = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
+    else:
+        valid = _check_labels(labels, lead, vs, ignore_index, "labels")
+    beta_t = _per_row(beta, lead, student_hidden, "beta")
+    b_detached = beta_t.detach()
+    if bool(((b_detached < 0) | (b_detached > 1)).any()):
+        raise ValueError(f"`beta` must lie in [0, 1], got {b_detached.flatten()[:8].tolist()}.")
+    if bool((b_detached == 0).all()):
+        mode: _Mode = "forward"
+    elif bool((b_detached == 1).all()):
+        mode = "reverse"
+    elif bool(((b_detached > 0) & (b_detached < 1)).all()):
+        mode = "mixture"
+    else:
+        mode = "mixed"
+    use_t = not (isinstance(temperature, (int, float)) and temperature == 1)
+    student_hidden, student_weight, student_bias = _autocast_head(student_hidden, student_weight, student_bias)
+    teacher_hidden, teacher_weight, teacher_bias = _autocast_head(teacher_hidden, teacher_weight, teacher_bias)
+    index = valid.reshape(-1).nonzero().squeeze(1)
+    n_valid = int(index.numel())
+    rows_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
+    rows_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
+    extras = [rows_t, _select(beta_t, index)]
+    if use_t:
+        extras.append(_select(_per_row(temperature, lead, student_hidden, "temperature", low=0.0), index))
+    row_loss = _distillation_rows(
+        mode,
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        None if teacher_softcap is None else float(teacher_softcap),
+        use_t,
+    )
+    scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
+    out = _chunked(
+        row_loss,
+        rows_s,
+        student_weight,
+        student_bias,
+        extras,
+        chunk_size=chunk_size,
+        softcap=student_softcap,
+        scale=scale,
+    )
+    if reduction == "none":
+        return _reduce(out, index, lead, reduction, n_valid)
+    return out
