@@ -1,0 +1,338 @@
+"""Loss modules of the adaptive-temperature family: DRO with TempNet, robust contrastive, LDR-KL and ALDR-KL.
+
+The stateful ones (:class:`RobustContrastiveLoss`, :class:`ALDRKLLoss`) keep per-sample state in float32
+persistent buffers indexed by the dataset index, so it is checkpointed and restored with the module. Under
+``torch.distributed`` every rank gathers the indices and the new state of all ranks and writes them all, so the
+buffers stay identical on every rank (and DDP's buffer broadcast changes nothing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_losses.functional.temperature import (
+    aldr_kl_lambda,
+    aldr_kl_loss,
+    dro_temperature_loss,
+    ldr_kl_loss,
+)
+from lightning_losses.losses.base import LossModule
+
+__all__ = ["ALDRKLLoss", "DROTemperatureLoss", "LDRKLLoss", "RobustContrastiveLoss"]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_no_grad(tensor: Tensor, world_size: int) -> Tensor:
+    """Concatenate equal-shaped ``tensor`` of every rank along dim 0 (rank order), without gradient."""
+    if world_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _check_equal_local_batches(size: int, world_size: int, device: torch.device) -> None:
+    if world_size == 1:
+        return
+    sizes = _gather_no_grad(torch.tensor([size], device=device), world_size)
+    if bool((sizes != size).any()):
+        raise ValueError(
+            f"Every rank must give the same local batch size to gather features, got {sizes.tolist()}. "
+            "Use `drop_last=True` in the training DataLoader (or a DistributedSampler with drop_last=True)."
+        )
+
+
+def _check_index(index: Tensor, num_samples: int, batch: int) -> None:
+    if index.ndim != 1 or index.shape[0] != batch or index.is_floating_point():
+        raise ValueError(
+            f"`index` must be a 1-D integer tensor with one dataset index per sample ({batch}), got dtype "
+            f"{index.dtype} and shape {tuple(index.shape)}."
+        )
+    if batch and (int(index.min()) < 0 or int(index.max()) >= num_samples):
+        raise ValueError(
+            f"`index` holds dataset indices outside [0, {num_samples}): min {int(index.min())}, max "
+            f"{int(index.max())}. Build the loss with num_samples = the size of the training set."
+        )
+
+
+class DROTemperatureLoss(LossModule):
+    r"""Module twin of :func:`~lightning_losses.functional.dro_temperature_loss` with ``rho`` as a hyperparameter.
+
+    .. math::
+        L = \tau\,\mathrm{CE}(z/\tau, y) + (\rho - \log V)\,\tau
+
+    Args:
+        rho: KL-ball radius (must stay below ``log V``; GPT-2 setting 8.0 for V = 50k, smaller for small V).
+        ignore_index: Target value of positions that do not count.
+
+    Example:
+        >>> loss = DROTemperatureLoss(rho=0.5)
+        >>> logits, target = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+        >>> bool(torch.isfinite(loss(logits, target, tau=torch.full((2, 5), 1.5))))
+        True
+    """
+
+    rho: Tensor
+
+    def __init__(self, rho: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.register_hyperparameter("rho", rho, low=0.0)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, target: Tensor, tau: Tensor | float) -> Tensor:
+        return dro_temperature_loss(logits, target, tau, self.rho, ignore_index=self.ignore_index)
+
+
+class LDRKLLoss(LossModule):
+    r"""Module twin of :func:`~lightning_losses.functional.ldr_kl_loss`.
+
+    .. math::
+        L = \lambda \log \frac1K \sum_k e^{(c\,\mathbb 1[k\ne y] + f_k - f_y)/\lambda}
+
+    Example:
+        >>> loss = LDRKLLoss(lam=1.0)
+        >>> bool(loss(torch.randn(3, 4), torch.tensor([0, 1, 2])) > -1)
+        True
+    """
+
+    lam: Tensor
+    margin: Tensor
+
+    def __init__(self, lam: float = 10.0, margin: float = 0.1, rescale_logits: bool = True) -> None:
+        super().__init__()
+        self.register_hyperparameter("lam", lam, low=0.0, low_inclusive=False)
+        self.register_hyperparameter("margin", margin, low=0.0)
+        self.rescale_logits = rescale_logits
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return ldr_kl_loss(logits, target, self.lam, self.margin, rescale_logits=self.rescale_logits)
+
+
+class ALDRKLLoss(LossModule):
+    r"""Adaptive LDR-KL with a per-sample λ stored by dataset index (a checkpointed buffer).
+
+    In training each call updates :math:`\lambda_i` of the samples of the batch from their current predictions
+    (:func:`~lightning_losses.functional.aldr_kl_lambda`, starting from :math:`\lambda_0`) and returns
+
+    .. math::
+        \frac1B\sum_i \lambda_i \log \frac1K \sum_k e^{\ell_{ik}/\lambda_i}
+        - \frac{\alpha\log K}{2\lambda_0}(\lambda_i - \lambda_0)^2,
+        \qquad \lambda_i \in [\lambda_0(1 - 1/\alpha), \lambda_0].
+
+    In evaluation nothing is stored; λ is computed from :math:`\lambda_0`.
+
+    Args:
+        num_samples: Size of the training set (indices must lie in ``[0, num_samples)``).
+        lam0: Reference λ0 (default 10).
+        alpha: α > 1 (default 2).
+        margin: Margin ``c`` (default 0.1).
+        rescale_logits: Divide each row by its mean absolute value first (the reference setting).
+
+    Example:
+        >>> loss = ALDRKLLoss(num_samples=100)
+        >>> value = loss(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]), index=torch.tensor([0, 5, 6, 7]))
+        >>> bool(((loss.lambdas >= 5.0) & (loss.lambdas <= 10.0)).all())
+        True
+    """
+
+    lam0: Tensor
+    alpha: Tensor
+    margin: Tensor
+    lambdas: Tensor
+
+    def __init__(
+        self,
+        num_samples: int,
+        lam0: float = 10.0,
+        alpha: float = 2.0,
+        margin: float = 0.1,
+        rescale_logits: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"`num_samples` must be >= 1 (the size of the training set), got {num_samples}.")
+        self.num_samples = num_samples
+        self.register_hyperparameter("lam0", lam0, low=0.0, low_inclusive=False)
+        self.register_hyperparameter("alpha", alpha, low=1.0, low_inclusive=False)
+        self.register_hyperparameter("margin", margin, low=0.0)
+        self.rescale_logits = rescale_logits
+        self.register_buffer("lambdas", torch.full((num_samples,), float(lam0)), persistent=True)
+
+    def forward(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> Tensor:
+        lam0, alpha = float(self.lam0), float(self.alpha)
+        if self.training:
+            if index is None:
+                raise ValueError("ALDRKLLoss needs the dataset `index` of each sample in training.")
+            _check_index(index, self.num_samples, logits.shape[0])
+            lam = aldr_kl_lambda(logits, self.lambdas[index], lam0, alpha, self.rescale_logits)
+            self._store(index, lam)
+        else:
+            lam = aldr_kl_lambda(logits, lam0, lam0, alpha, self.rescale_logits)
+        return aldr_kl_loss(logits, target, lam, lam0, alpha, self.margin, self.rescale_logits)
+
+    @torch.no_grad()
+    def _store(self, index: Tensor, lam: Tensor) -> None:
+        _, world_size = _world()
+        _check_equal_local_batches(index.shape[0], world_size, index.device)
+        all_index = _gather_no_grad(index.to(self.lambdas.device), world_size)
+        all_lam = _gather_no_grad(lam.to(self.lambdas), world_size)
+        self.lambdas[all_index] = all_lam
+
+
+class RobustContrastiveLoss(LossModule):
+    r"""KL-DRO contrastive loss with per-anchor temperatures and per-sample moving averages (iSogCLR-TempNet).
+
+    For image anchor :math:`i` (and symmetrically for text anchors), with margins
+    :math:`h_{ij} = x_i^\top t_j - x_i^\top t_i` over the *global* batch (all ranks) and :math:`m = B - 1`:
+
+    .. math::
+        F_i = \tau_i \log \frac1m \sum_{j\ne i} e^{h_{ij}/\tau_i} + \tau_i\rho .
+
+    The inner sum is tracked per sample in the log domain with a running maximum :math:`b_i` and a rescaled
+    moving average :math:`s_i \leftarrow (1-\gamma)\,s_i\,e^{b_i^{\text{old}} - b_i} + \gamma\,g_i`, where
+    :math:`g_i = \sum_{j\ne i} e^{h_{ij}/\tau_i - b_i}` (first visit: :math:`s_i = g_i`). :math:`b_i` is the
+    largest exponent among the batch terms and the decayed old average, so every exponential is at most 1 and
+    :math:`s_i \ge \min(\gamma, 1)`: no overflow even at τ = 0.005 with margins of ±2 (exponents of ±400).
+
+    The returned value is the estimate :math:`\frac1B\sum_i \tau_i(\log(s_i/m) + b_i + \rho)` (both directions
+    summed); its gradient is that of :math:`\sum_j w_{ij} h_{ij}` for the encoder, with
+    :math:`w_{ij} = e^{h_{ij}/\tau_i - b_i}/s_i`, plus :math:`\tau_i\,\mathrm{sg}[\log(s_i/m) + b_i + \rho -
+    \sum_j w_{ij}h_{ij}/\tau_i]` for TempNet. With :math:`\gamma = 1` value and gradients equal those of the exact
+    :func:`~lightning_losses.functional.robust_contrastive_loss` on the global batch.
+
+    Under ``torch.distributed`` the features are gathered *with* gradient, the indices and new state without;
+    each rank computes the anchors of its own samples, so DDP's gradient averaging gives the global mean.
+
+    Args:
+        num_samples: Size of the training set; indices must lie in ``[0, num_samples)``.
+        rho: KL-ball radius, below ``log(B_global - 1)`` (reference: 7 to 8 for large batches).
+        gamma: Moving-average rate in (0, 1] (reference 0.8).
+
+    Example:
+        >>> loss = RobustContrastiveLoss(num_samples=10, rho=0.5)
+        >>> x = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
+        >>> tau = torch.full((4,), 0.05)
+        >>> value = loss(x, x, torch.arange(4), tau, tau)
+        >>> bool(torch.isfinite(value)), bool(torch.isfinite(loss.image_b[:4]).all())
+        (True, True)
+    """
+
+    rho: Tensor
+    gamma: Tensor
+    image_s: Tensor
+    image_b: Tensor
+    text_s: Tensor
+    text_b: Tensor
+
+    def __init__(self, num_samples: int, rho: float = 7.0, gamma: float = 0.8) -> None:
+        super().__init__()
+        if num_samples < 2:
+            raise ValueError(f"`num_samples` must be >= 2 (the size of the training set), got {num_samples}.")
+        self.num_samples = num_samples
+        self.register_hyperparameter("rho", rho, low=0.0)
+        self.register_hyperparameter("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
+        for side in ("image", "text"):
+            self.register_buffer(f"{side}_s", torch.zeros(num_samples), persistent=True)
+            self.register_buffer(f"{side}_b", torch.full((num_samples,), float("-inf")), persistent=True)
+
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        index: Tensor,
+        tau_image: Tensor | float,
+        tau_text: Tensor | float,
+    ) -> Tensor:
+        if image_features.ndim != 2 or image_features.shape != text_features.shape:
+            raise ValueError(
+                "`image_features` and `text_features` must both have shape (B, d), got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}."
+            )
+        x, t = image_features.float(), text_features.float()
+        local = x.shape[0]
+        _check_index(index, self.num_samples, local)
+        rank, world_size = _world()
+        _check_equal_local_batches(local, world_size, x.device)
+        if world_size > 1:
+            from torch.distributed.nn.functional import all_gather
+
+            x_all, t_all = torch.cat(all_gather(x)), torch.cat(all_gather(t))
+        else:
+            x_all, t_all = x, t
+        total = x_all.shape[0]
+        m = total - 1
+        rho = self.rho.to(x)
+        if total < 3 or bool(rho >= math.log(m)):
+            raise ValueError(
+                f"`rho` must be below log(m) = log({m}) = {math.log(max(m, 1)):.4f} for a global batch of {total} "
+                f"({m} negatives per anchor), got {float(rho):.4f}. Lower rho or enlarge the batch (at least 3)."
+            )
+        rows = torch.arange(local, device=x.device)
+        own = rows + rank * local
+        positive = (x * t).sum(1)
+        taus = []
+        for tau in (tau_image, tau_text):
+            tau_t = torch.as_tensor(tau, device=x.device, dtype=torch.float32)
+            taus.append(tau_t.expand(local) if tau_t.ndim == 0 else tau_t.float())
+        terms = []
+        for side, sim, tau_t in (("image", x @ t_all.T, taus[0]), ("text", t @ x_all.T, taus[1])):
+            margins = sim - positive[:, None]
+            terms.append(self._anchor_terms(side, margins, tau_t, index, own, rho, m, world_size))
+        return terms[0].mean() + terms[1].mean()
+
+    def _anchor_terms(
+        self,
+        side: str,
+        margins: Tensor,
+        tau: Tensor,
+        index: Tensor,
+        own: Tensor,
+        rho: Tensor,
+        m: int,
+        world_size: int,
+    ) -> Tensor:
+        s_buf, b_buf = getattr(self, f"{side}_s"), getattr(self, f"{side}_b")
+        tau_d = tau.detach()
+        self_mask = torch.zeros_like(margins, dtype=torch.bool)
+        self_mask[torch.arange(margins.shape[0], device=margins.device), own] = True
+        with torch.no_grad():
+            scaled = (margins.detach() / tau_d[:, None]).masked_fill(self_mask, float("-inf"))
+            batch_max = scaled.max(dim=1).values
+            if self.training:
+                b_old, s_old = b_buf[index], s_buf[index]
+                seen = torch.isfinite(b_old)
+                gamma = self.gamma.to(margins)
+                decay = (1.0 - gamma) * s_old
+                old_log = torch.where(seen & (decay > 0), b_old + decay.clamp_min(1e-38).log(), float("-inf"))
+                b_new = torch.maximum(batch_max, old_log)
+                g = torch.exp(scaled - b_new[:, None]).sum(dim=1)
+                carried = torch.where(seen, decay * torch.exp(b_old - b_new), torch.zeros_like(g))
+                s_new = carried + torch.where(seen, gamma, torch.ones_like(gamma)) * g
+                self._store(side, index, s_new, b_new, world_size)
+            else:
+                b_new = batch_max
+                s_new = torch.exp(scaled - b_new[:, None]).sum(dim=1)
+            weights = torch.exp(scaled - b_new[:, None]) / s_new[:, None]
+            log_mean = torch.log(s_new / m) + b_new
+        encoder_part = (weights * margins.masked_fill(self_mask, 0.0)).sum(dim=1)
+        weighted = (weights * margins.detach().masked_fill(self_mask, 0.0)).sum(dim=1)
+        tempnet_part = tau * (log_mean + rho - weighted / tau_d).detach()
+        value = tau_d * (log_mean + rho)
+        surrogate = encoder_part + tempnet_part
+        return value + surrogate - surrogate.detach()
+
+    @torch.no_grad()
+    def _store(self, side: str, index: Tensor, s_new: Tensor, b_new: Tensor, world_size: int) -> None:
+        s_buf, b_buf = getattr(self, f"{side}_s"), getattr(self, f"{side}_b")
+        all_index = _gather_no_grad(index.to(s_buf.device), world_size)
+        s_buf[all_index] = _gather_no_grad(s_new.to(s_buf), world_size)
+        b_buf[all_index] = _gather_no_grad(b_new.to(b_buf), world_size)

@@ -1,0 +1,170 @@
+"""TempNet: a small network that predicts a temperature per token / sample / anchor, bounded in [τ_min, τ_max].
+
+Two variants:
+
+* :class:`TempNet` reads the (detached) full-vocabulary logits of an LLM or classifier.
+* :class:`ContrastiveTempNet` reads a (detached) embedding and compares it with learnable prototypes, initialised
+  from the first batch of the other modality.
+
+Both detach their input, so the model they sit on receives no gradient through them: trained with
+:func:`~lightning_losses.functional.dro_temperature_loss`, the model learns only through its logits and TempNet only
+through τ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ContrastiveTempNet", "TempNet"]
+
+
+def _check_bounds(tau_min: float, tau_max: float) -> None:
+    if not (0 < tau_min < tau_max) or not math.isfinite(tau_max):
+        raise ValueError(
+            f"TempNet needs 0 < tau_min < tau_max < inf, got tau_min={tau_min} and tau_max={tau_max}. "
+            "Pass tau_min below tau_max (e.g. 0.5 and 5.0 for a GPT-2-style LM)."
+        )
+
+
+def _bounded(raw: Tensor, tau_min: float, tau_max: float) -> Tensor:
+    tau = tau_min + (tau_max - tau_min) * torch.sigmoid(raw.float())
+    return tau.clamp(tau_min, tau_max)
+
+
+class TempNet(nn.Module):
+    r"""Temperature network on logits (the LLM / classification variant).
+
+    .. math::
+        x = z / \|z\|_2,\quad h = W_2\,\mathrm{drop}(\sigma(W_1 x)),\quad
+        w = \mathrm{softmax}(h / e^{s}),\quad
+        \tau = \tau_{\min} + (\tau_{\max} - \tau_{\min})\,\sigma\big(a^\top ((w - 1/H) \odot h) + b\big)
+
+    with a learnable pooling scale ``s`` (initialised to 0), ``a`` initialised to ones and ``b`` to 0.
+
+    Args:
+        vocab_size: Size ``V`` of the last dimension of the logits.
+        tau_min: Lower bound of τ (GPT-2 setting: 0.5).
+        tau_max: Upper bound of τ (GPT-2 setting: 5.0).
+        hidden_dim: Width ``H`` of the projection.
+        dropout: Dropout after the sigmoid.
+
+    Shape:
+        ``(..., V)`` logits → ``(...)`` float32 temperatures.
+
+    Example:
+        >>> net = TempNet(vocab_size=10, tau_min=0.5, tau_max=5.0, hidden_dim=16)
+        >>> tau = net(torch.randn(2, 7, 10))
+        >>> tuple(tau.shape), bool(((tau >= 0.5) & (tau <= 5.0)).all())
+        ((2, 7), True)
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        tau_min: float = 0.5,
+        tau_max: float = 5.0,
+        hidden_dim: int = 256,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _check_bounds(tau_min, tau_max)
+        if vocab_size < 2 or hidden_dim < 1:
+            raise ValueError(f"TempNet needs vocab_size >= 2 and hidden_dim >= 1, got {vocab_size} and {hidden_dim}.")
+        self.vocab_size, self.tau_min, self.tau_max, self.hidden_dim = vocab_size, tau_min, tau_max, hidden_dim
+        self.proj = nn.Sequential(
+            nn.Linear(vocab_size, hidden_dim), nn.Sigmoid(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
+        )
+        self.log_pool_scale = nn.Parameter(torch.zeros(()))
+        self.head = nn.Linear(hidden_dim, 1)
+        nn.init.ones_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"TempNet was built for {self.vocab_size} classes but got logits with last dimension "
+                f"{logits.shape[-1]}. Build it with vocab_size={logits.shape[-1]}."
+            )
+        x = F.normalize(logits.detach().to(self.head.weight.dtype), dim=-1)
+        h = self.proj(x)
+        w = torch.softmax(h / self.log_pool_scale.exp(), dim=-1)
+        raw = self.head((w - 1.0 / self.hidden_dim) * h).squeeze(-1)
+        return _bounded(raw, self.tau_min, self.tau_max)
+
+
+class ContrastiveTempNet(nn.Module):
+    r"""Temperature network on embeddings with learnable prototypes (the contrastive / CLIP variant).
+
+    .. math::
+        x = \mathrm{drop}(\sigma(W x)),\quad q = x\,\hat P^\top,\quad w = \mathrm{softmax}(q / e^{s}),\quad
+        \tau = \tau_{\min} + (\tau_{\max} - \tau_{\min})\,\sigma\big(a^\top((w - 1/M)\odot\sigma(q)) + b\big)
+
+    with ``M`` prototypes :math:`P` (rows L2-normalised), ``s`` initialised to ``log 0.01``. Call
+    :meth:`init_prototypes` with the first batch of the *other* modality's embeddings (the robust contrastive loss
+    module does this on its first step).
+
+    Args:
+        embed_dim: Embedding width ``d``.
+        tau_min: Lower bound of τ (0.005 in the reference).
+        tau_max: Upper bound of τ (0.05).
+        num_prototypes: Number ``M`` of prototypes.
+        dropout: Dropout on the projected embedding.
+
+    Example:
+        >>> net = ContrastiveTempNet(embed_dim=8, num_prototypes=4)
+        >>> tau = net(torch.nn.functional.normalize(torch.randn(5, 8), dim=1))
+        >>> tuple(tau.shape), bool(((tau >= 0.005) & (tau <= 0.05)).all())
+        ((5,), True)
+    """
+
+    prototypes_initialized: Tensor
+
+    def __init__(
+        self,
+        embed_dim: int,
+        tau_min: float = 0.005,
+        tau_max: float = 0.05,
+        num_prototypes: int = 256,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _check_bounds(tau_min, tau_max)
+        self.embed_dim, self.tau_min, self.tau_max, self.num_prototypes = embed_dim, tau_min, tau_max, num_prototypes
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embed_dim), dim=1))
+        self.log_pool_scale = nn.Parameter(torch.tensor(math.log(0.01)))
+        self.head = nn.Linear(num_prototypes, 1)
+        nn.init.ones_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("prototypes_initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def init_prototypes(self, other_embeddings: Tensor) -> None:
+        """Set the prototypes from a batch of the other modality's embeddings (rows reused cyclically).
+
+        Runs once: later calls do nothing (the flag is checkpointed).
+        """
+        if bool(self.prototypes_initialized):
+            return
+        rows = other_embeddings.detach().reshape(-1, self.embed_dim).to(self.prototypes)
+        if rows.shape[0] == 0:
+            raise ValueError("init_prototypes needs at least one embedding.")
+        picks = torch.arange(self.num_prototypes, device=rows.device) % rows.shape[0]
+        self.prototypes.copy_(F.normalize(rows[picks], dim=1))
+        self.prototypes_initialized.fill_(True)
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        if embeddings.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"ContrastiveTempNet expects embeddings of width {self.embed_dim}, got {embeddings.shape[-1]}."
+            )
+        x = self.dropout(torch.sigmoid(self.proj(embeddings.detach().to(self.proj.weight.dtype))))
+        prods = x @ F.normalize(self.prototypes, dim=1).T
+        w = torch.softmax(prods / self.log_pool_scale.exp(), dim=-1)
+        raw = self.head((w - 1.0 / self.num_prototypes) * torch.sigmoid(prods)).squeeze(-1)
+        return _bounded(raw, self.tau_min, self.tau_max)
