@@ -1,3 +1,4 @@
 """Trainable building blocks: heads, projectors, calibrators, TempNet, STN hyper-layers."""
 
 from lightning_losses.nn.distillation import *
+from lightning_losses.nn.tempnet import *  # noqa: F403
