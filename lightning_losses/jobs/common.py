@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ConvNet", "ResultsTable", "Timer", "make_trainer", "mean_std", "pick_image_datamodule"]
+__all__ = ["ClassifierModule", "ConvNet", "ResultsTable", "Timer", "make_trainer", "mean_std", "pick_image_datamodule"]
 
 
 class ConvNet(nn.Module):
@@ -135,3 +136,45 @@ class ResultsTable:
         path.write_text(text)
         (directory / f"{stem}.json").write_text(json.dumps(self.rows, indent=2, default=str))
         return path
+
+
+class ClassifierModule(pl.LightningModule):
+    """Plain cross-entropy training of a classifier (teachers and CE-only baselines of the jobs).
+
+    Example:
+        >>> module = ClassifierModule(ConvNet(width=4), lr=0.01)
+        >>> module(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.05, weight_decay: float = 5e-4, num_classes: int = 10) -> None:
+        super().__init__()
+        from torchmetrics.classification import MulticlassAccuracy
+
+        self.model = model
+        self.lr, self.weight_decay = lr, weight_decay
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.val_accuracy(self(batch[0]), batch[1])
+        self.log("val/acc", self.val_accuracy, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.test_accuracy(self(batch[0]), batch[1])
+        self.log("test/acc", self.test_accuracy)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,3 +1,357 @@
-"""Knowledge distillation."""
+"""``DistillationMixin``: the teacher lifecycle and distillation helpers for any LightningModule."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_losses.losses.distillation import DistillationLoss, DKDLoss, GeneralizedJSDLoss, KDLoss
+from lightning_losses.mixins.base import HyperparameterMixin
+
+__all__ = ["DistillationMixin"]
+
+_TEACHERS_CHECKPOINT_KEY = "distillation_teachers"
+
+
+class _FeatureRecorder:
+    """Forward hook storing a module's output under ``key`` (a class, so the module stays picklable)."""
+
+    def __init__(self, store: dict[str, Tensor], key: str) -> None:
+        self.store, self.key = store, key
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.store[self.key] = output
+
+
+@dataclass
+class _DistillationState:
+    teachers: list[nn.Module]
+    weights: Tensor | None
+    save_teachers: bool
+    cache_enabled: bool
+    student_feature_names: tuple[str, ...]
+    teacher_feature_names: tuple[str, ...]
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    cache: dict[str, Tensor] = field(default_factory=dict)  # "logits" and feature names -> (num_samples, ...)
+    cached: Tensor | None = None  # bool mask (num_samples,)
+    teacher_calls: int = 0
+    cache_hits: int = 0
+
+
+class DistillationMixin(HyperparameterMixin):
+    """Puts one or several frozen teachers and a distillation loss into your LightningModule.
+
+    The mixin owns the teacher lifecycle:
+
+    * **frozen**: ``requires_grad_(False)``, forward under ``torch.no_grad()``, forced to ``eval()`` whenever the
+      module changes mode and at every training epoch start, whatever the loops do;
+    * **out of the module tree**: the teachers are not submodules, so they are not in ``self.parameters()`` (hence
+      not in your optimizer), not wrapped or synchronised by DDP/FSDP, and not in the checkpoint unless
+      ``save_teachers=True``; they still follow the module's device and dtype moves (``.to``, ``.cuda``, ``.half``);
+    * **features by name**: forward hooks capture intermediate outputs of student submodules (dotted names in this
+      module) and of the first teacher (dotted names in the teacher);
+    * **several teachers**: logits are averaged with ``teacher_weights`` (normalised to sum to one);
+    * **caching**: with ``cache_teacher_outputs=True``, teacher logits (and captured features) are stored by sample
+      index so each sample goes through the teachers once. Only correct when a sample's input is the same every
+      epoch (no random augmentation).
+
+    The distillation loss lives at the attribute ``kd`` (so its hyperparameters are ``"kd.temperature"``,
+    ``"kd.weight"``, ...). Call :meth:`configure_distillation` in your ``__init__`` and the helpers from your own
+    ``training_step``.
+
+    Example:
+        >>> import lightning.pytorch as pl, torch
+        >>> from torch import nn
+        >>> import torch.nn.functional as F
+        >>> class Student(DistillationMixin, pl.LightningModule):
+        ...     def __init__(self, teacher: nn.Module):
+        ...         super().__init__()
+        ...         self.net = nn.Linear(4, 3)
+        ...         self.configure_distillation(teacher)          # KDLoss(temperature=4) by default
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         logits = self.net(x)
+        ...         return F.cross_entropy(logits, y) + self.distillation_loss(logits, self.teacher_forward(x), y)
+        >>> model = Student(nn.Linear(4, 3))
+        >>> [n for n, _ in model.named_parameters()]                   # the teacher is not a parameter
+        ['net.weight', 'net.bias']
+        >>> model.get_hyperparameter("kd.temperature").item()
+        4.0
+    """
+
+    teacher_class_means: Tensor  # checkpointed buffer registered by `configure_distillation`
+
+    # ------------------------------------------------------------------ configuration
+    def configure_distillation(
+        self,
+        teacher: nn.Module | Sequence[nn.Module],
+        *,
+        loss: nn.Module | None = None,
+        teacher_weights: Sequence[float] | None = None,
+        student_features: Sequence[str] = (),
+        teacher_features: Sequence[str] = (),
+        cache_teacher_outputs: bool = False,
+        save_teachers: bool = False,
+    ) -> None:
+        """Attach the teacher(s) and the distillation loss.
+
+        Args:
+            teacher: A teacher network, or a sequence of them (their logits are averaged).
+            loss: The distillation loss, stored as ``self.kd``; defaults to an existing ``self.kd`` or ``KDLoss()``.
+            teacher_weights: One non-negative weight per teacher (normalised to sum to one); uniform by default.
+            student_features: Dotted names of submodules of this module whose outputs to capture.
+            teacher_features: Dotted names of submodules of the first teacher whose outputs to capture.
+            cache_teacher_outputs: Store teacher outputs by sample index (pass ``index`` to :meth:`teacher_forward`).
+            save_teachers: Also save the teachers' weights in checkpoints (they are restored on load).
+
+        Raises:
+            ValueError: When a teacher is also a submodule of this module, the weights do not match the teachers,
+                or a feature name does not exist.
+        """
+        assert isinstance(self, nn.Module)
+        teachers = [teacher] if isinstance(teacher, nn.Module) else list(teacher)
+        if not teachers or not all(isinstance(t, nn.Module) for t in teachers):
+            raise ValueError("`teacher` must be an nn.Module or a non-empty sequence of nn.Modules.")
+        for t in teachers:
+            for name, sub in self.named_modules():
+                if sub is t:
+                    raise ValueError(
+                        f"The teacher is also registered as the submodule {name!r} of this module, so it would be "
+                        "trained, wrapped by DDP and checkpointed. Do not assign it as an attribute: pass it only "
+                        "to `configure_distillation`."
+                    )
+        weights = None
+        if teacher_weights is not None:
+            weights = torch.as_tensor(list(teacher_weights), dtype=torch.float32)
+            if weights.shape != (len(teachers),) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+                raise ValueError(
+                    f"`teacher_weights` must hold {len(teachers)} non-negative numbers with a positive sum, "
+                    f"got {list(teacher_weights)}."
+                )
+            weights = weights / weights.sum()
+        for t in teachers:
+            t.requires_grad_(False)
+            t.eval()
+        state = _DistillationState(
+            teachers=teachers,
+            weights=weights,
+            save_teachers=save_teachers,
+            cache_enabled=cache_teacher_outputs,
+            student_feature_names=tuple(student_features),
+            teacher_feature_names=tuple(teacher_features),
+        )
+        self.__dict__["_distillation"] = state
+        for name in student_features:
+            self._feature_module(self, name, "student_features").register_forward_hook(
+                _FeatureRecorder(state.student_features, name)
+            )
+        for name in teacher_features:
+            self._feature_module(teachers[0], name, "teacher_features").register_forward_hook(
+                _FeatureRecorder(state.teacher_features, name)
+            )
+        if loss is not None:
+            self.kd = loss
+        elif not isinstance(getattr(self, "kd", None), nn.Module):
+            self.kd = KDLoss()
+        if "teacher_class_means" not in self._buffers:
+            self.register_buffer("teacher_class_means", torch.empty(0), persistent=True)
+
+    @staticmethod
+    def _feature_module(root: nn.Module, name: str, argument: str) -> nn.Module:
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            names = [n for n, _ in root.named_modules() if n][:20]
+            raise ValueError(
+                f"`{argument}` names {name!r}, which is not a submodule. Some valid names: {names}."
+            ) from None
+
+    def _distillation_state(self) -> _DistillationState:
+        state = self.__dict__.get("_distillation")
+        if state is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no teacher: call `self.configure_distillation(teacher=...)` in __init__."
+            )
+        return state
+
+    # ------------------------------------------------------------------ teachers
+    @property
+    def teachers(self) -> list[nn.Module]:
+        """The frozen teachers (not submodules of this module)."""
+        return self._distillation_state().teachers
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The first (or only) teacher."""
+        return self.teachers[0]
+
+    def teacher_forward(self, *inputs: Any, index: Tensor | None = None) -> Tensor:
+        """Run the teachers in eval mode without gradient and return their (weighted-average) logits.
+
+        Args:
+            inputs: Positional inputs of the teachers.
+            index: Sample indices ``(N,)``; with caching enabled, samples already seen are served from the cache.
+
+        Returns:
+            Teacher logits, detached.
+        """
+        state = self._distillation_state()
+        if state.cache_enabled and index is not None:
+            cached = self._cache_lookup(state, index)
+            if cached is not None:
+                state.cache_hits += 1
+                return cached
+        with torch.no_grad():
+            outputs = []
+            for t in state.teachers:
+                t.eval()
+                outputs.append(t(*inputs))
+        state.teacher_calls += 1
+        if len(outputs) == 1:
+            logits = outputs[0]
+        else:
+            stacked = torch.stack(outputs)
+            weights = state.weights if state.weights is not None else torch.full((len(outputs),), 1 / len(outputs))
+            logits = torch.einsum("t,t...->...", weights.to(stacked), stacked)
+        logits = logits.detach()
+        if state.cache_enabled and index is not None:
+            self._cache_store(state, index, logits)
+        return logits
+
+    def _cache_lookup(self, state: _DistillationState, index: Tensor) -> Tensor | None:
+        if state.cached is None or int(index.max()) >= state.cached.numel():
+            return None
+        index = index.to(state.cached.device)
+        if not bool(state.cached[index].all()):
+            return None
+        for name in state.teacher_feature_names:
+            state.teacher_features[name] = state.cache[name][index]
+        return state.cache["logits"][index]
+
+    def _cache_store(self, state: _DistillationState, index: Tensor, logits: Tensor) -> None:
+        values = {"logits": logits}
+        values.update({n: state.teacher_features[n].detach() for n in state.teacher_feature_names})
+        needed = int(index.max()) + 1
+        size = 0 if state.cached is None else state.cached.numel()
+        if needed > size:
+            new_size = max(needed, 2 * size)
+            grown = torch.zeros(new_size, dtype=torch.bool, device=logits.device)
+            if state.cached is not None:
+                grown[:size] = state.cached
+            state.cached = grown
+            for key, value in values.items():
+                buf = value.new_zeros((new_size, *value.shape[1:]))
+                if key in state.cache:
+                    buf[:size] = state.cache[key]
+                state.cache[key] = buf
+        index = index.to(logits.device)
+        for key, value in values.items():
+            state.cache[key][index] = value
+        assert state.cached is not None
+        state.cached[index] = True
+
+    def student_features(self, name: str) -> Tensor:
+        """The output of the student submodule ``name`` in the latest forward pass."""
+        return self._captured(self._distillation_state().student_features, name, "student_features")
+
+    def teacher_features(self, name: str) -> Tensor:
+        """The output of the first teacher's submodule ``name`` in the latest :meth:`teacher_forward`."""
+        return self._captured(self._distillation_state().teacher_features, name, "teacher_features")
+
+    @staticmethod
+    def _captured(store: dict[str, Tensor], name: str, argument: str) -> Tensor:
+        if name not in store:
+            raise KeyError(
+                f"No captured output for {name!r}: list it in `{argument}` of `configure_distillation` and run "
+                "the forward pass first."
+            )
+        return store[name]
+
+    def set_teacher_class_means(self, means: Tensor) -> None:
+        """Store the teacher's per-class mean embeddings ``(C, D)`` (a checkpointed buffer, used by ND)."""
+        assert isinstance(self, nn.Module)
+        if means.ndim != 2:
+            raise ValueError(f"Class means must have shape (num_classes, feature_dim), got {tuple(means.shape)}.")
+        device = self.teacher_class_means.device
+        self._buffers["teacher_class_means"] = means.detach().to(device=device, dtype=torch.float32).clone()
+
+    # ------------------------------------------------------------------ loss helpers
+    def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        """The weighted distillation term of ``self.kd`` (warm-up applied from the current epoch).
+
+        Args:
+            student_logits: Student logits ``(N, C)`` (or ``(B, T, V)`` for token-level losses).
+            teacher_logits: Teacher logits, e.g. from :meth:`teacher_forward`.
+            target: Class targets (required by DKD) or token labels (masking for the generalized JSD).
+        """
+        loss = self.kd
+        trainer = getattr(self, "_trainer", None)
+        epoch = self.current_epoch if trainer is not None else None  # type: ignore[attr-defined]
+        if isinstance(loss, DKDLoss):
+            if target is None:
+                raise ValueError("DKD needs the class targets: call `distillation_loss(student, teacher, target)`.")
+            return loss(student_logits, teacher_logits, target, epoch=epoch)
+        if isinstance(loss, GeneralizedJSDLoss):
+            return loss(student_logits, teacher_logits, labels=target)
+        if isinstance(loss, KDLoss):
+            return loss(student_logits, teacher_logits, epoch=epoch)
+        if isinstance(loss, DistillationLoss):
+            return loss(student_logits, teacher_logits)
+        return loss(student_logits, teacher_logits)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def train(self, mode: bool = True) -> Any:
+        result = super().train(mode)  # type: ignore[misc]
+        state = self.__dict__.get("_distillation")
+        if state is not None:
+            for t in state.teachers:
+                t.eval()
+        return result
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        state = self.__dict__.get("_distillation")
+        if state is not None:
+            for t in state.teachers:
+                t._apply(fn, *args, **kwargs)
+            state.cache = {key: fn(value) for key, value in state.cache.items()}
+            state.cached = None if state.cached is None else fn(state.cached)
+        return result
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The class-means buffer starts empty; take the saved shape so every load path (checkpoints, DDP-spawn
+        # result recovery, plain load_state_dict) restores it strictly.
+        key = prefix + "teacher_class_means"
+        assert isinstance(self, nn.Module)
+        current = self._buffers.get("teacher_class_means")
+        if key in state_dict and current is not None and state_dict[key].shape != current.shape:
+            self._buffers["teacher_class_means"] = torch.empty_like(state_dict[key], device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()  # type: ignore[misc]
+        for t in self.teachers:
+            t.eval()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        state = self._distillation_state()
+        if state.save_teachers:
+            checkpoint[_TEACHERS_CHECKPOINT_KEY] = [t.state_dict() for t in state.teachers]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        state = self._distillation_state()
+        saved = checkpoint.get(_TEACHERS_CHECKPOINT_KEY)
+        if saved is not None:
+            if len(saved) != len(state.teachers):
+                raise ValueError(
+                    f"The checkpoint holds {len(saved)} teachers but this module has {len(state.teachers)}."
+                )
+            for t, sd in zip(state.teachers, saved):
+                t.load_state_dict(sd)
