@@ -368,7 +368,7 @@ def test_distillation_matches_naive(dtype, beta):
 
 
 def test_distillation_properties():
-    hs, ws, bs, ht, wt, labels = make_pair()
+    hs, ws, _bs, ht, wt, _labels = make_pair()
     # Identical student and teacher: zero for every β.
     for beta in (0.0, 0.5, 1.0):
         assert abs(float(linear_distillation_loss(hs, ws, hs.detach(), ws.detach(), beta=beta))) < 1e-12
@@ -475,7 +475,7 @@ def test_bad_inputs_raise_clear_errors():
         linear_cross_entropy(hidden, weight, target, temperature=torch.ones(5))
     with pytest.raises(ValueError, match=r"shape \(B, T, d\)"):
         linear_sequence_log_probs(hidden, weight, target)
-    hs, ws, _, ht, wt, labels = make_pair(torch.float32)
+    hs, ws, _, ht, wt, _labels = make_pair(torch.float32)
     with pytest.raises(ValueError, match="Vocabulary mismatch: the student head has 101 rows and the teacher head 102"):
         linear_distillation_loss(hs, ws, ht, torch.cat([wt, wt[:1]]))
     with pytest.raises(ValueError, match="same leading shape"):
