@@ -162,13 +162,13 @@ def test_bad_models_raise_clear_errors():
     with pytest.raises(TypeError, match="Expected a transformers causal LM"):
         output_head(torch.nn.Linear(3, 4))
     base = tiny_llama().model
-    with pytest.raises(ValueError, match="no output head|not a causal LM"):
+    with pytest.raises(ValueError, match="has no output head"):
         output_head(base)
     with pytest.raises(ValueError, match="no backbone attribute"):
         backbone_of(base)
     scaled = tiny_llama()
     scaled.config.logit_scale = 0.5
-    with pytest.raises(ValueError, match="logit_scale=0.5"):
+    with pytest.raises(ValueError, match=r"logit_scale=0\.5"):
         output_head(scaled)
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))

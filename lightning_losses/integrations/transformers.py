@@ -92,7 +92,8 @@ def output_head(model: nn.Module) -> OutputHead:
     """
     model = _unwrap(model)
     _check_pretrained(model)
-    head = model.get_output_embeddings()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if head is None:
         raise ValueError(
             f"{type(model).__name__} has no output head (get_output_embeddings() is None). Pass a causal LM "
