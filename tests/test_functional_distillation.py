@@ -554,3 +554,18 @@ def test_bad_nd_arguments_are_rejected() -> None:
         nd_loss(fs[0], ft[0], means, y[:1])
     with pytest.raises(ValueError, match=r"same shape"):
         project_conflicting_gradient(torch.randn(3), torch.randn(4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_agrees_with_trl_gkd(beta: float) -> None:
+    # Cross-check against the TRL implementation the convention follows (importing TRL takes ~20 s: slow).
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    s, t = _logits(B, T, V), _logits(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, 2:] = -100
+
+    def theirs(x: Tensor) -> Tensor:
+        return gkd.GKDTrainer.generalized_jsd_loss(x, t, labels=labels, beta=beta, temperature=1.5)
+
+    _compare(lambda x: generalized_jsd_loss(x, t, beta=beta, temperature=1.5, labels=labels), theirs, s, torch.float64)

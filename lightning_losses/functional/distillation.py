@@ -519,8 +519,10 @@ def generalized_jsd_loss(
         labels: Optional integer labels of shape ``logits.shape[:-1]``; positions equal to ``ignore_index``
             are excluded.
         ignore_index: Label value of masked tokens (default -100).
-        reduction: ``"mean"`` (sum over unmasked tokens divided by their number; 0 with zero gradient when every
-            token is masked), ``"sum"``, or ``"none"`` (per-token ``logits.shape[:-1]``, 0 at masked tokens).
+        reduction: ``"mean"`` (sum over unmasked tokens divided by their number, as TRL's ``"batchmean"`` with
+            labels; without labels the mean over all tokens, where TRL divides by the batch size; 0 with zero
+            gradient when every token is masked), ``"sum"``, or ``"none"`` (per-token ``logits.shape[:-1]``, 0 at
+            masked tokens).
         vocab_mismatch: ``"error"`` (default) raises when the vocabulary sizes differ; ``"slice"`` compares the
             shared leading part of the vocabulary (for padded embedding matrices).
 
