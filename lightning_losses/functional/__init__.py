@@ -4,3 +4,4 @@
 from lightning_losses.functional.distillation import *
 from lightning_losses.functional.chunked import *  # noqa: F403
 from lightning_losses.functional.temperature import *  # noqa: F403
+from lightning_losses.functional.calibration import *  # noqa: F403

@@ -1,1 +1,3 @@
 """torchmetrics ``Metric`` classes (streaming calibration errors, unlearning metrics)."""
+
+from lightning_losses.metrics.calibration import *  # noqa: F403

@@ -55,7 +55,7 @@ class CalibrationLossMixin(HyperparameterMixin):
             module = loss
         else:
             raise TypeError(f"`loss` must be a loss name or an nn.Module, got {type(loss).__name__}.")
-        attribute = name or getattr(module, "default_name", "calibration")
+        attribute = str(name or getattr(module, "default_name", "calibration"))
         if "." in attribute or not attribute.isidentifier():
             raise ValueError(f"`name` must be a plain attribute name, got {attribute!r}.")
         if self._calibration_loss_name is not None and self._calibration_loss_name != attribute:

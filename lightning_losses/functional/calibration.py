@@ -1,0 +1,565 @@
+"""Calibration: binned calibration errors, proper scores and train-time calibration losses (pure tensor math).
+
+Every metric takes ``probs`` of shape ``(N, C)`` (multiclass) or ``(N,)`` (binary: the probability of the positive
+class) and integer ``target`` of shape ``(N,)``. Pass ``input_type="logits"`` to give logits instead (softmax for
+``(N, C)``, sigmoid for ``(N,)``); the choice is explicit, and inputs that contradict it are rejected when that is
+detectable. A binary input is turned into the two-column form ``[1 - p, p]``, so the top-label confidence of a
+binary problem is ``max(p, 1 - p)`` (never below 0.5), as in the multiclass case.
+
+Equal-width binning puts a confidence ``s`` in bin ``min(floor(s * n_bins), n_bins - 1)``: the bins are
+``[0, 1/M), [1/M, 2/M), ..., [(M-1)/M, 1]``, so a confidence of exactly 1.0 lands in the last bin. The binned
+statistics (:func:`calibration_bins`) are per-bin sums, which is what makes the streaming metrics of
+:mod:`lightning_losses.metrics.calibration` constant-memory and exactly equal to these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_losses._utils import as_float32, check_targets, hyperparameter_tensor
+
+__all__ = [
+    "adaptive_focal_loss",
+    "average_calibration_error",
+    "brier_score",
+    "calibration_bins",
+    "calibration_error_from_bins",
+    "classwise_calibration_error",
+    "dca_loss",
+    "debiased_calibration_error",
+    "expected_calibration_error",
+    "focal_loss",
+    "ks_calibration_error",
+    "label_smoothing_loss",
+    "mdca_loss",
+    "mmce_loss",
+    "negative_log_likelihood",
+    "to_probabilities",
+]
+
+InputType = Literal["probs", "logits"]
+Norm = Literal["l1", "l2", "max"]
+Binning = Literal["uniform", "quantile"]
+
+_SUM_TOL = 1e-3
+
+
+def _check_finite(x: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"`{name}` holds {bad} non-finite values (NaN or inf). Pass finite logits or probabilities.")
+
+
+def to_probabilities(probs: Tensor, input_type: InputType = "probs") -> Tensor:
+    """Validate predictions and return class probabilities of shape ``(N, C)`` in float32 (or float64).
+
+    Args:
+        probs: ``(N, C)`` multiclass or ``(N,)`` binary predictions (probabilities or logits).
+        input_type: ``"probs"`` or ``"logits"``.
+
+    Raises:
+        ValueError: On a wrong shape, non-finite values, probabilities outside [0, 1] or rows not summing to 1,
+            or logits that are in fact probabilities.
+
+    Example:
+        >>> to_probabilities(torch.tensor([0.2, 0.9]))
+        tensor([[0.8000, 0.2000],
+                [0.1000, 0.9000]])
+    """
+    if input_type not in ("probs", "logits"):
+        raise ValueError(f"`input_type` must be 'probs' or 'logits', got {input_type!r}.")
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise ValueError(f"Predictions must be a floating-point tensor, got {getattr(probs, 'dtype', type(probs))}.")
+    if probs.ndim not in (1, 2) or (probs.ndim == 2 and probs.shape[1] < 2):
+        raise ValueError(
+            f"Predictions must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(probs.shape)}."
+        )
+    (x,) = as_float32(probs)
+    _check_finite(x, "probs")
+    if input_type == "logits":
+        looks_like_probs = x.ndim == 2 and x.numel() > 0 and bool(((x >= 0) & (x <= 1)).all())
+        if looks_like_probs and bool(((x.sum(dim=1) - 1).abs() < _SUM_TOL).all()):
+            raise ValueError(
+                "`input_type='logits'` but every row lies in [0, 1] and sums to 1: these look like probabilities. "
+                "Pass input_type='probs' (or pass the logits themselves)."
+            )
+        if x.ndim == 1:
+            p = torch.sigmoid(x)
+            return torch.stack([1 - p, p], dim=1)
+        return torch.softmax(x, dim=1)
+    if x.numel() and bool(((x < 0) | (x > 1)).any()):
+        raise ValueError(
+            f"`input_type='probs'` but values lie outside [0, 1] (min {float(x.min()):.4g}, max {float(x.max()):.4g}). "
+            "These look like logits: pass input_type='logits'."
+        )
+    if x.ndim == 1:
+        return torch.stack([1 - x, x], dim=1)
+    if x.numel() and bool(((x.sum(dim=1) - 1).abs() > _SUM_TOL).any()):
+        worst = float((x.sum(dim=1) - 1).abs().max())
+        raise ValueError(
+            f"`input_type='probs'` but rows do not sum to 1 (largest deviation {worst:.3g}). Pass normalised "
+            "probabilities, or input_type='logits' for unnormalised scores."
+        )
+    return x
+
+
+def _prepare(probs: Tensor, target: Tensor, input_type: InputType) -> Tensor:
+    p = to_probabilities(probs, input_type)
+    check_targets(target, p.shape[1], p.shape[0])
+    return p
+
+
+def _check_bins(n_bins: int) -> None:
+    if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
+        raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
+
+
+def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
+    return (confidence * n_bins).floor().long().clamp_(0, n_bins - 1)
+
+
+def _binned_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-bin ``(count, sum of confidences, sum of correct)`` in float64 over the last dimension."""
+    idx = _bin_index(confidence, n_bins)
+    shape = (*confidence.shape[:-1], n_bins)
+    dev = confidence.device
+    count = torch.zeros(shape, dtype=torch.float64, device=dev).scatter_add_(
+        -1, idx, torch.ones_like(idx, dtype=torch.float64)
+    )
+    conf = torch.zeros(shape, dtype=torch.float64, device=dev).scatter_add_(-1, idx, confidence.double())
+    acc = torch.zeros(shape, dtype=torch.float64, device=dev).scatter_add_(-1, idx, correct.double())
+    return count, conf, acc
+
+
+def calibration_bins(
+    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs", classwise: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Equal-width bin statistics: per-bin sample count, sum of confidences and sum of correct predictions.
+
+    Top-label (default): the confidence is the maximum probability and "correct" means argmax equals the target.
+    ``classwise=True``: one row per class ``k``, the confidence is ``p_k`` and "correct" means ``target == k``.
+
+    Returns:
+        ``(count, confidence_sum, correct_sum)``, float64, each of shape ``(n_bins,)`` or ``(C, n_bins)``.
+
+    Example:
+        >>> count, conf, acc = calibration_bins(torch.tensor([[0.1, 0.9], [0.0, 1.0]]), torch.tensor([1, 0]), 2)
+        >>> count.tolist(), conf.tolist(), acc.tolist()
+        ([0.0, 2.0], [0.0, 1.899999976158142], [0.0, 1.0])
+    """
+    _check_bins(n_bins)
+    p = _prepare(probs, target, input_type)
+    if classwise:
+        onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
+        return _binned_sums(p.t(), onehot.t(), n_bins)
+    confidence, prediction = p.max(dim=1)
+    return _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
+
+
+def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, norm: Norm = "l1") -> Tensor:
+    r"""Calibration error from per-bin sums (last dimension = bins), as in :func:`expected_calibration_error`.
+
+    Empty bins contribute nothing. Returns float64 (one value per leading row).
+    """
+    total = count.sum(dim=-1, keepdim=True).clamp_min(1)
+    safe = count.clamp_min(1)
+    gap = (acc_sum / safe - conf_sum / safe).abs()
+    weight = count / total
+    if norm == "l1":
+        return (weight * gap).sum(dim=-1)
+    if norm == "l2":
+        return (weight * gap**2).sum(dim=-1).sqrt()
+    if norm == "max":
+        return torch.where(count > 0, gap, torch.zeros_like(gap)).amax(dim=-1)
+    raise ValueError(f"`norm` must be 'l1', 'l2' or 'max', got {norm!r}.")
+
+
+def _equal_mass_error(confidence: Tensor, correct: Tensor, n_bins: int, norm: Norm) -> Tensor:
+    order = confidence.argsort(stable=True)
+    conf_sorted, correct_sorted = confidence[order].double(), correct[order].double()
+    n = confidence.shape[0]
+    chunks = min(n_bins, max(n, 1))
+    count = torch.zeros(chunks, dtype=torch.float64, device=confidence.device)
+    conf_sum, acc_sum = torch.zeros_like(count), torch.zeros_like(count)
+    for b, (c, a) in enumerate(zip(conf_sorted.tensor_split(chunks), correct_sorted.tensor_split(chunks))):
+        count[b], conf_sum[b], acc_sum[b] = c.numel(), c.sum(), a.sum()
+    return calibration_error_from_bins(count, conf_sum, acc_sum, norm)
+
+
+def expected_calibration_error(
+    probs: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    norm: Norm = "l1",
+    binning: Binning = "uniform",
+    input_type: InputType = "probs",
+) -> Tensor:
+    r"""Top-label expected calibration error (ECE) with equal-width or equal-mass bins.
+
+    .. math::
+        \mathrm{ECE}_{\ell_1} = \sum_{b} \frac{n_b}{N}\,\lvert \mathrm{acc}_b - \mathrm{conf}_b \rvert,\quad
+        \mathrm{ECE}_{\ell_2} = \Big(\sum_{b} \frac{n_b}{N}(\mathrm{acc}_b - \mathrm{conf}_b)^2\Big)^{1/2},\quad
+        \mathrm{MCE} = \max_{b:\,n_b>0} \lvert \mathrm{acc}_b - \mathrm{conf}_b \rvert
+
+    Args:
+        probs: ``(N, C)`` or binary ``(N,)`` probabilities (or logits with ``input_type="logits"``).
+        target: ``(N,)`` integer class indices.
+        n_bins: Number of bins.
+        norm: ``"l1"`` (ECE), ``"l2"`` (RMS calibration error) or ``"max"`` (MCE).
+        binning: ``"uniform"`` (equal-width bins) or ``"quantile"`` (equal-mass bins: the sorted confidences are
+            split into ``n_bins`` groups whose sizes differ by at most one; ties may straddle two bins).
+        input_type: ``"probs"`` or ``"logits"``.
+
+    Returns:
+        A float32 scalar (float64 when the input is float64).
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+        >>> round(float(expected_calibration_error(probs, torch.tensor([0, 1, 1, 1]), n_bins=5)), 4)
+        0.35
+    """
+    _check_bins(n_bins)
+    p = _prepare(probs, target, input_type)
+    out_dtype = p.dtype
+    confidence, prediction = p.max(dim=1)
+    correct = (prediction == target).to(p.dtype)
+    if binning == "uniform":
+        err = calibration_error_from_bins(*_binned_sums(confidence, correct, n_bins), norm=norm)
+    elif binning == "quantile":
+        err = _equal_mass_error(confidence, correct, n_bins, norm)
+    else:
+        raise ValueError(f"`binning` must be 'uniform' or 'quantile', got {binning!r}.")
+    return err.to(out_dtype)
+
+
+def classwise_calibration_error(
+    probs: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    norm: Norm = "l1",
+    binning: Binning = "uniform",
+    input_type: InputType = "probs",
+) -> Tensor:
+    r"""Classwise ECE: the calibration error of every one-vs-rest problem ``(p_k, 1[y = k])``, averaged over classes.
+
+    .. math::
+        \mathrm{cwECE} = \frac{1}{C}\sum_{k=1}^{C}\sum_{b}\frac{n_{k,b}}{N}\,
+        \lvert \bar{y}_{k,b} - \bar{p}_{k,b} \rvert
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+        >>> round(float(classwise_calibration_error(probs, torch.tensor([0, 1]), n_bins=10)), 4)
+        0.15
+    """
+    _check_bins(n_bins)
+    p = _prepare(probs, target, input_type)
+    onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
+    if binning == "uniform":
+        per_class = calibration_error_from_bins(*_binned_sums(p.t(), onehot.t(), n_bins), norm=norm)
+    elif binning == "quantile":
+        per_class = torch.stack([_equal_mass_error(p[:, k], onehot[:, k], n_bins, norm) for k in range(p.shape[1])])
+    else:
+        raise ValueError(f"`binning` must be 'uniform' or 'quantile', got {binning!r}.")
+    return per_class.mean().to(p.dtype)
+
+
+def average_calibration_error(
+    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs"
+) -> Tensor:
+    r"""Average calibration error (ACE): the unweighted mean gap over the non-empty equal-width bins.
+
+    .. math::
+        \mathrm{ACE} = \frac{1}{\lvert\{b: n_b > 0\}\rvert}\sum_{b:\,n_b>0}\lvert \mathrm{acc}_b - \mathrm{conf}_b\rvert
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]])
+        >>> round(float(average_calibration_error(probs, torch.tensor([0, 1, 1, 1]), n_bins=5)), 4)
+        0.35
+    """
+    _check_bins(n_bins)
+    p = _prepare(probs, target, input_type)
+    confidence, prediction = p.max(dim=1)
+    count, conf, acc = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
+    return _ace_from_bins(count, conf, acc).to(p.dtype)
+
+
+def _ace_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor) -> Tensor:
+    filled = count > 0
+    gap = (acc_sum - conf_sum).abs() / count.clamp_min(1)
+    return gap[filled].sum() / filled.sum().clamp_min(1)
+
+
+def debiased_calibration_error(
+    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs", squared: bool = False
+) -> Tensor:
+    r"""Debiased l2 calibration error (Kumar et al., 2019) with equal-width bins.
+
+    The plug-in squared error over-estimates with few samples per bin; subtracting each bin's sampling variance of
+    the accuracy removes that bias:
+
+    .. math::
+        \widehat{\mathrm{CE}}^2 = \sum_b \frac{n_b}{N}\Big[(\bar{y}_b - \bar{s}_b)^2
+        - \frac{\bar{y}_b(1 - \bar{y}_b)}{n_b - 1}\Big]
+
+    (bins with one sample keep the plug-in term). The squared estimate may be negative; the unsquared value is
+    ``sqrt(max(estimate, 0))``.
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+        >>> round(float(debiased_calibration_error(probs, torch.tensor([0, 1, 1, 1]), 10, squared=True)), 4)
+        0.035
+    """
+    _check_bins(n_bins)
+    p = _prepare(probs, target, input_type)
+    confidence, prediction = p.max(dim=1)
+    bins = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
+    return _debiased_from_bins(*bins, squared=squared).to(p.dtype)
+
+
+def _debiased_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, squared: bool) -> Tensor:
+    total = count.sum().clamp_min(1)
+    safe = count.clamp_min(1)
+    acc, conf = acc_sum / safe, conf_sum / safe
+    variance = torch.where(count > 1, acc * (1 - acc) / (count - 1).clamp_min(1), torch.zeros_like(acc))
+    estimate = (count / total * ((acc - conf) ** 2 - variance)).sum()
+    return estimate if squared else estimate.clamp_min(0).sqrt()
+
+
+def ks_calibration_error(probs: Tensor, target: Tensor, input_type: InputType = "probs") -> Tensor:
+    r"""Kolmogorov-Smirnov calibration error (Gupta et al., 2021): binning-free, top-label.
+
+    Sort the samples by confidence ``s``; with correctness ``c`` (tied confidences form one step):
+
+    .. math::
+        \mathrm{KS} = \max_i \Big\lvert \frac{1}{N}\sum_{j \le i} (c_j - s_j) \Big\rvert
+
+    Example:
+        >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2]])
+        >>> round(float(ks_calibration_error(probs, torch.tensor([0, 1]))), 4)
+        0.4
+    """
+    p = _prepare(probs, target, input_type)
+    confidence, prediction = p.max(dim=1)
+    if confidence.numel() == 0:
+        return confidence.new_zeros(())
+    return _ks_from_samples(confidence, (prediction == target).to(p.dtype)).to(p.dtype)
+
+
+def _ks_from_samples(confidence: Tensor, correct: Tensor) -> Tensor:
+    """KS error in float64; tied confidences are one step of the curve (evaluated at the end of each tie group)."""
+    if confidence.numel() == 0:
+        return confidence.new_zeros((), dtype=torch.float64)
+    order = confidence.argsort(stable=True)
+    sorted_conf = confidence[order]
+    curve = (correct.double()[order] - sorted_conf.double()).cumsum(0) / confidence.numel()
+    group_end = torch.ones_like(sorted_conf, dtype=torch.bool)
+    group_end[:-1] = sorted_conf[1:] != sorted_conf[:-1]
+    return curve[group_end].abs().max()
+
+
+def brier_score(probs: Tensor, target: Tensor, input_type: InputType = "probs") -> Tensor:
+    r"""Brier score: mean squared distance between the predicted distribution and the one-hot target.
+
+    .. math::
+        \mathrm{BS} = \frac{1}{N}\sum_i \sum_k (p_{ik} - \mathbb{1}[y_i = k])^2
+
+    For a binary ``(N,)`` input the score is the usual ``mean((p - y)^2)`` (half the two-column sum).
+
+    Example:
+        >>> round(float(brier_score(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([0, 0]))), 4)
+        0.25
+    """
+    p = _prepare(probs, target, input_type)
+    per_sample = ((p - F.one_hot(target, p.shape[1]).to(p.dtype)) ** 2).sum(dim=1)
+    if probs.ndim == 1:
+        per_sample = per_sample / 2
+    return per_sample.mean() if per_sample.numel() else per_sample.new_zeros(())
+
+
+def negative_log_likelihood(probs: Tensor, target: Tensor, input_type: InputType = "probs", eps: float = 0.0) -> Tensor:
+    r"""Mean negative log-likelihood of the target class, :math:`-\frac{1}{N}\sum_i \log p_{i,y_i}`.
+
+    From logits it is computed with ``log_softmax`` (or ``logsigmoid``) in float32; from probabilities
+    ``eps`` clamps them away from 0 (a zero probability on the target gives ``inf`` when ``eps=0``).
+
+    Example:
+        >>> round(float(negative_log_likelihood(torch.tensor([[0.0, 0.0]]), torch.tensor([1]), "logits")), 4)
+        0.6931
+    """
+    if input_type == "logits":
+        to_probabilities(probs, "logits")  # validation only
+        (x,) = as_float32(probs)
+        logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], dim=1) if x.ndim == 1 else F.log_softmax(x, dim=1)
+        check_targets(target, logp.shape[1], logp.shape[0])
+    else:
+        p = _prepare(probs, target, input_type)
+        logp = p.clamp_min(eps).log() if eps > 0 else p.log()
+    picked = -logp.gather(1, target[:, None]).squeeze(1)
+    return picked.mean() if picked.numel() else picked.new_zeros(())
+
+
+# --------------------------------------------------------------------------- train-time calibration losses
+
+
+def _logits_and_target(logits: Tensor, target: Tensor) -> Tensor:
+    if logits.ndim != 2:
+        raise ValueError(f"`logits` must have shape (N, C), got {tuple(logits.shape)}.")
+    check_targets(target, logits.shape[1], logits.shape[0])
+    (x,) = as_float32(logits)
+    return x
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float | Tensor = 3.0) -> Tensor:
+    r"""Focal loss (Lin et al., 2017), shown by Mukhoti et al. (2020) to improve calibration.
+
+    .. math::
+        \mathcal{L} = -\frac{1}{N}\sum_i (1 - p_{i,y_i})^{\gamma_i}\,\log p_{i,y_i}
+
+    Args:
+        logits: ``(N, C)`` logits.
+        target: ``(N,)`` class indices.
+        gamma: Focusing parameter ``>= 0``: a number or a tensor (scalar or one value per sample).
+            ``gamma = 0`` is cross-entropy.
+
+    Example:
+        >>> logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
+        >>> bool(torch.isclose(focal_loss(logits, target, 0.0), F.cross_entropy(logits, target)))
+        True
+    """
+    x = _logits_and_target(logits, target)
+    logp = F.log_softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
+    g = hyperparameter_tensor(gamma, logp, "gamma")
+    if bool((g < 0).any()):
+        raise ValueError(f"`gamma` must be >= 0, got {g.flatten()[:8].tolist()}.")
+    # (1 - p)^gamma with the convention 0^0 = 1 (gamma = 0 gives cross-entropy even at p = 1).
+    one_minus_p = (-torch.expm1(logp)).clamp_min(0)
+    weight = torch.where(g == 0, torch.ones_like(one_minus_p), one_minus_p.pow(g))
+    loss = -(weight * logp)
+    return loss.mean() if loss.numel() else loss.sum()
+
+
+def adaptive_focal_loss(
+    logits: Tensor,
+    target: Tensor,
+    gamma_low: float | Tensor = 5.0,
+    gamma_high: float | Tensor = 3.0,
+    threshold: float | Tensor = 0.2,
+) -> Tensor:
+    r"""Sample-dependent focal loss FLSD (Mukhoti et al., 2020): ``gamma_low`` where ``p_y < threshold`` else
+    ``gamma_high`` (the paper's FLSD-53 is 5 / 3 / 0.2). The choice uses the detached probability.
+
+    .. math::
+        \gamma_i = \begin{cases}\gamma_{\mathrm{low}} & p_{i,y_i} < t\\ \gamma_{\mathrm{high}} & \text{otherwise}
+        \end{cases},\qquad \mathcal{L} = \mathrm{focal}(z, y; \gamma_i)
+
+    Example:
+        >>> logits, target = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([1, 1])
+        >>> manual = focal_loss(logits, target, torch.tensor([5.0, 3.0]))
+        >>> bool(torch.isclose(adaptive_focal_loss(logits, target), manual))
+        True
+    """
+    x = _logits_and_target(logits, target)
+    with torch.no_grad():
+        p_true = F.softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
+        low = hyperparameter_tensor(gamma_low, p_true, "gamma_low")
+        high = hyperparameter_tensor(gamma_high, p_true, "gamma_high")
+        t = hyperparameter_tensor(threshold, p_true, "threshold")
+        gamma = torch.where(p_true < t, low, high).expand_as(p_true)
+    return focal_loss(x, target, gamma)
+
+
+def label_smoothing_loss(logits: Tensor, target: Tensor, smoothing: float | Tensor = 0.1) -> Tensor:
+    r"""Cross-entropy against the smoothed target ``(1 - ε)·onehot + ε/C`` (Szegedy et al., 2016).
+
+    .. math::
+        \mathcal{L} = \frac{1}{N}\sum_i \Big[-(1-\varepsilon_i)\log p_{i,y_i}
+        - \frac{\varepsilon_i}{C}\sum_k \log p_{ik}\Big]
+
+    Args:
+        smoothing: ``ε`` in ``[0, 1]``: a number or a tensor (scalar or per-sample).
+
+    Example:
+        >>> logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+        >>> ref = F.cross_entropy(logits, target, label_smoothing=0.2)
+        >>> bool(torch.isclose(label_smoothing_loss(logits, target, 0.2), ref))
+        True
+    """
+    x = _logits_and_target(logits, target)
+    logp = F.log_softmax(x, dim=1)
+    eps = hyperparameter_tensor(smoothing, logp[:, 0], "smoothing")
+    if bool(((eps < 0) | (eps > 1)).any()):
+        raise ValueError(f"`smoothing` must lie in [0, 1], got {eps.flatten()[:8].tolist()}.")
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    uniform = -logp.mean(dim=1)
+    loss = (1 - eps) * nll + eps * uniform
+    return loss.mean() if loss.numel() else loss.sum()
+
+
+def mmce_loss(logits: Tensor, target: Tensor, bandwidth: float | Tensor = 0.4) -> Tensor:
+    r"""Maximum mean calibration error (Kumar et al., 2018) with a Laplacian kernel on the top-label confidences.
+
+    .. math::
+        \mathrm{MMCE}^2 = \frac{1}{N^2}\sum_{i,j}(c_i - r_i)(c_j - r_j)\,
+        \exp\!\Big(-\frac{\lvert r_i - r_j\rvert}{h}\Big),\qquad \mathcal{L} = \sqrt{\mathrm{MMCE}^2}
+
+    with ``r_i`` the top-label confidence and ``c_i = 1`` when the prediction is correct (the unweighted
+    estimator). Add it to cross-entropy with a weight (:class:`~lightning_losses.losses.MMCELoss` does).
+
+    Example:
+        >>> float(mmce_loss(torch.tensor([[10.0, -10.0]]), torch.tensor([0]))) < 1e-4
+        True
+    """
+    x = _logits_and_target(logits, target)
+    p = F.softmax(x, dim=1)
+    r, prediction = p.max(dim=1)
+    c = (prediction == target).to(p.dtype)
+    h = torch.as_tensor(bandwidth, dtype=p.dtype, device=p.device)
+    if h.ndim != 0 or float(h) <= 0:
+        raise ValueError(f"`bandwidth` must be a positive scalar, got {h.tolist()}.")
+    kernel = torch.exp(-(r[:, None] - r[None, :]).abs() / h)
+    d = c - r
+    n = max(r.shape[0], 1)
+    mmce2 = (d[:, None] * d[None, :] * kernel).sum() / n**2
+    return (mmce2.clamp_min(0) + 1e-12).sqrt()
+
+
+def mdca_loss(logits: Tensor, target: Tensor) -> Tensor:
+    r"""Multi-class difference in confidence and accuracy (Hebbalaguppe et al., 2022).
+
+    .. math::
+        \mathcal{L}_{\mathrm{MDCA}} = \frac{1}{C}\sum_{k=1}^{C}\Big\lvert\frac{1}{N}\sum_i p_{ik}
+        - \frac{1}{N}\sum_i \mathbb{1}[y_i = k]\Big\rvert
+
+    Example:
+        >>> float(mdca_loss(torch.zeros(2, 2), torch.tensor([0, 1])))
+        0.0
+    """
+    x = _logits_and_target(logits, target)
+    p = F.softmax(x, dim=1)
+    if p.shape[0] == 0:
+        return p.sum()
+    freq = F.one_hot(target, p.shape[1]).to(p.dtype).mean(dim=0)
+    return (p.mean(dim=0) - freq).abs().mean()
+
+
+def dca_loss(logits: Tensor, target: Tensor) -> Tensor:
+    r"""Difference between confidence and accuracy (Liang et al., 2020), the batch-level calibration penalty.
+
+    .. math::
+        \mathcal{L}_{\mathrm{DCA}} = \Big\lvert \frac{1}{N}\sum_i \mathbb{1}[\hat{y}_i = y_i]
+        - \frac{1}{N}\sum_i \max_k p_{ik} \Big\rvert
+
+    Example:
+        >>> round(float(dca_loss(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1]))), 4)
+        0.0
+    """
+    x = _logits_and_target(logits, target)
+    p = F.softmax(x, dim=1)
+    if p.shape[0] == 0:
+        return p.sum()
+    r, prediction = p.max(dim=1)
+    return ((prediction == target).to(p.dtype).mean() - r.mean()).abs()

@@ -1,0 +1,331 @@
+"""Streaming calibration metrics (torchmetrics ``Metric`` classes) with the functions of
+:mod:`lightning_losses.functional.calibration` as their twins.
+
+Equal-width binned metrics keep only per-bin sums (``count``, ``confidence_sum``, ``correct_sum``; float64,
+summed across processes): their memory is constant in the number of samples and their value equals the
+all-samples function. Equal-mass binning and the KS error need every sample's confidence; those metrics keep two
+floats per sample (``memory_per_sample_bytes``), a cost that grows with the data set and is gathered across
+processes at ``compute``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from lightning_losses.functional.calibration import (
+    Binning,
+    InputType,
+    Norm,
+    _ace_from_bins,
+    _binned_sums,
+    _check_bins,
+    _debiased_from_bins,
+    _equal_mass_error,
+    _ks_from_samples,
+    _prepare,
+    calibration_error_from_bins,
+)
+
+__all__ = [
+    "AverageCalibrationError",
+    "BrierScore",
+    "CalibrationError",
+    "ClasswiseCalibrationError",
+    "DebiasedCalibrationError",
+    "KSCalibrationError",
+    "NegativeLogLikelihood",
+]
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+class _BinnedMetric(Metric):
+    """Per-bin sums of top-label confidence and correctness (equal-width), or the samples (equal-mass)."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    count: Tensor
+    confidence_sum: Tensor
+    correct_sum: Tensor
+    confidences: list[Tensor]
+    corrects: list[Tensor]
+
+    def __init__(
+        self, n_bins: int = 15, binning: Binning = "uniform", input_type: InputType = "probs", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_bins(n_bins)
+        _check_choice("binning", binning, ("uniform", "quantile"))
+        _check_choice("input_type", input_type, ("probs", "logits"))
+        self.n_bins, self.binning, self.input_type = n_bins, binning, input_type
+        if binning == "uniform":
+            for name in ("count", "confidence_sum", "correct_sum"):
+                self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+        else:
+            self.add_state("confidences", [], dist_reduce_fx="cat")
+            self.add_state("corrects", [], dist_reduce_fx="cat")
+
+    @property
+    def memory_per_sample_bytes(self) -> int:
+        """State bytes added per sample: 0 for equal-width bins, 8 (two float32) for equal-mass bins."""
+        return 0 if self.binning == "uniform" else 8
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``."""
+        p = _prepare(preds, target, self.input_type)
+        confidence, prediction = p.max(dim=1)
+        correct = (prediction == target).to(p.dtype)
+        if self.binning == "uniform":
+            count, conf, acc = _binned_sums(confidence, correct, self.n_bins)
+            self.count += count
+            self.confidence_sum += conf
+            self.correct_sum += acc
+        else:
+            self.confidences.append(confidence.float())
+            self.corrects.append(correct.float())
+
+    def bins(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(count, confidence_sum, correct_sum)`` per equal-width bin (for reliability diagrams)."""
+        if self.binning != "uniform":
+            raise ValueError("bins() needs binning='uniform'; equal-mass bins are formed only at compute().")
+        return self.count, self.confidence_sum, self.correct_sum
+
+
+class CalibrationError(_BinnedMetric):
+    r"""Top-label expected calibration error, streaming; twin of
+    :func:`~lightning_losses.functional.expected_calibration_error`.
+
+    .. math::
+        \mathrm{ECE} = \sum_b \frac{n_b}{N}\lvert\mathrm{acc}_b - \mathrm{conf}_b\rvert
+
+    Args:
+        n_bins: Number of bins.
+        norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (MCE).
+        binning: ``"uniform"`` (constant memory) or ``"quantile"`` (equal mass; keeps 8 bytes per sample).
+        input_type: ``"probs"`` or ``"logits"``.
+
+    Example:
+        >>> from lightning_losses.functional.calibration import expected_calibration_error
+        >>> probs, target = torch.softmax(torch.randn(100, 5), 1), torch.randint(0, 5, (100,))
+        >>> metric = CalibrationError(n_bins=10)
+        >>> for i in range(0, 100, 30):
+        ...     metric.update(probs[i : i + 30], target[i : i + 30])
+        >>> bool(torch.isclose(metric.compute(), expected_calibration_error(probs, target, n_bins=10)))
+        True
+    """
+
+    def __init__(
+        self,
+        n_bins: int = 15,
+        norm: Norm = "l1",
+        binning: Binning = "uniform",
+        input_type: InputType = "probs",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(n_bins, binning, input_type, **kwargs)
+        _check_choice("norm", norm, ("l1", "l2", "max"))
+        self.norm: Norm = norm
+
+    def compute(self) -> Tensor:
+        if self.binning == "uniform":
+            return calibration_error_from_bins(self.count, self.confidence_sum, self.correct_sum, self.norm).float()
+        conf, correct = dim_zero_cat(self.confidences), dim_zero_cat(self.corrects)
+        return _equal_mass_error(conf, correct, self.n_bins, self.norm).float()
+
+
+class AverageCalibrationError(_BinnedMetric):
+    r"""Average calibration error (unweighted mean gap over non-empty equal-width bins), streaming; twin of
+    :func:`~lightning_losses.functional.average_calibration_error`.
+
+    Example:
+        >>> m = AverageCalibrationError(n_bins=5)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]), torch.tensor([0, 1, 1, 1]))
+        >>> round(float(m.compute()), 4)
+        0.35
+    """
+
+    def __init__(self, n_bins: int = 15, input_type: InputType = "probs", **kwargs: Any) -> None:
+        super().__init__(n_bins, "uniform", input_type, **kwargs)
+
+    def compute(self) -> Tensor:
+        return _ace_from_bins(self.count, self.confidence_sum, self.correct_sum).float()
+
+
+class DebiasedCalibrationError(_BinnedMetric):
+    r"""Debiased l2 calibration error (Kumar et al., 2019), streaming; twin of
+    :func:`~lightning_losses.functional.debiased_calibration_error`.
+
+    .. math::
+        \widehat{\mathrm{CE}}^2 = \sum_b \frac{n_b}{N}\Big[(\bar{y}_b - \bar{s}_b)^2
+        - \frac{\bar{y}_b(1 - \bar{y}_b)}{n_b - 1}\Big]
+
+    Example:
+        >>> m = DebiasedCalibrationError(n_bins=10, squared=True)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]]), torch.tensor([0, 1, 1, 1]))
+        >>> round(float(m.compute()), 4)
+        0.035
+    """
+
+    def __init__(self, n_bins: int = 15, input_type: InputType = "probs", squared: bool = False, **kwargs: Any) -> None:
+        super().__init__(n_bins, "uniform", input_type, **kwargs)
+        self.squared = squared
+
+    def compute(self) -> Tensor:
+        return _debiased_from_bins(self.count, self.confidence_sum, self.correct_sum, self.squared).float()
+
+
+class KSCalibrationError(_BinnedMetric):
+    r"""Kolmogorov-Smirnov calibration error; keeps every sample's confidence (8 bytes per sample).
+
+    .. math::
+        \mathrm{KS} = \max_i \Big\lvert \frac{1}{N}\sum_{j \le i} (c_j - s_j) \Big\rvert \quad(\text{sorted by } s)
+
+    Example:
+        >>> m = KSCalibrationError()
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.8, 0.2]]), torch.tensor([0, 1]))
+        >>> round(float(m.compute()), 4)
+        0.4
+    """
+
+    def __init__(self, input_type: InputType = "probs", **kwargs: Any) -> None:
+        super().__init__(1, "quantile", input_type, **kwargs)
+
+    def compute(self) -> Tensor:
+        conf, correct = dim_zero_cat(self.confidences), dim_zero_cat(self.corrects)
+        return _ks_from_samples(conf, correct).float()
+
+
+class ClasswiseCalibrationError(Metric):
+    r"""Classwise ECE (one-vs-rest ECE averaged over classes), streaming with ``(C, n_bins)`` per-bin sums; twin of
+    :func:`~lightning_losses.functional.classwise_calibration_error`.
+
+    Args:
+        num_classes: Number of classes ``C`` (2 for binary ``(N,)`` inputs).
+        n_bins: Number of bins per class.
+        norm: ``"l1"``, ``"l2"`` or ``"max"``.
+        input_type: ``"probs"`` or ``"logits"``.
+
+    Example:
+        >>> m = ClasswiseCalibrationError(num_classes=2, n_bins=10)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 1]))
+        >>> round(float(m.compute()), 4)
+        0.15
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    count: Tensor
+    confidence_sum: Tensor
+    correct_sum: Tensor
+
+    def __init__(
+        self, num_classes: int, n_bins: int = 15, norm: Norm = "l1", input_type: InputType = "probs", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_bins(n_bins)
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        _check_choice("norm", norm, ("l1", "l2", "max"))
+        _check_choice("input_type", input_type, ("probs", "logits"))
+        self.num_classes, self.n_bins, self.norm, self.input_type = num_classes, n_bins, norm, input_type
+        for name in ("count", "confidence_sum", "correct_sum"):
+            self.add_state(name, torch.zeros(num_classes, n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of predictions and targets."""
+        p = _prepare(preds, target, self.input_type)
+        if p.shape[1] != self.num_classes:
+            raise ValueError(f"Expected predictions for {self.num_classes} classes, got {p.shape[1]}.")
+        onehot = F.one_hot(target, self.num_classes).to(p.dtype)
+        count, conf, acc = _binned_sums(p.t(), onehot.t(), self.n_bins)
+        self.count += count
+        self.confidence_sum += conf
+        self.correct_sum += acc
+
+    def compute(self) -> Tensor:
+        per_class = calibration_error_from_bins(self.count, self.confidence_sum, self.correct_sum, self.norm)
+        return per_class.mean().float()
+
+
+class _MeanScore(Metric):
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    total: Tensor
+    n: Tensor
+
+    def __init__(self, input_type: InputType = "probs", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check_choice("input_type", input_type, ("probs", "logits"))
+        self.input_type = input_type
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add a batch of predictions and targets."""
+        scores = self._scores(preds, target)
+        self.total += scores.double().sum()
+        self.n += scores.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.n.clamp_min(1)).float()
+
+
+class BrierScore(_MeanScore):
+    r"""Brier score, streaming; twin of :func:`~lightning_losses.functional.brier_score`.
+
+    .. math::
+        \mathrm{BS} = \frac{1}{N}\sum_i \sum_k (p_{ik} - \mathbb{1}[y_i = k])^2
+
+    Example:
+        >>> m = BrierScore()
+        >>> m.update(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([0, 0]))
+        >>> round(float(m.compute()), 4)
+        0.25
+    """
+
+    def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        p = _prepare(preds, target, self.input_type)
+        per_sample = ((p - F.one_hot(target, p.shape[1]).to(p.dtype)) ** 2).sum(dim=1)
+        return per_sample / 2 if preds.ndim == 1 else per_sample
+
+
+class NegativeLogLikelihood(_MeanScore):
+    r"""Mean negative log-likelihood of the target class, streaming; twin of
+    :func:`~lightning_losses.functional.negative_log_likelihood`.
+
+    Example:
+        >>> m = NegativeLogLikelihood(input_type="logits")
+        >>> m.update(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+        >>> round(float(m.compute()), 4)
+        0.6931
+    """
+
+    def __init__(self, input_type: InputType = "probs", eps: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(input_type, **kwargs)
+        self.eps = eps
+
+    def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        if self.input_type == "logits":
+            _prepare(preds, target, "logits")
+            x = preds.float() if preds.dtype in (torch.float16, torch.bfloat16) else preds
+            logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], 1) if x.ndim == 1 else F.log_softmax(x, 1)
+        else:
+            p = _prepare(preds, target, "probs")
+            logp = p.clamp_min(self.eps).log() if self.eps > 0 else p.log()
+        return -logp.gather(1, target[:, None]).squeeze(1)

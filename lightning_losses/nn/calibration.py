@@ -1,0 +1,644 @@
+"""Post-hoc calibrators: fitted on held-out logits, then applied to new logits.
+
+Every calibrator has ``fit(logits, target)`` (tensors in, returns ``self``), ``forward(logits)`` returning
+calibrated logits of the input's shape (``(N, C)``, or ``(N,)`` for a binary problem given as one logit per
+sample), ``predict_proba(logits)``, and a ``state_dict`` that restores it exactly (also into a fresh, unfitted
+instance: shapes learnt at ``fit`` are resized on load). Methods that output probabilities (histogram binning,
+isotonic regression) return their log-probabilities as logits, so ``softmax(forward(z))`` is the calibrated
+distribution. ``preserves_argmax`` says whether the method keeps every prediction's class.
+
+Fitting runs with gradients enabled and outside inference mode, so it may be called from any Lightning hook.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_losses._utils import as_float32, check_targets, require
+
+__all__ = [
+    "Calibrator",
+    "CorrectnessAwareCalibrator",
+    "DirichletCalibrator",
+    "HistogramBinningCalibrator",
+    "IsotonicCalibrator",
+    "MatrixScaler",
+    "PlattScaler",
+    "TemperatureScaler",
+    "VectorScaler",
+    "default_image_transforms",
+]
+
+
+def _as_logits(logits: Tensor, name: str = "logits") -> tuple[Tensor, bool]:
+    """Validate logits and return them as float32 ``(N, C)`` plus whether the input was binary ``(N,)``."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}.")
+    if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] < 2):
+        raise ValueError(
+            f"`{name}` must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(logits.shape)}."
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"`{name}` holds non-finite values (NaN or inf). Calibrators need finite logits.")
+    (x,) = as_float32(logits.detach())
+    if x.ndim == 1:
+        return torch.stack([torch.zeros_like(x), x], dim=1), True
+    return x, False
+
+
+def _check_fit_logits(logits: Tensor, target: Tensor) -> tuple[Tensor, bool]:
+    x, binary = _as_logits(logits)
+    check_targets(target, x.shape[1], x.shape[0])
+    if x.shape[0] == 0:
+        raise ValueError("Cannot fit a calibrator on zero samples: pass held-out validation logits.")
+    if x.ndim == 2 and bool(((x >= 0) & (x <= 1)).all()) and bool(((x.sum(1) - 1).abs() < 1e-3).all()):
+        raise ValueError(
+            "The calibrator received rows in [0, 1] summing to 1: these are probabilities, not logits. "
+            "Pass the model's logits (before softmax)."
+        )
+    return x, binary
+
+
+def _binary_output(z: Tensor, binary: bool) -> Tensor:
+    return z[:, 1] - z[:, 0] if binary else z
+
+
+def _lbfgs(params: list[nn.Parameter], loss_fn: Callable[[], Tensor], max_iter: int) -> int:
+    """Minimise ``loss_fn`` over ``params`` with strong-Wolfe LBFGS; return the number of function evaluations."""
+    optimizer = torch.optim.LBFGS(
+        params, lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+        history_size=20, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+    evaluations = 0
+
+    def closure() -> Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimizer.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return evaluations
+
+
+class Calibrator(nn.Module):
+    """Base class of the post-hoc calibrators (see the module docstring for the interface)."""
+
+    preserves_argmax: bool = False
+    needs_transformed_logits: bool = False
+    fitted: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("fitted", torch.tensor(False))
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has run (or a fitted state was loaded)."""
+        return bool(self.fitted)
+
+    def _make_trainable(self) -> None:
+        """Replace inference-mode parameters and buffers (a calibrator built under ``torch.inference_mode``)."""
+        with torch.inference_mode(False):
+            for module in self.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None and p.is_inference():
+                        module._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+                for name, b in list(module._buffers.items()):
+                    if b is not None and b.is_inference():
+                        module._buffers[name] = b.clone()
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(logits, target) first.")
+
+    def fit(self, logits: Tensor, target: Tensor) -> Calibrator:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def predict_proba(self, logits: Tensor, *args: Any) -> Tensor:
+        """Calibrated probabilities: ``(N, C)``, or ``(N,)`` (positive class) for a binary ``(N,)`` input."""
+        out = self(logits, *args)
+        return torch.sigmoid(out) if out.ndim == 1 else torch.softmax(out, dim=1)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Shapes learnt at fit time (number of classes, isotonic breakpoints) follow the checkpoint.
+        for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+            key = prefix + name
+            if tensor is not None and key in state_dict and state_dict[key].shape != tensor.shape:
+                new = torch.empty_like(state_dict[key], device=tensor.device, dtype=tensor.dtype)
+                if name in self._parameters:
+                    self._parameters[name] = nn.Parameter(new, requires_grad=tensor.requires_grad)
+                else:
+                    self._buffers[name] = new
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TemperatureScaler(Calibrator):
+    r"""Temperature scaling (Guo et al., 2017): one positive temperature dividing every logit.
+
+    ``log T`` is fitted by minimising the negative log-likelihood with strong-Wolfe LBFGS until convergence
+    (gradient below ``1e-9`` or ``max_iter`` iterations). The argmax never changes.
+
+    .. math::
+        \hat{z} = z / T,\qquad T = \arg\min_{T > 0} -\frac{1}{N}\sum_i \log \mathrm{softmax}(z_i / T)_{y_i}
+
+    Args:
+        init_temperature: Starting temperature.
+        max_iter: Maximum LBFGS iterations.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> true_logits = 3 * torch.randn(4000, 5, generator=g)
+        >>> target = torch.distributions.Categorical(logits=true_logits).sample()
+        >>> scaler = TemperatureScaler().fit(2.5 * true_logits, target)  # over-confident by 2.5
+        >>> abs(scaler.temperature - 2.5) < 0.15
+        True
+    """
+
+    preserves_argmax = True
+
+    def __init__(self, init_temperature: float = 1.0, max_iter: int = 200) -> None:
+        super().__init__()
+        if init_temperature <= 0:
+            raise ValueError(f"`init_temperature` must be > 0, got {init_temperature}.")
+        self.init_temperature, self.max_iter = init_temperature, max_iter
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature ``T``."""
+        return float(self.log_temperature.detach().exp())
+
+    def fit(self, logits: Tensor, target: Tensor) -> TemperatureScaler:
+        """Fit ``log T`` on the NLL of ``(logits, target)``; returns ``self``."""
+        x, _ = _check_fit_logits(logits, target)
+        self._make_trainable()
+        with torch.inference_mode(False), torch.enable_grad():
+            x, y = x.clone(), target.clone()
+            with torch.no_grad():
+                self.log_temperature.fill_(math.log(self.init_temperature))
+            _lbfgs(
+                [self.log_temperature], lambda: F.cross_entropy(x * torch.exp(-self.log_temperature), y), self.max_iter
+            )
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Return ``logits / T`` (same shape as the input)."""
+        x, binary = _as_logits(logits)
+        self._check_fitted()
+        return _binary_output(x * torch.exp(-self.log_temperature.detach()), binary).to(logits.dtype)
+
+
+class _AffineCalibrator(Calibrator):
+    """``W z + b`` on logits (or on log-probabilities), fitted on NLL (+ off-diagonal / intercept L2)."""
+
+    on_log_probs = False
+    diagonal = False
+
+    def __init__(self, off_diagonal_reg: float = 0.0, intercept_reg: float = 0.0, max_iter: int = 500) -> None:
+        super().__init__()
+        if off_diagonal_reg < 0 or intercept_reg < 0:
+            raise ValueError("Regularisation strengths must be >= 0.")
+        self.off_diagonal_reg, self.intercept_reg, self.max_iter = off_diagonal_reg, intercept_reg, max_iter
+        self.weight = nn.Parameter(torch.empty(0))
+        self.bias = nn.Parameter(torch.empty(0))
+
+    def _inputs(self, x: Tensor) -> Tensor:
+        return F.log_softmax(x, dim=1) if self.on_log_probs else x
+
+    def _affine(self, u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return u * weight + bias if self.diagonal else u @ weight.t() + bias
+
+    def fit(self, logits: Tensor, target: Tensor) -> _AffineCalibrator:
+        """Fit ``W`` and ``b`` on the NLL of ``(logits, target)``; returns ``self``."""
+        x, _ = _check_fit_logits(logits, target)
+        self._make_trainable()
+        c = x.shape[1]
+        with torch.inference_mode(False), torch.enable_grad():
+            u, y = self._inputs(x.clone()), target.clone()
+            weight = torch.ones(c) if self.diagonal else torch.eye(c)
+            self.weight = nn.Parameter(weight.to(x.device))
+            self.bias = nn.Parameter(torch.zeros(c, device=x.device))
+            off = ~torch.eye(c, dtype=torch.bool, device=x.device)
+
+            def loss() -> Tensor:
+                value = F.cross_entropy(self._affine(u, self.weight, self.bias), y)
+                if self.off_diagonal_reg and not self.diagonal:
+                    value = value + self.off_diagonal_reg * self.weight[off].pow(2).sum() / (c * (c - 1))
+                if self.intercept_reg:
+                    value = value + self.intercept_reg * self.bias.pow(2).sum() / c
+                return value
+
+            _lbfgs([self.weight, self.bias], loss, self.max_iter)
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Return the calibrated logits (same shape as the input)."""
+        x, binary = _as_logits(logits)
+        self._check_fitted()
+        if x.shape[1] != self.bias.shape[0]:
+            raise ValueError(f"Fitted for {self.bias.shape[0]} classes, got logits with {x.shape[1]}.")
+        out = self._affine(self._inputs(x), self.weight.detach(), self.bias.detach())
+        return _binary_output(out, binary).to(logits.dtype)
+
+
+class VectorScaler(_AffineCalibrator):
+    r"""Vector scaling (Guo et al., 2017): a per-class scale and bias, :math:`\hat{z} = w \odot z + b`.
+
+    Example:
+        >>> logits, target = torch.randn(300, 3), torch.randint(0, 3, (300,))
+        >>> VectorScaler().fit(logits, target)(logits).shape
+        torch.Size([300, 3])
+    """
+
+    diagonal = True
+
+    def __init__(self, intercept_reg: float = 0.0, max_iter: int = 500) -> None:
+        super().__init__(0.0, intercept_reg, max_iter)
+
+
+class MatrixScaler(_AffineCalibrator):
+    r"""Matrix scaling (Guo et al., 2017): :math:`\hat{z} = W z + b`, with optional ODIR regularisation
+    :math:`\frac{\lambda}{C(C-1)}\sum_{i \ne j} W_{ij}^2 + \frac{\mu}{C}\sum_j b_j^2`.
+
+    Example:
+        >>> logits, target = torch.randn(300, 3), torch.randint(0, 3, (300,))
+        >>> MatrixScaler(off_diagonal_reg=1e-2).fit(logits, target)(logits).shape
+        torch.Size([300, 3])
+    """
+
+
+class DirichletCalibrator(_AffineCalibrator):
+    r"""Dirichlet calibration (Kull et al., 2019): a linear layer on log-probabilities, with ODIR
+    (off-diagonal and intercept) regularisation.
+
+    .. math::
+        \hat{z} = W \log \mathrm{softmax}(z) + b,\qquad
+        \mathcal{L} = \mathrm{NLL} + \frac{\lambda}{C(C-1)}\sum_{i\ne j}W_{ij}^2 + \frac{\mu}{C}\sum_j b_j^2
+
+    Example:
+        >>> logits, target = torch.randn(300, 3), torch.randint(0, 3, (300,))
+        >>> DirichletCalibrator().fit(logits, target).predict_proba(logits).sum(1).allclose(torch.ones(300))
+        True
+    """
+
+    on_log_probs = True
+
+    def __init__(self, off_diagonal_reg: float = 1e-3, intercept_reg: float = 1e-3, max_iter: int = 500) -> None:
+        super().__init__(off_diagonal_reg, intercept_reg, max_iter)
+
+
+class PlattScaler(Calibrator):
+    r"""Platt scaling for binary problems: :math:`\hat{z} = a z + b` on the logit of the positive class.
+
+    Accepts ``(N,)`` logits or ``(N, 2)`` logits (whose logit difference is used). The argmax is kept when
+    ``a > 0`` and ``b = 0`` only; in general the decision threshold moves.
+
+    Example:
+        >>> z = torch.randn(500)
+        >>> y = torch.bernoulli(torch.sigmoid(z / 3)).long()
+        >>> scaler = PlattScaler().fit(z, y)
+        >>> abs(float(scaler.slope.detach()) - 1 / 3) < 0.15
+        True
+    """
+
+    def __init__(self, max_iter: int = 200) -> None:
+        super().__init__()
+        self.max_iter = max_iter
+        self.slope = nn.Parameter(torch.tensor(1.0))
+        self.intercept = nn.Parameter(torch.tensor(0.0))
+
+    def _margin(self, logits: Tensor) -> tuple[Tensor, bool]:
+        x, binary = _as_logits(logits)
+        if x.shape[1] != 2:
+            raise ValueError(
+                f"PlattScaler is for binary problems (C = 2), got {x.shape[1]} classes. Use TemperatureScaler, "
+                "VectorScaler or DirichletCalibrator for multiclass logits."
+            )
+        return x[:, 1] - x[:, 0], binary
+
+    def fit(self, logits: Tensor, target: Tensor) -> PlattScaler:
+        """Fit slope and intercept by logistic regression on the logit; returns ``self``."""
+        _check_fit_logits(logits, target)
+        z, _ = self._margin(logits)
+        self._make_trainable()
+        with torch.inference_mode(False), torch.enable_grad():
+            z, y = z.clone(), target.clone().float()
+            with torch.no_grad():
+                self.slope.fill_(1.0)
+                self.intercept.fill_(0.0)
+            _lbfgs(
+                [self.slope, self.intercept],
+                lambda: F.binary_cross_entropy_with_logits(self.slope * z + self.intercept, y),
+                self.max_iter,
+            )
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Calibrated logits: ``(N,)`` for ``(N,)`` input, ``[0, a z + b]`` for ``(N, 2)`` input."""
+        self._check_fitted()
+        z, binary = self._margin(logits)
+        out = self.slope.detach() * z + self.intercept.detach()
+        return (out if binary else torch.stack([torch.zeros_like(out), out], dim=1)).to(logits.dtype)
+
+
+def _one_vs_rest_output(q: Tensor, binary: bool) -> Tensor:
+    """Turn per-class calibrated probabilities into log-probabilities (renormalised), or a binary logit."""
+    if binary:
+        p = q[:, 1].clamp(1e-7, 1 - 1e-7)
+        return torch.log(p) - torch.log1p(-p)
+    total = q.sum(dim=1, keepdim=True)
+    q = torch.where(total > 0, q / total.clamp_min(1e-12), torch.full_like(q, 1.0 / q.shape[1]))
+    return q.clamp_min(1e-12).log()
+
+
+class HistogramBinningCalibrator(Calibrator):
+    r"""Histogram binning (Zadrozny & Elkan, 2001), one-vs-rest: each class's probability is replaced by the
+    frequency of that class among the validation samples in the same equal-width bin, then renormalised.
+
+    .. math::
+        \hat{p}_k = \frac{\theta_{k, b(p_k)}}{\sum_j \theta_{j, b(p_j)}},\qquad
+        \theta_{k,b} = \frac{\sum_i \mathbb{1}[y_i = k,\ b(p_{ik}) = b]}{\sum_i \mathbb{1}[b(p_{ik}) = b]}
+
+    Empty bins keep their centre. Binary ``(N,)`` inputs map the positive class only.
+
+    Example:
+        >>> logits, target = torch.randn(400, 3), torch.randint(0, 3, (400,))
+        >>> HistogramBinningCalibrator(10).fit(logits, target).predict_proba(logits).shape
+        torch.Size([400, 3])
+    """
+
+    bin_values: Tensor
+
+    def __init__(self, n_bins: int = 15) -> None:
+        super().__init__()
+        if n_bins < 1:
+            raise ValueError(f"`n_bins` must be >= 1, got {n_bins}.")
+        self.n_bins = n_bins
+        self.register_buffer("bin_values", torch.empty(0, n_bins))
+
+    def _bins(self, p: Tensor) -> Tensor:
+        return (p * self.n_bins).floor().long().clamp_(0, self.n_bins - 1)
+
+    def fit(self, logits: Tensor, target: Tensor) -> HistogramBinningCalibrator:
+        """Estimate the per-class, per-bin frequencies; returns ``self``."""
+        x, _ = _check_fit_logits(logits, target)
+        self._make_trainable()
+        p = torch.softmax(x, dim=1).t()  # (C, N)
+        idx = self._bins(p)
+        onehot = F.one_hot(target, x.shape[1]).t().double()
+        count = torch.zeros(x.shape[1], self.n_bins, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(onehot))
+        hits = torch.zeros_like(count).scatter_add_(1, idx, onehot)
+        centres = (torch.arange(self.n_bins, dtype=torch.float64) + 0.5) / self.n_bins
+        self.bin_values = torch.where(count > 0, hits / count.clamp_min(1), centres.expand_as(count)).float()
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Return the log of the calibrated probabilities (or a binary logit)."""
+        x, binary = _as_logits(logits)
+        self._check_fitted()
+        p = torch.softmax(x, dim=1)
+        q = self.bin_values.gather(1, self._bins(p).t()).t()
+        return _one_vs_rest_output(q, binary).to(logits.dtype)
+
+
+class IsotonicCalibrator(Calibrator):
+    r"""Isotonic regression (Zadrozny & Elkan, 2002), one-vs-rest: a non-decreasing step-wise-linear map of each
+    class's probability fitted by pool-adjacent-violators (scikit-learn), then renormalised.
+
+    .. math::
+        \hat{f}_k = \arg\min_{f \uparrow} \sum_i \big(\mathbb{1}[y_i = k] - f(p_{ik})\big)^2
+
+    The breakpoints are stored as buffers, so the fitted map is checkpointed and applied with torch alone.
+    Fitting needs scikit-learn (the ``data`` extra).
+
+    Example:
+        >>> logits, target = torch.randn(400, 3), torch.randint(0, 3, (400,))
+        >>> iso = IsotonicCalibrator().fit(logits, target)
+        >>> bool((iso.predict_proba(logits).sum(1) - 1).abs().max() < 1e-5)
+        True
+    """
+
+    x_thresholds: Tensor
+    y_thresholds: Tensor
+    n_thresholds: Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("x_thresholds", torch.empty(0, 0))
+        self.register_buffer("y_thresholds", torch.empty(0, 0))
+        self.register_buffer("n_thresholds", torch.empty(0, dtype=torch.long))
+
+    def fit(self, logits: Tensor, target: Tensor) -> IsotonicCalibrator:
+        """Fit one isotonic map per class; returns ``self``."""
+        isotonic = require("sklearn.isotonic", "data")
+        x, _ = _check_fit_logits(logits, target)
+        self._make_trainable()
+        p = torch.softmax(x, dim=1).double().cpu().numpy()
+        y = F.one_hot(target.cpu(), x.shape[1]).double().numpy()
+        xs, ys = [], []
+        for k in range(x.shape[1]):
+            reg = isotonic.IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(p[:, k], y[:, k])
+            xs.append(torch.as_tensor(reg.X_thresholds_, dtype=torch.float32))
+            ys.append(torch.as_tensor(reg.y_thresholds_, dtype=torch.float32))
+        m = max(t.numel() for t in xs)
+        self.n_thresholds = torch.tensor([t.numel() for t in xs])
+        self.x_thresholds = torch.stack([F.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in xs])
+        self.y_thresholds = torch.stack([F.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in ys])
+        self.fitted.fill_(True)
+        return self
+
+    def _interpolate(self, k: int, p: Tensor) -> Tensor:
+        n = int(self.n_thresholds[k])
+        xk, yk = self.x_thresholds[k, :n], self.y_thresholds[k, :n]
+        if n == 1:
+            return yk.expand_as(p).clone()
+        p = p.clamp(float(xk[0]), float(xk[-1]))
+        hi = torch.searchsorted(xk, p, right=True).clamp(1, n - 1)
+        lo = hi - 1
+        x0, x1, y0, y1 = xk[lo], xk[hi], yk[lo], yk[hi]
+        span = x1 - x0
+        t = torch.where(span > 0, (p - x0) / span.clamp_min(1e-12), torch.zeros_like(p))
+        return y0 + t * (y1 - y0)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Return the log of the calibrated probabilities (or a binary logit)."""
+        x, binary = _as_logits(logits)
+        self._check_fitted()
+        p = torch.softmax(x, dim=1)
+        q = torch.stack([self._interpolate(k, p[:, k]) for k in range(p.shape[1])], dim=1)
+        return _one_vs_rest_output(q, binary).to(logits.dtype)
+
+
+def _rotate(x: Tensor, degrees: float) -> Tensor:
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="border")
+
+
+def default_image_transforms() -> list[Callable[[Tensor], Tensor]]:
+    """The CA calibrator's default transformed copies for ``(N, C, H, W)`` image batches (deterministic).
+
+    A 15-degree rotation, a greyscale copy (channel mean; for 1-channel images a contrast reduction instead,
+    since they are already grey) and a brightness/contrast jitter, the three kinds of the official code.
+
+    Example:
+        >>> [t(torch.zeros(2, 1, 8, 8)).shape for t in default_image_transforms()][0]
+        torch.Size([2, 1, 8, 8])
+    """
+
+    def rotation(x: Tensor) -> Tensor:
+        return _rotate(x, 15.0)
+
+    def greyscale(x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            mean = x.mean(dim=(2, 3), keepdim=True)
+            return mean + 0.6 * (x - mean)
+        return x.mean(dim=1, keepdim=True).expand_as(x).clone()
+
+    def jitter(x: Tensor) -> Tensor:
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        return 1.2 * (mean + 1.3 * (x - mean))
+
+    return [rotation, greyscale, jitter]
+
+
+class CorrectnessAwareCalibrator(Calibrator):
+    r"""Correctness-aware (CA) calibrator (Liu et al., 2024): a per-sample temperature predicted from how the
+    model's top classes fare on transformed copies of the input.
+
+    Features: the ``top_k`` classes of the original logits; the softmax probabilities of each transformed copy
+    at those classes (``top_k × A`` numbers). A network ``Linear(top_k·A → hidden) → ReLU → Linear(hidden → 1)``,
+    clamped to ``[t_min, t_max]``, gives :math:`T_i`; the output is :math:`z_i / T_i` (argmax unchanged). With
+    :math:`c_i` the correctness of the top-1 prediction, :math:`\hat{s}_i = \max \mathrm{softmax}(z_i / T_i)` and
+    ``acc`` the batch accuracy, the loss is
+
+    .. math::
+        w_i = \begin{cases} 1 - \mathrm{acc} & c_i = 1 \\ \mathrm{acc} & c_i = 0 \end{cases},\qquad
+        \mathcal{L} = \frac{\sum_i w_i (\hat{s}_i - c_i)^2}{\sum_i w_i}
+
+    ``fit`` and ``forward`` take the logits of the transformed copies, shape ``(A, N, C)``, as a further
+    argument; :meth:`transformed_logits` computes them from a model and an input batch. The official code uses
+    Adam at lr 1e-4 for 10 epochs on large validation sets; the defaults here (lr 1e-2, 100 epochs) suit the
+    few thousand validation samples of small data sets.
+
+    Args:
+        transforms: Callables mapping an input batch to a transformed batch (default:
+            :func:`default_image_transforms`).
+        top_k: Number of top classes read from each copy.
+        hidden: Width of the hidden layer.
+        t_min, t_max: Temperature range.
+        epochs, lr, batch_size: Adam training settings.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> logits, target = 4 * torch.randn(256, 5, generator=g), torch.randint(0, 5, (256,), generator=g)
+        >>> copies = logits + torch.randn(3, 256, 5, generator=g)
+        >>> ca = CorrectnessAwareCalibrator(epochs=5).fit(logits, target, copies)
+        >>> bool((ca(logits, copies).argmax(1) == logits.argmax(1)).all())
+        True
+    """
+
+    preserves_argmax = True
+    needs_transformed_logits = True
+
+    def __init__(
+        self,
+        transforms: Sequence[Callable[[Tensor], Tensor]] | None = None,
+        top_k: int = 4,
+        hidden: int = 5,
+        t_min: float = 0.1,
+        t_max: float = 10.0,
+        epochs: int = 100,
+        lr: float = 1e-2,
+        batch_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.transforms = list(transforms) if transforms is not None else default_image_transforms()
+        if not self.transforms:
+            raise ValueError("`transforms` must hold at least one callable.")
+        if not 0 < t_min < t_max:
+            raise ValueError(f"Need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}.")
+        self.top_k, self.t_min, self.t_max = top_k, t_min, t_max
+        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        head = nn.Linear(hidden, 1)
+        with torch.no_grad():  # start near T = 1.5 (the temperature-scaling start), inside the clamp range
+            head.weight.mul_(0.1)
+            head.bias.fill_(1.5)
+        self.net = nn.Sequential(nn.Linear(top_k * len(self.transforms), hidden), nn.ReLU(), head)
+
+    @torch.no_grad()
+    def transformed_logits(self, model: Callable[[Tensor], Tensor], inputs: Tensor) -> Tensor:
+        """Run ``model`` on each transformed copy of ``inputs``; returns ``(A, N, C)`` logits."""
+        return torch.stack([model(t(inputs)) for t in self.transforms])
+
+    def _features(self, x: Tensor, copies: Tensor) -> Tensor:
+        if copies.ndim != 3 or copies.shape[0] != len(self.transforms) or copies.shape[1:] != x.shape:
+            raise ValueError(
+                f"`transformed_logits` must have shape ({len(self.transforms)}, N, C) = "
+                f"({len(self.transforms)}, {x.shape[0]}, {x.shape[1]}), got {tuple(copies.shape)}."
+            )
+        k = min(self.top_k, x.shape[1])
+        top = x.topk(k, dim=1).indices  # (N, k)
+        probs = torch.softmax(copies.float(), dim=2)  # (A, N, C)
+        picked = probs.gather(2, top.unsqueeze(0).expand(probs.shape[0], -1, -1))  # (A, N, k)
+        if k < self.top_k:
+            picked = F.pad(picked, (0, self.top_k - k))
+        return picked.permute(1, 0, 2).reshape(x.shape[0], -1)
+
+    def temperatures(self, logits: Tensor, transformed_logits: Tensor) -> Tensor:
+        """Per-sample temperatures ``(N,)``."""
+        x, _ = _as_logits(logits)
+        return self.net(self._features(x, transformed_logits)).squeeze(1).clamp(self.t_min, self.t_max)
+
+    def fit(
+        self, logits: Tensor, target: Tensor, transformed_logits: Tensor | None = None
+    ) -> CorrectnessAwareCalibrator:
+        """Train the temperature network with the correctness-aware loss; returns ``self``."""
+        if transformed_logits is None:
+            raise ValueError("CorrectnessAwareCalibrator.fit needs `transformed_logits` (A, N, C).")
+        x, _ = _check_fit_logits(logits, target)
+        self._make_trainable()
+        with torch.inference_mode(False), torch.enable_grad():
+            feats = self._features(x, transformed_logits.detach()).clone()
+            x, y = x.clone(), target.clone()
+            correct = (x.argmax(1) == y).float()
+            optimizer = torch.optim.Adam(self.net.parameters(), lr=self.lr)
+            g = torch.Generator().manual_seed(0)
+            for _ in range(self.epochs):
+                for idx in torch.randperm(x.shape[0], generator=g).split(self.batch_size):
+                    t = self.net(feats[idx]).squeeze(1).clamp(self.t_min, self.t_max)
+                    s = torch.softmax(x[idx] / t[:, None], dim=1).amax(dim=1)
+                    c = correct[idx]
+                    acc = c.mean()
+                    w = torch.where(c > 0, 1 - acc, acc)
+                    loss = (w * (s - c) ** 2).sum() / w.sum().clamp_min(1e-12)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        self.fitted.fill_(True)
+        return self
+
+    def forward(self, logits: Tensor, transformed_logits: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Return ``logits / T_i`` (same shape as ``logits``)."""
+        if transformed_logits is None:
+            raise ValueError("CorrectnessAwareCalibrator needs `transformed_logits` (A, N, C) at forward.")
+        self._check_fitted()
+        x, binary = _as_logits(logits)
+        with torch.no_grad():
+            t = self.temperatures(x, transformed_logits)
+        return _binary_output(x / t[:, None], binary).to(logits.dtype)
