@@ -1,0 +1,144 @@
+"""``TempNetModule``: a ready LightningModule training a classifier or a causal LM with TempNet and KL-DRO."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_losses._utils import unpack_batch
+from lightning_losses.mixins.temperature import TempNetMixin
+
+__all__ = ["TempNetModule"]
+
+
+class TempNetModule(TempNetMixin, pl.LightningModule):
+    """Train ``model`` with per-position temperatures from TempNet and the KL-DRO robust loss.
+
+    ``task="classification"``: batches ``(x, y[, index])``, ``model(x)`` gives ``(N, C)`` logits.
+    ``task="causal_lm"``: batches ``(input_ids, labels[, index])`` or dicts with those keys; ``model(input_ids)``
+    gives ``(B, L, V)`` logits (or an object with ``.logits``, as Hugging Face models do); position ``t`` predicts
+    ``labels[t + 1]``.
+
+    Validation logs the DRO loss, τ statistics, the plain cross-entropy at τ = 1 and (LM) its perplexity
+    ``val/ppl``, the perplexity with TempNet's temperatures applied ``val/ppl_tempnet``, or (classification)
+    ``val/acc``.
+
+    Args:
+        model: The base network.
+        num_classes: Number of classes / vocabulary size.
+        task: ``"classification"`` or ``"causal_lm"``.
+        rho: KL-ball radius, below ``log(num_classes)``.
+        tau_min: Lower bound of τ.
+        tau_max: Upper bound of τ.
+        hidden_dim: TempNet width.
+        dropout: TempNet dropout.
+        lr: Learning rate of the base model.
+        tempnet_lr: Learning rate of TempNet.
+        weight_decay: AdamW weight decay of the base model.
+        train_base: ``False`` trains only TempNet on the frozen base.
+        ignore_index: Label value of positions that do not count.
+
+    Example:
+        >>> module = TempNetModule(torch.nn.Linear(4, 10), num_classes=10, rho=1.0, hidden_dim=16)
+        >>> loss = module.training_step((torch.randn(8, 4), torch.randint(0, 10, (8,))), 0)
+        >>> bool(torch.isfinite(loss))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        task: Literal["classification", "causal_lm"] = "classification",
+        rho: float = 1.0,
+        tau_min: float = 0.5,
+        tau_max: float = 5.0,
+        hidden_dim: int = 256,
+        dropout: float = 0.5,
+        lr: float = 1e-3,
+        tempnet_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        train_base: bool = True,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "causal_lm"):
+            raise ValueError(f"`task` must be 'classification' or 'causal_lm', got {task!r}.")
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.task = task
+        self.lr, self.weight_decay = lr, weight_decay
+        self.configure_tempnet(
+            num_classes,
+            rho=rho,
+            tau_min=tau_min,
+            tau_max=tau_max,
+            hidden_dim=hidden_dim,
+            dropout=dropout,
+            tempnet_lr=tempnet_lr,
+            train_base=train_base,
+            ignore_index=ignore_index,
+        )
+        self.val_nll = MeanMetric()
+        self.val_nll_tempnet = MeanMetric()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        out = self.model(inputs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+        if self.task == "causal_lm" and isinstance(batch, dict):
+            inputs, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
+        else:
+            inputs, maybe_labels, _ = unpack_batch(batch)
+            if maybe_labels is None:
+                raise ValueError("TempNetModule needs targets in the batch: (inputs, target[, index]).")
+            labels = maybe_labels
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self._tempnet_settings["train_base"]):
+            logits = self(inputs)
+        if self.task == "causal_lm":
+            return logits[:, :-1], labels[:, 1:]
+        return logits, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits, target = self._logits_and_targets(batch)
+        loss = self.tempnet_loss(logits, target, stage="train")
+        if self._trainer is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        logits, target = self._logits_and_targets(batch)
+        ignore = self.tempnet_dro.ignore_index
+        tau = self.tempnet(logits)
+        count = int((target != ignore).sum())
+        flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
+        ce = F.cross_entropy(flat_logits, flat_target, ignore_index=ignore)
+        ce_tempnet = F.cross_entropy(flat_logits / tau.reshape(-1, 1), flat_target, ignore_index=ignore)
+        self.log("val/loss", self.tempnet_dro(logits, target, tau), sync_dist=True, batch_size=count)
+        self.val_nll.update(ce.detach(), count)
+        self.val_nll_tempnet.update(ce_tempnet.detach(), count)
+        self.log_tau_statistics(tau, target != ignore, stage="val")
+        if self.task == "classification":
+            acc = (logits.argmax(-1) == target).float().mean()
+            self.log("val/acc", acc, sync_dist=True, batch_size=count, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        nll, nll_tempnet = float(self.val_nll.compute()), float(self.val_nll_tempnet.compute())
+        self.val_nll.reset()
+        self.val_nll_tempnet.reset()
+        self.log("val/ce", nll)
+        self.log("val/ce_tempnet", nll_tempnet)
+        if self.task == "causal_lm":
+            self.log("val/ppl", math.exp(min(nll, 50.0)), prog_bar=True)
+            self.log("val/ppl_tempnet", math.exp(min(nll_tempnet, 50.0)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.tempnet_parameter_groups(self.lr, self.weight_decay))

@@ -1,0 +1,109 @@
+"""TempNetMixin / TempNetModule on a tiny GPT-2: joint and frozen-base training, ρ checks, τ logging, resume."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses import TempNetModule
+from lightning_losses.jobs.language import build_gpt2
+
+VOCAB = 64
+
+
+def _tiny_lm():
+    return build_gpt2(VOCAB, n_layer=2, n_embd=64, n_head=2, block_size=16)
+
+
+def _loader(n=16, seed=0):
+    ids = torch.randint(0, VOCAB, (n, 16), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(ids, ids.clone(), torch.arange(n)), batch_size=4, shuffle=False)
+
+
+def _trainer(tmp_path, **kwargs):
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def _module(**kwargs):
+    options = dict(task="causal_lm", rho=2.0, hidden_dim=16, dropout=0.0, lr=1e-3, tempnet_lr=1e-2)
+    options.update(kwargs)
+    return TempNetModule(_tiny_lm(), num_classes=VOCAB, **options)
+
+
+def _snapshot(module):
+    base = {k: v.clone() for k, v in module.model.state_dict().items()}
+    temp = {k: v.clone() for k, v in module.tempnet.state_dict().items()}
+    return base, temp
+
+
+def _changed(before, after):
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_joint_training_updates_both_with_their_own_learning_rates_and_logs_tau(tmp_path):
+    module = _module()
+    groups = module.configure_optimizers().param_groups
+    assert [g["name"] for g in groups] == ["base", "tempnet"] and [g["lr"] for g in groups] == [1e-3, 1e-2]
+    base0, temp0 = _snapshot(module)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=2)
+    trainer.fit(module, _loader(), _loader(8, seed=1))
+    base1, temp1 = _snapshot(module)
+    assert _changed(base0, base1) and _changed(temp0, temp1)
+    metrics = trainer.callback_metrics
+    for key in ("train/tau_mean", "train/tau_min", "train/tau_max", "val/tau_mean", "val/ppl", "val/ppl_tempnet"):
+        assert key in metrics, key
+    assert 0.5 <= float(metrics["train/tau_min"]) <= float(metrics["train/tau_mean"]) <= float(metrics["train/tau_max"])
+    assert float(metrics["train/tau_max"]) <= 5.0
+    assert abs(float(metrics["val/ppl"]) - math.exp(float(metrics["val/ce"]))) < 1e-3 * float(metrics["val/ppl"])
+
+
+def test_frozen_base_trains_only_tempnet(tmp_path):
+    module = _module(train_base=False)
+    base0, temp0 = _snapshot(module)
+    _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _loader())
+    base1, temp1 = _snapshot(module)
+    assert not _changed(base0, base1) and _changed(temp0, temp1)
+    assert [g["name"] for g in module.configure_optimizers().param_groups] == ["tempnet"]
+
+
+def test_rho_must_stay_below_log_of_the_number_of_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"rho must lie in \[0, log m\) with m = 64 classes"):
+        _module(rho=math.log(VOCAB))
+    module = _module()
+    module.set_hyperparameter("tempnet_dro.rho", 4.5)  # a schedule may push it past log 64 = 4.16
+    with pytest.raises(ValueError, match="rho must lie in"):
+        _trainer(tmp_path, max_steps=1).fit(module, _loader())
+    with pytest.raises(ValueError, match="tau_min < tau_max"):
+        _module(tau_min=5.0, tau_max=0.5)
+
+
+def test_resume_from_a_checkpoint_restores_tempnet_and_continues_identically(tmp_path):
+    torch.manual_seed(0)
+    uninterrupted = _module()
+    _trainer(tmp_path / "a", max_epochs=2, limit_val_batches=0).fit(uninterrupted, _loader())
+
+    torch.manual_seed(0)
+    first = _module()
+    trainer = _trainer(tmp_path / "b", max_epochs=1, limit_val_batches=0, enable_checkpointing=True)
+    trainer.fit(first, _loader())
+    ckpt = trainer.checkpoint_callback.best_model_path or next((tmp_path / "b").rglob("*.ckpt"))
+    torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
+    resumed = _module()
+    _trainer(tmp_path / "c", max_epochs=2, limit_val_batches=0).fit(resumed, _loader(), ckpt_path=str(ckpt))
+    for key, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert float(resumed.get_hyperparameter("tempnet_dro.rho")) == 2.0
