@@ -1,0 +1,249 @@
+"""Hyperparameter schedules: exact values against plain formulas, the callback in a Trainer, crash and resume."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.callbacks.schedules import (
+    ChainedSchedule,
+    ConstantSchedule,
+    CosineSchedule,
+    ExponentialSchedule,
+    HyperparameterSchedule,
+    LambdaSchedule,
+    LinearSchedule,
+    PiecewiseSchedule,
+    StepSchedule,
+    apply_hyperparameters,
+)
+from lightning_losses.losses.base import LossModule
+from lightning_losses.mixins.base import HyperparameterMixin
+
+
+class Smoothing(LossModule):
+    def __init__(self, amount: float = 0.1) -> None:
+        super().__init__()
+        self.register_hyperparameter("amount", amount, low=0.0, high=1.0)
+
+    def forward(self, logits, target):
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(1, target[:, None])[:, 0]
+        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
+
+
+class Recorder(HyperparameterMixin, pl.LightningModule):
+    """Records, inside each training step, the values in effect (loss buffer, dropout rate, optimizer lr)."""
+
+    def __init__(self, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 3))
+        self.ls = Smoothing(0.1)
+        self.seen: list[tuple[int, float, float, float]] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.seen.append((self.global_step, float(self.ls.amount), float(self.net[2].p), float(lr)))
+        return self.ls(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def _loader(n: int = 32, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def _trainer(**kwargs) -> pl.Trainer:
+    opts = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    opts.update(kwargs)
+    return pl.Trainer(**opts)
+
+
+# ----------------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("t", [0, 1, 3, 7, 10, 12, 30])
+def test_schedule_shapes_match_plain_formulas(t):
+    p = min(max(t / 10, 0.0), 1.0)
+    assert LinearSchedule(2.0, 0.5, duration=10)(t) == pytest.approx(2.0 + (0.5 - 2.0) * p)
+    assert CosineSchedule(2.0, 0.5, duration=10)(t) == pytest.approx(0.5 + 1.5 * (1 + math.cos(math.pi * p)) / 2)
+    assert ExponentialSchedule(2.0, 0.02, duration=10)(t) == pytest.approx(2.0 * 0.01**p)
+    expected_step = 1.0 * 0.5 ** sum(m <= t for m in (3, 10))
+    assert StepSchedule(1.0, milestones=[3, 10], gamma=0.5)(t) == pytest.approx(expected_step)
+    assert ConstantSchedule(3.0)(t) == 3.0
+    assert LambdaSchedule(lambda s: s * s)(t) == t * t
+
+
+def test_offset_delays_the_ramp_and_both_ends_hold():
+    s = LinearSchedule(1.0, 3.0, duration=4, offset=10)
+    assert [s(t) for t in (0, 10, 12, 14, 100)] == [1.0, 1.0, 2.0, 3.0, 3.0]
+    c = CosineSchedule(0.0, 1.0, duration=8)  # a cosine warm-up
+    assert c(0) == 0.0 and c(8) == pytest.approx(1.0)
+    assert c(4) == pytest.approx(0.5)  # the half-cosine passes the midpoint at half time (symmetry)
+    assert c(2) + c(6) == pytest.approx(1.0)
+    values = [c(t) for t in range(9)]
+    assert values == sorted(values)
+
+
+def test_exponential_is_geometric_midpoint():
+    s = ExponentialSchedule(4.0, 1.0, duration=10)
+    assert s(5) == pytest.approx(math.sqrt(4.0 * 1.0))
+
+
+def test_piecewise_linear_and_constant_interpolation():
+    points = [(0, 1.0), (4, 3.0), (6, -1.0)]
+    lin = PiecewiseSchedule(points)
+    const = PiecewiseSchedule(points, interpolation="constant")
+    for t in range(-2, 9):
+        if t <= 0:
+            ref = 1.0
+        elif t < 4:
+            ref = 1.0 + 2.0 * t / 4
+        elif t < 6:
+            ref = 3.0 - 4.0 * (t - 4) / 2
+        else:
+            ref = -1.0
+        assert lin(t) == pytest.approx(ref)
+        ref_const = 1.0 if t < 4 else (3.0 if t < 6 else -1.0)
+        assert const(t) == ref_const
+
+
+def test_chained_warmup_then_decay_is_continuous():
+    s = ChainedSchedule([LinearSchedule(0.0, 1.0, duration=5), CosineSchedule(1.0, 0.1, duration=20)], [5])
+    assert [s(t) for t in (0, 5, 25)] == pytest.approx([0.0, 1.0, 0.1])
+    assert s(4.999) == pytest.approx(s(5), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: LinearSchedule(0, 1, duration=0), "duration"),
+        (lambda: CosineSchedule(0, 1, duration=5, offset=-1), "offset"),
+        (lambda: ExponentialSchedule(0.0, 1.0, duration=5), "non-zero"),
+        (lambda: ExponentialSchedule(-1.0, 1.0, duration=5), "same sign"),
+        (lambda: StepSchedule(1.0, milestones=[5, 2]), "increasing"),
+        (lambda: PiecewiseSchedule([]), "at least one"),
+        (lambda: PiecewiseSchedule([(3, 1.0), (1, 2.0)]), "non-decreasing"),
+        (lambda: ChainedSchedule([ConstantSchedule(1.0)], [3]), "one boundary fewer"),
+        (lambda: HyperparameterSchedule({}), "at least one"),
+        (lambda: HyperparameterSchedule({"ls.amount": ConstantSchedule(0.1)}, interval="batch"), "interval"),
+    ],
+)
+def test_bad_configuration_errors(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_non_callable_schedule_is_a_type_error():
+    with pytest.raises(TypeError, match="ConstantSchedule"):
+        HyperparameterSchedule({"ls.amount": 0.1})  # type: ignore[dict-item]
+
+
+def test_unknown_name_lists_available_names():
+    cb = HyperparameterSchedule({"ls.amnt": ConstantSchedule(0.1)})
+    with pytest.raises(KeyError, match=r"ls\.amount"):
+        _trainer(max_steps=1, callbacks=[cb]).fit(Recorder(), _loader())
+
+
+def test_optimizer_hyperparameter_needs_an_optimizer():
+    with pytest.raises(RuntimeError, match="on_train_start"):
+        apply_hyperparameters(Recorder(), {"lr": 0.1}, trainer=None)
+
+
+# ---------------------------------------------------------------------------------------------- callback
+def _schedules():
+    return {
+        "ls.amount": LinearSchedule(0.0, 0.5, duration=10),
+        "net.2.p": StepSchedule(0.4, milestones=[3, 6], gamma=0.5),
+        "lr": CosineSchedule(0.2, 0.0, duration=12),
+    }
+
+
+def test_exact_values_at_every_step():
+    model = Recorder()
+    schedules = _schedules()
+    _trainer(max_steps=12, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
+    assert [s[0] for s in model.seen] == list(range(12))
+    for step, amount, p, lr in model.seen:
+        assert amount == pytest.approx(schedules["ls.amount"](step), abs=1e-7)
+        assert p == pytest.approx(schedules["net.2.p"](step))
+        assert lr == pytest.approx(schedules["lr"](step))
+
+
+def test_epoch_interval_and_logging():
+    model = Recorder()
+    cb = HyperparameterSchedule({"ls.amount": PiecewiseSchedule([(0, 0.1), (1, 0.3), (2, 0.2)], "constant")}, "epoch")
+    trainer = _trainer(max_epochs=3, callbacks=[cb])
+    trainer.fit(model, _loader())  # 8 steps per epoch
+    per_epoch = [model.seen[i][1] for i in (0, 7, 8, 15, 16, 23)]
+    assert per_epoch == pytest.approx([0.1, 0.1, 0.3, 0.3, 0.2, 0.2])
+    assert float(trainer.callback_metrics["hp/ls.amount"]) == pytest.approx(0.2)
+
+
+def test_several_schedule_callbacks_coexist_with_distinct_state_keys():
+    a = HyperparameterSchedule({"ls.amount": ConstantSchedule(0.2)})
+    b = HyperparameterSchedule({"lr": ConstantSchedule(0.01)})
+    assert a.state_key != b.state_key
+    model = Recorder()
+    _trainer(max_steps=3, callbacks=[a, b]).fit(model, _loader())
+    assert all(s[1] == pytest.approx(0.2) and s[3] == pytest.approx(0.01) for s in model.seen)
+
+
+def test_crash_and_resume_continues_exactly(tmp_path):
+    # no dropout schedule here: its random masks are not part of a checkpoint, so weights would differ
+    def schedules():
+        return {"ls.amount": LinearSchedule(0.0, 0.5, duration=10), "lr": CosineSchedule(0.2, 0.0, duration=12)}
+
+    torch.manual_seed(0)
+    full = Recorder(dropout=0.0)
+    init = {k: v.clone() for k, v in full.state_dict().items()}
+    _trainer(max_steps=12, callbacks=[HyperparameterSchedule(schedules())]).fit(full, _loader(n=4))
+
+    first = Recorder(dropout=0.0)
+    first.load_state_dict(init)
+    # one batch per epoch: the data order of a resumed run is then the uninterrupted one whatever Lightning replays
+    trainer = _trainer(max_steps=8, callbacks=[HyperparameterSchedule(schedules())])
+    trainer.fit(first, _loader(n=4))
+    ckpt = tmp_path / "crash.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    resumed = Recorder(dropout=0.0)  # fresh process: different initial values everywhere
+    resumed.set_hyperparameter("ls.amount", 0.9)
+    cb = HyperparameterSchedule(schedules())
+    _trainer(max_steps=12, callbacks=[cb]).fit(resumed, _loader(n=4), ckpt_path=ckpt)
+
+    assert [s[0] for s in resumed.seen] == list(range(8, 12))
+    for got, want in zip(resumed.seen, full.seen[8:]):
+        assert got == pytest.approx(want, abs=1e-7)  # same step, same amount, same lr
+    # the optimizer's restored lr (from step 7) was replaced before the first resumed step
+    assert resumed.seen[0][3] == pytest.approx(schedules()["lr"](8))
+    assert cb.last_position == 11
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value)  # the whole run is reproduced
+
+
+def test_schedule_state_is_checkpointed(tmp_path):
+    cb = HyperparameterSchedule({"ls.amount": LinearSchedule(0.0, 0.5, duration=10)})
+    trainer = _trainer(max_steps=5, callbacks=[cb])
+    trainer.fit(Recorder(), _loader())
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    state = torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"][cb.state_key]
+    assert state["last_position"] == 4
+    assert state["last_values"]["ls.amount"] == pytest.approx(0.2)

@@ -1,0 +1,370 @@
+"""Self-Tuning Networks: hyper-layers against per-example loops, transforms, perturbation, the SelfTuning callback
+(bounds, gradient path, crash and resume) and the hyper-step under 2-process DDP."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from _distributed import run_distributed
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter, best_response_step
+from lightning_losses.losses.base import LossModule
+from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.nn.stn import (
+    BoundedTransform,
+    DiscreteTransform,
+    HyperConv2d,
+    HyperLinear,
+    PerturbedHyperparameters,
+    PositiveTransform,
+    condition_hyper_layers,
+)
+
+
+# ------------------------------------------------------------------------------------------- hyper-layers
+def _naive_hyper_linear(layer: HyperLinear, x, h):
+    """Per-example loop of y = W x + b + s_w ⊙ (V x) + s_b ⊙ c with [s_w, s_b] = G h."""
+    out = []
+    W, b = layer.elementwise.weight, layer.elementwise.bias
+    V, c = layer.hyper.weight, layer.hyper.bias
+    G = layer.gate.weight
+    m = W.shape[0]
+    for n in range(x.shape[0]):
+        hn = h if h.ndim == 1 else h[n]
+        s = torch.stack([sum(G[i, j] * hn[j] for j in range(hn.shape[0])) for i in range(2 * m)])
+        row = []
+        for i in range(m):
+            plain = sum(W[i, k] * x[n, k] for k in range(x.shape[1])) + b[i]
+            hyper = sum(V[i, k] * x[n, k] for k in range(x.shape[1]))
+            row.append(plain + s[i] * hyper + s[m + i] * c[i])
+        out.append(torch.stack(row))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_hyper_linear_value_and_gradient_match_a_loop(per_example):
+    layer = HyperLinear(3, 4, num_hyperparameters=2, gate_init_std=0.5)
+    x = torch.randn(5, 3)
+    h = torch.randn(5, 2) if per_example else torch.randn(2)
+    h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
+    y1 = layer(x, condition=h1)
+    y2 = _naive_hyper_linear(layer, x, h2)
+    torch.testing.assert_close(y1, y2)
+    w = torch.randn_like(y1)
+    g1 = torch.autograd.grad((y1 * w).sum(), [h1, layer.gate.weight, layer.hyper.weight])
+    g2 = torch.autograd.grad((y2 * w).sum(), [h2, layer.gate.weight, layer.hyper.weight])
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_hyper_linear_is_a_plain_linear_when_gate_or_hyper_weights_are_zero():
+    x, h = torch.randn(6, 3), torch.randn(6, 2) * 10
+    gated_off = HyperLinear(3, 4, num_hyperparameters=2, gate_init_std=0.0)
+    plain = nn.Linear(3, 4)
+    plain.load_state_dict(gated_off.elementwise.state_dict())
+    torch.testing.assert_close(gated_off(x, condition=h), plain(x))
+    hyper_off = HyperLinear(3, 4, num_hyperparameters=2, gate_init_std=1.0)
+    with torch.no_grad():
+        hyper_off.hyper.weight.zero_()
+        hyper_off.hyper.bias.zero_()
+    torch.testing.assert_close(hyper_off(x, condition=h), hyper_off.elementwise(x))
+
+
+def test_hyper_linear_broadcasts_per_example_scales_over_sequence_dims():
+    layer = HyperLinear(3, 2, num_hyperparameters=1, gate_init_std=0.3)
+    x, h = torch.randn(4, 7, 3), torch.randn(4, 1)
+    expected = torch.stack([layer(x[n], condition=h[n]) for n in range(4)])
+    torch.testing.assert_close(layer(x, condition=h), expected)
+
+
+def test_hyper_conv_matches_per_example_plain_convolutions():
+    conv = HyperConv2d(2, 3, 3, num_hyperparameters=2, padding=1, stride=2, gate_init_std=0.5)
+    x, h = torch.randn(4, 2, 7, 7), torch.randn(4, 2)
+    out = conv(x, condition=h)
+    for n in range(4):
+        s = conv.gate.weight @ h[n]
+        plain = F.conv2d(x[n : n + 1], conv.elementwise.weight, conv.elementwise.bias, stride=2, padding=1)
+        hyper = F.conv2d(x[n : n + 1], conv.hyper.weight, None, stride=2, padding=1)
+        ref = plain + s[:3, None, None] * hyper + (s[3:] * conv.hyper.bias)[:, None, None]
+        torch.testing.assert_close(out[n : n + 1], ref)
+    off = HyperConv2d(2, 3, 3, num_hyperparameters=2, padding=1, gate_init_std=0.0)
+    torch.testing.assert_close(off(x, condition=h), off.elementwise(x))
+
+
+def test_hyper_layer_bad_condition_errors():
+    layer = HyperLinear(3, 2, num_hyperparameters=2)
+    with pytest.raises(RuntimeError, match="condition_hyper_layers"):
+        layer(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"shape \(2,\) or \(batch, 2\)"):
+        layer(torch.randn(4, 3), condition=torch.randn(4, 3))
+    with pytest.raises(ValueError, match="4 examples"):
+        layer(torch.randn(4, 3), condition=torch.randn(5, 2))
+    with pytest.raises(ValueError, match="num_hyperparameters"):
+        HyperLinear(3, 2, num_hyperparameters=0)
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def test_transforms_stay_in_range_and_invert():
+    u = torch.tensor([-80.0, -5.0, 0.0, 5.0, 80.0])
+    bounded = BoundedTransform(1.0, 10.0)
+    assert bool(((bounded(u) >= 1.0) & (bounded(u) <= 10.0)).all())
+    assert float(bounded(torch.tensor(0.0))) == pytest.approx(5.5)  # midpoint at u = 0
+    assert float(bounded(torch.tensor(bounded.inverse(2.0)))) == pytest.approx(2.0, abs=1e-5)
+    positive = PositiveTransform(0.5)
+    assert bool((positive(u) >= 0.5).all())
+    assert float(positive(torch.tensor(positive.inverse(3.0)))) == pytest.approx(3.0, abs=1e-5)
+    assert float(positive(torch.tensor(30.0))) == pytest.approx(30.5, abs=1e-5)  # softplus(u) -> u
+    discrete = DiscreteTransform(2, 5)
+    values = discrete(torch.linspace(-30, 30, 2001))
+    assert set(values.tolist()) == {2.0, 3.0, 4.0, 5.0}
+    assert torch.equal(values, values.sort().values)
+    # each integer owns an equal quarter of the sigmoid's range
+    probs = torch.sigmoid(torch.tensor([discrete.inverse(k) for k in (2, 3, 4, 5)]))
+    torch.testing.assert_close(probs, torch.tensor([0.125, 0.375, 0.625, 0.875]))
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: BoundedTransform(1.0, 1.0), "low < high"),
+        (lambda: BoundedTransform(0.0, 1.0).inverse(1.0), "open interval"),
+        (lambda: PositiveTransform(0.0).inverse(0.0), "must be > 0"),
+        (lambda: DiscreteTransform(1.5, 3), "integers"),
+        (lambda: PerturbedHyperparameters({"a": PositiveTransform()}, {}), "No initial value"),
+        (lambda: PerturbedHyperparameters({"a": PositiveTransform()}, {"a": 1.0}, perturb_scale=0.0), "> 0"),
+    ],
+)
+def test_bad_transform_and_perturbation_arguments(factory, match):
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_perturbation_entropy_and_per_batch_draws():
+    hp = PerturbedHyperparameters(
+        {"a": PositiveTransform(), "b": BoundedTransform(0.0, 1.0)},
+        {"a": 2.0, "b": 0.3},
+        perturb_scale=0.7,
+        per_example=["a"],
+    )
+    expected_entropy = 2 * math.log(0.7 * math.sqrt(2 * math.pi * math.e))
+    assert float(hp.entropy()) == pytest.approx(expected_entropy, rel=1e-5)
+    u = hp.sample(64, generator=torch.Generator().manual_seed(0))
+    assert u[:, 0].std() > 0.3 and bool((u[:, 1] == u[0, 1]).all())  # "b" is drawn once per batch
+    values = hp.values(u)
+    assert values["a"].shape == (64,) and values["b"].shape == ()
+    torch.testing.assert_close(hp.sample(3, perturb=False), hp.unconstrained.expand(3, 2))
+    assert hp.current() == pytest.approx({"a": 2.0, "b": 0.3}, abs=1e-5)
+    # reparameterised: the perturbed value has a gradient for the scale equal to epsilon
+    u = hp.sample(None, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    torch.randn(1, 2, generator=gen)  # the per-batch draw comes first
+    eps = torch.randn(1, 2, generator=gen)[0]
+    (g,) = torch.autograd.grad(u[0], hp.scale_raw)
+    assert float(g[0]) == pytest.approx(float(eps[0] * torch.sigmoid(hp.scale_raw[0])), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- the hyper-step
+def test_gradient_reaches_hyperparameters_only_through_the_hypernetwork():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    for gate_std, should_move in ((0.0, False), (0.5, True)):
+        net = HyperLinear(3, 2, num_hyperparameters=1, gate_init_std=gate_std)
+        hp = PerturbedHyperparameters({"t": PositiveTransform()}, {"t": 4.0})
+        opt = torch.optim.Adam(hp.parameters(), lr=0.1)
+        before = hp.unconstrained.detach().clone()
+
+        def objective(u_hat, net=net):
+            condition_hyper_layers(net, u_hat)
+            return F.cross_entropy(net(x), y)  # the validation loss never reads "t" itself
+
+        best_response_step(hp, opt, objective, entropy_weight=0.0, batch_size=16)
+        moved = not torch.equal(hp.unconstrained.detach(), before)
+        assert moved == should_move
+        assert all(p.grad is None for p in net.parameters())  # the weights are not touched
+
+
+# ------------------------------------------------------------------------------------- SelfTuning callback
+class Smoothing(LossModule):
+    def __init__(self, amount: float = 0.1) -> None:
+        super().__init__()
+        self.register_hyperparameter("amount", amount, low=0.0, high=1.0)
+
+    def forward(self, logits, target):
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(1, target[:, None])[:, 0]
+        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
+
+
+class HyperClassifier(HyperparameterMixin, pl.LightningModule):
+    def __init__(self, k: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            HyperLinear(4, 16, k, gate_init_std=0.1), nn.ReLU(), nn.Dropout(dropout), HyperLinear(16, 3, k)
+        )
+        self.ls = Smoothing(0.1)
+        self.seen: list[tuple[torch.Tensor, float]] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append((self.ls.amount.detach().clone(), float(self.net[2].p)))
+        return self.ls(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long())
+
+
+def _tuning(with_dropout: bool = True, **kwargs):
+    specs = {"ls.amount": TunedHyperparameter(initial=0.2, low=0.0, high=0.5)}
+    if with_dropout:
+        specs["net.2.p"] = TunedHyperparameter(initial=0.1, low=0.0, high=0.5, per_example=False)
+    options = dict(warmup_steps=2, train_steps=2, hyper_lr=0.05, perturb_scale=1.0, entropy_weight=1e-3)
+    options.update(kwargs)
+    return SelfTuning(specs, val_dataloader=DataLoader(_data(32, 1), batch_size=16), **options)
+
+
+def test_self_tuning_alternates_steps_and_keeps_hyperparameters_in_bounds():
+    model, cb = HyperClassifier(), _tuning()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        limit_val_batches=0,
+    )
+    trainer.fit(model, DataLoader(_data(64, 0), batch_size=16))
+    # 10 training steps, 2 of warm-up, then one hyper-step every 2 training steps
+    assert cb.steps == 10 and cb.hyper_steps == 4 and len(cb.history) == 4
+    for amount, p in model.seen:
+        assert amount.shape == (16,)  # per-example label smoothing
+        assert bool(((amount > 0) & (amount < 0.5)).all())
+        assert 0.0 < p < 0.5
+    assert len({round(p, 6) for _, p in model.seen}) > 1  # dropout perturbed per batch
+    start = cb.history[0]
+    assert start != cb.history[-1]  # the hyperparameters moved
+    for record in cb.history:
+        assert 0 < record["ls.amount"] < 0.5 and 0 < record["net.2.p"] < 0.5
+    # after training: the unperturbed values are in effect, as scalars
+    assert model.ls.amount.shape == () and float(model.ls.amount) == pytest.approx(cb.current()["ls.amount"])
+    assert float(trainer.callback_metrics["stn/ls.amount"]) == pytest.approx(cb.history[-1]["ls.amount"])
+
+
+def test_self_tuning_crash_and_resume(tmp_path):
+    # label smoothing only: random dropout masks are not part of a checkpoint, so weights would differ
+    def run(steps, ckpt=None, model=None):
+        model = model or HyperClassifier(k=1, dropout=0.0)
+        cb = _tuning(with_dropout=False, train_steps=1)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[cb],
+            limit_val_batches=0,
+        )
+        trainer.fit(model, DataLoader(_data(16, 0), batch_size=16), ckpt_path=ckpt)  # one batch per epoch
+        return model, cb, trainer
+
+    torch.manual_seed(0)
+    init = HyperClassifier(k=1, dropout=0.0).state_dict()
+    full_model = HyperClassifier(k=1, dropout=0.0)
+    full_model.load_state_dict(init)
+    _, full, _ = run(8, model=full_model)
+    first_model = HyperClassifier(k=1, dropout=0.0)
+    first_model.load_state_dict(init)
+    _, _, trainer = run(5, model=first_model)
+    trainer.save_checkpoint(tmp_path / "crash.ckpt")
+    resumed_model, resumed, _ = run(8, ckpt=tmp_path / "crash.ckpt")
+    assert resumed.steps == full.steps == 8 and resumed.hyper_steps == full.hyper_steps == 6
+    assert len(resumed.history) == len(full.history)
+    for got, want in zip(resumed.history, full.history):
+        assert got == pytest.approx(want)
+    assert resumed.hyperparameters is not None and full.hyperparameters is not None
+    torch.testing.assert_close(resumed.hyperparameters.unconstrained, full.hyperparameters.unconstrained)
+    torch.testing.assert_close(resumed.hyperparameters.scale_raw, full.hyperparameters.scale_raw)
+    for name, value in full_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value)
+
+
+def test_self_tuning_configuration_errors():
+    with pytest.raises(MisconfigurationException, match="at least one"):
+        SelfTuning({})
+    with pytest.raises(MisconfigurationException, match="train_steps"):
+        SelfTuning({"ls.amount": None}, train_steps=0)
+    with pytest.raises(MisconfigurationException, match="hyper_lr"):
+        SelfTuning({"ls.amount": None}, hyper_lr=0.0)
+
+    class Plain(HyperClassifier):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 3))
+
+    with pytest.raises(MisconfigurationException, match="no STN hyper-layer"):
+        _fit_with(Plain(), SelfTuning({"ls.amount": None}))
+    with pytest.raises(MisconfigurationException, match="num_hyperparameters=1"):
+        _fit_with(HyperClassifier(k=2), SelfTuning({"ls.amount": None}))
+    with pytest.raises(KeyError, match=r"ls\.amount"):
+        _fit_with(HyperClassifier(k=1), SelfTuning({"ls.amont": None}))
+
+
+def _fit_with(model, cb):
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        limit_val_batches=0,
+    ).fit(model, DataLoader(_data(16, 0), batch_size=16))
+
+
+# ----------------------------------------------------------------------------------------------------- DDP
+def _hyper_step_worker(rank, world_size, x, y, state):
+    torch.manual_seed(0)
+    net = HyperLinear(3, 2, num_hyperparameters=1, gate_init_std=0.5)
+    net.load_state_dict(state)
+    hp = PerturbedHyperparameters({"t": PositiveTransform()}, {"t": 4.0}, per_example=[])
+    opt = torch.optim.SGD(hp.parameters(), lr=0.1)  # plain SGD: Adam's normalisation would magnify rounding
+    shard = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
+
+    def objective(u_hat):
+        condition_hyper_layers(net, u_hat)
+        return F.cross_entropy(net(x[shard]), y[shard])
+
+    for step in range(3):
+        best_response_step(hp, opt, objective, 1e-3, len(x[shard]), torch.Generator().manual_seed(step))
+    return hp.unconstrained.detach(), hp.scale_raw.detach()
+
+
+@pytest.mark.ddp
+def test_hyper_step_under_ddp_equals_single_process():
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    state = HyperLinear(3, 2, num_hyperparameters=1, gate_init_std=0.5).state_dict()
+    single = _hyper_step_worker(0, 1, x, y, state)
+    ranks = run_distributed(_hyper_step_worker, x, y, state, world_size=2)
+    for u, s in ranks:  # both ranks agree, and agree with one process on the whole batch
+        torch.testing.assert_close(u, single[0])
+        torch.testing.assert_close(s, single[1])
