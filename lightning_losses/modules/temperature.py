@@ -93,6 +93,7 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
         return out.logits if hasattr(out, "logits") else out
 
     def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+        labels: Tensor
         if self.task == "causal_lm" and isinstance(batch, dict):
             inputs, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
         else:
