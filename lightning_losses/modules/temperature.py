@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -95,7 +95,8 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
     def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
         labels: Tensor
         if self.task == "causal_lm" and isinstance(batch, dict):
-            inputs, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
+            inputs = batch["input_ids"]
+            labels = cast(Tensor, batch.get("labels", inputs))
         else:
             inputs, maybe_labels, _ = unpack_batch(batch)
             if maybe_labels is None:
