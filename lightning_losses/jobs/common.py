@@ -18,19 +18,20 @@ __all__ = ["ClassifierModule", "ConvNet", "ResultsTable", "Timer", "make_trainer
 
 
 class ConvNet(nn.Module):
-    """A small CNN for 1-channel images: ``backbone`` (conv blocks → global pooling → embedding) then ``fc``.
+    """A small CNN for 1-channel images: ``backbone`` (two conv blocks → 3×3 pooling → embedding) then ``fc``.
 
-    The embedding (the output of ``backbone``) is what ND and DHKD read; ``fc`` maps it to class logits.
+    The embedding of width ``feature_dim = 4 · width`` (the output of ``backbone``) is what ND and DHKD read;
+    ``fc`` maps it to class logits.
 
     Example:
         >>> net = ConvNet(width=8, num_classes=10)
         >>> tuple(net(torch.zeros(2, 1, 28, 28)).shape), net.feature_dim
-        ((2, 10), 16)
+        ((2, 10), 32)
     """
 
     def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        self.feature_dim = 2 * width
+        self.feature_dim = 4 * width
         self.backbone = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
             nn.BatchNorm2d(width),
@@ -39,8 +40,11 @@ class ConvNet(nn.Module):
             nn.Conv2d(width, 2 * width, 3, padding=1),
             nn.BatchNorm2d(2 * width),
             nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(3),
             nn.Flatten(),
+            nn.Linear(18 * width, self.feature_dim),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(self.feature_dim, num_classes)
 

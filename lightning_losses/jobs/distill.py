@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
                     teacher,
                     method=method,  # type: ignore[arg-type]
                     num_classes=10,
-                    student_feature_dim=2 * STUDENT_WIDTH,
-                    teacher_feature_dim=2 * TEACHER_WIDTH,
+                    student_feature_dim=4 * STUDENT_WIDTH,
+                    teacher_feature_dim=4 * TEACHER_WIDTH,
                     cache_teacher_outputs=True,
                     **options,
                 )

@@ -304,6 +304,69 @@ class DistillationMixin(HyperparameterMixin):
             return loss(student_logits, teacher_logits)
         return loss(student_logits, teacher_logits)
 
+    def causal_lm_distillation_loss(
+        self,
+        student: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """Token-level distillation of a causal LM into ``student`` without materialising either model's logits.
+
+        Runs the student's and the (single) teacher's backbones, then the chunked
+        :func:`~lightning_losses.functional.chunked.linear_distillation_loss` with the β, temperature, weight and
+        ``ignore_index`` of ``self.kd`` (a :class:`GeneralizedJSDLoss`). Position ``t`` predicts token ``t + 1``:
+        the distributions at positions ``:-1`` are compared where ``labels[:, 1:]`` is not ``ignore_index`` (where
+        ``attention_mask[:, 1:]`` is set when ``labels`` is None). The value equals ``self.kd`` on the full shifted
+        logits, with a memory footprint of one chunk of rows × vocabulary.
+
+        Args:
+            student: The student causal LM (transformers, optionally PEFT-wrapped).
+            input_ids: Token ids ``(B, T)`` shared by both models.
+            attention_mask: Optional ``(B, T)`` mask.
+            labels: Optional ``(B, T)`` labels (``ignore_index`` on prompt and padding tokens).
+            chunk_size: Rows per chunk; ``None`` lets the chunked loss choose.
+        """
+        from lightning_losses.functional.chunked import linear_distillation_loss
+        from lightning_losses.integrations.transformers import causal_lm_hidden_states
+
+        loss = self.kd
+        if not isinstance(loss, GeneralizedJSDLoss):
+            raise TypeError(
+                f"causal_lm_distillation_loss needs `self.kd` to be a GeneralizedJSDLoss, got {type(loss).__name__}: "
+                "pass `loss=GeneralizedJSDLoss(beta=...)` to `configure_distillation`."
+            )
+        if len(self.teachers) != 1:
+            raise ValueError("causal_lm_distillation_loss supports a single teacher LM.")
+        student_hidden, student_head = causal_lm_hidden_states(student, input_ids, attention_mask)
+        with torch.no_grad():
+            self.teacher.eval()
+            teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
+        ignore_index = loss.ignore_index
+        if labels is not None:
+            shifted = labels[:, 1:]
+        elif attention_mask is not None:
+            shifted = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, ignore_index)
+        else:
+            shifted = None
+        value = linear_distillation_loss(
+            student_hidden[:, :-1],
+            student_head.weight,
+            teacher_hidden[:, :-1],
+            teacher_head.weight,
+            beta=loss.beta,
+            temperature=loss.temperature,
+            labels=shifted,
+            ignore_index=ignore_index,
+            student_bias=student_head.bias,
+            teacher_bias=teacher_head.bias,
+            student_softcap=student_head.softcap,
+            teacher_softcap=teacher_head.softcap,
+            chunk_size=chunk_size,
+        )
+        return loss.weight * value
+
     # ------------------------------------------------------------------ Lightning hooks
     def train(self, mode: bool = True) -> Any:
         result = super().train(mode)  # type: ignore[misc]
