@@ -47,5 +47,5 @@ def test_causal_lm_distillation_equals_full_logits_loss(beta):
 def test_causal_lm_distillation_needs_a_jsd_loss():
     module = LMDistiller(0.5)
     module.kd = KDLoss()
-    with pytest.raises(TypeError, match="needs `self.kd` to be a GeneralizedJSDLoss"):
+    with pytest.raises(TypeError, match=r"needs `self\.kd` to be a GeneralizedJSDLoss"):
         module.causal_lm_distillation_loss(module.student, torch.randint(0, 37, (1, 4)))

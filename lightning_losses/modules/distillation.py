@@ -294,7 +294,8 @@ class DistillationModule(DistillationMixin, pl.LightningModule):
             )
 
     def configure_callbacks(self) -> Sequence[Callback] | Callback:
-        if self.uses_nd and not any(isinstance(c, TeacherClassMeans) for c in self.trainer.callbacks):
+        callbacks: list[Callback] = getattr(self.trainer, "callbacks", [])
+        if self.uses_nd and not any(isinstance(c, TeacherClassMeans) for c in callbacks):
             return [TeacherClassMeans(feature_layer=self.teacher_feature_layer)]
         return []
 
