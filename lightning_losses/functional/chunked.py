@@ -59,6 +59,8 @@ def default_chunk_size(vocab_size: int) -> int:
 RowLoss = Callable[..., Tensor]
 """``row_loss(logits, *extras) -> (rows,)``: the loss of each row from its float32 logits and its row extras."""
 
+RowLossAndGrad = Callable[[Tensor, Sequence[Tensor], "Tensor | float"], tuple[Tensor, Tensor]]
+
 
 @dataclass(frozen=True)
 class _HeadSpec:
@@ -68,6 +70,9 @@ class _HeadSpec:
     # None: return per-row losses and recompute in backward; a float: return scale · Σ rows, gradients in forward.
     scale: float | None
     grad_enabled: bool
+    # Optional closed-form gradient ``(logits, extras, row_grad) -> (loss, grad_logits)``, used without softcap
+    # when no extra needs a gradient; it may overwrite ``logits``.
+    row_loss_and_grad: RowLossAndGrad | None = None
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,6 +105,9 @@ def _chunk_loss_and_grads(
             with torch.no_grad():
                 logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
                 return spec.row_loss(logits, *extras), None, [None] * len(extras)
+        if spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad):
+            loss, grad_raw = spec.row_loss_and_grad(raw, extras, row_grad)
+            return loss, grad_raw, [None] * len(extras)
         raw.requires_grad_(True)
         logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
         leaves = [e.detach().requires_grad_(True) if need else e for e, need in zip(extras, extras_need_grad)]
@@ -240,8 +248,10 @@ def _chunked(
     chunk_size: int | None,
     softcap: float | None,
     scale: float | None,
+    row_loss_and_grad: RowLossAndGrad | None = None,
 ) -> Tensor:
     spec = _HeadSpec(
+        row_loss_and_grad=row_loss_and_grad,
         row_loss=row_loss,
         chunk_size=default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size),
         softcap=None if softcap is None else float(softcap),
@@ -388,6 +398,27 @@ def _ce_rows(use_temperature: bool, use_z_loss: bool, sign: float) -> RowLoss:
     return row_loss
 
 
+def _ce_rows_and_grad(use_z_loss: bool, sign: float) -> RowLossAndGrad:
+    """Closed form of the cross-entropy gradient: ∂ℓ/∂z = (1 + 2λ·lse)·softmax(z) − onehot(y), in place on z."""
+
+    def row_loss_and_grad(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor]:
+        target = extras[0].unsqueeze(1)
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = lse - logits.gather(1, target).squeeze(1)
+        weight = torch.as_tensor(row_grad, dtype=logits.dtype, device=logits.device) * sign
+        weight = weight.expand_as(lse)
+        coef = weight
+        if use_z_loss:
+            z_loss = extras[1]
+            loss = loss + z_loss * lse.square()
+            coef = weight * (1 + 2 * z_loss * lse)
+        grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
+        grad.scatter_add_(1, target, -weight.unsqueeze(1))
+        return sign * loss, grad
+
+    return row_loss_and_grad
+
+
 def _ce_like(
     hidden: Tensor,
     weight: Tensor,
@@ -431,6 +462,7 @@ def _ce_like(
         chunk_size=chunk_size,
         softcap=softcap,
         scale=scale,
+        row_loss_and_grad=None if use_t else _ce_rows_and_grad(use_z, sign),
     )
     return out, index, n_valid
 
