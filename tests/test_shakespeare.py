@@ -21,6 +21,7 @@ def test_plays_are_real_and_complete():
     plays = load_plays()
     assert len(plays) == 38
     assert "To be, or not to be" in plays["Hamlet"]
+    assert "Measure For Measure" in plays and "ACT I" not in plays
     assert sum(len(t) for t in plays.values()) > 5_000_000
 
 
@@ -60,3 +61,10 @@ def test_batches_and_retain_only_training():
     assert not forget & set(dm.dataset("train").indices.tolist())
     with pytest.raises(ValueError, match="Unknown play 'Hamlett'"):
         ShakespeareDataModule(vocab_size=VOCAB, forget_play="Hamlett").setup()
+
+
+def test_a_subset_of_plays_keeps_the_forget_play():
+    dm = ShakespeareDataModule(block_size=64, vocab_size=VOCAB, forget_play="macbeth", plays=["The Tempest"])
+    dm.setup()
+    assert set(dm.play_of_block) == {"The Tempest", "Macbeth"}
+    assert {dm.play_of_block[i] for i in dm.dataset("forget").indices.tolist()} == {"Macbeth"}

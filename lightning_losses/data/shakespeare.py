@@ -52,12 +52,15 @@ def plays_directory() -> Path:
 
 
 def load_plays() -> dict[str, str]:
-    """Return ``{title: text}`` for every play, titles from each file's first ``#`` heading, sorted by title."""
+    """Return ``{title: text}`` for every play, sorted by title.
+
+    Titles come from each file's level-1 heading, or from its file name when it has none.
+    """
     plays: dict[str, str] = {}
     for path in sorted(plays_directory().rglob("*.md")):
         text = path.read_text(encoding="utf-8")
         first = text.lstrip().splitlines()[0] if text.strip() else ""
-        title = first.lstrip("#").strip() if first.startswith("#") else path.stem.replace("-", " ").title()
+        title = first[2:].strip() if first.startswith("# ") else path.stem.replace("-", " ").title()
         plays[title] = text
     if not plays:
         raise FileNotFoundError(f"No Markdown plays found under {plays_directory()}.")
@@ -84,6 +87,10 @@ def shakespeare_tokenizer(vocab_size: int = 2048, cache_dir: str | Path = "resul
     bpe.save(str(tmp))
     tmp.replace(path)
     return tokenizers.Tokenizer.from_file(str(path))
+
+
+def _slug(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
 
 
 class LMBlockDataset(Dataset[tuple[Tensor, Tensor, Tensor]]):
@@ -116,6 +123,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
         seed: Seed of the training shuffle.
         cache_dir: Where the tokenizer and the token ids are cached.
         max_train_blocks: Keep only this many training blocks (a fixed random subset), for quick runs.
+        plays: Use only these plays (titles or file names; the forget play is added), for quick runs.
         num_workers: DataLoader workers.
 
     Example:
@@ -137,6 +145,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str = "results/cache",
         max_train_blocks: int | None = None,
+        plays: list[str] | None = None,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
@@ -147,7 +156,7 @@ class ShakespeareDataModule(pl.LightningDataModule):
         self.block_size, self.batch_size, self.vocab_size = block_size, batch_size, vocab_size
         self.forget_play, self.heldout_fraction, self.train_on_forget = forget_play, heldout_fraction, train_on_forget
         self.seed, self.cache_dir, self.max_train_blocks = seed, cache_dir, max_train_blocks
-        self.num_workers = num_workers
+        self.num_workers, self.plays = num_workers, plays
         self._splits: dict[str, LMBlockDataset] = {}
         self.play_of_block: list[str] = []
 
@@ -157,25 +166,32 @@ class ShakespeareDataModule(pl.LightningDataModule):
         return shakespeare_tokenizer(self.vocab_size, self.cache_dir)
 
     def _token_ids(self) -> dict[str, Tensor]:
-        path = Path(self.cache_dir) / f"shakespeare-ids-{self.vocab_size}.pt"
-        if path.exists():
-            return torch.load(path)
-        tokenizer = self.tokenizer
-        plays = load_plays()
-        encoded = tokenizer.encode_batch(list(plays.values()))
-        ids = {title: torch.tensor(enc.ids, dtype=torch.int32) for title, enc in zip(plays, encoded)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ids, path)
-        return ids
+        texts = load_plays()
+        wanted = list(texts)
+        if self.plays is not None:
+            wanted = [self._match(name, list(texts)) for name in self.plays]
+            forget = self._resolve_forget(list(texts))
+            if forget is not None and forget not in wanted:
+                wanted.append(forget)
+        folder = Path(self.cache_dir) / f"shakespeare-ids-{self.vocab_size}"
+        missing = [title for title in wanted if not (folder / f"{_slug(title)}.pt").exists()]
+        if missing:
+            encoded = self.tokenizer.encode_batch([texts[title] for title in missing])
+            folder.mkdir(parents=True, exist_ok=True)
+            for title, enc in zip(missing, encoded):
+                torch.save(torch.tensor(enc.ids, dtype=torch.int32), folder / f"{_slug(title)}.pt")
+        return {title: torch.load(folder / f"{_slug(title)}.pt") for title in sorted(wanted)}
+
+    @staticmethod
+    def _match(name: str, titles: list[str]) -> str:
+        wanted = name.lower().replace("-", " ").replace("_", " ")
+        for title in titles:
+            if wanted in (title.lower(), title.lower().replace("'", " "), _slug(title).replace("-", " ")):
+                return title
+        raise ValueError(f"Unknown play {name!r}. Choose one of: {', '.join(titles)}.")
 
     def _resolve_forget(self, titles: list[str]) -> str | None:
-        if self.forget_play is None:
-            return None
-        wanted = self.forget_play.lower().replace("-", " ").replace("_", " ")
-        for title in titles:
-            if title.lower() == wanted or title.lower().replace("'", " ") == wanted:
-                return title
-        raise ValueError(f"Unknown play {self.forget_play!r}. Choose one of: {', '.join(titles)}.")
+        return None if self.forget_play is None else self._match(self.forget_play, titles)
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
