@@ -348,6 +348,7 @@ class PopulationBasedTraining:
         trainer_kwargs: Extra ``pl.Trainer`` arguments of every segment (``limit_train_batches`` ...).
         use_ray: Run the trials of a generation as parallel Ray tasks; ``False`` runs them in sequence here.
         ray_address: Address of a Ray cluster (``"auto"``); ``None`` starts a local Ray.
+        derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``.
         seed: Seed of the random decisions and of each segment.
     """
 
@@ -371,6 +372,7 @@ class PopulationBasedTraining:
         trainer_kwargs: Mapping[str, Any] | None = None,
         use_ray: bool = True,
         ray_address: str | None = None,
+        derived: Mapping[str, Callable[[Mapping[str, float]], float]] | None = None,
         seed: int = 0,
     ) -> None:
         if not space:
@@ -411,6 +413,13 @@ class PopulationBasedTraining:
         self.storage_path = Path(storage_path)
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.use_ray, self.ray_address = use_ray, ray_address
+        self.derived = dict(derived or {})
+
+    def _derive(self, config: Mapping[str, float]) -> dict[str, float]:
+        out = dict(config)
+        for name, fn in self.derived.items():
+            out[name] = float(fn(out))
+        return out
 
     def _run_generation(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         common: dict[str, Any] = dict(
@@ -435,7 +444,7 @@ class PopulationBasedTraining:
 
     def fit(self) -> PBTResult:
         """Run every generation; return the best trial and every trial's schedule."""
-        configs = [dict(c) for c in self.initial_configs]
+        configs = [self._derive(c) for c in self.initial_configs]
         restore: list[str | None] = [None] * self.population_size
         schedules: dict[int, list[tuple[int, dict[str, float]]]] = {
             i: [(0, dict(configs[i]))] for i in range(self.population_size)
@@ -486,10 +495,10 @@ class PopulationBasedTraining:
             )
             lineage = copy.deepcopy(schedules)
             for trial_id, decision in decisions.items():
-                configs[trial_id] = dict(decision.config)
+                configs[trial_id] = self._derive(decision.config)
                 restore[trial_id] = decision.checkpoint
                 donors[trial_id] = decision.donor
-                schedules[trial_id] = [*lineage[decision.donor], (end_epoch, dict(decision.config))]
+                schedules[trial_id] = [*lineage[decision.donor], (end_epoch, dict(configs[trial_id]))]
         sign = 1.0 if self.mode == "max" else -1.0
         best = max(range(self.population_size), key=lambda i: sign * results[i]["score"])
         return PBTResult(
