@@ -1,0 +1,539 @@
+r"""Unlearning losses for language models: NPO, SimNPO, FLAT, IdkDPO, gradient ascent, GradDiff, and their pieces.
+
+Every loss reads **per-sequence answer log-probabilities** :math:`\log \pi(y \mid x) = \sum_{t \in A} \log
+\pi(y_t \mid x, y_{<t})` over the answer tokens :math:`A` (prompt and padding positions carry the label
+``ignore_index``), computed in float32 by :func:`sequence_log_probs` from logits, or by
+:func:`~lightning_losses.functional.chunked.linear_sequence_log_probs` from hidden states and the head.
+
+Hyperparameters (``beta``, ``delta``) are Python numbers or tensors, scalar or one value per sequence, so that
+schedules, PBT and STN can drive them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_losses._utils import hyperparameter_tensor
+
+
+def _f32(t: Tensor) -> Tensor:
+    """Float32 for every float dtype but float64 (kept)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+__all__ = [
+    "FLAT_DIVERGENCES",
+    "flat_loss",
+    "flat_variational_pair",
+    "gradient_ascent_loss",
+    "idk_dpo_loss",
+    "mean_token_probs",
+    "membership_scores",
+    "npo_loss",
+    "retain_kl_loss",
+    "retain_nll_loss",
+    "sequence_log_probs",
+    "simnpo_loss",
+    "token_log_probs",
+    "token_logprob_statistics",
+]
+
+Divergence = Literal["kl", "reverse_kl", "pearson", "tv", "js", "hellinger"]
+FLAT_DIVERGENCES: tuple[str, ...] = ("kl", "reverse_kl", "pearson", "tv", "js", "hellinger")
+_LOG2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Log-probabilities of the answer tokens
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_logits_labels(logits: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+    if logits.ndim != 3:
+        raise ValueError(f"`logits` must have shape (B, T, V), got {tuple(logits.shape)}.")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"`labels` must have shape (B, T) = {tuple(logits.shape[:2])} to match the logits, got "
+            f"{tuple(labels.shape)}."
+        )
+    if labels.is_floating_point():
+        raise ValueError(f"`labels` must hold integer token ids, got dtype {labels.dtype}.")
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return logits, labels
+
+
+def token_log_probs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+) -> tuple[Tensor, Tensor]:
+    r"""Per-token log-probabilities of the labels, in float32, one sequence at a time.
+
+    .. math::
+
+        \ell_{bt} = z_{bt y_{bt}} - \operatorname{logsumexp}_j z_{btj}
+
+    Only one sequence's float32 log-normaliser is formed at a time (no ``B × T × V`` float32 copy of half-precision
+    logits), as TRL's ``selective_log_softmax`` does.
+
+    Args:
+        logits: ``(B, T, V)`` logits (any float dtype).
+        labels: ``(B, T)`` token ids; ``ignore_index`` marks positions that do not count.
+        ignore_index: label of positions left out.
+        shift: Hugging Face causal-LM convention: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+
+    Returns:
+        ``(log_probs, mask)``: float32 ``(B, T')`` log-probabilities (0 at ignored positions) and the bool mask of
+        counted positions (``T' = T - 1`` when ``shift``).
+
+    Example:
+        >>> logits = torch.randn(2, 4, 7)
+        >>> labels = torch.tensor([[1, 2, -100, 3], [-100, 0, 6, 5]])
+        >>> lp, mask = token_log_probs(logits, labels)
+        >>> bool(torch.allclose(lp[0, 1], logits[0, 1].log_softmax(-1)[2])), mask[0].tolist()
+        (True, [True, True, False, True])
+    """
+    logits, labels = _check_logits_labels(logits, labels, shift)
+    mask = labels != ignore_index
+    vocab = logits.shape[-1]
+    bad = mask & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
+            f"{labels[bad][:8].tolist()}. Mask prompt and padding positions with ignore_index."
+        )
+    safe = labels.masked_fill(~mask, 0)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    rows = []
+    for b in range(logits.shape[0]):
+        z = logits[b].to(dtype)
+        picked = z.gather(-1, safe[b].unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(z, dim=-1))
+    out = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=dtype)
+    return out.masked_fill(~mask, 0.0), mask
+
+
+def sequence_log_probs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False, shift: bool = False
+) -> Tensor:
+    r"""Per-sequence sum (or mean) of the answer-token log-probabilities, in float32.
+
+    .. math::
+
+        \log \pi(y_b \mid x_b) = \sum_{t \in A_b} \log \operatorname{softmax}(z_{bt})_{y_{bt}},
+        \qquad A_b = \{t : y_{bt} \ne \text{ignore\_index}\},
+
+    divided by :math:`|A_b|` when ``average`` (SimNPO's length normalisation; 0 for a sequence with no counted
+    token).
+
+    Args:
+        logits: ``(B, T, V)`` logits.
+        labels: ``(B, T)`` labels, prompt and padding set to ``ignore_index``.
+        ignore_index: label of positions left out.
+        average: divide by the number of counted tokens.
+        shift: Hugging Face convention (``labels`` are the input ids; ``logits[:, t]`` predicts ``labels[:, t+1]``).
+
+    Returns:
+        ``(B,)`` float32 tensor.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)                    # uniform over 4 tokens
+        >>> labels = torch.tensor([[-100, 1, 2]])
+        >>> torch.allclose(sequence_log_probs(logits, labels), torch.tensor([2 * math.log(0.25)]))
+        True
+        >>> torch.allclose(sequence_log_probs(logits, labels, average=True), torch.tensor([math.log(0.25)]))
+        True
+    """
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    total = lp.sum(-1)
+    if average:
+        total = total / mask.sum(-1).clamp(min=1).to(total.dtype)
+    return total
+
+
+def mean_token_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False) -> Tensor:
+    r"""FLAT's per-sequence statistic: the mean over real answer tokens of the probability of each token.
+
+    .. math::
+
+        P_b = \frac{1}{|A_b|} \sum_{t \in A_b} \pi(y_{bt} \mid x_b, y_{b,<t})
+
+    Padding does not count (FLAT's official code divides by the padded length, so its loss scale depends on the
+    padding; this does not). A sequence with no counted token gives 0.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> float(mean_token_probs(logits, torch.tensor([[-100, 1, 2]])))
+        0.25
+    """
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    probs = lp.exp() * mask
+    return probs.sum(-1) / mask.sum(-1).clamp(min=1).to(probs.dtype)
+
+
+def token_logprob_statistics(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Per-token log-probability, and the mean and standard deviation of :math:`\log p` under the model's own
+    next-token distribution, for the min-k%++ membership attack.
+
+    .. math::
+
+        \mu_{bt} = \sum_j p_{btj} \log p_{btj}, \qquad
+        \sigma_{bt}^2 = \sum_j p_{btj} (\log p_{btj})^2 - \mu_{bt}^2
+
+    Returns:
+        ``(log_probs, mu, sigma, mask)``, each ``(B, T')`` float32, 0 at ignored positions.
+
+    Example:
+        >>> lp, mu, sigma, mask = token_logprob_statistics(torch.zeros(1, 2, 4), torch.tensor([[0, 1]]))
+        >>> bool(torch.allclose(mu, lp)), bool((sigma.abs() < 1e-3).all())   # uniform: every token equals the mean
+        (True, True)
+    """
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    logits, _ = _check_logits_labels(logits, labels, shift)
+    mus, sigmas = [], []
+    for b in range(logits.shape[0]):
+        log_p = torch.log_softmax(logits[b].float(), dim=-1)
+        p = log_p.exp()
+        mu = (p * log_p).sum(-1)
+        var = (p * log_p.square()).sum(-1) - mu.square()
+        mus.append(mu)
+        sigmas.append(var.clamp(min=0).sqrt())
+    mu_t = torch.stack(mus).masked_fill(~mask, 0.0)
+    sigma_t = torch.stack(sigmas).masked_fill(~mask, 0.0)
+    return lp, mu_t, sigma_t, mask
+
+
+def membership_scores(
+    log_probs: Tensor,
+    mask: Tensor,
+    mu: Tensor | None = None,
+    sigma: Tensor | None = None,
+    k: float = 0.2,
+) -> dict[str, Tensor]:
+    r"""Per-sequence membership-inference scores (higher = more likely a training member).
+
+    * ``"loss"``: mean token log-probability (the negated LOSS attack);
+    * ``"min_k"``: mean of the :math:`\lceil k |A| \rceil` lowest token log-probabilities (Min-K% Prob);
+    * ``"min_k_plus_plus"``: the same over :math:`(\log p_t - \mu_t)/\sigma_t` (Min-K%++), when ``mu`` and
+      ``sigma`` are given.
+
+    Args:
+        log_probs: ``(B, T)`` token log-probabilities.
+        mask: ``(B, T)`` bool mask of counted tokens.
+        mu: optional ``(B, T)`` expected log-probability under the model.
+        sigma: optional ``(B, T)`` standard deviation of the log-probability under the model.
+        k: fraction of the lowest tokens kept, in ``(0, 1]``.
+
+    Example:
+        >>> lp = torch.tensor([[-1.0, -3.0, -2.0, -4.0]])
+        >>> s = membership_scores(lp, torch.ones(1, 4, dtype=torch.bool), k=0.5)
+        >>> float(s["loss"]), float(s["min_k"])
+        (-2.5, -3.5)
+    """
+    if not 0 < k <= 1:
+        raise ValueError(f"`k` must lie in (0, 1], got {k}.")
+    counts = mask.sum(-1)
+    if bool((counts == 0).any()):
+        raise ValueError("Every sequence needs at least one counted token for membership scores; got an empty one.")
+    lengths = counts.to(log_probs.dtype)
+    scores = {"loss": (log_probs * mask).sum(-1) / lengths, "min_k": _lowest_mean(log_probs, mask, k)}
+    if mu is not None and sigma is not None:
+        z = (log_probs - mu) / sigma.clamp(min=1e-6)
+        scores["min_k_plus_plus"] = _lowest_mean(z, mask, k)
+    return scores
+
+
+def _lowest_mean(values: Tensor, mask: Tensor, k: float) -> Tensor:
+    out = []
+    for b in range(values.shape[0]):
+        v = values[b][mask[b]]
+        n = max(1, math.ceil(k * v.numel()))
+        out.append(torch.topk(v, n, largest=False).values.mean())
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_vector(t: Tensor, name: str) -> None:
+    if t.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D tensor with one value per sequence, got shape {tuple(t.shape)}.")
+    if t.numel() == 0:
+        raise ValueError(f"`{name}` is empty: the batch has no sequence. Pass at least one forget example.")
+
+
+def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    _check_vector(a, name_a)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"`{name_a}` and `{name_b}` must have the same shape (one value per sequence), got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}."
+        )
+
+
+def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor = 0.1) -> Tensor:
+    r"""Negative Preference Optimization (Zhang et al., 2024).
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{NPO}} = -\frac{2}{\beta}\,\mathbb{E}\Big[\log \sigma\Big(-\beta
+            \log \frac{\pi_\theta(y \mid x)}{\pi_{\mathrm{ref}}(y \mid x)}\Big)\Big]
+        = \frac{2}{\beta}\,\mathbb{E}\Big[\operatorname{softplus}\Big(\beta \log
+            \frac{\pi_\theta}{\pi_{\mathrm{ref}}}\Big)\Big]
+
+    Its gradient with respect to :math:`\log \pi_\theta` is :math:`2\sigma(\beta \log(\pi_\theta/\pi_{\mathrm{ref}}))
+    \in (0, 2)` per sequence (gradient ascent's is 1 but unbounded in effect); as :math:`\beta \to 0` it becomes
+    gradient ascent up to a constant.
+
+    Args:
+        policy_logps: ``(B,)`` sequence log-probabilities of the forget answers under the model being unlearned.
+        reference_logps: ``(B,)`` the same under the reference (the model before unlearning); no gradient flows.
+        beta: inverse temperature :math:`\beta > 0`, scalar or per sequence.
+
+    Returns:
+        Scalar loss (batch mean), float32.
+
+    Example:
+        >>> ref = torch.tensor([-10.0, -12.0])
+        >>> round(float(npo_loss(ref.clone(), ref, beta=0.1)), 4) == round(2 / 0.1 * math.log(2), 4)   # π_θ = π_ref
+        True
+        >>> float(npo_loss(ref - 1000.0, ref, beta=0.1)) < 1e-6                     # fully forgotten: no loss
+        True
+    """
+    _check_pair(policy_logps, reference_logps, "policy_logps", "reference_logps")
+    policy, reference = _f32(policy_logps), _f32(reference_logps.detach())
+    b = hyperparameter_tensor(beta, policy, "beta", positive=True)
+    return (2.0 / b * F.softplus(b * (policy - reference))).mean()
+
+
+def simnpo_loss(
+    policy_logps: Tensor, lengths: Tensor, beta: float | Tensor = 4.5, delta: float | Tensor = 0.0
+) -> Tensor:
+    r"""SimNPO (Fan et al., 2024): NPO without a reference model, with length normalisation and a margin.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{SimNPO}} = -\frac{2}{\beta}\,\mathbb{E}\Big[\log \sigma\Big(\beta\Big(
+            \frac{-\log \pi_\theta(y \mid x)}{|y|} - \delta\Big)\Big)\Big]
+
+    Args:
+        policy_logps: ``(B,)`` summed answer log-probabilities.
+        lengths: ``(B,)`` number of answer tokens :math:`|y|` of each sequence (all > 0).
+        beta: :math:`\beta > 0`, scalar or per sequence.
+        delta: margin :math:`\delta`, scalar or per sequence.
+
+    Example:
+        >>> logps, lengths = torch.tensor([-8.0, -20.0]), torch.tensor([4, 10])
+        >>> # both sequences have the same per-token NLL (2), hence the same loss term
+        >>> expected = -2 / 4.5 * torch.nn.functional.logsigmoid(torch.tensor(4.5 * 2.0))
+        >>> torch.allclose(simnpo_loss(logps, lengths), expected)
+        True
+    """
+    _check_pair(policy_logps, lengths, "policy_logps", "lengths")
+    if bool((lengths <= 0).any()):
+        raise ValueError(
+            f"`lengths` must be positive (answer tokens per sequence), got {lengths.tolist()[:8]}. A forget example "
+            "whose labels are all masked has nothing to forget: check the prompt masking."
+        )
+    policy = _f32(policy_logps)
+    b = hyperparameter_tensor(beta, policy, "beta", positive=True)
+    d = hyperparameter_tensor(delta, policy, "delta")
+    nll_per_token = -policy / lengths.to(policy.dtype)
+    return (-2.0 / b * F.logsigmoid(b * (nll_per_token - d))).mean()
+
+
+def gradient_ascent_loss(forget_logps: Tensor, lengths: Tensor | None = None) -> Tensor:
+    r"""Gradient ascent on the forget data: minimise the log-likelihood, i.e. the negated NLL.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{GA}} = \frac{\sum_b \log \pi_\theta(y_b \mid x_b)}{\sum_b |y_b|}
+
+    (the negated token-mean NLL of the batch; with ``lengths=None`` the per-sequence mean of ``forget_logps``).
+
+    Example:
+        >>> float(gradient_ascent_loss(torch.tensor([-4.0, -2.0]), torch.tensor([2, 1])))
+        -2.0
+    """
+    _check_vector(forget_logps, "forget_logps")
+    return -retain_nll_loss(forget_logps, lengths)
+
+
+def retain_nll_loss(retain_logps: Tensor, lengths: Tensor | None = None) -> Tensor:
+    r"""The retain term of GradDiff / NPO-RT / SimNPO: token-mean negative log-likelihood on retain data.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{retain}} = -\frac{\sum_b \log \pi_\theta(y_b \mid x_b)}{\sum_b |y_b|}
+
+    Example:
+        >>> float(retain_nll_loss(torch.tensor([-4.0, -2.0]), torch.tensor([2, 1])))
+        2.0
+    """
+    _check_vector(retain_logps, "retain_logps")
+    logps = _f32(retain_logps)
+    if lengths is None:
+        return -logps.mean()
+    _check_pair(retain_logps, lengths, "retain_logps", "lengths")
+    total = lengths.sum()
+    if int(total) <= 0:
+        raise ValueError("The batch has no counted token (every label is ignore_index): nothing to average over.")
+    return -logps.sum() / total.to(logps.dtype)
+
+
+def retain_kl_loss(
+    policy_logits: Tensor, reference_logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+) -> Tensor:
+    r"""The retain term of NPO-KL / GradDiff-KL: :math:`\mathrm{KL}(\pi_{\mathrm{ref}} \,\|\, \pi_\theta)` per token,
+    averaged over the counted (non-padding) positions only.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{KL}} = \frac{1}{|A|} \sum_{(b,t) \in A} \sum_j
+            p^{\mathrm{ref}}_{btj} \big(\log p^{\mathrm{ref}}_{btj} - \log p^{\theta}_{btj}\big)
+
+    Example:
+        >>> z = torch.randn(2, 3, 5)
+        >>> float(retain_kl_loss(z, z, torch.zeros(2, 3, dtype=torch.long)))
+        0.0
+    """
+    if policy_logits.shape != reference_logits.shape:
+        raise ValueError(
+            f"`policy_logits` and `reference_logits` must have the same shape, got {tuple(policy_logits.shape)} and "
+            f"{tuple(reference_logits.shape)}."
+        )
+    policy_logits, labels_s = _check_logits_labels(policy_logits, labels, shift)
+    reference_logits, _ = _check_logits_labels(reference_logits, labels, shift)
+    mask = labels_s != ignore_index
+    n = int(mask.sum())
+    if n == 0:
+        raise ValueError("The retain batch has no counted token (every label is ignore_index): nothing to average.")
+    total = policy_logits.new_zeros((), dtype=torch.float32)
+    for b in range(policy_logits.shape[0]):
+        rows = mask[b]
+        if not bool(rows.any()):
+            continue
+        log_p = torch.log_softmax(policy_logits[b][rows].float(), dim=-1)
+        log_r = torch.log_softmax(reference_logits[b][rows].detach().float(), dim=-1)
+        total = total + (log_r.exp() * (log_r - log_p)).sum()
+    return total / n
+
+
+def idk_dpo_loss(
+    policy_idk_logps: Tensor,
+    reference_idk_logps: Tensor,
+    policy_forget_logps: Tensor,
+    reference_forget_logps: Tensor,
+    beta: float | Tensor = 0.1,
+) -> Tensor:
+    r"""IdkDPO: DPO preferring an "I don't know" answer to the forget answer.
+
+    .. math::
+
+        \mathcal{L} = -\frac{2}{\beta}\,\mathbb{E}\Big[\log\sigma\Big(\beta\Big[\log\frac{\pi_\theta(y_{\mathrm{idk}})}
+            {\pi_{\mathrm{ref}}(y_{\mathrm{idk}})} - \log\frac{\pi_\theta(y_f)}{\pi_{\mathrm{ref}}(y_f)}\Big]\Big)\Big]
+
+    Example:
+        >>> z = torch.tensor([-5.0])
+        >>> torch.allclose(idk_dpo_loss(z, z, z, z, beta=0.5), torch.tensor(2 / 0.5 * math.log(2)))
+        True
+    """
+    for t, name in (
+        (reference_idk_logps, "reference_idk_logps"),
+        (policy_forget_logps, "policy_forget_logps"),
+        (reference_forget_logps, "reference_forget_logps"),
+    ):
+        _check_pair(policy_idk_logps, t, "policy_idk_logps", name)
+    win = _f32(policy_idk_logps) - _f32(reference_idk_logps.detach())
+    lose = _f32(policy_forget_logps) - _f32(reference_forget_logps.detach())
+    b = hyperparameter_tensor(beta, win, "beta", positive=True)
+    return (-2.0 / b * F.logsigmoid(b * (win - lose))).mean()
+
+
+def _flat_functions(divergence: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """``(g, f* ∘ g)`` of the f-divergence (both take the raw input :math:`x`)."""
+    if divergence == "kl":
+        return (lambda x: x), (lambda x: torch.exp(x - 1))
+    if divergence == "reverse_kl":
+        return (lambda x: -torch.exp(x)), (lambda x: -1 - x)
+    if divergence == "pearson":
+        return (lambda x: x), (lambda x: x.square() / 4 + x)
+    if divergence == "tv":
+        return (lambda x: torch.tanh(x) / 2), (lambda x: torch.tanh(x) / 2)
+    if divergence == "js":
+        return (lambda x: _LOG2 - F.softplus(-x)), (lambda x: F.softplus(x) - _LOG2)
+    if divergence == "hellinger":
+        return (lambda x: 1 - torch.exp(x)), (lambda x: (1 - torch.exp(x)) * torch.exp(-x))
+    raise ValueError(f"Unknown f-divergence {divergence!r}: expected one of {', '.join(FLAT_DIVERGENCES)}.")
+
+
+def flat_variational_pair(x: Tensor, divergence: Divergence = "tv") -> tuple[Tensor, Tensor]:
+    r"""The activation :math:`g(x)` and the conjugate term :math:`f^*(g(x))` of an f-divergence (FLAT, Table 1).
+
+    ============== ======================== ==========================
+    divergence     :math:`g(x)`             :math:`f^*(g(x))`
+    ============== ======================== ==========================
+    ``kl``         :math:`x`                :math:`e^{x-1}`
+    ``reverse_kl`` :math:`-e^{x}`           :math:`-1-x`
+    ``pearson``    :math:`x`                :math:`x^2/4 + x`
+    ``tv``         :math:`\tanh(x)/2`       :math:`\tanh(x)/2`
+    ``js``         :math:`\log 2 - \operatorname{softplus}(-x)` :math:`\operatorname{softplus}(x) - \log 2`
+    ``hellinger``  :math:`1 - e^{x}`        :math:`(1 - e^{x})/e^{x}`
+    ============== ======================== ==========================
+
+    Example:
+        >>> g, conj = flat_variational_pair(torch.tensor([0.0]), "kl")
+        >>> float(g), round(float(conj), 4)
+        (0.0, 0.3679)
+    """
+    g, conj = _flat_functions(divergence)
+    return g(x), conj(x)
+
+
+def flat_loss(forget_probs: Tensor, template_probs: Tensor, divergence: Divergence = "tv") -> Tensor:
+    r"""FLAT (Wang et al., 2025): loss adjustment with only forget data, through an f-divergence's variational form.
+
+    With :math:`P_f` and :math:`P_g` the mean token probabilities (:func:`mean_token_probs`) of the forget answer and
+    of a template ("good", e.g. refusal) answer for the same prompt,
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{FLAT}} = \mathbb{E}\big[-g(P_g) + f^*(g(P_f))\big],
+
+    the negated variational lower bound of :math:`D_f(\text{good} \,\|\, \text{forget})`. For the divergences
+    whose activation :math:`g` increases (``kl``, ``pearson``, ``tv``, ``js``) minimising it raises the template
+    answer's probability and lowers the forget answer's. ``reverse_kl`` and ``hellinger`` have decreasing
+    activations (:math:`-e^x`, :math:`1-e^x`, as in f-GAN's table), so with the probabilities as input they push
+    the other way; use them only to reproduce the paper's ablation.
+
+    Args:
+        forget_probs: ``(B,)`` mean token probabilities of the forget answers, in ``[0, 1]``.
+        template_probs: ``(B,)`` mean token probabilities of the template answers.
+        divergence: one of ``"kl"``, ``"reverse_kl"``, ``"pearson"``, ``"tv"`` (default), ``"js"``, ``"hellinger"``.
+
+    Example:
+        >>> p = torch.tensor([0.3, 0.6])
+        >>> float(flat_loss(p, p, "tv"))           # identical answers: the TV bound is 0
+        0.0
+        >>> high, low = torch.tensor([0.9]), torch.tensor([0.1])
+        >>> bool(flat_loss(high, low) > flat_loss(low, high))   # remembering the forget answer costs more
+        True
+    """
+    _check_pair(forget_probs, template_probs, "forget_probs", "template_probs")
+    g, conj = _flat_functions(divergence)
+    pf, pg = _f32(forget_probs), _f32(template_probs)
+    if bool(((pf < 0) | (pf > 1) | (pg < 0) | (pg > 1)).any()):
+        raise ValueError(
+            "`forget_probs` and `template_probs` must be probabilities in [0, 1] (mean token probabilities from "
+            "`mean_token_probs`), not log-probabilities."
+        )
+    return (-g(pg) + conj(pf)).mean()
