@@ -368,3 +368,60 @@ def test_hyper_step_under_ddp_equals_single_process():
     for u, s in ranks:  # both ranks agree, and agree with one process on the whole batch
         torch.testing.assert_close(u, single[0])
         torch.testing.assert_close(s, single[1])
+
+
+# ------------------------------------------------------------------------------- with the distillation module
+class _HyperStudent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = HyperLinear(4, 16, 2, gate_init_std=0.1)
+        self.out = HyperLinear(16, 3, 2, gate_init_std=0.1)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x)))
+
+
+class _Probe(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[torch.Size, float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # runs after SelfTuning's hook
+        t = pl_module.get_hyperparameter("kd.temperature")
+        w = float(pl_module.get_hyperparameter("kd.weight"))
+        self.seen.append((t.shape, w, float(pl_module.get_hyperparameter("ce_weight"))))
+
+
+def test_self_tuning_drives_kd_temperature_per_sample_and_tied_weights():
+    from lightning_losses.modules import DistillationModule
+
+    torch.manual_seed(0)
+    module = DistillationModule(_HyperStudent(), nn.Linear(4, 3), method="kd", num_classes=3, scheduler="none")
+    stn = SelfTuning(
+        {
+            "kd.temperature": TunedHyperparameter(initial=4.0, low=1.0, high=10.0),
+            "kd.weight": TunedHyperparameter(initial=0.9, low=0.05, high=0.95, per_example=False),
+        },
+        derived={"ce_weight": lambda v: 1.0 - v["kd.weight"]},
+        train_steps=1,
+        hyper_lr=0.05,
+        val_dataloader=DataLoader(_data(32, 1), batch_size=16),
+    )
+    probe = _Probe()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[stn, probe],
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader(_data(64, 0), batch_size=16))
+    assert stn.hyper_steps == 6
+    for shape, kd_weight, ce_weight in probe.seen:
+        assert shape == (16,)  # one temperature per example
+        assert 0.05 < kd_weight < 0.95 and ce_weight == pytest.approx(1.0 - kd_weight)
+    current = stn.current()
+    assert float(module.get_hyperparameter("kd.temperature")) == pytest.approx(current["kd.temperature"])
+    assert 1.0 < current["kd.temperature"] < 10.0 and current["kd.temperature"] != pytest.approx(4.0, abs=1e-4)
