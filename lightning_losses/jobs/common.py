@@ -21,7 +21,7 @@ class ConvNet(nn.Module):
     """A small CNN for 1-channel images: ``backbone`` (two conv blocks → 3×3 pooling → embedding) then ``fc``.
 
     The embedding of width ``feature_dim = 4 · width`` (the output of ``backbone``) is what ND and DHKD read;
-    ``fc`` maps it to class logits.
+    ``fc`` maps it to class logits. ``weights`` names a ``state_dict`` file to load (handy in LightningCLI configs).
 
     Example:
         >>> net = ConvNet(width=8, num_classes=10)
@@ -29,7 +29,9 @@ class ConvNet(nn.Module):
         ((2, 10), 32)
     """
 
-    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(
+        self, width: int = 16, num_classes: int = 10, in_channels: int = 1, weights: str | None = None
+    ) -> None:
         super().__init__()
         self.feature_dim = 4 * width
         self.backbone = nn.Sequential(
@@ -47,6 +49,8 @@ class ConvNet(nn.Module):
             nn.ReLU(),
         )
         self.fc = nn.Linear(self.feature_dim, num_classes)
+        if weights is not None:  # a trained network, e.g. the teacher written by `lightning-losses distill`
+            self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.backbone(x))

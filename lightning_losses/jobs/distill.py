@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 
 from lightning_losses.jobs.common import (
@@ -72,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         trainer = make_trainer(teacher_epochs, progress=progress)
         trainer.fit(ClassifierModule(teacher), datamodule=datamodule)
     teacher_acc = _test_accuracy(trainer, ClassifierModule(teacher), datamodule)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    torch.save(teacher.state_dict(), Path(args.output) / "teacher.pt")  # read by examples/distill.yaml
     print(
         f"teacher: test accuracy {100 * teacher_acc:.2f} % after {teacher_epochs} epochs ({teacher_time.seconds:.1f} s)"
     )
