@@ -20,6 +20,7 @@ from lightning_losses.tuning.pbt import (
     PopulationBasedTraining,
     SearchDimension,
     TrialRecord,
+    pb2_explore,
     pbt_exploit,
     pbt_explore,
     pbt_quantiles,
@@ -277,3 +278,33 @@ def test_pbt_on_local_ray(tmp_path):
     finally:
         ray.shutdown()
     _check_exploit(result, 2)
+
+
+# ------------------------------------------------------------------------------------------------- PB2
+def test_pb2_starts_uniform_then_follows_the_improvement_surface():
+    space = {"x": SearchDimension(0.0, 1.0), "lr": SearchDimension(1e-3, 1e-1, log=True)}
+    rng = random.Random(0)
+    first = pb2_explore([], space, now=1.0, rng=rng)
+    assert 0 <= first["x"] <= 1 and 1e-3 <= first["lr"] <= 1e-1
+    # improvement peaks at x = 0.7 whatever lr and time: the GP's UCB maximiser lands near it
+    observations = []
+    for t in range(1, 6):
+        for _ in range(8):
+            x, lr = rng.uniform(0, 1), 10 ** rng.uniform(-3, -1)
+            observations.append((float(t), {"x": x, "lr": lr}, -((x - 0.7) ** 2)))
+    proposals = [pb2_explore(observations, space, now=6.0, rng=random.Random(s), kappa=0.1) for s in range(3)]
+    for p in proposals:
+        assert abs(p["x"] - 0.7) < 0.15
+        assert 1e-3 <= p["lr"] <= 1e-1
+
+
+def test_pbt_with_pb2_explore_runs_in_process(tmp_path):
+    pbt = _pbt(tmp_path, use_ray=False, population=3)
+    pbt.generations, pbt.explore = 4, "pb2"
+    result = pbt.fit()
+    assert len(result.table) == 12
+    for row in result.table:
+        assert 0.0 <= row["config"]["ls.amount"] <= 0.3 and 1e-3 <= row["config"]["lr"] <= 1.0
+        assert row["observed"]["lr"] == pytest.approx(row["config"]["lr"])
+    with pytest.raises(ValueError, match="explore"):
+        PopulationBasedTraining(_module, _datamodule, SPACE, explore="bayes")  # type: ignore[arg-type]

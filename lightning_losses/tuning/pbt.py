@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ __all__ = [
     "PopulationBasedTraining",
     "SearchDimension",
     "TrialRecord",
+    "pb2_explore",
     "pbt_exploit",
     "pbt_explore",
     "pbt_quantiles",
@@ -187,10 +189,12 @@ def pbt_exploit(
     rng: random.Random,
     resample_probability: float = 0.25,
     perturbation_factors: tuple[float, float] = (1.2, 0.8),
+    explore: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
 ) -> dict[int, ExploitDecision]:
     """Decide which bottom-quantile trials copy which top-quantile donor, and their explored configurations.
 
     Donors without a checkpoint are skipped; when no donor of the top quantile has one, nothing is exploited.
+    ``explore`` replaces the PBT perturbation (``config -> new config``), e.g. by :func:`pb2_explore`.
     """
     bottom, top = pbt_quantiles(table, mode, quantile_fraction)
     by_id = {r.trial_id: r for r in table}
@@ -202,9 +206,68 @@ def pbt_exploit(
         donor = rng.choice(donors)
         record = by_id[donor]
         assert record.checkpoint is not None
-        config = pbt_explore(record.config, space, rng, resample_probability, perturbation_factors)
+        if explore is not None:
+            config = {**record.config, **explore(record.config)}
+        else:
+            config = pbt_explore(record.config, space, rng, resample_probability, perturbation_factors)
         decisions[trial_id] = ExploitDecision(trial_id, donor, record.checkpoint, config)
     return decisions
+
+
+def _to_unit(dim: SearchDimension, value: float) -> float:
+    if dim.log:
+        return (math.log(value) - math.log(dim.low)) / (math.log(dim.high) - math.log(dim.low))
+    return (value - dim.low) / (dim.high - dim.low)
+
+
+def _from_unit(dim: SearchDimension, u: float) -> float:
+    if dim.log:
+        return dim.clip(math.exp(math.log(dim.low) + u * (math.log(dim.high) - math.log(dim.low))))
+    return dim.clip(dim.low + u * (dim.high - dim.low))
+
+
+def pb2_explore(
+    observations: Sequence[tuple[float, Mapping[str, float], float]],
+    space: Mapping[str, SearchDimension],
+    now: float,
+    rng: random.Random,
+    num_candidates: int = 512,
+    kappa: float = 2.0,
+) -> dict[str, float]:
+    r"""PB2-style explore (Parker-Holder et al., 2020): a GP-bandit over the bounds instead of random perturbation.
+
+    A Gaussian process (RBF + white noise, scikit-learn) is fitted to the observed *improvements* of the metric over
+    one interval, as a function of the time and the (unit-scaled, log where asked) configuration; the new
+    configuration maximises the upper confidence bound at the current time over random candidates:
+
+    .. math:: x' = \arg\max_{x} \; \mu(t_{now}, x) + \kappa\, \sigma(t_{now}, x)
+
+    With fewer than 3 observations the configuration is resampled uniformly (as PB2 starts). Observations are
+    ``(time, config, improvement)`` with larger improvements better.
+    """
+    names = list(space)
+    if len(observations) < 3:
+        return {n: space[n].sample(rng) for n in names}
+    np = require("numpy")
+    gp_module = require("sklearn.gaussian_process", "tune")
+    kernels = require("sklearn.gaussian_process.kernels", "tune")
+    t_max = max(max(o[0] for o in observations), now, 1.0)
+    X = np.array([[o[0] / t_max] + [_to_unit(space[n], float(o[1][n])) for n in names] for o in observations])
+    y = np.array([float(o[2]) for o in observations])
+    y = (y - y.mean()) / (y.std() + 1e-12)
+    kernel = kernels.RBF(length_scale=np.ones(X.shape[1]), length_scale_bounds=(1e-2, 1e2)) + kernels.WhiteKernel(
+        1e-2, (1e-6, 1e1)
+    )
+    gp = gp_module.GaussianProcessRegressor(kernel=kernel, normalize_y=False, random_state=rng.randrange(2**31))
+    with warnings.catch_warnings():  # tiny, noisy data sets often hit a kernel bound; the fit is still usable
+        warnings.simplefilter("ignore")
+        gp.fit(X, y)
+    gen = np.random.default_rng(rng.randrange(2**31))
+    candidates = gen.uniform(size=(num_candidates, len(names)))
+    query = np.concatenate([np.full((num_candidates, 1), now / t_max), candidates], axis=1)
+    mean, std = gp.predict(query, return_std=True)
+    best = candidates[int(np.argmax(mean + kappa * std))]
+    return {n: _from_unit(space[n], float(u)) for n, u in zip(names, best)}
 
 
 class ApplyHyperparameters(Callback):
@@ -349,6 +412,8 @@ class PopulationBasedTraining:
         use_ray: Run the trials of a generation as parallel Ray tasks; ``False`` runs them in sequence here.
         ray_address: Address of a Ray cluster (``"auto"``); ``None`` starts a local Ray.
         derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``.
+        explore: ``"pbt"`` (random perturbation / resampling) or ``"pb2"`` (GP-bandit over the bounds, fitted to
+            the metric's improvement per interval; needs scikit-learn).
         seed: Seed of the random decisions and of each segment.
     """
 
@@ -373,6 +438,7 @@ class PopulationBasedTraining:
         use_ray: bool = True,
         ray_address: str | None = None,
         derived: Mapping[str, Callable[[Mapping[str, float]], float]] | None = None,
+        explore: Literal["pbt", "pb2"] = "pbt",
         seed: int = 0,
     ) -> None:
         if not space:
@@ -385,6 +451,8 @@ class PopulationBasedTraining:
                 f"{generations}."
             )
         _check_pbt_args(mode, quantile_fraction)
+        if explore not in ("pbt", "pb2"):
+            raise ValueError(f"`explore` must be 'pbt' or 'pb2', got {explore!r}.")
         if initial_configs is not None and len(initial_configs) != population_size:
             raise ValueError(
                 f"`initial_configs` holds {len(initial_configs)} configurations for a population of {population_size}."
@@ -414,6 +482,7 @@ class PopulationBasedTraining:
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.use_ray, self.ray_address = use_ray, ray_address
         self.derived = dict(derived or {})
+        self.explore = explore
 
     def _derive(self, config: Mapping[str, float]) -> dict[str, float]:
         out = dict(config)
@@ -452,6 +521,9 @@ class PopulationBasedTraining:
         donors: list[int | None] = [None] * self.population_size
         rows: list[dict[str, Any]] = []
         results: list[dict[str, Any]] = []
+        previous: list[float | None] = [None] * self.population_size  # score each trial's weights started from
+        observations: list[tuple[float, dict[str, float], float]] = []
+        sign = 1.0 if self.mode == "max" else -1.0
         for generation in range(self.generations):
             end_epoch = (generation + 1) * self.perturbation_interval
             jobs = [
@@ -481,9 +553,19 @@ class PopulationBasedTraining:
                 )
                 table.append(TrialRecord(i, dict(configs[i]), res["score"], res["checkpoint"]))
             restore = [res["checkpoint"] for res in results]
+            for i, res in enumerate(results):
+                if previous[i] is not None and math.isfinite(res["score"]):
+                    observations.append((float(end_epoch), dict(configs[i]), sign * (res["score"] - previous[i])))
+            previous = [res["score"] for res in results]
             donors = [None] * self.population_size
             if generation == self.generations - 1:
                 break
+            pb2: Callable[[Mapping[str, float]], dict[str, float]] | None = None
+            if self.explore == "pb2":
+
+                def pb2(config: Mapping[str, float], now: float = float(end_epoch)) -> dict[str, float]:
+                    return pb2_explore(observations, self.space, now, self.rng)
+
             decisions = pbt_exploit(
                 table,
                 self.space,
@@ -492,14 +574,15 @@ class PopulationBasedTraining:
                 self.rng,
                 self.resample_probability,
                 self.perturbation_factors,
+                explore=pb2,
             )
             lineage = copy.deepcopy(schedules)
             for trial_id, decision in decisions.items():
                 configs[trial_id] = self._derive(decision.config)
                 restore[trial_id] = decision.checkpoint
                 donors[trial_id] = decision.donor
+                previous[trial_id] = results[decision.donor]["score"]
                 schedules[trial_id] = [*lineage[decision.donor], (end_epoch, dict(configs[trial_id]))]
-        sign = 1.0 if self.mode == "max" else -1.0
         best = max(range(self.population_size), key=lambda i: sign * results[i]["score"])
         return PBTResult(
             best_trial=best,
