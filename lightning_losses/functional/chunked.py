@@ -45,6 +45,9 @@ _CHUNK_ELEMENTS = 1 << 24
 def default_chunk_size(vocab_size: int) -> int:
     """Rows per chunk used when ``chunk_size=None``: about 16 M logits (64 MiB in float32) per chunk.
 
+    This is the chunk of the closed-form cross-entropy path; the paths that differentiate the row loss with autograd
+    (softcap, tensor temperature, distillation) use a quarter of it, as they keep several chunk-sized temporaries.
+
     Example:
         >>> default_chunk_size(131072), default_chunk_size(32000), default_chunk_size(10)
         (128, 524, 4096)
@@ -99,18 +102,21 @@ def _chunk_loss_and_grads(
     (pre-softcap) logits, in the accumulation dtype.
     """
     acc = _accumulation_dtype(hidden.dtype)
-    with torch.autocast(hidden.device.type, enabled=False), torch.enable_grad():
-        raw = F.linear(hidden, weight, bias).to(acc)
+    # Everything here works on detached tensors: no autograd history may outlive the chunk (a history reaching the
+    # gradient buffers would keep every chunk's logits alive).
+    extras = [e.detach() for e in extras]
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        raw = F.linear(hidden.detach(), weight.detach(), None if bias is None else bias.detach()).to(acc)
         if row_grad is None:
-            with torch.no_grad():
-                logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
-                return spec.row_loss(logits, *extras), None, [None] * len(extras)
+            logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
+            return spec.row_loss(logits, *extras), None, [None] * len(extras)
         if spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad):
             loss, grad_raw = spec.row_loss_and_grad(raw, extras, row_grad)
             return loss, grad_raw, [None] * len(extras)
+    with torch.autocast(hidden.device.type, enabled=False), torch.enable_grad():
         raw.requires_grad_(True)
         logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
-        leaves = [e.detach().requires_grad_(True) if need else e for e, need in zip(extras, extras_need_grad)]
+        leaves = [e.requires_grad_(True) if need else e for e, need in zip(extras, extras_need_grad)]
         loss = spec.row_loss(logits, *leaves)
         inputs = [raw] + [leaf for leaf, need in zip(leaves, extras_need_grad) if need]
         grads = torch.autograd.grad((loss * row_grad).sum(), inputs)
@@ -166,6 +172,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                     grad_w.addmm_(grad_logits.t(), h.to(acc))
                 if grad_b is not None:
                     grad_b += grad_logits.sum(0)
+            del grad_logits, loss  # free this chunk's buffers before the next one is computed
             for i, g in enumerate(gx):
                 if g is not None:
                     target = grad_x[i]
@@ -221,6 +228,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 grad_w.addmm_(grad_logits.t(), h.to(acc))
             if grad_b is not None:
                 grad_b += grad_logits.sum(0)
+            del grad_logits
             for i, gi in enumerate(gx):
                 if gi is not None:
                     tgt = grad_x[i]
@@ -250,10 +258,15 @@ def _chunked(
     scale: float | None,
     row_loss_and_grad: RowLossAndGrad | None = None,
 ) -> Tensor:
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
+        if row_loss_and_grad is None or softcap is not None:
+            # Autograd through the row loss keeps several chunk-sized temporaries: use a quarter of the rows.
+            chunk_size = max(1, chunk_size // 4)
     spec = _HeadSpec(
         row_loss_and_grad=row_loss_and_grad,
         row_loss=row_loss,
-        chunk_size=default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size),
+        chunk_size=int(chunk_size),
         softcap=None if softcap is None else float(softcap),
         scale=scale,
         grad_enabled=torch.is_grad_enabled(),
@@ -402,9 +415,14 @@ def _ce_rows_and_grad(use_z_loss: bool, sign: float) -> RowLossAndGrad:
     """Closed form of the cross-entropy gradient: ∂ℓ/∂z = (1 + 2λ·lse)·softmax(z) − onehot(y), in place on z."""
 
     def row_loss_and_grad(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor]:
+        # One buffer: the chunk's logits become exp(z − max), then the softmax, then the gradient.
         target = extras[0].unsqueeze(1)
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = lse - logits.gather(1, target).squeeze(1)
+        target_logit = logits.gather(1, target).squeeze(1)
+        row_max = logits.amax(dim=1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()
+        total = probs.sum(dim=1, keepdim=True)
+        lse = (row_max + total.log()).squeeze(1)
+        loss = lse - target_logit
         weight = torch.as_tensor(row_grad, dtype=logits.dtype, device=logits.device) * sign
         weight = weight.expand_as(lse)
         coef = weight
@@ -412,7 +430,7 @@ def _ce_rows_and_grad(use_z_loss: bool, sign: float) -> RowLossAndGrad:
             z_loss = extras[1]
             loss = loss + z_loss * lse.square()
             coef = weight * (1 + 2 * z_loss * lse)
-        grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(coef.unsqueeze(1))
+        grad = probs.mul_(coef.unsqueeze(1) / total)
         grad.scatter_add_(1, target, -weight.unsqueeze(1))
         return sign * loss, grad
 
@@ -502,7 +520,8 @@ def linear_cross_entropy(
         ignore_index: label of tokens left out of the loss (they cost no computation).
         reduction: ``"mean"`` over counted tokens (0 when none count), ``"sum"``, or ``"none"`` (shape of ``target``,
             0 at ignored tokens).
-        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk (:func:`default_chunk_size`).
+        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk (:func:`default_chunk_size`), a
+            quarter of that with ``softcap`` or ``temperature``.
         softcap: logit soft-capping value :math:`c` (Gemma-2 style), or ``None``.
         z_loss: weight :math:`\lambda` of the auxiliary :math:`\operatorname{logsumexp}^2` term (PaLM uses 1e-4);
             a number, a 0-d tensor, or per sample / per token.
@@ -579,7 +598,8 @@ def linear_sequence_log_probs(
         shift: ``False``: ``labels[:, t]`` is the token predicted from ``hidden[:, t]``. ``True``: Hugging Face
             causal-LM convention, ``labels`` are the input ids (with prompt masked) and ``hidden[:, t]`` predicts
             ``labels[:, t + 1]``.
-        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk.
+        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk (4 M with ``softcap`` or
+            ``temperature``).
         softcap: logit soft-capping value, or ``None``.
         temperature: optional temperature dividing the logits (number, or tensor per sequence / per token).
 
@@ -724,7 +744,7 @@ def linear_distillation_loss(
             ignored tokens).
         student_bias: optional student head bias ``(V,)``.
         teacher_bias: optional teacher head bias ``(V,)``.
-        chunk_size: rows per chunk; ``None`` picks about 16 M logits per chunk.
+        chunk_size: rows per chunk; ``None`` picks about 4 M logits per chunk.
         student_softcap: student logit soft-capping, or ``None``.
         teacher_softcap: teacher logit soft-capping, or ``None``.
 
