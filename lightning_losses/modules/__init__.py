@@ -2,3 +2,4 @@
 
 from lightning_losses.modules.distillation import *
 from lightning_losses.modules.temperature import *  # noqa: F403
+from lightning_losses.modules.unlearning import *  # noqa: F403

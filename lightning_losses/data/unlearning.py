@@ -1,0 +1,182 @@
+"""Forget / retain / held-out data for unlearning, built on :class:`~lightning_losses.data.ShakespeareDataModule`.
+
+The forget set is one play, the retain set the other plays, and the held-out set the tails of the other plays that no
+model was trained on (the "non-member" side of membership inference). Each block may start with ``prompt_tokens``
+tokens of context whose labels are masked (a continuation task, as in MUSE); FLAT and IdkDPO get a template answer
+per forget block (the refusal ``template_text`` after the same prompt).
+
+Training batches come from a Lightning ``CombinedLoader`` as ``{"forget": batch, "retain": batch}``; one epoch is one
+pass over the forget set, with as many retain batches drawn at random. Validation has three dataloaders, in the order
+of :attr:`UnlearningDataModule.eval_splits`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import CombinedLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler, Subset
+
+from lightning_losses.data.shakespeare import LMBlockDataset, ShakespeareDataModule
+
+__all__ = ["UnlearningBatchCollator", "UnlearningDataModule"]
+
+
+class UnlearningBatchCollator:
+    """Collate ``(input_ids, labels, index)`` items into unlearning dict batches (picklable for worker processes).
+
+    Args:
+        prompt_tokens: leading tokens of each block whose labels are masked.
+        template_ids: token ids of the template answer, or ``None`` for no template keys.
+        ignore_index: label of masked positions.
+
+    Example:
+        >>> collate = UnlearningBatchCollator(prompt_tokens=2, template_ids=[7, 8])
+        >>> item = (torch.arange(5), torch.arange(5), torch.tensor(3))
+        >>> batch = collate([item])
+        >>> batch["labels"].tolist(), batch["template_input_ids"].tolist(), batch["template_labels"].tolist()
+        ([[-100, -100, 2, 3, 4]], [[0, 1, 7, 8, 7]], [[-100, -100, 7, 8, 7]])
+    """
+
+    def __init__(self, prompt_tokens: int = 0, template_ids: list[int] | None = None, ignore_index: int = -100):
+        self.prompt_tokens, self.template_ids, self.ignore_index = prompt_tokens, template_ids, ignore_index
+
+    def __call__(self, items: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        ids = torch.stack([i[0] for i in items])
+        labels = torch.stack([i[1] for i in items]).clone()
+        labels[:, : self.prompt_tokens] = self.ignore_index
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "attention_mask": torch.ones_like(ids),
+            "index": torch.stack([i[2] for i in items]),
+        }
+        if self.template_ids is not None:
+            length = ids.shape[1] - self.prompt_tokens
+            reps = -(-length // max(len(self.template_ids), 1))
+            answer = torch.tensor((self.template_ids * reps)[:length], dtype=ids.dtype)
+            template = torch.cat([ids[:, : self.prompt_tokens], answer.expand(len(ids), -1)], dim=1)
+            t_labels = template.clone()
+            t_labels[:, : self.prompt_tokens] = self.ignore_index
+            batch.update(
+                template_input_ids=template, template_labels=t_labels, template_attention_mask=torch.ones_like(template)
+            )
+        return batch
+
+
+class UnlearningDataModule(pl.LightningDataModule):
+    """Shakespeare unlearning data: forget one play, retain the others, held-out tails for evaluation.
+
+    Args:
+        forget_play: the play to forget (title or file name).
+        block_size: tokens per block.
+        batch_size: blocks per batch (forget and retain alike).
+        vocab_size: size of the local byte-level BPE.
+        prompt_tokens: leading tokens per block treated as the prompt (labels masked).
+        template_text: the refusal text used as FLAT / IdkDPO template answer.
+        max_forget_blocks: use only this many forget blocks (a fixed random subset), or all.
+        max_eval_blocks: blocks per split in validation (fixed random subsets).
+        heldout_fraction: tail fraction of each retain play held out of training.
+        seed: seed of the subsets and shuffles.
+        cache_dir: tokenizer / token-id cache.
+
+    Example:
+        >>> dm = UnlearningDataModule(block_size=32, batch_size=4, vocab_size=512, max_forget_blocks=8)
+        >>> dm.setup("fit")
+        >>> batch = next(iter(dm.train_dataloader()))
+        >>> sorted(batch[0]) if isinstance(batch, tuple) else sorted(batch)
+        ['forget', 'retain']
+    """
+
+    eval_splits: tuple[str, ...] = ("forget", "retain", "heldout")
+
+    def __init__(
+        self,
+        forget_play: str = "Hamlet",
+        block_size: int = 128,
+        batch_size: int = 8,
+        vocab_size: int = 2048,
+        prompt_tokens: int = 0,
+        template_text: str = " I know not, my lord; I cannot say.",
+        max_forget_blocks: int | None = None,
+        max_eval_blocks: int = 64,
+        heldout_fraction: float = 0.05,
+        seed: int = 0,
+        cache_dir: str = "results/cache",
+    ) -> None:
+        super().__init__()
+        if not 0 <= prompt_tokens < block_size - 1:
+            raise ValueError(
+                f"`prompt_tokens` must lie in [0, block_size - 1) = [0, {block_size - 1}) so that every block keeps "
+                f"answer tokens, got {prompt_tokens}."
+            )
+        self.shakespeare = ShakespeareDataModule(
+            block_size=block_size,
+            batch_size=batch_size,
+            vocab_size=vocab_size,
+            forget_play=forget_play,
+            heldout_fraction=heldout_fraction,
+            train_on_forget=True,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+        self.batch_size, self.prompt_tokens, self.template_text = batch_size, prompt_tokens, template_text
+        self.max_forget_blocks, self.max_eval_blocks, self.seed = max_forget_blocks, max_eval_blocks, seed
+
+    @property
+    def tokenizer(self) -> Any:
+        """The ``tokenizers.Tokenizer`` of the blocks."""
+        return self.shakespeare.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        self.shakespeare.setup(stage)
+        if len(self.shakespeare.dataset("forget")) == 0:
+            raise ValueError(f"The forget play {self.shakespeare.forget_play!r} has no block: nothing to forget.")
+
+    def _subset(self, dataset: LMBlockDataset, limit: int | None, salt: int) -> Any:
+        if limit is None or limit >= len(dataset):
+            return dataset
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed + salt))
+        return Subset(dataset, order[:limit].sort().values.tolist())
+
+    def split(self, name: str, limit: int | None = None) -> Any:
+        """A split (``"forget"``, ``"retain"``, ``"heldout"``, ``"train"``), optionally a fixed random subset."""
+        salt = {"forget": 1, "retain": 2, "heldout": 3, "train": 4}.get(name, 5)
+        return self._subset(self.shakespeare.dataset(name), limit, salt)  # type: ignore[arg-type]
+
+    def collator(self, with_template: bool) -> UnlearningBatchCollator:
+        """The collate function of the forget (``with_template``) or other splits."""
+        template = None
+        if with_template:
+            template = list(self.tokenizer.encode(self.template_text).ids)
+        return UnlearningBatchCollator(self.prompt_tokens, template)
+
+    def dataloader(self, name: str, shuffle: bool = False, limit: int | None = None) -> DataLoader:
+        """A dict-batch DataLoader over one split."""
+        data = self.split(name, limit)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator(name == "forget"),
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> CombinedLoader:
+        forget = self.dataloader("forget", shuffle=True, limit=self.max_forget_blocks)
+        retain_data = self.split("retain")
+        n_forget = len(forget.dataset)  # type: ignore[arg-type]
+        sampler = RandomSampler(
+            retain_data,
+            replacement=n_forget > len(retain_data),
+            num_samples=n_forget,
+            generator=torch.Generator().manual_seed(self.seed + 7),
+        )
+        retain = DataLoader(retain_data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator(False))
+        return CombinedLoader({"forget": forget, "retain": retain}, mode="min_size")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.dataloader(name, limit=self.max_eval_blocks) for name in self.eval_splits]
