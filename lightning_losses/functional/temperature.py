@@ -157,10 +157,10 @@ def dro_temperature_loss(
     tau_t = _per_position(_as_tensor_like(tau, z, "tau", positive=validate_args), shape, "tau")
     rho_t = _per_position(rho_t, shape, "rho")
     mask = target != ignore_index
-    safe_target = torch.where(mask, target, torch.zeros_like(target))
-    scaled = z / tau_t.unsqueeze(-1)
-    ce = torch.logsumexp(scaled, dim=-1) - scaled.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
-    per_position = tau_t * ce + (rho_t - math.log(z.shape[-1])) * tau_t
+    vocab = z.shape[-1]
+    scaled = (z / tau_t.unsqueeze(-1)).reshape(-1, vocab)
+    ce = F.cross_entropy(scaled, target.reshape(-1), ignore_index=ignore_index, reduction="none").view(shape)
+    per_position = tau_t * ce + (rho_t - math.log(vocab)) * tau_t
     return _reduce(per_position, mask.to(per_position.dtype), reduction)
 
 

@@ -1,0 +1,159 @@
+"""TempNet's overhead per LM training step: time and memory of TempNet + KL-DRO vs plain cross-entropy (fixed τ).
+
+One full step each (forward, backward, AdamW update) on a GPT-2-style model built from a config, the two variants
+interleaved so that both see the same machine load; the median over the timed steps is reported. Memory is the
+peak CUDA allocation on a GPU and, on CPU, the bytes the forward saves for the backward (activations) measured with
+saved-tensor hooks. Target: TempNet step ≤ 1.15 × the fixed-τ step.
+
+Run: ``python benchmarks/temperature.py [--steps 10]``; writes ``benchmarks/results/temperature.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightning_losses.functional import dro_temperature_loss
+from lightning_losses.jobs.common import ResultsTable
+from lightning_losses.jobs.language import build_gpt2
+from lightning_losses.nn import TempNet
+
+
+@dataclass
+class Setting:
+    name: str
+    n_layer: int
+    n_embd: int
+    vocab: int
+    batch: int
+    length: int
+    tempnet_hidden: int
+
+
+CPU_SETTINGS = [
+    Setting("job LM (4×128, V=2k), TempNet H=256", 4, 128, 2048, 16, 128, 256),
+    Setting("job LM (4×128, V=2k), TempNet H=64", 4, 128, 2048, 16, 128, 64),
+    Setting("6×256, V=8k, TempNet H=256", 6, 256, 8192, 8, 128, 256),
+]
+GPU_SETTINGS = [
+    *CPU_SETTINGS,
+    Setting("GPT-2 small shape (12×768, V=50k), H=256", 12, 768, 50257, 8, 512, 256),
+]
+
+
+def _step_fn(setting: Setting, use_tempnet: bool, device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
+    model = build_gpt2(setting.vocab, setting.n_layer, setting.n_embd, max(setting.n_embd // 64, 2), setting.length)
+    model = model.to(device)
+    tempnet = TempNet(setting.vocab, 0.5, 5.0, setting.tempnet_hidden).to(device) if use_tempnet else None
+    groups = [{"params": list(model.parameters()), "lr": 1e-4}]
+    if tempnet is not None:
+        groups.append({"params": list(tempnet.parameters()), "lr": 1e-5})
+    opt = torch.optim.AdamW(groups)
+    ids = torch.randint(0, setting.vocab, (setting.batch, setting.length), device=device)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()  # each storage once, however many views are saved
+        return t
+
+    def step() -> None:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids).logits[:, :-1]
+            target = ids[:, 1:]
+            if tempnet is None:
+                loss = F.cross_entropy(logits.reshape(-1, setting.vocab).float(), target.reshape(-1))
+            else:
+                loss = dro_temperature_loss(logits, target, tempnet(logits), rho=2.0, validate_args=False)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, lambda: sum(saved.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(setting: Setting, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    torch.manual_seed(0)
+    runs = {flag: _step_fn(setting, flag, device) for flag in (False, True)}
+    times: dict[bool, list[float]] = {False: [], True: []}
+    peak: dict[bool, float] = {}
+    for step, _ in runs.values():
+        for _ in range(warmup):
+            step()
+        _sync(device)
+    for flag, (step, saved) in runs.items():  # memory, one variant at a time
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            _sync(device)
+            peak[flag] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            step()
+            peak[flag] = saved() / 2**20
+    for _ in range(steps):  # time, interleaved
+        for flag, (step, _) in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[flag].append(time.perf_counter() - start)
+    fixed, temp = statistics.median(times[False]), statistics.median(times[True])
+    return {"fixed_ms": 1e3 * fixed, "tempnet_ms": 1e3 * temp, "mem_fixed": peak[False], "mem_tempnet": peak[True]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = GPU_SETTINGS if device.type == "cuda" else CPU_SETTINGS
+    what = "peak CUDA MiB" if device.type == "cuda" else "saved activations MiB"
+    table = ResultsTable(
+        "TempNet + KL-DRO vs fixed-τ cross-entropy: one LM training step",
+        ["setting", "tokens", "fixed τ (ms)", "TempNet (ms)", "time ratio", f"fixed ({what})", "TempNet", "mem ratio"],
+    )
+    for setting in settings:
+        r = measure(setting, args.steps, args.warmup, device)
+        table.add(
+            setting=setting.name,
+            tokens=f"{setting.batch}×{setting.length}",
+            **{
+                "fixed τ (ms)": f"{r['fixed_ms']:.1f}",
+                "TempNet (ms)": f"{r['tempnet_ms']:.1f}",
+                "time ratio": f"{r['tempnet_ms'] / r['fixed_ms']:.3f}",
+                f"fixed ({what})": f"{r['mem_fixed']:.1f}",
+                "TempNet": f"{r['mem_tempnet']:.1f}",
+                "mem ratio": f"{r['mem_tempnet'] / r['mem_fixed']:.3f}",
+            },
+        )
+        print(table.rows[-1], flush=True)
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    )
+    note = (
+        f"Device: {device_name}. Median of {args.steps} interleaved steps after {args.warmup} warm-up steps. "
+        "Target time ratio ≤ 1.15."
+    )
+    print(table.markdown())
+    stem = "temperature" if device.type == "cpu" else "temperature_gpu"
+    table.write(args.output, stem, preamble=note)
+
+
+if __name__ == "__main__":
+    main()
