@@ -308,3 +308,39 @@ def test_pbt_with_pb2_explore_runs_in_process(tmp_path):
         assert row["observed"]["lr"] == pytest.approx(row["config"]["lr"])
     with pytest.raises(ValueError, match="explore"):
         PopulationBasedTraining(_module, _datamodule, SPACE, explore="bayes")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- the tune job
+def _job_args(tmp_path, *extra):
+    return [
+        "tune",
+        "--epochs",
+        "1",
+        "--teacher-epochs",
+        "1",
+        "--train-subset",
+        "256",
+        "--output",
+        str(tmp_path),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_tune_job_smoke_pbt_and_stn_without_ray(tmp_path):
+    from lightning_losses.cli import main
+
+    assert main(_job_args(tmp_path, "--methods", "pbt,stn", "--population", "2", "--no-ray")) == 0
+    text = (tmp_path / "tune.md").read_text()
+    assert "PBT (population 2, sequential)" in text and "STN (hyper-layers)" in text
+    assert (tmp_path / "tune_schedules.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tune_job_quick_all_methods_on_ray(tmp_path):
+    from lightning_losses.cli import main
+
+    assert main(["tune", "--quick", "--output", str(tmp_path)]) == 0
+    text = (tmp_path / "tune_quick.md").read_text()
+    for label in ("fixed (T=4, α=0.9)", "grid (4 runs", "PBT (population 4, Ray local)", "STN (hyper-layers)"):
+        assert label in text

@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="fixed,grid,pbt,stn", help="comma-separated subset of the methods")
     parser.add_argument("--no-ray", action="store_true", help="run the PBT population in sequence, without Ray")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-subset", type=int, default=None, help="train on this many images (smoke runs)")
     parser.add_argument("--output", default="results/tune", help="folder of the table and the plots")
 
 
@@ -144,7 +145,7 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -
 def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (2 if args.quick else 6)
     teacher_epochs = args.teacher_epochs or (2 if args.quick else 6)
-    subset = None
+    subset = args.train_subset
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - {"fixed", "grid", "pbt", "stn"})
     if unknown:
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
 
     preamble = (
         f"Teacher ConvNet width {TEACHER_WIDTH} ({100 * teacher_metrics['test/acc']:.2f} % test accuracy, "
-        f"{teacher_epochs} epochs); student ConvNet width {STUDENT_WIDTH}, {epochs} epochs per run, SGD 0.05 "
+        f"{teacher_epochs} epoch(s)); student ConvNet width {STUDENT_WIDTH}, {epochs} epoch(s) per run, SGD 0.05 "
         "constant learning rate, Hinton KD with CE weight 1 − α. PBT: one exploit / explore round per epoch, bottom "
         "25 % copies a top-25 % checkpoint, perturbation ×1.2 / ×0.8 or resampling (p = 0.25), bounds T ∈ [1, 10], "
         "α ∈ [0.05, 0.95]. STN: the student's convolutions and classifier are hyper-layers conditioned on (T, α); "
