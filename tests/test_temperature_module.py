@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_losses import TempNetModule
+from lightning_losses import TempNetMixin, TempNetModule
 from lightning_losses.jobs.language import build_gpt2
 
 VOCAB = 64
@@ -107,3 +107,43 @@ def test_resume_from_a_checkpoint_restores_tempnet_and_continues_identically(tmp
     for key, value in uninterrupted.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     assert float(resumed.get_hyperparameter("tempnet_dro.rho")) == 2.0
+
+
+class _DualEncoder(TempNetMixin, pl.LightningModule):
+    def __init__(self, num_samples: int) -> None:
+        super().__init__()
+        self.image_encoder = torch.nn.Linear(6, 4)
+        self.text_encoder = torch.nn.Linear(5, 4)
+        self.configure_contrastive_tempnet(4, num_samples, rho=1.0, gamma=0.8, num_prototypes=8, dropout=0.0)
+
+    def training_step(self, batch, batch_idx):
+        images, texts, index = batch
+        img = torch.nn.functional.normalize(self.image_encoder(images), dim=1)
+        txt = torch.nn.functional.normalize(self.text_encoder(texts), dim=1)
+        return self.tempnet_contrastive_loss(img, txt, index)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.tempnet_parameter_groups(lr=1e-2))
+
+
+def test_contrastive_mixin_initialises_prototypes_tracks_state_and_trains_both_tempnets(tmp_path):
+    n = 24
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 6, generator=gen), torch.randn(n, 5, generator=gen), torch.arange(n))
+    module = _DualEncoder(n)
+    first_texts = torch.nn.functional.normalize(module.text_encoder(data.tensors[1][:8]), dim=1).detach()
+    image_net0 = {k: v.clone() for k, v in module.image_tempnet.state_dict().items()}
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False))
+    assert bool(module.image_tempnet.prototypes_initialized) and bool(module.text_tempnet.prototypes_initialized)
+    # the image TempNet's prototypes started from the first batch of text embeddings (then trained a little)
+    start = image_net0["prototypes"]
+    assert not torch.allclose(start, first_texts)
+    cos = torch.nn.functional.cosine_similarity(module.image_tempnet.prototypes.detach(), first_texts)
+    assert float(cos.mean()) > 0.9
+    state = module.tempnet_contrastive
+    assert bool(torch.isfinite(state.image_b).all() and torch.isfinite(state.text_b).all())  # every sample seen
+    assert bool((state.image_s > 0).all())
+    assert 0.005 <= float(trainer.callback_metrics["train/tau_min"]) <= float(trainer.callback_metrics["train/tau_max"])
+    assert float(trainer.callback_metrics["train/tau_max"]) <= 0.05
+    assert any(not torch.equal(image_net0[k], v) for k, v in module.image_tempnet.state_dict().items())
