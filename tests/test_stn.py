@@ -306,6 +306,45 @@ def test_self_tuning_crash_and_resume(tmp_path):
         torch.testing.assert_close(resumed_model.state_dict()[name], value)
 
 
+class _SaveAt(pl.Callback):
+    def __init__(self, step: int, path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.per_sample_shape = tuple(pl_module.ls.amount.shape)
+            trainer.save_checkpoint(self.path)
+
+
+def test_mid_epoch_checkpoint_holds_scalar_hyperparameters_and_resumes(tmp_path):
+    cb, saver = _tuning(with_dropout=False, train_steps=4), _SaveAt(3, tmp_path / "mid.ckpt")
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb, saver],
+        limit_val_batches=0,
+    ).fit(HyperClassifier(k=1), DataLoader(_data(64, 0), batch_size=16))
+    assert saver.per_sample_shape == (16,)  # the module held one draw per example when it was saved
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]["ls.amount"]
+    assert saved.shape == () and float(saved) == pytest.approx(0.2, abs=1e-5)  # the unperturbed value
+    resumed = _tuning(with_dropout=False, train_steps=4)
+    pl.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[resumed],
+        limit_val_batches=0,
+    ).fit(HyperClassifier(k=1), DataLoader(_data(64, 0), batch_size=16), ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.steps == 6
+
+
 def test_self_tuning_configuration_errors():
     with pytest.raises(MisconfigurationException, match="at least one"):
         SelfTuning({})

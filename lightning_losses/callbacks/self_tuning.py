@@ -369,6 +369,21 @@ class SelfTuning(Callback):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Save the unperturbed values, not the per-sample draw of the current batch (whose shape would not load)."""
+        if self.hyperparameters is None or "state_dict" not in checkpoint:
+            return
+        values: dict[str, Any] = dict(self.hyperparameters.values(self.hyperparameters.unconstrained.detach()))
+        for name, fn in self.derived.items():
+            values[name] = fn(values)
+        state = checkpoint["state_dict"]
+        for name, value in values.items():
+            if name in state:
+                state[name] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone()
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "steps": self.steps,
