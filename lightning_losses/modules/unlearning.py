@@ -32,6 +32,8 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         retain_loss: override of the method's retain term (``"nll"``, ``"kl"``, ``None``); ``"default"`` keeps it.
         reference: reference mode; ``"auto"`` picks the cheapest correct one.
         reference_adapter: name of the reference adapter for ``"named_adapter"``.
+        reference_model: an explicit frozen reference model for ``reference="model"`` (a second copy in memory,
+            kept out of the module tree and the checkpoint).
         lr: AdamW learning rate (NPO's paper uses 1e-5 for 7B models; small models need more).
         weight_decay: AdamW weight decay.
         split_names: names of the validation dataloaders, in order.
@@ -55,6 +57,7 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         retain_loss: RetainLoss | str | None = "default",
         reference: ReferenceMode = "auto",
         reference_adapter: str = "reference",
+        reference_model: nn.Module | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         split_names: tuple[str, ...] = ("forget", "retain", "heldout"),
@@ -63,7 +66,7 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "loss"])
+        self.save_hyperparameters(ignore=["model", "loss", "reference_model"])
         self.model = model
         self.configure_unlearning(
             model,
@@ -72,6 +75,7 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
             retain_loss=retain_loss,  # type: ignore[arg-type]
             reference=reference,
             reference_adapter=reference_adapter,
+            reference_model=reference_model,
             use_hidden_states=use_hidden_states,
             original_weights_path=original_weights_path,
         )
@@ -87,6 +91,8 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         forget = batch["forget"]
         loss = self.unlearning_loss(forget, batch.get("retain"))
         size = int(forget["input_ids"].shape[0]) if isinstance(forget, dict) else int(forget[0].shape[0])
+        if self._trainer is None:
+            return loss
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         if "retain" in self.unlearning_terms:
             self.log("train/retain", self.unlearning_terms["retain"], batch_size=size)
