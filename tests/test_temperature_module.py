@@ -147,3 +147,41 @@ def test_contrastive_mixin_initialises_prototypes_tracks_state_and_trains_both_t
     assert 0.005 <= float(trainer.callback_metrics["train/tau_min"]) <= float(trainer.callback_metrics["train/tau_max"])
     assert float(trainer.callback_metrics["train/tau_max"]) <= 0.05
     assert any(not torch.equal(image_net0[k], v) for k, v in module.image_tempnet.state_dict().items())
+
+
+class _RecordingExperiment:
+    def __init__(self) -> None:
+        self.histograms: list[tuple[str, torch.Tensor, int]] = []
+
+    def add_histogram(self, tag, values, step):
+        self.histograms.append((tag, values, step))
+
+
+class _RecordingLogger(pl.loggers.Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self._experiment = _RecordingExperiment()
+
+    @property
+    def experiment(self):
+        return self._experiment
+
+    name = "recording"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+def test_tau_histogram_goes_to_a_logger_with_add_histogram(tmp_path):
+    module = _module()
+    module._tempnet_settings["histogram_every_n_steps"] = 2
+    logger = _RecordingLogger()
+    _trainer(tmp_path, max_steps=4, limit_val_batches=0, logger=logger).fit(module, _loader())
+    steps = [step for tag, _, step in logger.experiment.histograms]
+    assert steps == [0, 2] and all(tag == "train/tau" for tag, _, _ in logger.experiment.histograms)
+    values = logger.experiment.histograms[0][1]
+    assert values.numel() == 4 * 15 and bool(((values >= 0.5) & (values <= 5.0)).all())
