@@ -73,7 +73,7 @@ def test_hugging_face_tokenizer_without_pad_token(bpe, tmp_path):
     bpe.save(str(path))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     assert hf.pad_token_id is None
-    with pytest.raises(ValueError, match="tokenizer.pad_token = tokenizer.eos_token"):
+    with pytest.raises(ValueError, match=r"tokenizer\.pad_token = tokenizer\.eos_token"):
         tokenize_prompt_answer(hf, ["Speak, "], ["my lord"])
     hf.pad_token = "<|endoftext|>"
     batch = tokenize_prompt_answer(hf, ["Speak, "], ["my lord"])
@@ -102,9 +102,8 @@ def test_peft_reference_contexts_restore_state():
     torch.testing.assert_close(fresh_ref, base_out)  # a fresh reference adapter is the base model
     assert model.training and model.active_adapter == "default"
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-    with pytest.raises(ValueError, match="No adapter named 'missing'"):
-        with named_adapter(model, "missing"):
-            pass
+    with pytest.raises(ValueError, match="No adapter named 'missing'"), named_adapter(model, "missing"):
+        pass
     with eval_mode(model):
         assert not model.training
     assert model.training
