@@ -415,6 +415,22 @@ def test_distillation_per_token_beta_and_temperature_tensor():
         assert_close(g, e, torch.float64)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.6, 1.0])
+def test_distillation_closed_form_gradient_equals_autograd_path(beta):
+    # A temperature that needs a gradient sends the rows through autograd; without it the closed form is used.
+    hs, ws, bs, ht, wt, labels = make_pair()
+    per_token_t = 0.5 + torch.rand(N, dtype=torch.float64)
+    results = []
+    for needs_grad in (False, True):
+        t = per_token_t.clone().requires_grad_(needs_grad)
+        loss = linear_distillation_loss(
+            hs, ws, ht, wt, beta=torch.full((N,), beta), temperature=t, labels=labels, student_bias=bs, chunk_size=5
+        )
+        results.append((loss, *grads(loss, [hs, ws, bs])))
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float64)
+
+
 def test_distillation_equals_generalized_jsd_on_full_logits():
     from lightning_losses.functional import distillation
 

@@ -696,6 +696,56 @@ def _distillation_rows(
     return row_loss
 
 
+def _distillation_rows_and_grad(
+    mode: _Mode,
+    teacher_weight: Tensor,
+    teacher_bias: Tensor | None,
+    teacher_softcap: float | None,
+    use_temperature: bool,
+) -> RowLossAndGrad:
+    r"""Closed-form gradient with respect to the student logits :math:`z`, with :math:`s = z/T`, :math:`p =
+    \operatorname{softmax}(s)`, :math:`q` the teacher's: forward KL :math:`(p - q)/T`; otherwise
+    :math:`c\,p \odot (r - \sum_j p_j r_j)/T` with :math:`r = \log p - \log q`, :math:`c = 1` (reverse KL) or
+    :math:`r = \log p - \log m`, :math:`c = 1 - \beta` (JSD, since its derivative in :math:`p` is
+    :math:`(1-\beta)(\log p - \log m)`)."""
+
+    def row_loss_and_grad(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor]:
+        teacher_hidden, beta = extras[0], extras[1]
+        teacher = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(logits.dtype)
+        if teacher_softcap is not None:
+            teacher = teacher_softcap * torch.tanh(teacher / teacher_softcap)
+        weight = torch.as_tensor(row_grad, dtype=logits.dtype, device=logits.device)
+        if use_temperature:
+            t = extras[2].to(logits.dtype)
+            t = t if t.ndim == 0 else t.unsqueeze(1)
+            logits.div_(t)
+            teacher.div_(t)
+            weight = weight / t.squeeze(-1)
+        weight = weight.unsqueeze(-1) if weight.ndim == 1 else weight
+        log_s = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+        log_t = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))
+        p = log_s.exp()
+        if mode == "forward":
+            q = log_t.exp()
+            loss = (q * (log_t - log_s)).sum(-1)
+            return loss, p.sub_(q).mul_(weight)
+        if mode == "reverse":
+            r = log_s - log_t
+            loss = (p * r).sum(-1)
+            return loss, r.sub_(loss.unsqueeze(1)).mul_(p).mul_(weight)
+        b = beta.to(logits.dtype)
+        b = b if b.ndim == 0 else b.unsqueeze(1)
+        log_m = torch.logaddexp(log_s + torch.log1p(-b), log_t + torch.log(b))
+        teacher_term = (log_t.exp() * (log_t - log_m)).sum(-1)
+        r = log_s.sub_(log_m)
+        student_term = (p * r).sum(-1)
+        loss = b.squeeze(-1) * teacher_term + (1 - b.squeeze(-1)) * student_term
+        grad = r.sub_(student_term.unsqueeze(1)).mul_(p).mul_(weight * (1 - b))
+        return loss, grad
+
+    return row_loss_and_grad
+
+
 def linear_distillation_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -815,6 +865,19 @@ def linear_distillation_loss(
         None if teacher_softcap is None else float(teacher_softcap),
         use_t,
     )
+    closed_form = None
+    if mode != "mixed":
+        closed_form = _distillation_rows_and_grad(
+            mode,
+            teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(),
+            None if teacher_softcap is None else float(teacher_softcap),
+            use_t,
+        )
+    if chunk_size is None:
+        # The closed form keeps about 4 chunk-sized buffers, autograd through the row loss about twice as many.
+        closed = closed_form is not None and student_softcap is None and not any(e.requires_grad for e in extras)
+        chunk_size = max(1, default_chunk_size(vs) // (2 if closed else 4))
     scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
     out = _chunked(
         row_loss,
@@ -825,6 +888,7 @@ def linear_distillation_loss(
         chunk_size=chunk_size,
         softcap=student_softcap,
         scale=scale,
+        row_loss_and_grad=closed_form,
     )
     if reduction == "none":
         return _reduce(out, index, lead, reduction, n_valid)
