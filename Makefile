@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/lightning-losses distill
+	$(VENV)/bin/lightning-losses calibrate --quick
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("lightning_losses.jobs.distill", "knowledge distillation on MNIST 5k: CE, KD, DKD, DHKD, ND"),
     "tune": ("lightning_losses.jobs.tune", "KD temperature and weight tuned by a grid, PBT on Ray and STN on MNIST 5k"),
     "temperature": ("lightning_losses.jobs.temperature", "TempNet + DRO on Shakespeare, LDR/ALDR-KL on noisy MNIST 5k"),
+    "calibrate": ("lightning_losses.jobs.calibrate", "post-hoc calibrators and calibration losses on MNIST 5k"),
 }
 
 

@@ -576,9 +576,9 @@ class CorrectnessAwareCalibrator(Calibrator):
         self.top_k, self.t_min, self.t_max = top_k, t_min, t_max
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         head = nn.Linear(hidden, 1)
-        with torch.no_grad():  # start near T = 1.5 (the temperature-scaling start), inside the clamp range
+        with torch.no_grad():  # start near T = 1 (no change), inside the clamp range where gradients flow
             head.weight.mul_(0.1)
-            head.bias.fill_(1.5)
+            head.bias.fill_(1.0)
         self.net = nn.Sequential(nn.Linear(top_k * len(self.transforms), hidden), nn.ReLU(), head)
 
     @torch.no_grad()

@@ -1,0 +1,45 @@
+"""The ``calibrate`` job end to end on the small embedded digits data (one epoch, a few methods)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_losses.cli import main
+
+
+@pytest.mark.slow
+def test_calibrate_job_writes_table_and_diagrams(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    code = main(
+        [
+            "calibrate",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--width",
+            "4",
+            "--calibrators",
+            "temperature,histogram",
+            "--losses",
+            "dca",
+            "--no-progress",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "calibrate.json").read_text())
+    assert [r["kind"] for r in rows] == ["-", "post-hoc", "post-hoc", "train-time"]
+    assert rows[0]["acc %"] == rows[1]["acc %"]  # temperature scaling keeps every prediction
+    for name in ("uncalibrated", "temperature", "histogram", "dca"):
+        assert (tmp_path / f"reliability_{name}.png").stat().st_size > 1000
+
+
+def test_calibrate_job_rejects_unknown_methods(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="Unknown calibrators"):
+        main(["calibrate", "--calibrators", "beta", "--output", str(tmp_path)])
