@@ -31,7 +31,7 @@ from lightning_losses.functional.calibration import (
 from lightning_losses.jobs.common import ConvNet, ResultsTable, Timer, make_trainer, pick_image_datamodule
 from lightning_losses.losses.calibration import CALIBRATION_LOSSES
 from lightning_losses.mixins.calibration import CalibrationLossMixin
-from lightning_losses.nn.calibration import Calibrator, CorrectnessAwareCalibrator, PlattScaler
+from lightning_losses.nn.calibration import Calibrator, CorrectnessAwareCalibrator, PlattScaler, TemperatureScaler
 
 POST_HOC = tuple(name for name in CALIBRATORS if name != "platt")  # Platt scaling is for binary problems
 LOSSES = tuple(CALIBRATION_LOSSES)
@@ -97,9 +97,12 @@ def _collect(
     model: pl.LightningModule, loader: Any, ca: CorrectnessAwareCalibrator | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     model.eval()
-    logits, targets, copies = [], [], []
+    logits: list[Tensor] = []
+    targets: list[Tensor] = []
+    copies: list[Tensor] = []
     for batch in loader:
         x, y, _ = unpack_batch(batch)
+        assert y is not None
         logits.append(model(x))
         targets.append(y)
         if ca is not None:
@@ -196,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         fit_s = "callback" if name == "temperature" else f"{timer.seconds:.2f}"
         label = type(calibrator).__name__
         if name == "temperature":
-            label += f" (T = {posthoc.calibrator.temperature:.2f})"  # type: ignore[attr-defined]
+            label += f" (T = {calibrator.temperature:.2f})"  # type: ignore[attr-defined]
         table.add(method=label, kind="post-hoc", **_scores(calibrated, test_y, args.n_bins), **{"fit s": fit_s})
         _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png")
         print(f"{label}: {table.rows[-1]}")
@@ -214,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
         _diagram(logits, target, args.n_bins, loss_label, out / f"reliability_{name}.png")
         print(f"{loss_label}: {row}")
 
-    temperature = posthoc.calibrator.temperature  # type: ignore[attr-defined]
+    assert isinstance(posthoc.calibrator, TemperatureScaler)
+    temperature = posthoc.calibrator.temperature
     confidence = "over-confident" if temperature > 1 else "under-confident"
     preamble = (
         f"ConvNet width {width}, SGD lr 0.1 momentum 0.9, {epochs} epochs, batch {args.batch_size}, "
