@@ -337,3 +337,18 @@ def test_nan_and_shapes_raise() -> None:
         ClasswiseCalibrationError(3).update(torch.tensor([[0.5, 0.5]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="input_type"):
         to_probabilities(torch.rand(2, 2), "scores")  # type: ignore[arg-type]
+
+
+def test_validate_args_false_gives_the_same_value_and_still_checks_shapes() -> None:
+    logits, target = _random(500, 4)
+    for input_type, preds in (("logits", logits), ("probs", logits.softmax(1)), ("logits", logits[:, 0])):
+        fast, checked = (
+            CalibrationError(validate_args=False, input_type=input_type),
+            CalibrationError(input_type=input_type),
+        )  # type: ignore[arg-type]
+        binary_target = target.clamp(max=1) if preds.ndim == 1 else target
+        fast.update(preds, binary_target)
+        checked.update(preds, binary_target)
+        assert torch.equal(fast.compute(), checked.compute())
+    with pytest.raises(ValueError, match=r"`target` must have shape \(500,\)"):
+        CalibrationError(validate_args=False).update(logits.softmax(1), target[:10])

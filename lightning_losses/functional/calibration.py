@@ -14,6 +14,7 @@ statistics (:func:`calibration_bins`) are per-bin sums, which is what makes the 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -54,12 +55,15 @@ def _check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"`{name}` holds {bad} non-finite values (NaN or inf). Pass finite logits or probabilities.")
 
 
-def to_probabilities(probs: Tensor, input_type: InputType = "probs") -> Tensor:
+def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: bool = True) -> Tensor:
     """Validate predictions and return class probabilities of shape ``(N, C)`` in float32 (or float64).
 
     Args:
         probs: ``(N, C)`` multiclass or ``(N,)`` binary predictions (probabilities or logits).
         input_type: ``"probs"`` or ``"logits"``.
+        validate: Check values (finite, in range, rows summing to 1, logits that are probabilities). Shapes and
+            dtypes are always checked; ``False`` saves the passes over the ``N × C`` values (streaming metrics
+            with ``validate_args=False``).
 
     Raises:
         ValueError: On a wrong shape, non-finite values, probabilities outside [0, 1] or rows not summing to 1,
@@ -79,37 +83,52 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs") -> Tensor:
             f"Predictions must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(probs.shape)}."
         )
     (x,) = as_float32(probs)
-    _check_finite(x, "probs")
+    if not validate:
+        if input_type == "logits":
+            if x.ndim == 1:
+                p = torch.sigmoid(x)
+                return torch.stack([1 - p, p], dim=1)
+            return torch.softmax(x, dim=1)
+        return torch.stack([1 - x, x], dim=1) if x.ndim == 1 else x
+    if x.numel():
+        low, high = (float(v) for v in torch.aminmax(x))  # one pass: NaN and inf show up in the extremes
+    else:
+        low, high = 0.0, 1.0
+    if not (math.isfinite(low) and math.isfinite(high)):
+        _check_finite(x, "probs")
     if input_type == "logits":
-        looks_like_probs = x.ndim == 2 and x.numel() > 0 and bool(((x >= 0) & (x <= 1)).all())
-        if looks_like_probs and bool(((x.sum(dim=1) - 1).abs() < _SUM_TOL).all()):
+        if x.ndim == 1:
+            p = torch.sigmoid(x)
+            return torch.stack([1 - p, p], dim=1)
+        if x.numel() and low >= 0 and high <= 1 and bool(((x.sum(dim=1) - 1).abs() < _SUM_TOL).all()):
             raise ValueError(
                 "`input_type='logits'` but every row lies in [0, 1] and sums to 1: these look like probabilities. "
                 "Pass input_type='probs' (or pass the logits themselves)."
             )
-        if x.ndim == 1:
-            p = torch.sigmoid(x)
-            return torch.stack([1 - p, p], dim=1)
         return torch.softmax(x, dim=1)
-    if x.numel() and bool(((x < 0) | (x > 1)).any()):
+    if low < 0 or high > 1:
         raise ValueError(
-            f"`input_type='probs'` but values lie outside [0, 1] (min {float(x.min()):.4g}, max {float(x.max()):.4g}). "
+            f"`input_type='probs'` but values lie outside [0, 1] (min {low:.4g}, max {high:.4g}). "
             "These look like logits: pass input_type='logits'."
         )
     if x.ndim == 1:
         return torch.stack([1 - x, x], dim=1)
-    if x.numel() and bool(((x.sum(dim=1) - 1).abs() > _SUM_TOL).any()):
-        worst = float((x.sum(dim=1) - 1).abs().max())
-        raise ValueError(
-            f"`input_type='probs'` but rows do not sum to 1 (largest deviation {worst:.3g}). Pass normalised "
-            "probabilities, or input_type='logits' for unnormalised scores."
-        )
+    if x.numel():
+        deviation = float((x.sum(dim=1) - 1).abs().max())
+        if deviation > _SUM_TOL:
+            raise ValueError(
+                f"`input_type='probs'` but rows do not sum to 1 (largest deviation {deviation:.3g}). Pass normalised "
+                "probabilities, or input_type='logits' for unnormalised scores."
+            )
     return x
 
 
-def _prepare(probs: Tensor, target: Tensor, input_type: InputType) -> Tensor:
-    p = to_probabilities(probs, input_type)
-    check_targets(target, p.shape[1], p.shape[0])
+def _prepare(probs: Tensor, target: Tensor, input_type: InputType, validate: bool = True) -> Tensor:
+    p = to_probabilities(probs, input_type, validate)
+    if validate:
+        check_targets(target, p.shape[1], p.shape[0])
+    elif target.shape != p.shape[:1]:
+        raise ValueError(f"`target` must have shape ({p.shape[0]},), got {tuple(target.shape)}.")
     return p
 
 

@@ -62,13 +62,19 @@ class _BinnedMetric(Metric):
     corrects: list[Tensor]
 
     def __init__(
-        self, n_bins: int = 15, binning: Binning = "uniform", input_type: InputType = "probs", **kwargs: Any
+        self,
+        n_bins: int = 15,
+        binning: Binning = "uniform",
+        input_type: InputType = "probs",
+        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _check_bins(n_bins)
         _check_choice("binning", binning, ("uniform", "quantile"))
         _check_choice("input_type", input_type, ("probs", "logits"))
         self.n_bins, self.binning, self.input_type = n_bins, binning, input_type
+        self.validate_args = validate_args
         if binning == "uniform":
             for name in ("count", "confidence_sum", "correct_sum"):
                 self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
@@ -83,7 +89,7 @@ class _BinnedMetric(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``."""
-        p = _prepare(preds, target, self.input_type)
+        p = _prepare(preds, target, self.input_type, self.validate_args)
         confidence, prediction = p.max(dim=1)
         correct = (prediction == target).to(p.dtype)
         if self.binning == "uniform":
@@ -114,6 +120,8 @@ class CalibrationError(_BinnedMetric):
         norm: ``"l1"`` (ECE), ``"l2"`` or ``"max"`` (MCE).
         binning: ``"uniform"`` (constant memory) or ``"quantile"`` (equal mass; keeps 8 bytes per sample).
         input_type: ``"probs"`` or ``"logits"``.
+        validate_args: Check every batch's values (finite, in range, normalised); ``False`` skips those passes
+            over the ``N × C`` values (shapes are still checked).
 
     Example:
         >>> from lightning_losses.functional.calibration import expected_calibration_error
@@ -131,9 +139,10 @@ class CalibrationError(_BinnedMetric):
         norm: Norm = "l1",
         binning: Binning = "uniform",
         input_type: InputType = "probs",
+        validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(n_bins, binning, input_type, **kwargs)
+        super().__init__(n_bins, binning, input_type, validate_args, **kwargs)
         _check_choice("norm", norm, ("l1", "l2", "max"))
         self.norm: Norm = norm
 
