@@ -464,3 +464,15 @@ def test_self_tuning_drives_kd_temperature_per_sample_and_tied_weights():
     current = stn.current()
     assert float(module.get_hyperparameter("kd.temperature")) == pytest.approx(current["kd.temperature"])
     assert 1.0 < current["kd.temperature"] < 10.0 and current["kd.temperature"] != pytest.approx(4.0, abs=1e-4)
+
+
+def test_hypernet_input_is_the_position_inside_the_range():
+    bounded, positive = BoundedTransform(2.0, 6.0), PositiveTransform()
+    for value in (2.5, 4.0, 5.5):
+        u = torch.tensor(bounded.inverse(value))
+        assert float(bounded.hypernet_input(u)) == pytest.approx(2 * (value - 2.0) / 4.0 - 1, abs=1e-5)
+    u = torch.linspace(-50, 50, 101)
+    assert bool((positive.hypernet_input(u).abs() < 1).all())
+    hp = PerturbedHyperparameters({"a": bounded, "b": positive}, {"a": 4.0, "b": 1.0})
+    h = hp.hypernet_input(hp.sample(5))
+    assert h.shape == (5, 2) and bool((h.abs() < 1).all())

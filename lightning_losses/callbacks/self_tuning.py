@@ -277,7 +277,7 @@ class SelfTuning(Callback):
         for name, fn in self.derived.items():
             values[name] = fn(values)
         apply_hyperparameters(pl_module, values, trainer)
-        condition_hyper_layers(pl_module, u)
+        condition_hyper_layers(pl_module, hp.hypernet_input(u))
 
     def _apply_current(self, pl_module: pl.LightningModule) -> None:
         hp, _ = self._require()
@@ -346,7 +346,8 @@ class SelfTuning(Callback):
 
         def objective(u_hat: Tensor) -> Tensor:
             self._apply(pl_module, u_hat.detach())
-            condition_hyper_layers(pl_module, u_hat)  # the only path from the hyperparameters to the loss
+            # the only path from the hyperparameters to the loss
+            condition_hyper_layers(pl_module, hp.hypernet_input(u_hat))
             return self.validation_loss(pl_module, batch)
 
         try:

@@ -19,7 +19,7 @@ Example:
     >>> layer = HyperLinear(3, 2, num_hyperparameters=1)
     >>> hp = PerturbedHyperparameters({"ls.amount": BoundedTransform(0.0, 0.5)}, {"ls.amount": 0.1})
     >>> u = hp.sample(4)
-    >>> n = condition_hyper_layers(layer, u)
+    >>> n = condition_hyper_layers(layer, hp.hypernet_input(u))
     >>> tuple(layer(torch.randn(4, 3)).shape), n
     ((4, 2), 1)
     >>> bool(((hp.values(u)["ls.amount"] > 0) & (hp.values(u)["ls.amount"] < 0.5)).all())
@@ -61,6 +61,14 @@ class HyperparameterTransform:
     def inverse(self, value: float) -> float:
         """The unconstrained ``u`` whose transform is ``value``."""
         raise NotImplementedError
+
+    def hypernet_input(self, u: Tensor) -> Tensor:
+        r"""What the hyper-layers see of ``u``: the position inside the range, in :math:`(-1, 1)`.
+
+        Default :math:`2\,\mathrm{sigmoid}(u) - 1`. A bounded input keeps the gates' scale (and their training
+        gradients) independent of how wide the hyperparameter's range is.
+        """
+        return 2.0 * torch.sigmoid(u) - 1.0
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -110,6 +118,10 @@ class PositiveTransform(HyperparameterTransform):
 
     def __call__(self, u: Tensor) -> Tensor:
         return self.low + F.softplus(u)
+
+    def hypernet_input(self, u: Tensor) -> Tensor:
+        """The softsign ``u / (1 + |u|)``: unbounded above, so a slower squashing than the sigmoid."""
+        return u / (1.0 + u.abs())
 
     def inverse(self, value: float) -> float:
         if not value > self.low:
@@ -374,6 +386,10 @@ class PerturbedHyperparameters(nn.Module):
             eps = torch.where(self.per_example_mask.cpu(), eps, shared.expand_as(eps)).to(u.device)
             out = u + self.scale() * eps
         return out[0] if batch_size is None else out
+
+    def hypernet_input(self, u: Tensor) -> Tensor:
+        """The condition of the hyper-layers for unconstrained ``u`` (``(k,)`` or ``(batch, k)``), in (-1, 1)."""
+        return torch.stack([t.hypernet_input(u[..., j]) for j, t in enumerate(self.transforms)], dim=-1)
 
     def values(self, u: Tensor) -> dict[str, Tensor]:
         """Admissible values of each hyperparameter from unconstrained ``u`` of shape ``(k,)`` or ``(batch, k)``.
