@@ -108,7 +108,7 @@ def _row(loss: str, n: int, d: int, v: int, dtype: str, naive: Measurement, chun
         "d": d,
         "V": v,
         "dtype": dtype,
-        "chunk rows": default_chunk_size(v) if loss == "ce" else max(1, default_chunk_size(v) // 4),
+        "chunk rows": default_chunk_size(v) if loss == "ce" else max(1, default_chunk_size(v) // 2),
         "naive s": ms(naive, "time_s"),
         "chunked s": ms(chunked, "time_s"),
         "time chunked/naive": chunked.time_s / naive.time_s if both else float("nan"),

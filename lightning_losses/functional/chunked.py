@@ -384,9 +384,8 @@ def _select(t: Tensor, index: Tensor) -> Tensor:
     return t if t.ndim == 0 else t.index_select(0, index)
 
 
-def _reduce(
-    rows: Tensor, index: Tensor, lead_shape: torch.Size, reduction: Reduction, n_valid: int
-) -> Tensor:  # only for "none"
+def _scatter_rows(rows: Tensor, index: Tensor, lead_shape: torch.Size) -> Tensor:
+    """Per-row values of the counted rows back in the leading shape, 0 at the rows left out (differentiable)."""
     full = rows.new_zeros(int(torch.Size(lead_shape).numel()))
     return full.index_put((index,), rows).reshape(lead_shape)
 
@@ -544,7 +543,7 @@ def linear_cross_entropy(
         >>> hidden.grad.shape, weight.grad.shape
         (torch.Size([10, 8]), torch.Size([37, 8]))
     """
-    out, index, n_valid = _ce_like(
+    out, index, _ = _ce_like(
         hidden,
         weight,
         target,
@@ -559,7 +558,7 @@ def linear_cross_entropy(
         target_name="target",
     )
     if reduction == "none":
-        return _reduce(out, index, target.shape, reduction, n_valid)
+        return _scatter_rows(out, index, target.shape)
     return out
 
 
@@ -891,5 +890,5 @@ def linear_distillation_loss(
         row_loss_and_grad=closed_form,
     )
     if reduction == "none":
-        return _reduce(out, index, lead, reduction, n_valid)
+        return _scatter_rows(out, index, lead)
     return out
