@@ -213,6 +213,9 @@ def test_autocast_bfloat16_keeps_float32_loss():
         expected = naive_ce(hidden.bfloat16(), weight.bfloat16(), target, bias.bfloat16())
     assert loss.dtype == torch.float32
     assert_close(loss, expected, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 backbone output with a float32 head is fine here
+        mixed = linear_cross_entropy(hidden.bfloat16(), weight, target, bias, chunk_size=CHUNK)
+    torch.testing.assert_close(mixed, loss)
     for g, e in zip(grads(loss, [hidden, weight, bias]), grads(expected, [hidden, weight, bias])):
         assert g.dtype == torch.float32
         assert_close(g, e, torch.bfloat16)

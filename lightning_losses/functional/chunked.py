@@ -299,18 +299,23 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, prefix: str
             f"`{b}` must have shape (V,) = ({weight.shape[0]},) to match `{w}`, got shape {tuple(bias.shape)}."
         )
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if len(dtypes) > 1:
+    if len(dtypes) > 1 and not _autocast_dtype(hidden.device.type):
         raise ValueError(
             f"`{h}`, `{w}` and `{b}` must share one dtype, got {sorted(str(d) for d in dtypes)}. Cast them to the "
             "same dtype (or run under torch.autocast, which casts them to the autocast dtype)."
         )
 
 
+def _autocast_dtype(device: str) -> torch.dtype | None:
+    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def _autocast_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Under autocast, cast the matrix-product operands as ``F.linear`` would (the loss itself stays float32)."""
-    device = hidden.device.type
-    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
+    dtype = _autocast_dtype(hidden.device.type)
+    if dtype is not None:
         return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return hidden, weight, bias
 
