@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("lightning_losses.jobs.tune", "KD temperature and weight tuned by a grid, PBT on Ray and STN on MNIST 5k"),
     "temperature": ("lightning_losses.jobs.temperature", "TempNet + DRO on Shakespeare, LDR/ALDR-KL on noisy MNIST 5k"),
     "calibrate": ("lightning_losses.jobs.calibrate", "post-hoc calibrators and calibration losses on MNIST 5k"),
+    "unlearn": ("lightning_losses.jobs.unlearn", "forget a Shakespeare play: GA, GradDiff, NPO, SimNPO, FLAT via LoRA"),
 }
 
 
