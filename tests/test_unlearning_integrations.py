@@ -120,7 +120,7 @@ def test_unlearning_datamodule_batches():
     assert bool((forget["labels"][:, :8] == -100).all()) and bool((forget["labels"][:, 8:] >= 0).all())
     assert torch.equal(forget["template_input_ids"][:, :8], forget["input_ids"][:, :8])
     assert "template_input_ids" not in retain
-    forget_idx = set(dm.split("forget").indices.tolist())
+    forget_idx = set(dm.shakespeare.dataset("forget").indices.tolist())
     assert set(forget["index"].tolist()) <= forget_idx
     assert not set(retain["index"].tolist()) & forget_idx
     assert len(dm.val_dataloader()) == 3

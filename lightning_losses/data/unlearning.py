@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, Subset
 
-from lightning_losses.data.shakespeare import LMBlockDataset, ShakespeareDataModule
+from lightning_losses.data.shakespeare import ShakespeareDataModule
 
 __all__ = ["UnlearningBatchCollator", "UnlearningDataModule"]
 
@@ -78,6 +78,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         prompt_tokens: leading tokens per block treated as the prompt (labels masked).
         template_text: the refusal text used as FLAT / IdkDPO template answer.
         max_forget_blocks: use only this many forget blocks (a fixed random subset), or all.
+        max_retain_blocks: use only this many retain blocks (a fixed random subset), or all.
         max_eval_blocks: blocks per split in validation (fixed random subsets).
         heldout_fraction: tail fraction of each retain play held out of training.
         seed: seed of the subsets and shuffles.
@@ -102,6 +103,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         prompt_tokens: int = 0,
         template_text: str = " I know not, my lord; I cannot say.",
         max_forget_blocks: int | None = None,
+        max_retain_blocks: int | None = None,
         max_eval_blocks: int = 64,
         heldout_fraction: float = 0.05,
         seed: int = 0,
@@ -124,7 +126,8 @@ class UnlearningDataModule(pl.LightningDataModule):
             cache_dir=cache_dir,
         )
         self.batch_size, self.prompt_tokens, self.template_text = batch_size, prompt_tokens, template_text
-        self.max_forget_blocks, self.max_eval_blocks, self.seed = max_forget_blocks, max_eval_blocks, seed
+        self.max_forget_blocks, self.max_retain_blocks = max_forget_blocks, max_retain_blocks
+        self.max_eval_blocks, self.seed = max_eval_blocks, seed
 
     @property
     def tokenizer(self) -> Any:
@@ -136,16 +139,19 @@ class UnlearningDataModule(pl.LightningDataModule):
         if len(self.shakespeare.dataset("forget")) == 0:
             raise ValueError(f"The forget play {self.shakespeare.forget_play!r} has no block: nothing to forget.")
 
-    def _subset(self, dataset: LMBlockDataset, limit: int | None, salt: int) -> Any:
+    def _subset(self, dataset: Any, limit: int | None, salt: int) -> Any:
         if limit is None or limit >= len(dataset):
             return dataset
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed + salt))
         return Subset(dataset, order[:limit].sort().values.tolist())
 
     def split(self, name: str, limit: int | None = None) -> Any:
-        """A split (``"forget"``, ``"retain"``, ``"heldout"``, ``"train"``), optionally a fixed random subset."""
-        salt = {"forget": 1, "retain": 2, "heldout": 3, "train": 4}.get(name, 5)
-        return self._subset(self.shakespeare.dataset(name), limit, salt)  # type: ignore[arg-type]
+        """A split (``"forget"``, ``"retain"``, ``"heldout"``), within ``max_forget_blocks`` / ``max_retain_blocks``,
+        optionally cut to a fixed random subset of ``limit`` blocks."""
+        salt = {"forget": 1, "retain": 2, "heldout": 3}.get(name, 5)
+        cap = {"forget": self.max_forget_blocks, "retain": self.max_retain_blocks}.get(name)
+        data = self._subset(self.shakespeare.dataset(name), cap, salt)
+        return self._subset(data, limit, salt + 10)
 
     def collator(self, with_template: bool) -> UnlearningBatchCollator:
         """The collate function of the forget (``with_template``) or other splits."""
@@ -166,7 +172,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        forget = self.dataloader("forget", shuffle=True, limit=self.max_forget_blocks)
+        forget = self.dataloader("forget", shuffle=True)
         retain_data = self.split("retain")
         n_forget = len(forget.dataset)  # type: ignore[arg-type]
         sampler = RandomSampler(
