@@ -150,7 +150,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         optionally cut to a fixed random subset of ``limit`` blocks."""
         salt = {"forget": 1, "retain": 2, "heldout": 3}.get(name, 5)
         cap = {"forget": self.max_forget_blocks, "retain": self.max_retain_blocks}.get(name)
-        data = self._subset(self.shakespeare.dataset(name), cap, salt)
+        data = self._subset(self.shakespeare.dataset(name), cap, salt)  # type: ignore[arg-type]
         return self._subset(data, limit, salt + 10)
 
     def collator(self, with_template: bool) -> UnlearningBatchCollator:

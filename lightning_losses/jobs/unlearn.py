@@ -67,6 +67,7 @@ class _PeakRSS:
     def __init__(self, interval: float = 0.02) -> None:
         self.interval, self.peak_mib = interval, float("nan")
         self._stop = threading.Event()
+        self._base = self._peak = 0
 
     @staticmethod
     def _rss() -> int:
