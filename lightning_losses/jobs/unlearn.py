@@ -168,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
     progress = not args.no_progress
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.output)
     key = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
     cache = out / "cache" / key
