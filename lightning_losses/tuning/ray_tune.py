@@ -1,0 +1,451 @@
+r"""Population Based Training (and PB2) of a LightningModule's loss hyperparameters on Ray Tune.
+
+Every trial is a function trainable running one plain Lightning ``fit``. At the end of every validation epoch it
+reports the metric and a checkpoint (the Lightning checkpoint and the trial's lineage) with ``ray.tune.report``;
+Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining` (or :class:`~ray.tune.schedulers.pb2.PB2`) ranks
+the trials every ``perturbation_interval`` epochs, and a trial of the bottom quantile restarts from the checkpoint of
+a top-quantile donor with an explored configuration:
+
+.. math::
+    \lambda' = \operatorname{clip}_{[a, b]}\big(\lambda \cdot f\big),\ f \in \{1.2, 0.8\}
+    \quad\text{or, with probability } p_{\text{resample}},\quad \lambda' \sim \mathcal U[a, b]
+
+(PB2 replaces the random step by a GP-bandit over the bounds). Ray does not clip perturbed values, so a
+``custom_explore_fn`` (:class:`ClipToBounds`) clips them; Ray skips donors that have not reported a checkpoint yet.
+
+The restored trial resumes through Lightning's ``ckpt_path`` and the trial's configuration is applied in
+``on_train_start`` (:class:`~lightning_losses.tuning.pbt.ApplyHyperparameters`), after Lightning has restored the
+module, the loops and the optimizer param groups, so neither the checkpoint nor the restored ``lr`` /
+``weight_decay`` override the mutated values. Each checkpoint carries the lineage ``[(start_epoch, config), ...]``
+of its trial, returned as the discovered schedules.
+
+Ray is imported lazily (extra ``tune``). PB2 needs scikit-learn in recent Ray releases (GPy in old ones); without
+it :func:`tune_population_based_training` raises an ImportError naming the package.
+
+Example:
+    >>> from lightning_losses.tuning.pbt import SearchDimension
+    >>> clip = ClipToBounds({"kd.temperature": SearchDimension(1.0, 8.0)})
+    >>> clip({"kd.temperature": 9.6, "other": 3.0})
+    {'kd.temperature': 8.0, 'other': 3.0}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_losses._utils import require
+from lightning_losses.tuning.pbt import ApplyHyperparameters, PBTResult, SearchDimension
+
+__all__ = ["ClipToBounds", "TuneReportCheckpoint", "tune_population_based_training"]
+
+MODEL_FILE = "model.ckpt"
+LINEAGE_FILE = "lineage.json"
+
+
+class ClipToBounds:
+    """Ray Tune ``custom_explore_fn``: clip (and round integer) values of the search space into their bounds.
+
+    Ray's PBT multiplies by a perturbation factor without clipping; this runs after it. Names outside the search
+    space are left alone.
+
+    Example:
+        >>> from lightning_losses.tuning.pbt import SearchDimension
+        >>> ClipToBounds({"n": SearchDimension(1, 4, integer=True)})({"n": 4.8})
+        {'n': 4.0}
+    """
+
+    def __init__(self, space: Mapping[str, SearchDimension]) -> None:
+        self.space = dict(space)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for name, dim in self.space.items():
+            if name in config:
+                config[name] = dim.clip(float(config[name]))
+        return config
+
+
+class TuneReportCheckpoint(Callback):
+    """Report the logged metrics and a checkpoint to Ray Tune at the end of every validation epoch.
+
+    The checkpoint directory holds the Lightning checkpoint (``model.ckpt``) and ``lineage.json`` (the writing
+    trial, the epoch and the lineage of configurations). Besides the logged scalars, the report holds ``epoch``
+    (epochs completed), ``global_step``, ``start_step`` (the global step this run started from, after restore),
+    ``restored_epoch``, ``donor`` (the trial whose checkpoint this run restored, ``"none"`` for the trial's own or
+    none), ``hp/<name>`` (the configuration applied) and ``observed/<name>`` (the values read back at the first
+    training batch: what was in effect after restore).
+
+    Args:
+        metric: The metric PBT ranks by; a clear error is raised when it was not logged.
+        apply: The callback applying the trial's configuration.
+        lineage: The trial's ``[(start_epoch, config), ...]``.
+        trial_id: The Ray trial id of this run.
+        donor: The trial whose checkpoint this run restored, if another one.
+        restored_epoch: Epochs completed in the restored checkpoint (0 for a fresh start).
+
+    Example:
+        >>> cb = TuneReportCheckpoint("val_loss", ApplyHyperparameters({"lr": 0.1}), [(0, {"lr": 0.1})], "t0")
+        >>> cb.metric, cb.donor
+        ('val_loss', 'none')
+    """
+
+    def __init__(
+        self,
+        metric: str,
+        apply: ApplyHyperparameters,
+        lineage: Sequence[tuple[int, Mapping[str, float]]],
+        trial_id: str,
+        donor: str | None = None,
+        restored_epoch: int = 0,
+    ) -> None:
+        super().__init__()
+        self.metric, self.apply = metric, apply
+        self.lineage = [(int(e), dict(c)) for e, c in lineage]
+        self.trial_id, self.donor, self.restored_epoch = trial_id, donor or "none", restored_epoch
+        self.start_step = 0
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start_step = int(trainer.global_step)
+
+    def _metrics(self, trainer: pl.Trainer) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                metrics[key] = float(value)
+        if self.metric not in metrics:
+            available = ", ".join(sorted(metrics)) or "none"
+            raise KeyError(
+                f"The metric {self.metric!r} was not logged during validation (logged: {available}). Log it with "
+                "`self.log(...)` in `validation_step` or pass the right `metric=`."
+            )
+        metrics.update(
+            epoch=int(trainer.current_epoch) + 1,
+            global_step=int(trainer.global_step),
+            start_step=self.start_step,
+            restored_epoch=self.restored_epoch,
+            donor=self.donor,
+        )
+        metrics.update({f"hp/{k}": float(v) for k, v in self.apply.config.items()})
+        metrics.update({f"observed/{k}": float(v) for k, v in (self.apply.observed or {}).items()})
+        return metrics
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tune = require("ray.tune", "tune")
+        metrics = self._metrics(trainer)
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(str(Path(folder) / MODEL_FILE))
+            state = {"trial_id": self.trial_id, "epoch": metrics["epoch"], "lineage": self.lineage}
+            (Path(folder) / LINEAGE_FILE).write_text(json.dumps(state))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+class _TrialSetup:
+    """Everything a trial needs besides its config (shipped to the workers through ``tune.with_parameters``)."""
+
+    def __init__(
+        self,
+        module_factory: Callable[[], pl.LightningModule],
+        datamodule_factory: Callable[[], pl.LightningDataModule],
+        metric: str,
+        max_epochs: int,
+        trainer_kwargs: Mapping[str, Any],
+        derived: Mapping[str, Callable[[Mapping[str, float]], float]],
+        seed: int,
+        num_threads: int,
+    ) -> None:
+        self.module_factory, self.datamodule_factory = module_factory, datamodule_factory
+        self.metric, self.max_epochs, self.trainer_kwargs = metric, max_epochs, dict(trainer_kwargs)
+        self.derived, self.seed, self.num_threads = dict(derived), seed, num_threads
+
+    def derive(self, config: Mapping[str, Any]) -> dict[str, float]:
+        out = {str(k): float(v) for k, v in config.items()}
+        for name, fn in self.derived.items():
+            out[name] = float(fn(out))
+        return out
+
+
+def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
+    """The function trainable: one Lightning fit, resumed from Tune's checkpoint when there is one."""
+    tune = require("ray.tune", "tune")
+    torch.set_num_threads(setup.num_threads)
+    trial_id = str(tune.get_context().get_trial_id())
+    values = setup.derive(config)
+    lineage: list[tuple[int, dict[str, float]]] = [(0, dict(values))]
+    donor, restored_epoch, ckpt_path = None, 0, None
+    local = Path(tempfile.mkdtemp(prefix="pbt_restore_"))
+    try:
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                shutil.copy(Path(folder) / MODEL_FILE, local / MODEL_FILE)
+                state = json.loads((Path(folder) / LINEAGE_FILE).read_text())
+            ckpt_path = str(local / MODEL_FILE)
+            restored_epoch = int(state["epoch"])
+            lineage = [(int(e), {k: float(v) for k, v in c.items()}) for e, c in state["lineage"]]
+            if state["trial_id"] != trial_id:
+                donor = str(state["trial_id"])
+            if lineage[-1][1] != values:
+                lineage.append((restored_epoch, dict(values)))
+        pl.seed_everything(setup.seed + restored_epoch, verbose=False)
+        module, datamodule = setup.module_factory(), setup.datamodule_factory()
+        apply = ApplyHyperparameters(values)
+        report = TuneReportCheckpoint(setup.metric, apply, lineage, trial_id, donor, restored_epoch)
+        options: dict[str, Any] = dict(
+            accelerator="auto",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        options.update(setup.trainer_kwargs)
+        options["max_epochs"] = setup.max_epochs
+        options["callbacks"] = [apply, report, *options.get("callbacks", [])]
+        trainer = pl.Trainer(**options)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _domain(tune: Any, dim: SearchDimension) -> Any:
+    return tune.loguniform(dim.low, dim.high) if dim.log else tune.uniform(dim.low, dim.high)
+
+
+def _make_scheduler(
+    kind: str,
+    space: Mapping[str, SearchDimension],
+    metric: str,
+    mode: str,
+    perturbation_interval: int,
+    quantile_fraction: float,
+    resample_probability: float,
+    synch: bool,
+) -> Any:
+    tune = require("ray.tune", "tune")
+    common: dict[str, Any] = dict(
+        time_attr="epoch",
+        metric=metric,
+        mode=mode,
+        perturbation_interval=perturbation_interval,
+        quantile_fraction=quantile_fraction,
+        custom_explore_fn=ClipToBounds(space),
+        synch=synch,
+    )
+    if kind == "pbt":
+        schedulers = require("ray.tune.schedulers", "tune")
+        return schedulers.PopulationBasedTraining(
+            hyperparam_mutations={name: _domain(tune, dim) for name, dim in space.items()},
+            resample_probability=resample_probability,
+            **common,
+        )
+    pb2 = require("ray.tune.schedulers.pb2", "tune")
+    try:
+        return pb2.PB2(hyperparam_bounds={name: [dim.low, dim.high] for name, dim in space.items()}, **common)
+    except (ImportError, RuntimeError) as err:
+        raise ImportError(
+            "Ray Tune's PB2 scheduler needs its Gaussian-process package: scikit-learn in recent Ray releases, GPy "
+            f'in older ones ({err}). Install it with: pip install "lightning-losses[tune]" (and `pip install GPy` '
+            'for older Ray), or use scheduler="pbt".'
+        ) from err
+
+
+def tune_population_based_training(
+    module_factory: Callable[[], pl.LightningModule],
+    datamodule_factory: Callable[[], pl.LightningDataModule],
+    search_space: Mapping[str, SearchDimension],
+    *,
+    metric: str,
+    mode: Literal["min", "max"],
+    population_size: int = 4,
+    perturbation_interval: int = 1,
+    max_epochs: int = 4,
+    scheduler: Literal["pbt", "pb2"] = "pbt",
+    quantile_fraction: float = 0.25,
+    resample_probability: float = 0.25,
+    resources_per_trial: Mapping[str, float] | None = None,
+    storage_path: str | Path | None = None,
+    ray_address: str | None = None,
+    seed: int = 0,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    initial_configs: Sequence[Mapping[str, float]] | None = None,
+    derived: Mapping[str, Callable[[Mapping[str, float]], float]] | None = None,
+    synch: bool = False,
+) -> PBTResult:
+    """Run PBT (or PB2) on Ray Tune over named hyperparameters of a LightningModule; return what it found.
+
+    Args:
+        module_factory: ``() -> LightningModule`` (picklable); weights of a restored trial come from the checkpoint.
+        datamodule_factory: ``() -> LightningDataModule`` (picklable).
+        search_space: Dotted hyperparameter names (``"kd.temperature"``) and ``"lr"`` / ``"weight_decay"``
+            mapped to their bounds; initial values are drawn from them (log-uniform where ``log``).
+        metric: Validation metric logged by the module (``self.log(metric, ...)``).
+        mode: ``"max"`` or ``"min"``.
+        population_size: Number of trials.
+        perturbation_interval: Epochs between two exploit / explore decisions of a trial.
+        max_epochs: Epochs every trial trains.
+        scheduler: ``"pbt"`` (Ray's PopulationBasedTraining) or ``"pb2"`` (Ray's PB2, needs scikit-learn).
+        quantile_fraction: Fraction of the population in the bottom / top quantile (0 < q ≤ 0.5).
+        resample_probability: Probability of resampling a value instead of perturbing it (PBT only).
+        resources_per_trial: ``{"cpu": 1}`` by default; ``"gpu"`` to give each trial GPUs.
+        storage_path: Where Ray Tune writes trials and checkpoints (shared storage on a cluster); a temporary
+            folder by default (the best checkpoint then lives until the interpreter exits).
+        ray_address: Address of a Ray cluster (``"auto"``); ``None`` starts (or reuses) a local Ray.
+        seed: Seed of the initial sampling and of the Lightning runs.
+        trainer_kwargs: Extra ``pl.Trainer`` arguments (``limit_train_batches`` ...).
+        initial_configs: Starting configurations of the first trials (the rest sampled).
+        derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``
+            (picklable functions).
+        synch: Ray's synchronous PBT: wait for the whole population at every perturbation.
+
+    Returns:
+        A :class:`~lightning_losses.tuning.pbt.PBTResult`: trial indices follow Ray's trial order; ``table`` has one
+        row per report (epoch, trial, score, config, donor, restored_epoch, start_step, global_step, observed,
+        trial_id, and ``metrics``: every number reported); ``schedules`` are the lineages read from every
+        trial's own last checkpoint.
+
+    Raises:
+        ValueError: On an empty search space, a population below 2, bad mode / fraction / intervals.
+        ImportError: Without Ray Tune, or for PB2 without its Gaussian-process package.
+    """
+    if not search_space:
+        raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
+    if population_size < 2:
+        raise ValueError(f"`population_size` must be >= 2 for PBT to exploit, got {population_size}.")
+    if perturbation_interval < 1 or max_epochs < 1:
+        raise ValueError(
+            f"`perturbation_interval` and `max_epochs` must be >= 1, got {perturbation_interval} and {max_epochs}."
+        )
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+    if not 0 < quantile_fraction <= 0.5:
+        raise ValueError(f"`quantile_fraction` must be in (0, 0.5], got {quantile_fraction}.")
+    if not 0 <= resample_probability <= 1:
+        raise ValueError(f"`resample_probability` must be in [0, 1], got {resample_probability}.")
+    if scheduler not in ("pbt", "pb2"):
+        raise ValueError(f"`scheduler` must be 'pbt' or 'pb2', got {scheduler!r}.")
+    if initial_configs is not None and len(initial_configs) > population_size:
+        raise ValueError(
+            f"`initial_configs` holds {len(initial_configs)} configurations for a population of {population_size}."
+        )
+    resources = dict(resources_per_trial or {"cpu": 1})
+    unknown = set(resources) - {"cpu", "gpu"}
+    if unknown:
+        raise ValueError(f"`resources_per_trial` keys must be 'cpu' and 'gpu', got {sorted(unknown)}.")
+    space = dict(search_space)
+    ray = require("ray", "tune")
+    tune = require("ray.tune", "tune")
+    search = require("ray.tune.search", "tune")
+    sched = _make_scheduler(
+        scheduler, space, metric, mode, perturbation_interval, quantile_fraction, resample_probability, synch
+    )
+    if not ray.is_initialized():
+        ray.init(
+            address=ray_address,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    setup = _TrialSetup(
+        module_factory,
+        datamodule_factory,
+        metric,
+        max_epochs,
+        trainer_kwargs or {},
+        derived or {},
+        seed,
+        max(1, int(resources.get("cpu", 1))),
+    )
+    trainable = tune.with_resources(tune.with_parameters(_train_trial, setup=setup), resources)
+    points = [{n: space[n].clip(v) if n in space else float(v) for n, v in c.items()} for c in (initial_configs or [])]
+    storage = Path(storage_path) if storage_path is not None else Path(tempfile.mkdtemp(prefix="tune_pbt_"))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={name: _domain(tune, dim) for name, dim in space.items()},
+        tune_config=tune.TuneConfig(
+            scheduler=sched,
+            num_samples=population_size,
+            search_alg=search.BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed),
+            reuse_actors=True,  # no new worker process (and torch import) per exploit
+        ),
+        run_config=tune.RunConfig(
+            name=f"pbt_{scheduler}",
+            storage_path=str(storage.resolve()),
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # donors' checkpoints must survive
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} trial(s) failed; the first error: {grid.errors[0]}")
+    return _collect(grid, metric, mode)
+
+
+def _collect(grid: Any, metric: str, mode: str) -> PBTResult:
+    results = list(grid)
+    # a trial's own id from its reports: after an exploit Ray copies the donor's last result into the trial
+    frames = [r.metrics_dataframe for r in results]
+    index = {str(frame["trial_id"].iloc[0]): i for i, frame in enumerate(frames)}
+    table: list[dict[str, Any]] = []
+    schedules: dict[int, list[tuple[int, dict[str, float]]]] = {}
+    checkpoints: dict[int, str] = {}
+    tune = require("ray.tune", "tune")
+    for i, (result, frame) in enumerate(zip(results, frames)):
+        for _, row in frame.iterrows():
+            donor = row.get("donor")
+            table.append(
+                {
+                    "epoch": int(row["epoch"]),
+                    "trial": i,
+                    "trial_id": str(row["trial_id"]),
+                    "score": float(row[metric]),
+                    "config": {k[3:]: float(v) for k, v in row.items() if str(k).startswith("hp/")},
+                    "observed": {k[9:]: float(v) for k, v in row.items() if str(k).startswith("observed/")},
+                    "donor": index.get(str(donor)) if isinstance(donor, str) else None,
+                    "restored_epoch": int(row["restored_epoch"]),
+                    "start_step": int(row["start_step"]),
+                    "global_step": int(row["global_step"]),
+                    "metrics": {
+                        str(k): float(v)
+                        for k, v in row.items()
+                        if isinstance(v, (int, float)) and not str(k).startswith(("hp/", "observed/", "config/"))
+                    },
+                }
+            )
+        # the trial's own newest checkpoint (``result.checkpoint`` may still be the donor's after an exploit)
+        own = tune.Checkpoint(f"{result.path}/{frame['checkpoint_dir_name'].iloc[-1]}", result.filesystem)
+        checkpoints[i] = own.path
+        with own.as_directory() as folder:
+            state = json.loads((Path(folder) / LINEAGE_FILE).read_text())
+        schedules[i] = [(int(e), {k: float(v) for k, v in c.items()}) for e, c in state["lineage"]]
+    sign = 1.0 if mode == "max" else -1.0
+
+    last = {i: max((r for r in table if r["trial"] == i), key=lambda r: r["epoch"]) for i in range(len(results))}
+
+    def final(i: int) -> float:
+        score = float(last[i]["score"])
+        return sign * score if math.isfinite(score) else -math.inf
+
+    best = max(range(len(results)), key=final)
+    return PBTResult(
+        best_trial=best,
+        best_score=float(last[best]["score"]),
+        best_config=dict(last[best]["config"]),
+        best_checkpoint=f"{checkpoints[best]}/{MODEL_FILE}",
+        schedules=schedules,
+        table=table,
+    )

@@ -1,0 +1,182 @@
+"""PBT on Ray Tune: the clipping explore function, argument checks, and one end-to-end run of 2 trials proving that
+the worse trial exploits the better one's checkpoint (its step counter continues), with the perturbed loss
+hyperparameter and learning rate in effect after restore."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_losses.losses.base import LossModule
+from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.tuning.pbt import SearchDimension
+from lightning_losses.tuning.ray_tune import ClipToBounds, tune_population_based_training
+
+SPACE = {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(1e-3, 1.0, log=True)}
+
+
+# ------------------------------------------------------------------------------------------ explore / clip
+def test_clip_to_bounds_after_ray_perturbation():
+    space = {"a": SearchDimension(0.0, 1.0), "n": SearchDimension(1, 5, integer=True)}
+    clip = ClipToBounds(space)
+    assert clip({"a": 1.2, "n": 5.6, "other": 9.0}) == {"a": 1.0, "n": 5.0, "other": 9.0}
+    assert clip({"a": -0.1, "n": 0.2}) == {"a": 0.0, "n": 1.0}
+    assert clip({"a": 0.5}) == {"a": 0.5}  # inside: unchanged; missing names are left missing
+
+
+def test_ray_explore_then_clip_stays_in_bounds():
+    schedulers = pytest.importorskip("ray.tune.schedulers.pbt")
+    tune = pytest.importorskip("ray.tune")
+    random.seed(0)
+    mutations = {"a": tune.uniform(0.0, 1.0)}
+    config = {"a": 0.95}
+    unclipped = []
+    for _ in range(200):  # Ray's own explore, then our custom_explore_fn
+        raw = schedulers._explore(config, mutations, 0.25, (1.2, 0.8), None)[0]
+        unclipped.append(raw["a"])
+        config = schedulers._explore(config, mutations, 0.25, (1.2, 0.8), ClipToBounds({"a": SearchDimension(0, 1)}))[0]
+        assert 0.0 <= config["a"] <= 1.0
+    assert max(unclipped) > 1.0  # Ray alone leaves the bounds: the clipping is needed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"search_space": {}}, "search space is empty"),
+        ({"population_size": 1}, "population_size"),
+        ({"mode": "maximum"}, "mode"),
+        ({"quantile_fraction": 0.75}, "quantile_fraction"),
+        ({"scheduler": "asha"}, "scheduler"),
+        ({"resources_per_trial": {"tpu": 1}}, "resources_per_trial"),
+        ({"max_epochs": 0}, "max_epochs"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    options = dict(search_space=SPACE, metric="val_loss", mode="min")
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        tune_population_based_training(_module, _datamodule, **options)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------- end to end
+class Smoothing(LossModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_hyperparameter("amount", 0.05, low=0.0, high=1.0)
+
+    def forward(self, logits, target):
+        logp = logits.log_softmax(-1)
+        nll = -logp.gather(1, target[:, None])[:, 0]
+        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
+
+
+class Tiny(HyperparameterMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+        self.ls = Smoothing()
+        self.register_buffer("steps", torch.zeros(()))  # checkpointed counter: proves which checkpoint was restored
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        x, y = batch
+        return self.ls(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+        self.log("steps", self.steps.clone())
+        self.log("amount_now", self.ls.amount.clone())
+        self.log("lr_now", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyData(pl.LightningDataModule):
+    def setup(self, stage=None):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(48, 4, generator=g)
+        self.ds = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=48)
+
+
+def _module():
+    return Tiny()
+
+
+def _datamodule():
+    return TinyData()
+
+
+def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        # trial 0 learns (lr 0.5), trial 1 barely moves (lr 0.001): trial 1 must exploit trial 0 after epoch 1
+        result = tune_population_based_training(
+            _module,
+            _datamodule,
+            SPACE,
+            metric="val_loss",
+            mode="min",
+            population_size=2,
+            perturbation_interval=1,
+            max_epochs=3,
+            quantile_fraction=0.5,
+            resample_probability=0.0,
+            initial_configs=[{"ls.amount": 0.05, "lr": 0.5}, {"ls.amount": 0.25, "lr": 0.001}],
+            storage_path=tmp_path,
+            trainer_kwargs={"accelerator": "cpu", "num_sanity_val_steps": 0},
+            synch=True,
+        )
+    finally:
+        ray.shutdown()
+    rows = result.table
+    by_trial = {t: sorted((r for r in rows if r["trial"] == t), key=lambda r: r["epoch"]) for t in (0, 1)}
+    first = {t: by_trial[t][0] for t in (0, 1)}
+    good = 0 if first[0]["score"] < first[1]["score"] else 1
+    bad = 1 - good
+    assert first[good]["config"] == pytest.approx({"ls.amount": 0.05, "lr": 0.5})
+    exploited = [r for r in by_trial[bad] if r["donor"] == good]
+    assert exploited, f"the worse trial never exploited the better one: {rows}"
+    row = exploited[0]
+    donor_row = next(r for r in by_trial[good] if r["epoch"] == row["restored_epoch"])
+    # restored from the donor's checkpoint: the step counters continue from the donor's
+    assert row["start_step"] == donor_row["global_step"] and row["epoch"] == row["restored_epoch"] + 1
+    steps_per_epoch = 3
+    assert row["global_step"] == donor_row["global_step"] + steps_per_epoch
+    assert row["metrics"]["steps"] == donor_row["metrics"]["steps"] + steps_per_epoch  # the module's own buffer too
+    # explored: the donor's values times 1.2 or 0.8, clipped to the bounds
+    for name, dim in SPACE.items():
+        candidates = [dim.clip(donor_row["config"][name] * f) for f in (1.2, 0.8)]
+        assert any(row["config"][name] == pytest.approx(c) for c in candidates)
+        assert row["config"][name] != pytest.approx(donor_row["config"][name])
+    # in effect after restore, not the checkpoint's values: read back in training and in validation
+    assert row["observed"]["lr"] == pytest.approx(row["config"]["lr"])
+    assert row["observed"]["ls.amount"] == pytest.approx(row["config"]["ls.amount"], rel=1e-6)
+    assert row["metrics"]["lr_now"] == pytest.approx(row["config"]["lr"])
+    assert row["metrics"]["amount_now"] == pytest.approx(row["config"]["ls.amount"], rel=1e-6)
+    # the discovered schedule: the donor's lineage then the explored config from the restored epoch on
+    # (a later exploit replaces the lineage by the donor's again: the schedule is the one of the final weights)
+    last = max(exploited, key=lambda r: r["restored_epoch"])
+    assert all(r["donor"] is None for r in by_trial[good])  # the better trial kept its own lineage
+    assert result.schedules[good] == [(0, pytest.approx(first[good]["config"]))]
+    assert result.schedules[bad] == [
+        (0, pytest.approx(first[good]["config"])),
+        (last["restored_epoch"], pytest.approx(last["config"])),
+    ]
+    assert result.best_checkpoint.endswith("model.ckpt")
+    assert result.best_score == min(by_trial[t][-1]["score"] for t in (0, 1))
