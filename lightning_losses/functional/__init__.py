@@ -1,8 +1,10 @@
 """Pure tensor math, torch only: one module per family. No state, no Lightning."""
 
-# Each family module defines ``__all__``; everything listed there is re-exported here.
+from lightning_losses.functional import calibration, chunked, distillation, temperature, unlearning
+from lightning_losses.functional.calibration import *
+from lightning_losses.functional.chunked import *
 from lightning_losses.functional.distillation import *
-from lightning_losses.functional.temperature import *  # noqa: F403
-from lightning_losses.functional.chunked import *  # noqa: F403
-from lightning_losses.functional.calibration import *  # noqa: F403
-from lightning_losses.functional.unlearning import *  # noqa: F403
+from lightning_losses.functional.temperature import *
+from lightning_losses.functional.unlearning import *
+
+__all__ = [*calibration.__all__, *chunked.__all__, *distillation.__all__, *temperature.__all__, *unlearning.__all__]

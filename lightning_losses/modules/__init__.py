@@ -1,5 +1,8 @@
 """Ready LightningModules assembled from the mixins."""
 
+from lightning_losses.modules import distillation, temperature, unlearning
 from lightning_losses.modules.distillation import *
-from lightning_losses.modules.temperature import *  # noqa: F403
-from lightning_losses.modules.unlearning import *  # noqa: F403
+from lightning_losses.modules.temperature import *
+from lightning_losses.modules.unlearning import *
+
+__all__ = [*distillation.__all__, *temperature.__all__, *unlearning.__all__]
