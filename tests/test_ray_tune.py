@@ -180,3 +180,25 @@ def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_
     ]
     assert result.best_checkpoint.endswith("model.ckpt")
     assert result.best_score == min(by_trial[t][-1]["score"] for t in (0, 1))
+
+
+# ------------------------------------------------------------------------------------------------- PB2
+def test_pb2_scheduler_gets_the_bounds_and_the_clipping_explore():
+    pb2 = pytest.importorskip("ray.tune.schedulers.pb2")
+    from lightning_losses.tuning.ray_tune import _make_scheduler
+
+    sched = _make_scheduler("pb2", SPACE, "val_loss", "min", 2, 0.5, 0.25, False)
+    assert isinstance(sched, pb2.PB2)
+    assert sched._hyperparam_bounds == {"ls.amount": [0.0, 0.3], "lr": [1e-3, 1.0]}
+    assert isinstance(sched._custom_explore_fn, ClipToBounds) and sched._time_attr == "epoch"
+    pbt = _make_scheduler("pbt", SPACE, "val_loss", "min", 1, 0.25, 0.1, True)
+    assert set(pbt._hyperparam_mutations) == set(SPACE) and pbt._resample_probability == 0.1 and pbt._synch
+
+
+def test_pb2_without_its_gaussian_process_package_names_it(monkeypatch):
+    pb2 = pytest.importorskip("ray.tune.schedulers.pb2")
+    from lightning_losses.tuning.ray_tune import _make_scheduler
+
+    monkeypatch.setattr(pb2, "import_pb2_dependencies", lambda: None)
+    with pytest.raises(ImportError, match="scikit-learn.*GPy"):
+        _make_scheduler("pb2", SPACE, "val_loss", "min", 1, 0.25, 0.25, False)

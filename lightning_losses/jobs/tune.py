@@ -4,7 +4,8 @@ A teacher CNN is trained once; the same small student is then distilled (Hinton 
 
 * fixed hyperparameters (the paper defaults T = 4, α = 0.9),
 * a small grid (T ∈ {2, 8} × α ∈ {0.5, 0.9}, the best by validation accuracy),
-* Population Based Training (population 4 on a local Ray, one exploit / explore round per epoch),
+* Population Based Training (population 4 on a local Ray, one exploit / explore round per epoch; ``--backend tune``
+  runs Ray Tune's PBT scheduler, ``--backend tasks`` the synchronous loop of Ray tasks),
 * a Self-Tuning Network (the student built from STN hyper-layers conditioned on T and α).
 
 The table reports the final student test accuracy, the compute (student epochs), the wall time and the final
@@ -72,7 +73,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 6, quick 2)")
     parser.add_argument("--population", type=int, default=4, help="PBT population size")
     parser.add_argument("--methods", default="fixed,grid,pbt,stn", help="comma-separated subset of the methods")
-    parser.add_argument("--no-ray", action="store_true", help="run the PBT population in sequence, without Ray")
+    parser.add_argument(
+        "--backend",
+        choices=("tune", "tasks"),
+        default="tune",
+        help="PBT on Ray Tune's PopulationBasedTraining scheduler (tune) or the synchronous generation loop of Ray "
+        "tasks (tasks)",
+    )
+    parser.add_argument(
+        "--no-ray", action="store_true", help="run the PBT population in sequence, without Ray (implies tasks)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=None, help="train on this many images (smoke runs)")
     parser.add_argument("--output", default="results/tune", help="folder of the table and the plots")
@@ -211,25 +221,47 @@ def run(args: argparse.Namespace) -> int:
     if "pbt" in methods:
         from lightning_losses.tuning.pbt import PopulationBasedTraining, SearchDimension
 
+        space = {"kd.temperature": SearchDimension(1.0, 10.0), "kd.weight": SearchDimension(0.05, 0.95)}
+        on_tune = args.backend == "tune" and not args.no_ray
         with tempfile.TemporaryDirectory() as storage, Timer() as timer:
-            pbt = PopulationBasedTraining(
-                _StudentFactory(teacher),
-                data_factory,
-                {"kd.temperature": SearchDimension(1.0, 10.0), "kd.weight": SearchDimension(0.05, 0.95)},
-                population_size=args.population,
-                metric="val/acc",
-                mode="max",
-                perturbation_interval=1,
-                generations=epochs,
-                quantile_fraction=0.25,
-                storage_path=storage,
-                trainer_kwargs={"num_sanity_val_steps": 0},
-                use_ray=not args.no_ray,
-                initial_configs=_initial_configs(args.population),
-                derived={"ce_weight": _ce_weight},
-                seed=0,
-            )
-            result = pbt.fit()
+            if on_tune:
+                from lightning_losses.tuning.ray_tune import tune_population_based_training
+
+                result = tune_population_based_training(
+                    _StudentFactory(teacher),
+                    data_factory,
+                    space,
+                    metric="val/acc",
+                    mode="max",
+                    population_size=args.population,
+                    perturbation_interval=1,
+                    max_epochs=epochs,
+                    quantile_fraction=0.25,
+                    storage_path=storage,
+                    trainer_kwargs={"num_sanity_val_steps": 0},
+                    initial_configs=_initial_configs(args.population),
+                    derived={"ce_weight": _ce_weight},
+                    seed=0,
+                )
+            else:
+                pbt = PopulationBasedTraining(
+                    _StudentFactory(teacher),
+                    data_factory,
+                    space,
+                    population_size=args.population,
+                    metric="val/acc",
+                    mode="max",
+                    perturbation_interval=1,
+                    generations=epochs,
+                    quantile_fraction=0.25,
+                    storage_path=storage,
+                    trainer_kwargs={"num_sanity_val_steps": 0},
+                    use_ray=not args.no_ray,
+                    initial_configs=_initial_configs(args.population),
+                    derived={"ce_weight": _ce_weight},
+                    seed=0,
+                )
+                result = pbt.fit()
             module = _StudentFactory(teacher)()
             trainer = make_trainer(epochs, progress=False)
             (metrics,) = trainer.test(
@@ -240,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
         schedule = result.schedules[result.best_trial]
         final = schedule[-1][1]
         add(
-            f"PBT (population {args.population}, {'Ray local' if not args.no_ray else 'sequential'})",
+            f"PBT (population {args.population}, {'Ray local' if not args.no_ray else 'sequential'})"
+            + (" on Ray Tune" if on_tune else " on Ray tasks" if not args.no_ray else ""),
             float(metrics["test/acc"]),
             result.best_score,
             epochs * args.population,
