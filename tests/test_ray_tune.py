@@ -200,5 +200,5 @@ def test_pb2_without_its_gaussian_process_package_names_it(monkeypatch):
     from lightning_losses.tuning.ray_tune import _make_scheduler
 
     monkeypatch.setattr(pb2, "import_pb2_dependencies", lambda: None)
-    with pytest.raises(ImportError, match="scikit-learn.*GPy"):
+    with pytest.raises(ImportError, match=r"scikit-learn.*GPy"):
         _make_scheduler("pb2", SPACE, "val_loss", "min", 1, 0.25, 0.25, False)
