@@ -378,3 +378,13 @@ def test_crash_and_resume_equals_uninterrupted_run(tmp_path):
     torch.testing.assert_close(resumed.teacher_class_means, full.teacher_class_means)
     for a, b in zip(resumed.parameters(), full.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_teacher_hooks_do_not_accumulate_on_a_shared_teacher():
+    teacher = TinyNet()
+    modules = [UserModule(teacher, teacher_features=["backbone"]) for _ in range(3)]
+    x = torch.randn(4, 6)
+    for m in modules:
+        m.teacher_forward(x)
+        torch.testing.assert_close(m.teacher_features("backbone"), teacher.eval().backbone(x))
+    assert not teacher.backbone._forward_hooks

@@ -150,10 +150,8 @@ class DistillationMixin(HyperparameterMixin):
             self._feature_module(self, name, "student_features").register_forward_hook(
                 _FeatureRecorder(state.student_features, name)
             )
-        for name in teacher_features:
-            self._feature_module(teachers[0], name, "teacher_features").register_forward_hook(
-                _FeatureRecorder(state.teacher_features, name)
-            )
+        for name in teacher_features:  # validated now; hooked only while `teacher_forward` runs (see there)
+            self._feature_module(teachers[0], name, "teacher_features")
         if loss is not None:
             self.kd = loss
         elif not isinstance(getattr(self, "kd", None), nn.Module):
@@ -206,11 +204,21 @@ class DistillationMixin(HyperparameterMixin):
             if cached is not None:
                 state.cache_hits += 1
                 return cached
-        with torch.no_grad():
-            outputs = []
-            for t in state.teachers:
-                t.eval()
-                outputs.append(t(*inputs))
+        # Teacher hooks live only for this call: a teacher shared by several modules (or reused after this one is
+        # gone) never accumulates hooks or keeps references to this module's feature store.
+        handles = [
+            state.teachers[0].get_submodule(name).register_forward_hook(_FeatureRecorder(state.teacher_features, name))
+            for name in state.teacher_feature_names
+        ]
+        try:
+            with torch.no_grad():
+                outputs = []
+                for t in state.teachers:
+                    t.eval()
+                    outputs.append(t(*inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
         state.teacher_calls += 1
         if len(outputs) == 1:
             logits = outputs[0]
