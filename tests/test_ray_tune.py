@@ -120,6 +120,7 @@ def _datamodule():
     return TinyData()
 
 
+@pytest.mark.slow  # ~40 s, and Ray's per-trial result frames occasionally lack the rows after a restore
 def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_path):
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
@@ -134,7 +135,7 @@ def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_
             mode="min",
             population_size=2,
             perturbation_interval=1,
-            max_epochs=3,
+            max_epochs=2,  # one exploit decision (after epoch 1): roles cannot swap at a later one
             quantile_fraction=0.5,
             resample_probability=0.0,
             initial_configs=[{"ls.amount": 0.05, "lr": 0.5}, {"ls.amount": 0.25, "lr": 0.001}],

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -389,6 +390,9 @@ def tune_population_based_training(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # donors' checkpoints must survive
         ),
     )
+    # Ray's PBT draws its explore factors and donors from Python's global `random` in this (driver) process:
+    # seed it so a population run is reproducible.
+    random.seed(seed)
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} trial(s) failed; the first error: {grid.errors[0]}")
