@@ -299,6 +299,22 @@ class ApplyHyperparameters(Callback):
             self.observed = read_hyperparameters(pl_module, list(self.config), trainer)
 
 
+def segment_trainer(trainer_kwargs: Mapping[str, Any], max_epochs: int, callbacks: Sequence[Callback]) -> pl.Trainer:
+    """A quiet single-device Trainer for one trial segment; ``callbacks`` run before the user's own."""
+    options: dict[str, Any] = dict(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    options.update(trainer_kwargs)
+    options["max_epochs"] = max_epochs
+    options["callbacks"] = [*callbacks, *options.get("callbacks", [])]
+    return pl.Trainer(**options)
+
+
 def _run_segment(
     module_factory: Callable[[], pl.LightningModule],
     datamodule_factory: Callable[[], pl.LightningDataModule],
@@ -317,18 +333,7 @@ def _run_segment(
     pl.seed_everything(seed, verbose=False)
     module, datamodule = module_factory(), datamodule_factory()
     apply = ApplyHyperparameters(config)
-    options: dict[str, Any] = dict(
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    options.update(trainer_kwargs)
-    options["max_epochs"] = max_epochs
-    options["callbacks"] = [apply, *options.get("callbacks", [])]
-    trainer = pl.Trainer(**options)
+    trainer = segment_trainer(trainer_kwargs, max_epochs, [apply])
     trainer.fit(module, datamodule=datamodule, ckpt_path=restore_from)
     if metric not in trainer.callback_metrics:
         available = ", ".join(sorted(trainer.callback_metrics)) or "none"

@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_losses._utils import require
-from lightning_losses.tuning.pbt import ApplyHyperparameters, PBTResult, SearchDimension
+from lightning_losses.tuning.pbt import ApplyHyperparameters, PBTResult, SearchDimension, segment_trainer
 
 __all__ = ["ClipToBounds", "TuneReportCheckpoint", "tune_population_based_training"]
 
@@ -205,18 +205,7 @@ def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
         module, datamodule = setup.module_factory(), setup.datamodule_factory()
         apply = ApplyHyperparameters(values)
         report = TuneReportCheckpoint(setup.metric, apply, lineage, trial_id, donor, restored_epoch)
-        options: dict[str, Any] = dict(
-            accelerator="auto",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        options.update(setup.trainer_kwargs)
-        options["max_epochs"] = setup.max_epochs
-        options["callbacks"] = [apply, report, *options.get("callbacks", [])]
-        trainer = pl.Trainer(**options)
+        trainer = segment_trainer(setup.trainer_kwargs, setup.max_epochs, [apply, report])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         shutil.rmtree(local, ignore_errors=True)
