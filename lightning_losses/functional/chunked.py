@@ -87,6 +87,21 @@ def _chunk_extras(extras: Sequence[Tensor], n_rows: int, start: int, stop: int) 
     return [e if e.ndim == 0 else e[start:stop] for e in extras]
 
 
+def _accumulate_extra_grads(
+    grad_x: list[Tensor | None], chunk_grads: Sequence[Tensor | None], extras: Sequence[Tensor], start: int, stop: int
+) -> None:
+    """Add one chunk's gradients of the extra tensors (0-d: summed; per-row: written into rows ``start:stop``)."""
+    for i, g in enumerate(chunk_grads):
+        if g is None:
+            continue
+        total = grad_x[i]
+        assert total is not None
+        if extras[i].ndim == 0:
+            total += g
+        else:
+            total[start:stop] = g
+
+
 def _chunk_loss_and_grads(
     spec: _HeadSpec,
     hidden: Tensor,
@@ -173,14 +188,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += grad_logits.sum(0)
             del grad_logits, loss  # free this chunk's buffers before the next one is computed
-            for i, g in enumerate(gx):
-                if g is not None:
-                    target = grad_x[i]
-                    assert target is not None
-                    if extras[i].ndim == 0:
-                        target += g
-                    else:
-                        target[start:stop] = g
+            _accumulate_extra_grads(grad_x, gx, extras, start, stop)
         ctx.grads = (grad_h, grad_w, grad_b, grad_x)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, [e.dtype for e in extras])
         return total * spec.scale
@@ -229,14 +237,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += grad_logits.sum(0)
             del grad_logits
-            for i, gi in enumerate(gx):
-                if gi is not None:
-                    tgt = grad_x[i]
-                    assert tgt is not None
-                    if extras[i].ndim == 0:
-                        tgt += gi
-                    else:
-                        tgt[start:stop] = gi
+            _accumulate_extra_grads(grad_x, gx, extras, start, stop)
         return (
             None,
             grad_h,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_losses.losses.distillation import DistillationLoss, DKDLoss, GeneralizedJSDLoss, KDLoss
+from lightning_losses.losses.distillation import DKDLoss, GeneralizedJSDLoss, KDLoss
 from lightning_losses.mixins.base import HyperparameterMixin
 
 __all__ = ["DistillationMixin"]
@@ -308,9 +308,7 @@ class DistillationMixin(HyperparameterMixin):
             return loss(student_logits, teacher_logits, labels=target)
         if isinstance(loss, KDLoss):
             return loss(student_logits, teacher_logits, epoch=epoch)
-        if isinstance(loss, DistillationLoss):
-            return loss(student_logits, teacher_logits)
-        return loss(student_logits, teacher_logits)
+        return loss(student_logits, teacher_logits)  # BinaryKLLoss or a user's own (student, teacher) loss
 
     def causal_lm_distillation_loss(
         self,
