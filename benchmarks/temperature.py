@@ -1,7 +1,15 @@
 """TempNet's overhead per LM training step: time and memory of TempNet + KL-DRO vs plain cross-entropy (fixed τ).
 
-One full step each (forward, backward, AdamW update) on a GPT-2-style model built from a config, the two variants
-interleaved so that both see the same machine load; the median over the timed steps is reported. Memory is the
+One full step each (forward, backward, AdamW update) on a GPT-2-style model built from a config, the variants
+interleaved so that all see the same machine load; the median over the timed steps is reported. Variants:
+
+* ``fixed``: cross-entropy at τ = 1;
+* ``logits``: TempNet reading the logits (first layer ``V × H`` per token) + the DRO loss;
+* ``factorised``: TempNet's factorised first layer on the LM head's inputs (``d × H`` per token) + the DRO loss
+  (what ``TempNetModule`` runs on a linear-head LM);
+* ``factorised, autograd DRO``: the same with the DRO loss written as ``τ·CE(z/τ) + (ρ − log V)·τ`` in autograd
+  ops instead of the library's closed-form-gradient function.
+ Memory is the
 peak CUDA allocation on a GPU and, on CPU, the bytes the forward saves for the backward (activations) measured with
 saved-tensor hooks. Target: TempNet step ≤ 1.15 × the fixed-τ step.
 
@@ -11,6 +19,7 @@ Run: ``python benchmarks/temperature.py [--steps 10]``; writes ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_losses.functional import dro_temperature_loss
+from lightning_losses.integrations.transformers import causal_lm_hidden_states
 from lightning_losses.jobs.common import ResultsTable
 from lightning_losses.jobs.language import build_gpt2
 from lightning_losses.nn import TempNet
@@ -48,9 +58,20 @@ GPU_SETTINGS = [
 ]
 
 
-def _step_fn(setting: Setting, use_tempnet: bool, device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
+VARIANTS = ("fixed", "logits", "factorised", "factorised, autograd DRO")
+
+
+def _autograd_dro(logits: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    scaled = (logits.float() / tau.unsqueeze(-1)).reshape(-1, vocab)
+    ce = F.cross_entropy(scaled, target.reshape(-1), reduction="none").view_as(tau)
+    return (tau * ce + (rho - math.log(vocab)) * tau).mean()
+
+
+def _step_fn(setting: Setting, variant: str, device: torch.device) -> tuple[Callable[[], None], Callable[[], int]]:
     model = build_gpt2(setting.vocab, setting.n_layer, setting.n_embd, max(setting.n_embd // 64, 2), setting.length)
     model = model.to(device)
+    use_tempnet = variant != "fixed"
     tempnet = TempNet(setting.vocab, 0.5, 5.0, setting.tempnet_hidden).to(device) if use_tempnet else None
     groups = [{"params": list(model.parameters()), "lr": 1e-4}]
     if tempnet is not None:
@@ -67,12 +88,21 @@ def _step_fn(setting: Setting, use_tempnet: bool, device: torch.device) -> tuple
     def step() -> None:
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(ids).logits[:, :-1]
             target = ids[:, 1:]
             if tempnet is None:
+                logits = model(ids).logits[:, :-1]
                 loss = F.cross_entropy(logits.reshape(-1, setting.vocab).float(), target.reshape(-1))
-            else:
+            elif variant == "logits":
+                logits = model(ids).logits[:, :-1]
                 loss = dro_temperature_loss(logits, target, tempnet(logits), rho=2.0, validate_args=False)
+            else:
+                hidden, head = causal_lm_hidden_states(model, ids)
+                logits = F.linear(hidden, head.weight, head.bias)[:, :-1]
+                tau = tempnet(logits, features=hidden[:, :-1], head_weight=head.weight, head_bias=head.bias)
+                if variant == "factorised":
+                    loss = dro_temperature_loss(logits, target, tau, rho=2.0, validate_args=False)
+                else:
+                    loss = _autograd_dro(logits, target, tau, rho=2.0)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -85,34 +115,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(setting: Setting, steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+def measure(setting: Setting, steps: int, warmup: int, device: torch.device) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    runs = {flag: _step_fn(setting, flag, device) for flag in (False, True)}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    peak: dict[bool, float] = {}
+    runs = {variant: _step_fn(setting, variant, device) for variant in VARIANTS}
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    peak: dict[str, float] = {}
     for step, _ in runs.values():
         for _ in range(warmup):
             step()
         _sync(device)
-    for flag, (step, saved) in runs.items():  # memory, one variant at a time
+    for variant, (step, saved) in runs.items():  # memory, one variant at a time
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             step()
             _sync(device)
-            peak[flag] = torch.cuda.max_memory_allocated(device) / 2**20
+            peak[variant] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             step()
-            peak[flag] = saved() / 2**20
+            peak[variant] = saved() / 2**20
     for _ in range(steps):  # time, interleaved
-        for flag, (step, _) in runs.items():
+        for variant, (step, _) in runs.items():
             _sync(device)
             start = time.perf_counter()
             step()
             _sync(device)
-            times[flag].append(time.perf_counter() - start)
-    fixed, temp = statistics.median(times[False]), statistics.median(times[True])
-    return {"fixed_ms": 1e3 * fixed, "tempnet_ms": 1e3 * temp, "mem_fixed": peak[False], "mem_tempnet": peak[True]}
+            times[variant].append(time.perf_counter() - start)
+    return {v: {"ms": 1e3 * statistics.median(times[v]), "mem": peak[v]} for v in VARIANTS}
 
 
 def main() -> None:
@@ -126,29 +155,29 @@ def main() -> None:
     what = "peak CUDA MiB" if device.type == "cuda" else "saved activations MiB"
     table = ResultsTable(
         "TempNet + KL-DRO vs fixed-τ cross-entropy: one LM training step",
-        ["setting", "tokens", "fixed τ (ms)", "TempNet (ms)", "time ratio", f"fixed ({what})", "TempNet", "mem ratio"],
+        ["setting", "tokens", "variant", "step (ms)", "time ratio", what, "mem ratio"],
     )
     for setting in settings:
         r = measure(setting, args.steps, args.warmup, device)
-        table.add(
-            setting=setting.name,
-            tokens=f"{setting.batch}×{setting.length}",
-            **{
-                "fixed τ (ms)": f"{r['fixed_ms']:.1f}",
-                "TempNet (ms)": f"{r['tempnet_ms']:.1f}",
-                "time ratio": f"{r['tempnet_ms'] / r['fixed_ms']:.3f}",
-                f"fixed ({what})": f"{r['mem_fixed']:.1f}",
-                "TempNet": f"{r['mem_tempnet']:.1f}",
-                "mem ratio": f"{r['mem_tempnet'] / r['mem_fixed']:.3f}",
-            },
-        )
-        print(table.rows[-1], flush=True)
+        for variant in VARIANTS:
+            table.add(
+                setting=setting.name,
+                tokens=f"{setting.batch}×{setting.length}",
+                variant=variant,
+                **{
+                    "step (ms)": f"{r[variant]['ms']:.1f}",
+                    "time ratio": f"{r[variant]['ms'] / r['fixed']['ms']:.3f}",
+                    what: f"{r[variant]['mem']:.1f}",
+                    "mem ratio": f"{r[variant]['mem'] / r['fixed']['mem']:.3f}",
+                },
+            )
+            print(table.rows[-1], flush=True)
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )
     note = (
         f"Device: {device_name}. Median of {args.steps} interleaved steps after {args.warmup} warm-up steps. "
-        "Target time ratio ≤ 1.15."
+        "Ratios against the fixed-τ step of the same setting, same run. Target time ratio ≤ 1.15."
     )
     print(table.markdown())
     stem = "temperature" if device.type == "cpu" else "temperature_gpu"

@@ -135,6 +135,40 @@ def test_dro_computes_in_float32_under_half_inputs():
     torch.testing.assert_close(got, dro_temperature_loss(z.float(), y, 0.5, 2.0))
 
 
+def test_dro_gradients_follow_their_closed_forms_for_every_input():
+    torch.manual_seed(3)
+    z = (torch.randn(5, 9, dtype=torch.float64) * 2).requires_grad_(True)
+    y = torch.randint(0, 9, (5,))
+    y[2] = -100
+    tau = (0.3 + torch.rand(5, dtype=torch.float64)).requires_grad_(True)
+    rho = torch.full((5,), 0.8, dtype=torch.float64, requires_grad=True)
+    loss = dro_temperature_loss(z, y, tau, rho, reduction="sum")
+    g_z, g_tau, g_rho = torch.autograd.grad(loss, (z, tau, rho))
+    keep = (y != -100).to(z.dtype)
+    p = torch.softmax(z.detach() / tau.detach()[:, None], dim=1)
+    onehot = torch.zeros_like(p)
+    onehot[keep.bool(), y[keep.bool()]] = 1.0
+    torch.testing.assert_close(g_z, (p - onehot) * keep[:, None])  # softmax(z / tau) - e_y: tau cancels
+    kl = tempered_kl_to_uniform(z.detach(), tau.detach())
+    torch.testing.assert_close(g_tau, (rho.detach() - kl) * keep)  # zero on the KL-ball boundary
+    torch.testing.assert_close(g_rho, tau.detach() * keep)
+
+
+def test_dro_backward_twice_with_a_retained_graph_and_half_input_gradients():
+    z = torch.randn(4, 6, requires_grad=True)
+    y = torch.randint(0, 6, (4,))
+    loss = dro_temperature_loss(z, y, 0.7, 0.5)
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(first, second)  # the saved softmax is not overwritten by the first backward
+    half = z.detach().bfloat16().requires_grad_(True)
+    (g_half,) = torch.autograd.grad(dro_temperature_loss(half, y, 0.7, 0.5), half)
+    assert g_half.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="grad"):  # no silent, wrong second derivatives
+        (g,) = torch.autograd.grad(dro_temperature_loss(z, y, 0.7, 0.5), z, create_graph=True)
+        torch.autograd.grad(g.sum(), z)
+
+
 def test_dro_rejects_bad_input():
     z, y = torch.randn(2, 4), torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"rho.*\[0, log V\)"):

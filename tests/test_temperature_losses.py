@@ -67,6 +67,41 @@ def test_gradient_reaches_tempnet_only_through_tau_and_the_model_only_through_lo
     assert any(float(g.abs().sum()) > 0 for g in net_grads)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_factorised_tempnet_equals_the_logits_path_in_value_and_gradient(bias):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 17, bias=bias).double()
+    features = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    net = TempNet(vocab_size=17, hidden_dim=8, dropout=0.0).double()
+    logits = head(features)
+
+    def tau_and_grads(**kwargs):
+        tau = net(logits, **kwargs)
+        weights = torch.linspace(0.5, 2.0, tau.numel(), dtype=tau.dtype).view_as(tau)
+        return tau, torch.autograd.grad((tau * weights).sum(), list(net.parameters()), retain_graph=True)
+
+    want, want_grads = tau_and_grads()
+    got, got_grads = tau_and_grads(features=features, head_weight=head.weight, head_bias=head.bias)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    # detached inputs: neither the features nor the head receive a gradient through TempNet
+    assert not got.requires_grad or all(
+        g is None for g in torch.autograd.grad(got.sum(), [features, head.weight], allow_unused=True)
+    )
+
+
+def test_factorised_tempnet_rejects_mismatched_head_and_features():
+    net = TempNet(vocab_size=10, hidden_dim=4)
+    logits, features = torch.randn(2, 10), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"head_weight.*\(V=10, d\)"):
+        net(logits, features=features)
+    with pytest.raises(ValueError, match=r"head_weight.*\(V=10, d\)"):
+        net(logits, features=features, head_weight=torch.randn(9, 3))
+    with pytest.raises(ValueError, match=r"features.*\(2,\) \+ \(d=3,\)"):
+        net(logits, features=torch.randn(2, 4), head_weight=torch.randn(10, 3))
+
+
 def test_tempnet_rejects_bad_bounds_and_widths():
     with pytest.raises(ValueError, match="tau_min < tau_max"):
         TempNet(vocab_size=10, tau_min=2.0, tau_max=2.0)

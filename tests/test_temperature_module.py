@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses import TempNetMixin, TempNetModule
+from lightning_losses.functional import dro_temperature_loss
 from lightning_losses.jobs.language import build_gpt2
 
 VOCAB = 64
@@ -185,3 +186,35 @@ def test_tau_histogram_goes_to_a_logger_with_add_histogram(tmp_path):
     assert steps == [0, 2] and all(tag == "train/tau" for tag, _, _ in logger.experiment.histograms)
     values = logger.experiment.histograms[0][1]
     assert values.numel() == 4 * 15 and bool(((values >= 0.5) & (values <= 5.0)).all())
+
+
+def test_a_linear_lm_head_takes_the_factorised_tempnet_path_with_the_same_loss():
+    torch.manual_seed(0)
+    module = _module()
+    assert module._linear_head  # GPT-2: tied linear head, no soft-capping
+    ids = torch.randint(0, VOCAB, (3, 16))
+    got = module.training_step((ids, ids, torch.arange(3)), 0)
+    logits = module.model(ids).logits[:, :-1]
+    want = dro_temperature_loss(logits, ids[:, 1:], module.tempnet(logits), 2.0)
+    torch.testing.assert_close(got, want)
+    got_grads = torch.autograd.grad(got, list(module.parameters()), allow_unused=True)
+    want_grads = torch.autograd.grad(want, list(module.parameters()), allow_unused=True)
+    for a, b in zip(got_grads, want_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_model_without_a_linear_head_uses_its_logits():
+    class Wrapped(torch.nn.Module):  # an LM given as a plain module returning logits
+        def __init__(self):
+            super().__init__()
+            self.lm = _tiny_lm()
+
+        def forward(self, ids):
+            return self.lm(ids).logits
+
+    module = TempNetModule(Wrapped(), num_classes=VOCAB, task="causal_lm", rho=2.0, hidden_dim=16, dropout=0.0)
+    assert not module._linear_head
+    ids = torch.randint(0, VOCAB, (2, 16))
+    assert torch.isfinite(module.training_step((ids, ids), 0))

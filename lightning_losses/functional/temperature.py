@@ -7,11 +7,12 @@ as Python numbers or tensors (a scalar, or one value per sample / token) so sche
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lightning_losses._utils import as_float32, check_targets
 
@@ -127,7 +128,11 @@ def dro_temperature_loss(
         = \min_{\tau>0}\ \tau \log \frac{1}{V}\sum_{j=1}^{V} e^{(z_j - z_y)/\tau} + \tau\rho,
 
     computed as :math:`\tau\,\mathrm{CE}(z/\tau, y) + (\rho - \log V)\,\tau` and averaged over the positions whose
-    target is not ``ignore_index``. Gradients reach the logits directly and the temperature through ``tau``.
+    target is not ``ignore_index``. Gradients reach the logits directly and the temperature through ``tau``, in
+    closed form: :math:`\partial L/\partial z = \mathrm{softmax}(z/\tau) - e_y` (τ cancels) and
+    :math:`\partial L/\partial \tau = \rho - \mathrm{KL}(\mathrm{softmax}(z/\tau)\,\|\,U)`, zero exactly at the
+    KL-ball boundary. One pass over the logits each way; only the tempered softmax is kept for the backward (as
+    for a cross-entropy). Second derivatives are not supported.
 
     Args:
         logits: ``(..., V)`` logits (tokens or samples × classes).
@@ -156,12 +161,55 @@ def dro_temperature_loss(
     shape = target.shape
     tau_t = _per_position(_as_tensor_like(tau, z, "tau", positive=validate_args), shape, "tau")
     rho_t = _per_position(rho_t, shape, "rho")
-    mask = target != ignore_index
     vocab = z.shape[-1]
-    scaled = (z / tau_t.unsqueeze(-1)).reshape(-1, vocab)
-    ce = F.cross_entropy(scaled, target.reshape(-1), ignore_index=ignore_index, reduction="none").view(shape)
-    per_position = tau_t * ce + (rho_t - math.log(vocab)) * tau_t
+    per_position = _DROTemperature.apply(
+        z.reshape(-1, vocab), target.reshape(-1), tau_t.reshape(-1), rho_t.reshape(-1), ignore_index
+    ).view(shape)
+    mask = target != ignore_index
     return _reduce(per_position, mask.to(per_position.dtype), reduction)
+
+
+class _DROTemperature(torch.autograd.Function):
+    r"""Per-position DRO loss with closed-form gradients, one pass over the ``(M, V)`` logits each way.
+
+    With :math:`p = \mathrm{softmax}(z/\tau)` the loss :math:`\tau\,\mathrm{lse}(z/\tau) - z_y + (\rho - \log V)\tau`
+    has :math:`\partial/\partial z = p - e_y` (τ cancels), :math:`\partial/\partial\tau = \rho - \mathrm{KL}(p\|U)
+    = \rho - \log V + H(p)` and :math:`\partial/\partial\rho = \tau`. Only ``p`` (as large as the logits) and
+    three per-position vectors are saved, as for a plain cross-entropy; positions whose target is ``ignore_index``
+    give 0 and receive no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, target: Tensor, tau: Tensor, rho: Tensor, ignore_index: int
+    ) -> Tensor:
+        with torch.autocast(z.device.type, enabled=False):
+            log_p = torch.log_softmax(z / tau.unsqueeze(-1), dim=-1)
+            p = log_p.exp()
+            entropy = -(p * log_p).sum(-1)
+            keep = target != ignore_index
+            safe_target = torch.where(keep, target, torch.zeros_like(target))
+            nll = -log_p.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+            log_v = math.log(z.shape[-1])
+            loss = torch.where(keep, tau * nll + (rho - log_v) * tau, torch.zeros_like(nll))
+        ctx.save_for_backward(p, safe_target, keep, entropy, tau, rho)
+        ctx.log_v = log_v
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        p, safe_target, keep, entropy, tau, rho = ctx.saved_tensors
+        g = torch.where(keep, grad, torch.zeros_like(grad))
+        grad_z = grad_tau = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            grad_z = p * g.unsqueeze(-1)
+            grad_z.scatter_add_(-1, safe_target.unsqueeze(-1), -g.unsqueeze(-1))
+        if ctx.needs_input_grad[2]:
+            grad_tau = g * (rho - ctx.log_v + entropy)
+        if ctx.needs_input_grad[3]:
+            grad_rho = g * tau
+        return grad_z, None, grad_tau, grad_rho, None
 
 
 def robust_contrastive_loss(

@@ -129,13 +129,40 @@ class TempNetMixin(HyperparameterMixin):
 
     # ------------------------------------------------------------------ helpers called from the user's steps
 
-    def tempnet_loss(self, logits: Tensor, target: Tensor, *, stage: str = "train", log: bool = True) -> Tensor:
-        """TempNet's per-position τ on the (detached) logits, then the DRO loss (float32); logs τ statistics."""
-        tau = self.tempnet(logits)
+    def tempnet_loss(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        *,
+        features: Tensor | None = None,
+        head_weight: Tensor | None = None,
+        head_bias: Tensor | None = None,
+        stage: str = "train",
+        log: bool = True,
+    ) -> Tensor:
+        """TempNet's per-position τ on the (detached) logits, then the DRO loss (float32); logs τ statistics.
+
+        When the logits are ``features @ head_weight.T + head_bias`` (an LM head), pass those three as well:
+        TempNet then runs its factorised first layer, ``d × H`` per token instead of ``V × H`` (same τ).
+        """
+        tau = self.tempnet_temperatures(logits, features=features, head_weight=head_weight, head_bias=head_bias)
         loss = self.tempnet_dro(logits, target, tau)
         if log:
             self.log_tau_statistics(tau, target != self.tempnet_dro.ignore_index, stage)
         return loss
+
+    def tempnet_temperatures(
+        self,
+        logits: Tensor,
+        *,
+        features: Tensor | None = None,
+        head_weight: Tensor | None = None,
+        head_bias: Tensor | None = None,
+    ) -> Tensor:
+        """TempNet's τ for ``logits``, through the factorised first layer when ``features`` and the head are given."""
+        if features is None:
+            return self.tempnet(logits)
+        return self.tempnet(logits, features=features, head_weight=head_weight, head_bias=head_bias)
 
     def tempnet_contrastive_loss(
         self, image_features: Tensor, text_features: Tensor, index: Tensor, *, stage: str = "train"

@@ -12,9 +12,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_losses._utils import unpack_batch
+from lightning_losses.integrations.transformers import causal_lm_hidden_states, output_head
 from lightning_losses.mixins.temperature import TempNetMixin
 
 __all__ = ["TempNetModule"]
+
+
+def _has_linear_head(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers causal LM whose logits are a plain linear map of its last hidden state."""
+    if not callable(getattr(model, "get_output_embeddings", None)):
+        return False
+    try:
+        return output_head(model).softcap is None
+    except (TypeError, ValueError):
+        return False
 
 
 class TempNetModule(TempNetMixin, pl.LightningModule):
@@ -23,7 +34,9 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
     ``task="classification"``: batches ``(x, y[, index])``, ``model(x)`` gives ``(N, C)`` logits.
     ``task="causal_lm"``: batches ``(input_ids, labels[, index])`` or dicts with those keys; ``model(input_ids)``
     gives ``(B, L, V)`` logits (or an object with ``.logits``, as Hugging Face models do); position ``t`` predicts
-    ``labels[t + 1]``.
+    ``labels[t + 1]``. A transformers causal LM whose head is a plain linear layer (GPT-2, LLaMA; not Gemma-2's
+    soft-capped logits) runs its backbone and head separately so that TempNet uses its factorised first layer
+    (``d × H`` per token instead of ``V × H``; same temperatures, see :class:`~lightning_losses.nn.TempNet`).
 
     Validation logs the DRO loss, τ statistics, the plain cross-entropy at τ = 1 and (LM) its perplexity
     ``val/ppl``, the perplexity with TempNet's temperatures applied ``val/ppl_tempnet``, or (classification)
@@ -87,12 +100,14 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
         )
         self.val_nll = MeanMetric()
         self.val_nll_tempnet = MeanMetric()
+        self._linear_head = task == "causal_lm" and _has_linear_head(model)
 
     def forward(self, inputs: Tensor) -> Tensor:
         out = self.model(inputs)
         return out.logits if hasattr(out, "logits") else out
 
-    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor | None]]:
+        """Logits, targets and, for a transformers LM with a linear head, the head's inputs for factorised TempNet."""
         labels: Tensor
         if self.task == "causal_lm" and isinstance(batch, dict):
             inputs = batch["input_ids"]
@@ -102,23 +117,29 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
             if maybe_labels is None:
                 raise ValueError("TempNetModule needs targets in the batch: (inputs, target[, index]).")
             labels = maybe_labels
+        head: dict[str, Tensor | None] = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._tempnet_settings["train_base"]):
-            logits = self(inputs)
+            if self._linear_head:
+                hidden, out = causal_lm_hidden_states(self.model, inputs)
+                logits = F.linear(hidden, out.weight, out.bias)
+                head = {"features": hidden[:, :-1], "head_weight": out.weight, "head_bias": out.bias}
+            else:
+                logits = self(inputs)
         if self.task == "causal_lm":
-            return logits[:, :-1], labels[:, 1:]
-        return logits, labels
+            return logits[:, :-1], labels[:, 1:], head
+        return logits, labels, head
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        logits, target = self._logits_and_targets(batch)
-        loss = self.tempnet_loss(logits, target, stage="train")
+        logits, target, head = self._logits_and_targets(batch)
+        loss = self.tempnet_loss(logits, target, stage="train", **head)
         if self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        logits, target = self._logits_and_targets(batch)
+        logits, target, head = self._logits_and_targets(batch)
         ignore = self.tempnet_dro.ignore_index
-        tau = self.tempnet(logits)
+        tau = self.tempnet_temperatures(logits, **head)
         count = int((target != ignore).sum())
         flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1)
         ce = F.cross_entropy(flat_logits, flat_target, ignore_index=ignore)

@@ -45,6 +45,13 @@ class TempNet(nn.Module):
 
     with a learnable pooling scale ``s`` (initialised to 0), ``a`` initialised to ones and ``b`` to 0.
 
+    **Factorised first layer.** When the logits come from a linear head, :math:`z = W_o f + c` (an LM head on the
+    last hidden state :math:`f`), pass ``features=f`` and ``head_weight=W_o`` (and ``head_bias=c``): then
+    :math:`W_1 x = \big((W_1 W_o) f + W_1 c\big) / \|z\|_2`, which costs :math:`d \times H` per token instead of
+    :math:`V \times H` (plus one :math:`H \times V \times d` product per call). The result is the same up to
+    rounding; only the norm :math:`\|z\|_2` is read from the logits. All inputs are detached, so gradients reach
+    TempNet's parameters only.
+
     Args:
         vocab_size: Size ``V`` of the last dimension of the logits.
         tau_min: Lower bound of τ (GPT-2 setting: 0.5).
@@ -60,6 +67,15 @@ class TempNet(nn.Module):
         >>> tau = net(torch.randn(2, 7, 10))
         >>> tuple(tau.shape), bool(((tau >= 0.5) & (tau <= 5.0)).all())
         ((2, 7), True)
+
+        The factorised form on an LM head gives the same temperatures:
+
+        >>> head = torch.nn.Linear(4, 10)
+        >>> features = torch.randn(2, 7, 4)
+        >>> _ = net.eval()
+        >>> torch.allclose(net(head(features)), net(head(features), features=features, head_weight=head.weight,
+        ...                                         head_bias=head.bias), atol=1e-5)
+        True
     """
 
     def __init__(
@@ -83,17 +99,65 @@ class TempNet(nn.Module):
         nn.init.ones_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, logits: Tensor) -> Tensor:
+    def forward(
+        self,
+        logits: Tensor,
+        *,
+        features: Tensor | None = None,
+        head_weight: Tensor | None = None,
+        head_bias: Tensor | None = None,
+    ) -> Tensor:
+        """Temperatures for ``logits`` of shape ``(..., V)``; see the class docstring for the factorised form.
+
+        Args:
+            logits: ``(..., V)`` logits (detached here).
+            features: ``(..., d)`` inputs of the linear head that produced ``logits`` (factorised first layer).
+            head_weight: ``(V, d)`` weight of that head; required with ``features``.
+            head_bias: ``(V,)`` bias of that head, if it has one.
+
+        Returns:
+            ``logits.shape[:-1]`` float32 temperatures in ``[tau_min, tau_max]``.
+        """
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(
                 f"TempNet was built for {self.vocab_size} classes but got logits with last dimension "
                 f"{logits.shape[-1]}. Build it with vocab_size={logits.shape[-1]}."
             )
-        x = F.normalize(logits.detach().to(self.head.weight.dtype), dim=-1)
-        h = self.proj(x)
+        first: nn.Linear = self.proj[0]  # type: ignore[assignment]
+        dtype = first.weight.dtype
+        if features is None:
+            pre = first(F.normalize(logits.detach().to(dtype), dim=-1))
+        else:
+            pre = self._factorised_first_layer(logits, features, head_weight, head_bias)
+        h = self.proj[3](self.proj[2](self.proj[1](pre)))
         w = torch.softmax(h / self.log_pool_scale.exp(), dim=-1)
         raw = self.head((w - 1.0 / self.hidden_dim) * h).squeeze(-1)
         return _bounded(raw, self.tau_min, self.tau_max)
+
+    def _factorised_first_layer(
+        self, logits: Tensor, features: Tensor, head_weight: Tensor | None, head_bias: Tensor | None
+    ) -> Tensor:
+        if head_weight is None or head_weight.ndim != 2 or head_weight.shape[0] != self.vocab_size:
+            shape = None if head_weight is None else tuple(head_weight.shape)
+            raise ValueError(
+                f"TempNet's factorised form needs `head_weight` of shape (V={self.vocab_size}, d), the weight of the "
+                f"linear head that produced the logits; got {shape}. Pass the head's weight (e.g. "
+                "`model.get_output_embeddings().weight`) or drop `features`."
+            )
+        if features.shape[:-1] != logits.shape[:-1] or features.shape[-1] != head_weight.shape[1]:
+            raise ValueError(
+                f"`features` must have shape {tuple(logits.shape[:-1])} + (d={head_weight.shape[1]},) to match the "
+                f"logits and the head, got {tuple(features.shape)}."
+            )
+        first: nn.Linear = self.proj[0]  # type: ignore[assignment]
+        dtype = first.weight.dtype
+        weight = head_weight.detach().to(dtype)
+        # (W1 W_o) f + W1 c, normalised by the norm of the logits: the same as W1 (z / |z|) without V x H per token
+        projected = features.detach().to(dtype) @ (first.weight @ weight).T
+        if head_bias is not None:
+            projected = projected + first.weight @ head_bias.detach().to(dtype)
+        norm = torch.linalg.vector_norm(logits.detach().to(dtype), dim=-1, keepdim=True).clamp_min(1e-12)
+        return projected / norm + first.bias
 
 
 class ContrastiveTempNet(nn.Module):
