@@ -106,7 +106,7 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
         out = self.model(inputs)
         return out.logits if hasattr(out, "logits") else out
 
-    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor, dict[str, Tensor | None]]:
+    def _logits_and_targets(self, batch: Any) -> tuple[Tensor, Tensor, dict[str, Any]]:
         """Logits, targets and, for a transformers LM with a linear head, the head's inputs for factorised TempNet."""
         labels: Tensor
         if self.task == "causal_lm" and isinstance(batch, dict):
@@ -117,7 +117,7 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
             if maybe_labels is None:
                 raise ValueError("TempNetModule needs targets in the batch: (inputs, target[, index]).")
             labels = maybe_labels
-        head: dict[str, Tensor | None] = {}
+        head: dict[str, Any] = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._tempnet_settings["train_base"]):
             if self._linear_head:
                 hidden, out = causal_lm_hidden_states(self.model, inputs)
