@@ -7,7 +7,9 @@ per forget block (the refusal ``template_text`` after the same prompt).
 
 Training batches come from a Lightning ``CombinedLoader`` as ``{"forget": batch, "retain": batch}``; one epoch is one
 pass over the forget set, with as many retain batches drawn at random. Validation has three dataloaders, in the order
-of :attr:`UnlearningDataModule.eval_splits`.
+of :attr:`UnlearningDataModule.eval_splits`; with ``perturbed_answers=K`` their batches also carry, per block, ``K``
+perturbed answers (the block's prompt followed by the answers of ``K`` other blocks of the same split) for the truth
+ratio of :class:`~lightning_losses.UnlearningEvaluation`.
 """
 
 from __future__ import annotations
@@ -18,15 +20,51 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from lightning_losses.data.shakespeare import ShakespeareDataModule
 
-__all__ = ["UnlearningBatchCollator", "UnlearningDataModule"]
+__all__ = ["PerturbedAnswers", "UnlearningBatchCollator", "UnlearningDataModule"]
+
+
+class PerturbedAnswers(Dataset):
+    """Add ``k`` perturbed answers to each ``(input_ids, labels, index)`` item of a dataset of equal-length blocks.
+
+    The perturbed answers of item ``i`` are items ``i + 1, ..., i + k`` (cyclically) of the same dataset: with a
+    prompt, :class:`UnlearningBatchCollator` puts item ``i``'s prompt before each of them, so they are plausible but
+    wrong continuations. Items become ``(input_ids, labels, index, perturbed_ids)`` with ``perturbed_ids`` ``(k, T)``.
+
+    Example:
+        >>> data = [(torch.full((3,), i), torch.full((3,), i), torch.tensor(i)) for i in range(4)]
+        >>> PerturbedAnswers(data, k=2)[3][3].tolist()
+        [[0, 0, 0], [1, 1, 1]]
+    """
+
+    def __init__(self, dataset: Any, k: int) -> None:
+        if k < 1:
+            raise ValueError(f"`k` must be at least 1 perturbed answer per item, got {k}.")
+        if len(dataset) <= k:
+            raise ValueError(
+                f"{k} perturbed answers per item need at least {k + 1} items (the others of the split), got "
+                f"{len(dataset)}. Use fewer perturbed answers or more evaluation blocks."
+            )
+        self.dataset, self.k = dataset, k
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        ids, labels, index = self.dataset[i][:3]
+        others = torch.stack([self.dataset[(i + j) % len(self)][0] for j in range(1, self.k + 1)])
+        return ids, labels, index, others
 
 
 class UnlearningBatchCollator:
     """Collate ``(input_ids, labels, index)`` items into unlearning dict batches (picklable for worker processes).
+
+    Items ``(input_ids, labels, index, perturbed_ids)`` (from :class:`PerturbedAnswers`) also give
+    ``perturbed_input_ids`` / ``perturbed_labels`` ``(B, K, T)``: each perturbed answer after the item's own prompt,
+    prompt labels masked.
 
     Args:
         prompt_tokens: leading tokens of each block whose labels are masked.
@@ -64,6 +102,16 @@ class UnlearningBatchCollator:
             batch.update(
                 template_input_ids=template, template_labels=t_labels, template_attention_mask=torch.ones_like(template)
             )
+        if len(items[0]) > 3:
+            perturbed = torch.stack([i[3] for i in items]).clone()  # (B, K, T)
+            perturbed[:, :, : self.prompt_tokens] = ids[:, None, : self.prompt_tokens]
+            p_labels = perturbed.clone()
+            p_labels[:, :, : self.prompt_tokens] = self.ignore_index
+            batch.update(
+                perturbed_input_ids=perturbed,
+                perturbed_labels=p_labels,
+                perturbed_attention_mask=torch.ones_like(perturbed),
+            )
         return batch
 
 
@@ -81,6 +129,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         max_retain_blocks: use only this many retain blocks (a fixed random subset), or all.
         max_eval_blocks: blocks per split in validation (fixed random subsets).
         heldout_fraction: tail fraction of each retain play held out of training.
+        perturbed_answers: perturbed answers per evaluation block (0 = none) for the truth ratio.
         seed: seed of the subsets and shuffles.
         cache_dir: tokenizer / token-id cache.
 
@@ -106,6 +155,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         max_retain_blocks: int | None = None,
         max_eval_blocks: int = 64,
         heldout_fraction: float = 0.05,
+        perturbed_answers: int = 0,
         seed: int = 0,
         cache_dir: str = "results/cache",
     ) -> None:
@@ -128,6 +178,9 @@ class UnlearningDataModule(pl.LightningDataModule):
         self.batch_size, self.prompt_tokens, self.template_text = batch_size, prompt_tokens, template_text
         self.max_forget_blocks, self.max_retain_blocks = max_forget_blocks, max_retain_blocks
         self.max_eval_blocks, self.seed = max_eval_blocks, seed
+        if perturbed_answers < 0:
+            raise ValueError(f"`perturbed_answers` must be 0 (none) or more, got {perturbed_answers}.")
+        self.perturbed_answers = perturbed_answers
 
     @property
     def tokenizer(self) -> Any:
@@ -160,14 +213,19 @@ class UnlearningDataModule(pl.LightningDataModule):
             template = list(self.tokenizer.encode(self.template_text).ids)
         return UnlearningBatchCollator(self.prompt_tokens, template)
 
-    def dataloader(self, name: str, shuffle: bool = False, limit: int | None = None) -> DataLoader:
-        """A dict-batch DataLoader over one split."""
+    def dataloader(
+        self, name: str, shuffle: bool = False, limit: int | None = None, perturbed: int = 0, template: bool = True
+    ) -> DataLoader:
+        """A dict-batch DataLoader over one split (``perturbed`` answers per block when > 0; the refusal template on
+        forget batches when ``template``)."""
         data = self.split(name, limit)
+        if perturbed:
+            data = PerturbedAnswers(data, perturbed)
         return DataLoader(
             data,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            collate_fn=self.collator(name == "forget"),
+            collate_fn=self.collator(template and name == "forget"),
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
@@ -185,4 +243,7 @@ class UnlearningDataModule(pl.LightningDataModule):
         return CombinedLoader({"forget": forget, "retain": retain}, mode="min_size")
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.dataloader(name, limit=self.max_eval_blocks) for name in self.eval_splits]
+        return [
+            self.dataloader(name, limit=self.max_eval_blocks, perturbed=self.perturbed_answers, template=False)
+            for name in self.eval_splits
+        ]

@@ -42,6 +42,7 @@ __all__ = [
     "simnpo_loss",
     "token_log_probs",
     "token_logprob_statistics",
+    "truth_ratio",
 ]
 
 Divergence = Literal["kl", "reverse_kl", "pearson", "tv", "js", "hellinger"]
@@ -208,6 +209,43 @@ def token_logprob_statistics(
     mu_t = torch.stack(mus).masked_fill(~mask, 0.0)
     sigma_t = torch.stack(sigmas).masked_fill(~mask, 0.0)
     return lp, mu_t, sigma_t, mask
+
+
+def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) -> Tensor:
+    r"""TOFU's truth ratio per question, from mean token log-probabilities of the answers.
+
+    .. math::
+
+        R_b = \exp\Big(\frac{1}{K}\sum_{k=1}^{K} \bar\ell(\tilde y_{bk}) - \bar\ell(\hat y_b)\Big)
+            = \frac{\big(\prod_k \bar p(\tilde y_{bk})\big)^{1/K}}{\bar p(\hat y_b)}
+
+    with :math:`\bar\ell` the mean log-probability over an answer's tokens, :math:`\tilde y_{bk}` the perturbed
+    (wrong) answers and :math:`\hat y_b` the paraphrased (correct) one. :math:`R < 1` when the model prefers the
+    correct answer; a model that cannot tell them apart gives 1.
+
+    Args:
+        paraphrased_mean_logps: ``(B,)`` mean token log-probability of each correct answer.
+        perturbed_mean_logps: ``(B, K)`` mean token log-probability of each perturbed answer.
+
+    Returns:
+        ``(B,)`` float32 ratios.
+
+    Example:
+        >>> r = truth_ratio(torch.tensor([-1.0]), torch.tensor([[-2.0, -4.0]]))
+        >>> round(float(r), 6) == round(math.exp(-2.0), 6)
+        True
+    """
+    if perturbed_mean_logps.ndim != 2 or paraphrased_mean_logps.ndim != 1:
+        raise ValueError(
+            "`perturbed_mean_logps` must be (B, K) and `paraphrased_mean_logps` (B,), got "
+            f"{tuple(perturbed_mean_logps.shape)} and {tuple(paraphrased_mean_logps.shape)}."
+        )
+    if perturbed_mean_logps.shape[0] != paraphrased_mean_logps.shape[0] or perturbed_mean_logps.shape[1] == 0:
+        raise ValueError(
+            "`perturbed_mean_logps` needs one row per question of `paraphrased_mean_logps` and at least one perturbed "
+            f"answer, got {tuple(perturbed_mean_logps.shape)} and {tuple(paraphrased_mean_logps.shape)}."
+        )
+    return torch.exp(_f32(perturbed_mean_logps).mean(-1) - _f32(paraphrased_mean_logps)).float()
 
 
 def membership_scores(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_losses.functional.unlearning import membership_scores
+from lightning_losses.functional.unlearning import membership_scores, truth_ratio
 
 __all__ = [
     "ForgetQuality",
@@ -152,9 +152,10 @@ def _dedupe(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
 class UnlearningSplitStatistics(Metric):
     """Per-sample statistics of one evaluation split: NLL, token count and membership scores, keyed by sample index.
 
-    ``update(log_probs, mask, index, mu=None, sigma=None, zlib=None)`` with per-token log-probabilities ``(B, T)``;
-    ``compute()`` returns a dict of per-sample tensors sorted by index (``"index"``, ``"nll_sum"``, ``"tokens"``,
-    ``"loss"``, ``"min_k"``, ``"min_k_plus_plus"``, ``"zlib"``) plus ``"nll"``, the token-mean NLL of the split.
+    ``update(log_probs, mask, index, mu=None, sigma=None, zlib=None, truth_ratios=None)`` with per-token
+    log-probabilities ``(B, T)``; ``compute()`` returns a dict of per-sample tensors sorted by index (``"index"``,
+    ``"nll_sum"``, ``"tokens"``, ``"loss"``, ``"min_k"``, ``"min_k_plus_plus"``, ``"zlib"``, ``"truth_ratio"``; NaN
+    where not given) plus ``"nll"``, the token-mean NLL of the split.
 
     Example:
         >>> stats = UnlearningSplitStatistics(k=0.5)
@@ -167,7 +168,7 @@ class UnlearningSplitStatistics(Metric):
     """
 
     full_state_update = False
-    _keys = ("nll_sum", "tokens", "loss", "min_k", "min_k_plus_plus", "zlib")
+    _keys = ("nll_sum", "tokens", "loss", "min_k", "min_k_plus_plus", "zlib", "truth_ratio")
 
     def __init__(self, k: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -186,6 +187,7 @@ class UnlearningSplitStatistics(Metric):
         mu: Tensor | None = None,
         sigma: Tensor | None = None,
         zlib: Tensor | None = None,
+        truth_ratios: Tensor | None = None,
     ) -> None:
         if log_probs.shape != mask.shape or index.shape != log_probs.shape[:1]:
             raise ValueError(
@@ -204,6 +206,9 @@ class UnlearningSplitStatistics(Metric):
         _append(self, "min_k_plus_plus", scores.get("min_k_plus_plus", nan))
         z = nan if zlib is None else -nll_sum / zlib.to(nll_sum).clamp(min=1)
         _append(self, "zlib", z)
+        if truth_ratios is not None and truth_ratios.shape != tokens.shape:
+            raise ValueError(f"`truth_ratios` must have shape {tuple(tokens.shape)}, got {tuple(truth_ratios.shape)}.")
+        _append(self, "truth_ratio", nan if truth_ratios is None else truth_ratios.to(tokens))
 
     def compute(self) -> dict[str, Tensor]:
         values = [_cat(self, key) for key in self._keys]
@@ -304,13 +309,7 @@ class TruthRatio(Metric):
         self.add_state("ratios", default=[], dist_reduce_fx="cat")
 
     def update(self, paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) -> None:
-        if perturbed_mean_logps.ndim != 2 or perturbed_mean_logps.shape[0] != paraphrased_mean_logps.shape[0]:
-            raise ValueError(
-                "`perturbed_mean_logps` must be (B, K) with one row per question of `paraphrased_mean_logps` (B,), "
-                f"got {tuple(perturbed_mean_logps.shape)} and {tuple(paraphrased_mean_logps.shape)}."
-            )
-        ratio = torch.exp(perturbed_mean_logps.float().mean(-1) - paraphrased_mean_logps.float())
-        _append(self, "ratios", ratio)
+        _append(self, "ratios", truth_ratio(paraphrased_mean_logps, perturbed_mean_logps))
 
     def values(self) -> Tensor:
         """Per-question truth ratios (synchronised across processes)."""

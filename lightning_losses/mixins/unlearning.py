@@ -595,6 +595,69 @@ class UnlearningMixin(HyperparameterMixin):
             logits = self._logits(model, b["input_ids"], b.get("attention_mask"))
         return token_logprob_statistics(logits, b["labels"], state.ignore_index, shift=True)
 
+    @torch.no_grad()
+    def truth_ratio_log_probs(self, batch: Any) -> tuple[Tensor, Tensor] | None:
+        """Mean answer-token log-probabilities of the correct and the perturbed answers of an evaluation batch.
+
+        The batch carries ``perturbed_input_ids`` / ``perturbed_labels`` of shape ``(B, K, T)`` (``K`` wrong answers
+        per sample, optional ``perturbed_attention_mask``) and optionally ``paraphrased_input_ids`` /
+        ``paraphrased_labels`` ``(B, T)`` (the correct answer reworded); without a paraphrase the sample's own
+        ``input_ids`` / ``labels`` are the correct answer.
+
+        Returns:
+            ``(correct (B,), perturbed (B, K))`` float32, or ``None`` when the batch has no perturbed answers.
+
+        Raises:
+            ValueError: a paraphrase without perturbed answers, missing labels, wrong shapes, or an answer with every
+                label masked.
+        """
+        state = self._unlearning_state()
+        b = self._as_batch(batch, "evaluation")
+        if "perturbed_input_ids" not in b:
+            if any(k.startswith("paraphrased_") for k in b):
+                raise ValueError(
+                    "The evaluation batch has paraphrased answers but no 'perturbed_input_ids': the truth ratio "
+                    "compares the correct answer with perturbed (wrong) ones. Add 'perturbed_input_ids' / "
+                    "'perturbed_labels' of shape (B, K, T)."
+                )
+            return None
+        prefix = "paraphrased_" if "paraphrased_input_ids" in b else ""
+        pert_ids, pert_labels = b["perturbed_input_ids"], b.get("perturbed_labels")
+        if pert_labels is None or (prefix and "paraphrased_labels" not in b):
+            raise ValueError(
+                "The evaluation batch needs labels for its answers: 'perturbed_labels' with 'perturbed_input_ids' and "
+                "'paraphrased_labels' with 'paraphrased_input_ids' (prompt and padding at ignore_index)."
+            )
+        n = b["input_ids"].shape[0]
+        if pert_ids.ndim != 3 or pert_ids.shape[0] != n or pert_labels.shape != pert_ids.shape:
+            raise ValueError(
+                f"'perturbed_input_ids' and 'perturbed_labels' must both be (B, K, T) with B = {n}, got "
+                f"{tuple(pert_ids.shape)} and {tuple(pert_labels.shape)}."
+            )
+        if prefix and (
+            b["paraphrased_input_ids"].ndim != 2
+            or b["paraphrased_labels"].shape != b["paraphrased_input_ids"].shape
+            or b["paraphrased_input_ids"].shape[0] != n
+        ):
+            raise ValueError(
+                f"'paraphrased_input_ids' and 'paraphrased_labels' must both be (B, T) with B = {n}, got "
+                f"{tuple(b['paraphrased_input_ids'].shape)} and {tuple(b['paraphrased_labels'].shape)}."
+            )
+        k = pert_ids.shape[1]
+        flat = {"input_ids": pert_ids.flatten(0, 1), "labels": pert_labels.flatten(0, 1)}
+        if "perturbed_attention_mask" in b:
+            flat["attention_mask"] = b["perturbed_attention_mask"].flatten(0, 1)
+        means = []
+        with _frozen(state.model) as model:
+            for name, sub, pre in (("correct", b, prefix), ("perturbed", flat, "")):
+                total, lengths = self._sequence_logps(model, sub, pre)
+                if bool((lengths == 0).any()):
+                    raise ValueError(
+                        f"Some {name} answers have every label masked: the truth ratio needs answer tokens in each."
+                    )
+                means.append(total.float() / lengths.to(torch.float32))
+        return means[0], means[1].view(n, k)
+
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self) -> None:
         super().on_fit_start()  # type: ignore[misc]
