@@ -190,6 +190,7 @@ def _mnist_part(args: argparse.Namespace) -> ResultsTable:
         ["loss", *[f"{int(100 * r)} % noise" for r in rates]],
     )
     results: dict[str, dict[str, str]] = {name: {} for name in ("ce", "ldr_kl", "aldr_kl")}
+    lambda_stats: dict[str, str] = {}
     for rate in rates:
         train.targets = symmetric_label_noise(clean, rate, 10, seed=args.seed)
         for name in results:
@@ -200,10 +201,14 @@ def _mnist_part(args: argparse.Namespace) -> ResultsTable:
                 module, dm.train_dataloader()
             )
             results[name][f"{int(100 * rate)} % noise"] = f"{100 * _accuracy(net, dm.test_dataloader()):.2f}"
+            if name == "aldr_kl":  # the per-sample λ after training, on the samples seen (λ0 = never updated)
+                lambdas = module.aldr.lambdas
+                lambda_stats[f"{int(100 * rate)} % noise"] = f"{float(lambdas.mean()):.3f} / {float(lambdas.min()):.3f}"
     train.targets = clean
     labels = {"ce": "cross-entropy", "ldr_kl": "LDR-KL (λ=1)", "aldr_kl": "ALDR-KL (λ0=10, α=2)"}
     for name, row in results.items():
         table.add(loss=labels[name], **row)
+    table.add(loss="ALDR-KL: final per-sample λ, mean / min (range [5, 10])", **lambda_stats)
     return table
 
 
