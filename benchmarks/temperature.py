@@ -48,12 +48,13 @@ class Setting:
 
 
 CPU_SETTINGS = [
+    Setting("job LM (4×128, V=2k), TempNet H=128 (the job's)", 4, 128, 2048, 16, 128, 128),
     Setting("job LM (4×128, V=2k), TempNet H=256", 4, 128, 2048, 16, 128, 256),
-    Setting("job LM (4×128, V=2k), TempNet H=64", 4, 128, 2048, 16, 128, 64),
     Setting("6×256, V=8k, TempNet H=256", 6, 256, 8192, 8, 128, 256),
+    Setting("GPT-2 small shape (12×768, V=50k), H=256", 12, 768, 50257, 2, 128, 256),
 ]
 GPU_SETTINGS = [
-    *CPU_SETTINGS,
+    *CPU_SETTINGS[:-1],
     Setting("GPT-2 small shape (12×768, V=50k), H=256", 12, 768, 50257, 8, 512, 256),
 ]
 

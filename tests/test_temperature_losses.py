@@ -81,7 +81,13 @@ def test_factorised_tempnet_equals_the_logits_path_in_value_and_gradient(bias):
         return tau, torch.autograd.grad((tau * weights).sum(), list(net.parameters()), retain_graph=True)
 
     want, want_grads = tau_and_grads()
+    calls = []
+    hook = net.proj[0].register_forward_hook(lambda *_: calls.append(1))
     got, got_grads = tau_and_grads(features=features, head_weight=head.weight, head_bias=head.bias)
+    assert not calls  # 12 tokens x V=17 > (12 + 17) x d=6: the first layer ran factorised
+    net(logits[:1, :2], features=features[:1, :2], head_weight=head.weight, head_bias=head.bias)
+    assert calls == [1]  # 2 tokens: cheaper through the logits
+    hook.remove()
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)

@@ -121,9 +121,11 @@ def _lm_part(args: argparse.Namespace, out: Path) -> ResultsTable:
     layers, width = (2, 64) if quick else (args.n_layer, args.n_embd)
     steps, frozen_steps = (12, 8) if quick else (args.lm_steps, args.frozen_steps)
     val_batches = 4 if quick else args.val_batches
-    rho = args.rho if args.rho is not None else max(0.5, math.log(args.vocab_size) - 4.5)
+    log_v = math.log(args.vocab_size)
+    rho = args.rho if args.rho is not None else max(0.5, log_v - 2.5)
+    frozen_rho = args.frozen_rho if args.frozen_rho is not None else max(0.5, log_v - 4.2)
     tempnet_kwargs: dict[str, Any] = dict(
-        num_classes=args.vocab_size, task="causal_lm", rho=rho, tau_min=0.5, tau_max=5.0, hidden_dim=128, lr=args.lr
+        num_classes=args.vocab_size, task="causal_lm", tau_min=0.5, tau_max=5.0, hidden_dim=128, lr=args.lr
     )
     table = ResultsTable(
         "Shakespeare LM: fixed temperature vs TempNet + KL-DRO",
@@ -164,15 +166,21 @@ def _lm_part(args: argparse.Namespace, out: Path) -> ResultsTable:
     metrics, per_step = fit(baseline, steps)
     row("fixed τ = 1 (cross-entropy)", steps, metrics, per_step)
 
-    joint = TempNetModule(build_gpt2(args.vocab_size, **model_kwargs), tempnet_lr=args.tempnet_lr, **tempnet_kwargs)
+    joint = TempNetModule(
+        build_gpt2(args.vocab_size, **model_kwargs), rho=rho, tempnet_lr=args.tempnet_lr, **tempnet_kwargs
+    )
     metrics, per_step = fit(joint, steps)
     row(f"TempNet + DRO, joint (ρ={rho:.2f})", steps, metrics, per_step)
 
     frozen = TempNetModule(
-        copy.deepcopy(baseline.model), train_base=False, tempnet_lr=args.frozen_tempnet_lr, **tempnet_kwargs
+        copy.deepcopy(baseline.model),
+        rho=frozen_rho,
+        train_base=False,
+        tempnet_lr=args.frozen_tempnet_lr,
+        **tempnet_kwargs,
     )
     metrics, per_step = fit(frozen, frozen_steps)
-    row(f"TempNet on the frozen τ = 1 model (ρ={rho:.2f})", frozen_steps, metrics, per_step)
+    row(f"TempNet on the frozen τ = 1 model (ρ={frozen_rho:.2f})", frozen_steps, metrics, per_step)
     return table
 
 
@@ -229,8 +237,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-batches", type=int, default=20, help="held-out batches to evaluate (0: all)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tempnet-lr", type=float, default=1e-3)
-    parser.add_argument("--frozen-tempnet-lr", type=float, default=3e-3)
-    parser.add_argument("--rho", type=float, default=None, help="KL radius (default: log V - 4.5)")
+    parser.add_argument("--frozen-tempnet-lr", type=float, default=3e-2)
+    parser.add_argument("--rho", type=float, default=None, help="KL radius of the joint run (default: log V - 2.5)")
+    parser.add_argument(
+        "--frozen-rho",
+        type=float,
+        default=None,
+        help="KL radius of the frozen-base run (default: log V - 4.2, the entropy of the τ = 1 model's predictions)",
+    )
     parser.add_argument("--mnist-epochs", type=int, default=6)
 
 

@@ -50,7 +50,8 @@ class TempNet(nn.Module):
     :math:`W_1 x = \big((W_1 W_o) f + W_1 c\big) / \|z\|_2`, which costs :math:`d \times H` per token instead of
     :math:`V \times H` (plus one :math:`H \times V \times d` product per call). The result is the same up to
     rounding; only the norm :math:`\|z\|_2` is read from the logits. All inputs are detached, so gradients reach
-    TempNet's parameters only.
+    TempNet's parameters only. With fewer tokens per call than about :math:`d` (``N·V ≤ (N + V)·d``) the product
+    costs more than it saves and the logits path is taken instead (e.g. at generation).
 
     Args:
         vocab_size: Size ``V`` of the last dimension of the logits.
@@ -151,6 +152,9 @@ class TempNet(nn.Module):
             )
         first: nn.Linear = self.proj[0]  # type: ignore[assignment]
         dtype = first.weight.dtype
+        tokens, vocab, width = logits.numel() // self.vocab_size, self.vocab_size, head_weight.shape[1]
+        if tokens * vocab <= (tokens + vocab) * width:  # too few tokens to pay for the H x V x d product
+            return first(F.normalize(logits.detach().to(dtype), dim=-1))
         weight = head_weight.detach().to(dtype)
         # (W1 W_o) f + W1 c, normalised by the norm of the logits: the same as W1 (z / |z|) without V x H per token
         projected = features.detach().to(dtype) @ (first.weight @ weight).T
