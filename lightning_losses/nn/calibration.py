@@ -157,7 +157,7 @@ class TemperatureScaler(Calibrator):
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> true_logits = 3 * torch.randn(4000, 5, generator=g)
-        >>> target = torch.distributions.Categorical(logits=true_logits).sample()
+        >>> target = torch.multinomial(true_logits.softmax(-1), 1, generator=g).squeeze(1)
         >>> scaler = TemperatureScaler().fit(2.5 * true_logits, target)  # over-confident by 2.5
         >>> abs(scaler.temperature - 2.5) < 0.15
         True
@@ -305,8 +305,9 @@ class PlattScaler(Calibrator):
     ``a > 0`` and ``b = 0`` only; in general the decision threshold moves.
 
     Example:
-        >>> z = torch.randn(500)
-        >>> y = torch.bernoulli(torch.sigmoid(z / 3)).long()
+        >>> g = torch.Generator().manual_seed(0)
+        >>> z = torch.randn(2000, generator=g)
+        >>> y = torch.bernoulli(torch.sigmoid(z / 3), generator=g).long()
         >>> scaler = PlattScaler().fit(z, y)
         >>> abs(float(scaler.slope.detach()) - 1 / 3) < 0.15
         True
