@@ -8,7 +8,9 @@ interleaved so that all see the same machine load; the median over the timed ste
 * ``factorised``: TempNet's factorised first layer on the LM head's inputs (``d × H`` per token) + the DRO loss
   (what ``TempNetModule`` runs on a linear-head LM);
 * ``factorised, autograd DRO``: the same with the DRO loss written as ``τ·CE(z/τ) + (ρ − log V)·τ`` in autograd
-  ops instead of the library's closed-form-gradient function.
+  ops instead of the library's closed-form-gradient function;
+* ``TempNetModule.training_step``: the ready module's whole step (factorised TempNet, DRO loss, τ statistics) with
+  its own AdamW parameter groups.
  Memory is the
 peak CUDA allocation on a GPU and, on CPU, the bytes the forward saves for the backward (activations) measured with
 saved-tensor hooks. Target: TempNet step ≤ 1.15 × the fixed-τ step.
@@ -33,6 +35,7 @@ from lightning_losses.functional import dro_temperature_loss
 from lightning_losses.integrations.transformers import causal_lm_hidden_states
 from lightning_losses.jobs.common import ResultsTable
 from lightning_losses.jobs.language import build_gpt2
+from lightning_losses.modules import TempNetModule
 from lightning_losses.nn import TempNet
 
 
@@ -59,7 +62,7 @@ GPU_SETTINGS = [
 ]
 
 
-VARIANTS = ("fixed", "logits", "factorised", "factorised, autograd DRO")
+VARIANTS = ("fixed", "logits", "factorised", "factorised, autograd DRO", "TempNetModule.training_step")
 
 
 def _autograd_dro(logits: torch.Tensor, target: torch.Tensor, tau: torch.Tensor, rho: float) -> torch.Tensor:
@@ -79,6 +82,12 @@ def _step_fn(setting: Setting, variant: str, device: torch.device) -> tuple[Call
         groups.append({"params": list(tempnet.parameters()), "lr": 1e-5})
     opt = torch.optim.AdamW(groups)
     ids = torch.randint(0, setting.vocab, (setting.batch, setting.length), device=device)
+    module = None
+    if variant == "TempNetModule.training_step":
+        module = TempNetModule(
+            model, setting.vocab, "causal_lm", rho=2.0, hidden_dim=setting.tempnet_hidden, lr=1e-4, tempnet_lr=1e-5
+        ).to(device)
+        opt = module.configure_optimizers()
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -90,7 +99,9 @@ def _step_fn(setting: Setting, variant: str, device: torch.device) -> tuple[Call
         saved.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             target = ids[:, 1:]
-            if tempnet is None:
+            if module is not None:
+                loss = module.training_step((ids, ids), 0)
+            elif tempnet is None:
                 logits = model(ids).logits[:, :-1]
                 loss = F.cross_entropy(logits.reshape(-1, setting.vocab).float(), target.reshape(-1))
             elif variant == "logits":
