@@ -124,12 +124,10 @@ class TempNet(nn.Module):
                 f"TempNet was built for {self.vocab_size} classes but got logits with last dimension "
                 f"{logits.shape[-1]}. Build it with vocab_size={logits.shape[-1]}."
             )
-        first: nn.Linear = self.proj[0]  # type: ignore[assignment]
-        dtype = first.weight.dtype
-        if features is None:
-            pre = first(F.normalize(logits.detach().to(dtype), dim=-1))
-        else:
-            pre = self._factorised_first_layer(logits, features, head_weight, head_bias)
+        pre = None if features is None else self._factorised_first_layer(logits, features, head_weight, head_bias)
+        if pre is None:
+            first: nn.Linear = self.proj[0]  # type: ignore[assignment]
+            pre = first(F.normalize(logits.detach().to(first.weight.dtype), dim=-1))
         h = self.proj[3](self.proj[2](self.proj[1](pre)))
         w = torch.softmax(h / self.log_pool_scale.exp(), dim=-1)
         raw = self.head((w - 1.0 / self.hidden_dim) * h).squeeze(-1)
@@ -137,7 +135,8 @@ class TempNet(nn.Module):
 
     def _factorised_first_layer(
         self, logits: Tensor, features: Tensor, head_weight: Tensor | None, head_bias: Tensor | None
-    ) -> Tensor:
+    ) -> Tensor | None:
+        """W₁(z/‖z‖) from the head's inputs, after checking them; ``None`` when the logits path is cheaper."""
         if head_weight is None or head_weight.ndim != 2 or head_weight.shape[0] != self.vocab_size:
             shape = None if head_weight is None else tuple(head_weight.shape)
             raise ValueError(
@@ -154,7 +153,7 @@ class TempNet(nn.Module):
         dtype = first.weight.dtype
         tokens, vocab, width = logits.numel() // self.vocab_size, self.vocab_size, head_weight.shape[1]
         if tokens * vocab <= (tokens + vocab) * width:  # too few tokens to pay for the H x V x d product
-            return first(F.normalize(logits.detach().to(dtype), dim=-1))
+            return None
         weight = head_weight.detach().to(dtype)
         # (W1 W_o) f + W1 c, normalised by the norm of the logits: the same as W1 (z / |z|) without V x H per token
         projected = features.detach().to(dtype) @ (first.weight @ weight).T
