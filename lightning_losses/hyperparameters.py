@@ -4,12 +4,17 @@ Every family stores the hyperparameters that a schedule, Population Based Traini
 change as **persistent buffers** registered through :func:`register_hyperparameter`. They are then:
 
 * reachable by dotted name from any enclosing module (``"kd.temperature"`` is the buffer ``temperature`` of the
-  submodule ``kd``), through :func:`get_hyperparameter` / :func:`set_hyperparameter`;
-* saved in, and restored from, every checkpoint (they are ``state_dict`` entries);
+  submodule ``kd``), through :func:`get_hyperparameter` / :func:`set_hyperparameter`; a submodule compiled in place
+  (``self.kd = torch.compile(KDLoss())``) keeps the names of the module it wraps;
+* saved in, and restored from, every checkpoint (they are ``state_dict`` entries). A value may change shape (a
+  scalar becomes one value per sample and back); loading takes the saved shape, so a checkpoint always loads,
+  strictly, into a freshly built module (Lightning checkpoints, ``ddp_spawn`` result recovery, plain
+  ``load_state_dict``), whichever driver (a schedule, PBT, STN, user code) changed it;
 * moved to the right device with the module and broadcast from rank 0 by DDP like any buffer.
 
 Plain float attributes of standard modules (``nn.Dropout.p``) are reachable by the same names, so one mechanism
-drives dropout rates too; those are not buffers and are therefore not checkpointed.
+drives dropout rates too; those are not buffers and are therefore not checkpointed. The names ``"lr"`` and
+``"weight_decay"`` belong to the optimizers: :func:`apply_hyperparameters` writes them into every param group.
 
 Example:
     >>> import torch
@@ -23,29 +28,48 @@ Example:
     >>> model.drop = nn.Dropout(0.1)
     >>> sorted(named_hyperparameters(model))
     ['drop.p', 'kd.temperature']
-    >>> set_hyperparameter(model, "kd.temperature", 2.0)
-    >>> float(get_hyperparameter(model, "kd.temperature"))
-    2.0
+    >>> set_hyperparameter(model, "kd.temperature", torch.tensor([2.0, 3.0]))  # one value per sample
+    >>> fresh = nn.Module()
+    >>> fresh.kd = Loss()
+    >>> fresh.load_state_dict(model.state_dict())  # the saved shape is taken: strict load
+    <All keys matched successfully>
+    >>> get_hyperparameter(fresh, "kd.temperature").tolist()
+    [2.0, 3.0]
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_losses.utilities.checkpoints import follow_saved_shapes
+
 __all__ = [
+    "OPTIMIZER_HYPERPARAMETERS",
     "HyperparameterSpec",
+    "apply_hyperparameters",
     "get_hyperparameter",
+    "hyperparameter_buffer_name",
     "hyperparameter_spec",
     "named_hyperparameters",
+    "read_hyperparameters",
     "register_hyperparameter",
     "set_hyperparameter",
 ]
 
+#: Names written into the optimizer param groups rather than into module buffers.
+OPTIMIZER_HYPERPARAMETERS = ("lr", "weight_decay")
+
 _REGISTRY_ATTR = "_loss_hyperparameters"
+_HOOK_ATTR = "_loss_hyperparameters_load_hook"
+# A compiled module (``torch.compile(module)``) holds the module it compiles under this child name.
+_COMPILED_CHILD = "_orig_mod"
 # Float attributes of standard torch modules that behave as hyperparameters.
 _FLOAT_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Dropout: ("p",),
@@ -80,20 +104,38 @@ class HyperparameterSpec:
         high = "inf" if self.high is None else f"{self.high:g}"
         return f"{left}{low}, {high}{right}"
 
+    def admissible(self, value: Tensor) -> Tensor:
+        """A 0-d bool tensor: every entry of ``value`` is finite and inside the range (no host synchronisation)."""
+        ok = torch.isfinite(value)
+        if self.low is not None:
+            ok = ok & ((value >= self.low) if self.low_inclusive else (value > self.low))
+        if self.high is not None:
+            ok = ok & ((value <= self.high) if self.high_inclusive else (value < self.high))
+        return ok.all()
+
     def check(self, name: str, value: Tensor) -> None:
-        """Raise ``ValueError`` when ``value`` is non-finite or outside the range."""
+        """Raise ``ValueError`` when ``value`` is non-finite or outside the range.
+
+        One host synchronisation in eager mode; inside a compiled region the check is an asynchronous assertion, so
+        it does not break the graph.
+        """
+        ok = self.admissible(value)
+        if torch.compiler.is_compiling():
+            torch._assert_async(ok, f"Hyperparameter {name!r} must be finite and lie in {self.describe()}.")
+            return
+        if bool(ok):
+            return
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"Hyperparameter {name!r} must be finite, got {value.tolist()}.")
-        bad = torch.zeros_like(value, dtype=torch.bool)
-        if self.low is not None:
-            bad |= value < self.low if self.low_inclusive else value <= self.low
-        if self.high is not None:
-            bad |= value > self.high if self.high_inclusive else value >= self.high
-        if bool(bad.any()):
-            raise ValueError(
-                f"Hyperparameter {name!r} must lie in {self.describe()}, got {value.tolist()}. "
-                "Pass a value inside that range."
-            )
+        raise ValueError(
+            f"Hyperparameter {name!r} must lie in {self.describe()}, got {value.tolist()}. "
+            "Pass a value inside that range."
+        )
+
+
+def _follow_hyperparameter_shapes(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
+    """Load-state-dict pre-hook of every module owning hyperparameters: take the saved shapes before the load."""
+    follow_saved_shapes(module, state_dict, prefix, module.__dict__.get(_REGISTRY_ATTR, {}))
 
 
 def register_hyperparameter(
@@ -107,6 +149,10 @@ def register_hyperparameter(
     high_inclusive: bool = True,
 ) -> None:
     """Register ``value`` as a named, checkpointed hyperparameter (a float32 persistent buffer) of ``module``.
+
+    The buffer may later change shape (:func:`set_hyperparameter` with a per-sample value): ``module`` loads any
+    state dict whose entry has another shape, taking the saved one (a load-state-dict pre-hook registered here), so
+    its checkpoints always load strictly into a fresh module.
 
     Args:
         module: The module that owns the hyperparameter (usually a loss module).
@@ -131,15 +177,47 @@ def register_hyperparameter(
         module._buffers[name] = tensor.to(module._buffers[name].device)  # type: ignore[union-attr]
     else:
         module.register_buffer(name, tensor, persistent=True)
+    if not module.__dict__.get(_HOOK_ATTR, False):
+        module.register_load_state_dict_pre_hook(_follow_hyperparameter_shapes)
+        module.__dict__[_HOOK_ATTR] = True
+
+
+def _compiled_type() -> type[nn.Module] | None:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # loaded as soon as anything was compiled
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def _unwrap(module: nn.Module, compiled: type[nn.Module] | None) -> nn.Module:
+    """The module a ``torch.compile`` wrapper compiles (itself when it is not one)."""
+    while compiled is not None and isinstance(module, compiled):
+        module = module._modules[_COMPILED_CHILD]  # type: ignore[assignment]
+    return module
+
+
+def _walk(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Like ``named_modules`` but seeing through compiled wrappers: the names are those of the modules they wrap."""
+    compiled = _compiled_type()
+    seen: set[int] = set()
+    stack = [("", module)]
+    while stack:
+        prefix, sub = stack.pop()
+        sub = _unwrap(sub, compiled)
+        if id(sub) in seen:
+            continue
+        seen.add(id(sub))
+        yield prefix, sub
+        children = [(f"{prefix}.{n}" if prefix else n, c) for n, c in sub._modules.items() if c is not None]
+        stack.extend(reversed(children))
 
 
 def named_hyperparameters(module: nn.Module) -> dict[str, Tensor]:
     """Return every hyperparameter reachable from ``module``, by dotted name.
 
+    Compiled submodules are seen through: ``torch.compile(KDLoss())`` stored as ``kd`` gives ``"kd.temperature"``.
     Frozen teachers held outside the module tree are not visited (they have no loss hyperparameters).
     """
     found: dict[str, Tensor] = {}
-    for prefix, sub in module.named_modules():
+    for prefix, sub in _walk(module):
         dot = f"{prefix}." if prefix else ""
         for name in sub.__dict__.get(_REGISTRY_ATTR, {}):
             found[dot + name] = sub._buffers[name]  # type: ignore[assignment]
@@ -152,19 +230,27 @@ def named_hyperparameters(module: nn.Module) -> dict[str, Tensor]:
 
 def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     owner_path, _, attr = name.rpartition(".")
-    try:
-        owner = module.get_submodule(owner_path) if owner_path else module
-    except AttributeError:
-        owner = None
+    compiled = _compiled_type()
+    owner: nn.Module | None = _unwrap(module, compiled)
+    # ``_orig_mod`` components (names read from a compiled module's state dict) are accepted and skipped
+    for part in [p for p in owner_path.split(".") if p and p != _COMPILED_CHILD]:
+        child = owner._modules.get(part) if owner is not None else None
+        owner = None if child is None else _unwrap(child, compiled)
     if owner is not None:
         if attr in owner.__dict__.get(_REGISTRY_ATTR, {}):
             return owner, attr
         if attr in _FLOAT_ATTRIBUTES.get(type(owner), ()):
             return owner, attr
     available = ", ".join(sorted(named_hyperparameters(module))) or "none"
+    hint = (
+        f" {name!r} is an optimizer hyperparameter: `apply_hyperparameters(module, {{{name!r}: value}}, trainer)` "
+        "writes it into the param groups."
+        if name in OPTIMIZER_HYPERPARAMETERS
+        else ""
+    )
     raise KeyError(
         f"No hyperparameter named {name!r} on {type(module).__name__}. Available: {available}. "
-        "Loss modules register theirs with `register_hyperparameter`; use the dotted path of the submodule."
+        "Loss modules register theirs with `register_hyperparameter`; use the dotted path of the submodule." + hint
     )
 
 
@@ -174,6 +260,24 @@ def hyperparameter_spec(module: nn.Module, name: str) -> HyperparameterSpec:
     if attr in owner.__dict__.get(_REGISTRY_ATTR, {}):
         return owner.__dict__[_REGISTRY_ATTR][attr]
     return HyperparameterSpec(0.0, 1.0)  # dropout probabilities
+
+
+def hyperparameter_buffer_name(module: nn.Module, name: str) -> str | None:
+    """The ``state_dict`` key (as ``module.named_buffers()`` spells it) of the hyperparameter ``name``.
+
+    It differs from ``name`` under compiled submodules (``"kd._orig_mod.temperature"`` for ``"kd.temperature"``);
+    ``None`` for a plain float attribute (``nn.Dropout.p``), which is not a buffer.
+
+    Raises:
+        KeyError: When ``name`` is unknown.
+    """
+    owner, attr = _resolve(module, name)
+    if attr not in owner._buffers:
+        return None
+    for buffer_name, buffer in module.named_buffers():
+        if buffer is owner._buffers[attr]:
+            return buffer_name
+    return None  # pragma: no cover - a registered buffer is always reachable
 
 
 def get_hyperparameter(module: nn.Module, name: str) -> Tensor:
@@ -191,7 +295,8 @@ def get_hyperparameter(module: nn.Module, name: str) -> Tensor:
 def set_hyperparameter(module: nn.Module, name: str, value: float | Tensor) -> None:
     """Set the hyperparameter ``name`` (dotted path) of ``module`` in place, after checking its range.
 
-    A buffer keeps its device; its shape follows ``value`` (a scalar may become per-sample and back).
+    A buffer keeps its device and dtype; its shape follows ``value`` (a scalar may become per-sample and back), and
+    a checkpoint taken in either shape loads into a fresh module.
 
     Raises:
         KeyError: When ``name`` is unknown.
@@ -215,3 +320,59 @@ def set_hyperparameter(module: nn.Module, name: str, value: float | Tensor) -> N
     if not math.isfinite(value_f):  # pragma: no cover - checked above
         raise ValueError(f"Hyperparameter {name!r} must be finite.")
     setattr(owner, attr, value_f)
+
+
+# ------------------------------------------------------------------------------------- optimizer names
+def _optimizers(trainer: Any) -> list[torch.optim.Optimizer]:
+    if trainer is None:
+        return []
+    try:
+        return list(trainer.optimizers)
+    except (AttributeError, RuntimeError):  # pragma: no cover - trainer without a strategy yet
+        return []
+
+
+def apply_hyperparameters(pl_module: nn.Module, values: Mapping[str, float | Tensor], trainer: Any = None) -> None:
+    """Write hyperparameter values into ``pl_module`` (by dotted name) and the optimizer param groups.
+
+    ``"lr"`` and ``"weight_decay"`` (:data:`OPTIMIZER_HYPERPARAMETERS`) go into every param group of every optimizer
+    of ``trainer`` (a ``lightning.pytorch.Trainer``); any other name goes through ``set_hyperparameter`` (the
+    module's method when present, else :func:`set_hyperparameter`).
+
+    Raises:
+        RuntimeError: When an optimizer hyperparameter is given but the trainer has no optimizer yet (apply it in
+            ``on_train_start`` or later).
+        KeyError: When a name is not a hyperparameter of the module.
+    """
+    setter = getattr(pl_module, "set_hyperparameter", None)
+    for name, value in values.items():
+        if name in OPTIMIZER_HYPERPARAMETERS:
+            optimizers = _optimizers(trainer)
+            if not optimizers:
+                raise RuntimeError(
+                    f"Cannot set {name!r}: the trainer has no optimizer yet. Optimizer hyperparameters are applied "
+                    "from `on_train_start` on, after Lightning has set up (and restored) the optimizers."
+                )
+            scalar = float(value)
+            for optimizer in optimizers:
+                for group in optimizer.param_groups:
+                    group[name] = scalar
+        elif callable(setter):
+            setter(name, value)
+        else:
+            set_hyperparameter(pl_module, name, value)
+
+
+def read_hyperparameters(pl_module: nn.Module, names: Sequence[str], trainer: Any = None) -> dict[str, float]:
+    """Read the current scalar value of each name (``"lr"``/``"weight_decay"`` from the first param group).
+
+    A per-sample value is read as its mean; an optimizer name without an optimizer as NaN.
+    """
+    out: dict[str, float] = {}
+    for name in names:
+        if name in OPTIMIZER_HYPERPARAMETERS:
+            optimizers = _optimizers(trainer)
+            out[name] = float(optimizers[0].param_groups[0][name]) if optimizers else math.nan
+        else:
+            out[name] = float(get_hyperparameter(pl_module, name).float().mean())
+    return out

@@ -557,3 +557,99 @@ def test_ddp_gradients_equal_single_process():
     for result in run_distributed(_ddp_worker):
         for name, grad in result.items():
             torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token normalisation by the whole batch's token count (gradient accumulation, DDP)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _split_rows(hidden, target, at=15):
+    """Two micro-batches of rows with different numbers of counted tokens."""
+    h = hidden.detach()
+    parts = [h[:at].clone().requires_grad_(True), h[at:].clone().requires_grad_(True)]
+    labels = [target[:at], target[at:]]
+    counts = [int((lab != -100).sum()) for lab in labels]
+    assert counts[0] != counts[1]
+    return parts, labels, counts
+
+
+@pytest.mark.parametrize("variant", ["closed_form", "temperature", "z_loss"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_linear_cross_entropy_micro_batches_over_the_global_count_sum_to_the_whole_batch(variant, as_tensor):
+    hidden, weight, bias, target = make_head(torch.float64)
+    kw = {"temperature": {"temperature": 0.7}, "z_loss": {"z_loss": 1e-2}}.get(variant, {})
+    parts, labels, counts = _split_rows(hidden, target)
+    items = torch.tensor(sum(counts)) if as_tensor else sum(counts)
+    split = sum(
+        linear_cross_entropy(h, weight, lab, bias, chunk_size=4, num_items_in_batch=items, **kw)
+        for h, lab in zip(parts, labels)
+    )
+    whole_h = torch.cat(parts).detach().requires_grad_(True)
+    whole = linear_cross_entropy(whole_h, weight, target, bias, chunk_size=4, **kw)
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    split_grads = torch.autograd.grad(split, [*parts, weight, bias])
+    whole_grads = torch.autograd.grad(whole, [whole_h, weight, bias])
+    torch.testing.assert_close(torch.cat(split_grads[:2]), whole_grads[0], rtol=1e-12, atol=1e-15)
+    for a, b in zip(split_grads[2:], whole_grads[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    local = linear_cross_entropy(parts[0], weight, labels[0], bias, num_items_in_batch=counts[0], **kw)
+    torch.testing.assert_close(local, linear_cross_entropy(parts[0], weight, labels[0], bias, **kw))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_linear_distillation_micro_batches_over_the_global_count_sum_to_the_whole_batch(beta):
+    hidden, weight, _, target = make_head(torch.float64, bias=False)
+    g = torch.Generator().manual_seed(5)
+    teacher_hidden = torch.randn(N, 7, generator=g, dtype=torch.float64)
+    teacher_weight = torch.randn(V, 7, generator=g, dtype=torch.float64) / math.sqrt(7)
+    parts, labels, counts = _split_rows(hidden, target)
+    teachers = [teacher_hidden[:15], teacher_hidden[15:]]
+    split = sum(
+        linear_distillation_loss(
+            h, weight, th, teacher_weight, beta=beta, temperature=1.5, labels=lab, chunk_size=4,
+            num_items_in_batch=sum(counts),
+        )
+        for h, th, lab in zip(parts, teachers, labels)
+    )  # fmt: skip
+    whole_h = torch.cat(parts).detach().requires_grad_(True)
+    whole = linear_distillation_loss(
+        whole_h, weight, teacher_hidden, teacher_weight, beta=beta, temperature=1.5, labels=target, chunk_size=4
+    )
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    split_grads = torch.autograd.grad(split, [*parts, weight])
+    whole_grads = torch.autograd.grad(whole, [whole_h, weight])
+    torch.testing.assert_close(torch.cat(split_grads[:2]), whole_grads[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(split_grads[2], whole_grads[1], rtol=1e-12, atol=1e-15)
+    local = linear_distillation_loss(
+        parts[0], weight, teachers[0], teacher_weight, beta=beta, labels=labels[0], num_items_in_batch=counts[0]
+    )
+    torch.testing.assert_close(
+        local, linear_distillation_loss(parts[0], weight, teachers[0], teacher_weight, beta=beta, labels=labels[0])
+    )
+
+
+def test_num_items_in_batch_needs_the_mean_and_a_positive_count():
+    hidden, weight, _, target = make_head(torch.float64)
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*reduction='mean'"):
+        linear_cross_entropy(hidden, weight, target, reduction="none", num_items_in_batch=3)
+    for bad in (0, -1.0, float("nan"), torch.tensor(0)):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            linear_cross_entropy(hidden, weight, target, num_items_in_batch=bad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Python-number hyperparameters follow the input dtype (no float32 rounding for float64 inputs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_python_hyperparameters_are_not_rounded_to_float32_for_float64_inputs():
+    hidden, weight, bias, target = make_head(torch.float64)
+    got = linear_cross_entropy(hidden, weight, target, bias, temperature=0.7, z_loss=1e-4, chunk_size=CHUNK)
+    want = naive_ce(hidden, weight, target, bias, temperature=0.7, z_loss=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-15)
+    g = torch.Generator().manual_seed(3)
+    ht, wt = torch.randn(N, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
+    kd = linear_distillation_loss(hidden, weight, ht, wt, beta=0.3, temperature=0.7, chunk_size=CHUNK)
+    zs, zt = naive_logits(hidden, weight), naive_logits(ht, wt)
+    torch.testing.assert_close(kd, naive_gjsd_rows(zs, zt, 0.3, 0.7).mean(), rtol=1e-14, atol=1e-15)

@@ -569,3 +569,55 @@ def test_jsd_agrees_with_trl_gkd(beta: float) -> None:
         return gkd.GKDTrainer.generalized_jsd_loss(x, t, labels=labels, beta=beta, temperature=1.5)
 
     _compare(lambda x: generalized_jsd_loss(x, t, beta=beta, temperature=1.5, labels=labels), theirs, s, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token normalisation by the whole batch's token count (gradient accumulation, DDP)
+# --------------------------------------------------------------------------------------------------------------------
+def _two_micro_batches(seed: int = 0) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Student and teacher logits and labels of two micro-batches with different numbers of counted tokens."""
+    g = torch.Generator().manual_seed(seed)
+    students = [torch.randn(b, T, V, generator=g, dtype=torch.float64) * 2 for b in (2, 3)]
+    teachers = [torch.randn(b, T, V, generator=g, dtype=torch.float64) * 2 for b in (2, 3)]
+    labels = [torch.randint(0, V, (b, T), generator=g) for b in (2, 3)]
+    labels[0][0, :3] = -100
+    labels[1][:, :1] = -100
+    labels[1][2] = -100
+    return students, teachers, labels
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_jsd_micro_batches_over_the_global_token_count_sum_to_the_whole_batch(beta: float, as_tensor: bool) -> None:
+    students, teachers, labels = _two_micro_batches()
+    counts = [int((lab != -100).sum()) for lab in labels]
+    assert counts[0] != counts[1]
+    total = sum(counts)
+    items: object = torch.tensor(total) if as_tensor else total
+    leaves = [s.clone().requires_grad_(True) for s in students]
+    split = sum(
+        generalized_jsd_loss(s, t, beta, 1.3, labels=lab, num_items_in_batch=items)  # type: ignore[arg-type]
+        for s, t, lab in zip(leaves, teachers, labels)
+    )
+    whole_s = torch.cat(students).requires_grad_(True)
+    whole = generalized_jsd_loss(whole_s, torch.cat(teachers), beta, 1.3, labels=torch.cat(labels))
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    grads = torch.autograd.grad(split, leaves)
+    (whole_grad,) = torch.autograd.grad(whole, whole_s)
+    torch.testing.assert_close(torch.cat(grads), whole_grad, rtol=1e-12, atol=1e-15)
+    # The local count gives the default local mean.
+    local = generalized_jsd_loss(students[0], teachers[0], beta, labels=labels[0], num_items_in_batch=counts[0])
+    torch.testing.assert_close(local, generalized_jsd_loss(students[0], teachers[0], beta, labels=labels[0]))
+
+
+def test_jsd_num_items_in_batch_is_validated() -> None:
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    for bad in (0, -3.0, float("nan"), float("inf"), torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            generalized_jsd_loss(s, t, num_items_in_batch=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*scalar"):
+        generalized_jsd_loss(s, t, num_items_in_batch=torch.tensor([3.0, 4.0]))
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        generalized_jsd_loss(s, t, num_items_in_batch=True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*reduction='mean'"):
+        generalized_jsd_loss(s, t, reduction="sum", num_items_in_batch=6)

@@ -174,3 +174,119 @@ def test_bad_models_raise_clear_errors():
     wrapped = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(ValueError, match="leave `lm_head` out of `target_modules`"):
         output_head(wrapped)
+
+
+# ------------------------------------------------------------------------------------------------- the model's forward
+def test_the_model_is_called_through_its_own_forward_and_its_head_is_put_back():
+    model = tiny_llama()
+    ids, mask, _ = batch(4)
+    calls = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(sorted(kwargs)), with_kwargs=True
+    )
+    head, names = model.get_output_embeddings(), [n for n, _ in model.named_modules()]
+    try:
+        hidden, out = causal_lm_hidden_states(model, ids, mask)
+    finally:
+        handle.remove()
+    assert calls == [["attention_mask", "input_ids", "use_cache"]]  # the root's hooks ran (FSDP2 gathers there)
+    assert model.get_output_embeddings() is head and [n for n, _ in model.named_modules()] == names
+    torch.testing.assert_close(head_logits(hidden, out), model(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(IndexError):
+        causal_lm_hidden_states(model, torch.full((1, 3), VOCAB + 5))  # an id outside the embedding
+    assert model.get_output_embeddings() is head  # put back when the forward fails too
+
+
+def test_hooks_on_the_model_outputs_run_in_the_backward():
+    # FSDP2 registers its pre-backward hook (which ends in the gradient reduce-scatter) on the root's outputs: they
+    # must be part of the graph of a loss computed from the hidden states alone
+    model = tiny_llama().train()
+    ids, mask, labels = batch(5)
+    fired = []
+
+    def on_output(module, args, out):
+        out.logits.register_hook(lambda grad: fired.append(grad.shape))
+
+    handle = model.register_forward_hook(on_output)
+    try:
+        hidden, head = causal_lm_hidden_states(model, ids, mask)
+    finally:
+        handle.remove()
+    loss = linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, chunk_size=3)
+    loss.backward()
+    assert fired == [torch.Size([2, 7, 1])]  # the placeholder the model returned, not (2, 7, V) logits
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    grads = torch.autograd.grad(expected, [p for p in model.parameters() if p.grad is not None])
+    for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_calls_raise_clear_errors():
+    model = tiny_gpt2()
+    ids, _, labels = batch(6)
+    with pytest.raises(ValueError, match="does not take `labels`"):
+        causal_lm_hidden_states(model, ids, labels=labels)
+
+    class Headless(transformers.GPT2LMHeadModel):
+        def forward(self, input_ids=None, **kwargs):
+            return self.transformer(input_ids=input_ids, **kwargs)
+
+    headless = Headless(model.config).eval()
+    with pytest.raises(ValueError, match="called its output head 0 times, expected once"):
+        causal_lm_hidden_states(headless, ids)
+
+
+# ------------------------------------------------------------------------------------------------- FSDP2, one process
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already open")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_fsdp2_root_wrapped_model_gives_the_unsharded_loss_and_gradients(one_process_group, make):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    plain, sharded = make(), make()  # eval mode (no dropout); gradients still flow
+    sharded.load_state_dict(plain.state_dict())
+    fully_shard(sharded, mesh=one_process_group)
+    ids, mask, labels = batch(7)
+    expected = plain(input_ids=ids, attention_mask=mask, labels=labels).loss
+    expected.backward()
+    hidden, head = causal_lm_hidden_states(sharded, ids, mask)
+    assert not isinstance(head.weight, DTensor)  # the root keeps its parameters gathered until its backward
+    loss = linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:], head.bias, chunk_size=4)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        assert isinstance(p, DTensor)  # resharded after the backward, with the reduce-scattered gradient
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fsdp2_resharded_head_is_gathered_for_a_frozen_model_and_refused_with_gradients(one_process_group):
+    from torch.distributed.fsdp import fully_shard
+
+    plain = tiny_llama()
+    frozen = tiny_llama()
+    frozen.load_state_dict(plain.state_dict())
+    fully_shard(frozen, mesh=one_process_group, reshard_after_forward=True)  # a sharded teacher
+    ids, mask, _ = batch(8)
+    with torch.no_grad():
+        hidden, head = causal_lm_hidden_states(frozen, ids, mask)
+        torch.testing.assert_close(head_logits(hidden, head), plain(input_ids=ids, attention_mask=mask).logits)
+    with pytest.raises(ValueError, match="sharded or partitioned after the forward"):
+        causal_lm_hidden_states(frozen, ids, mask)
+    own_group = tiny_gpt2()
+    fully_shard(own_group.lm_head, mesh=one_process_group)
+    fully_shard(own_group, mesh=one_process_group)
+    with pytest.raises(ValueError, match="has its own `fully_shard` group"):
+        causal_lm_hidden_states(own_group, ids, mask)

@@ -248,3 +248,28 @@ def test_bad_configuration_is_rejected(factory: object, match: str) -> None:
 def test_repr_names_hyperparameters() -> None:
     text = repr(DKDLoss(alpha=2.0))
     assert "alpha=2" in text and "beta=8" in text and "warmup_epochs=20" in text
+
+
+def test_jsd_module_micro_batches_over_the_global_token_count_sum_to_the_whole_batch() -> None:
+    g = torch.Generator().manual_seed(1)
+    students = [torch.randn(b, 4, 9, generator=g, dtype=torch.float64) for b in (3, 2)]
+    teachers = [torch.randn(b, 4, 9, generator=g, dtype=torch.float64) for b in (3, 2)]
+    labels = [torch.randint(0, 9, (b, 4), generator=g) for b in (3, 2)]
+    labels[0][:, :2] = -100
+    labels[1][0, 0] = -100
+    loss = GeneralizedJSDLoss(beta=0.3, temperature=0.8, weight=0.7).double()
+    counts = [int((lab != -100).sum()) for lab in labels]
+    leaves = [s.clone().requires_grad_(True) for s in students]
+    split = sum(loss(s, t, lab, num_items_in_batch=sum(counts)) for s, t, lab in zip(leaves, teachers, labels))
+    whole_s = torch.cat(students).requires_grad_(True)
+    whole = loss(whole_s, torch.cat(teachers), torch.cat(labels))
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        torch.cat(torch.autograd.grad(split, leaves)), torch.autograd.grad(whole, whole_s)[0], rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        loss(students[0], teachers[0], labels[0], num_items_in_batch=counts[0]),
+        loss(students[0], teachers[0], labels[0]),
+    )
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*reduction='mean'"):
+        GeneralizedJSDLoss(reduction="sum")(students[0], teachers[0], labels[0], num_items_in_batch=5)

@@ -4,8 +4,11 @@ hyperparameter and learning rate in effect after restore."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -64,6 +67,112 @@ def test_bad_arguments(kwargs, match):
         tune_population_based_training(_module, _datamodule, **options)  # type: ignore[arg-type]
 
 
+# ------------------------------------------------------------------------------- the library's own record
+def _report(trial_id, report, epoch, score, donor="none", restored_epoch=0, lineage=None):
+    metrics = {
+        "val_loss": score,
+        "epoch": epoch,
+        "global_step": 3 * epoch,
+        "start_step": 3 * restored_epoch,
+        "restored_epoch": restored_epoch,
+        "donor": donor,
+        "hp/ls.amount": 0.1 * (report + 1),
+        "observed/ls.amount": 0.1 * (report + 1),
+    }
+    lineage = lineage or [[0, {"ls.amount": 0.1}]]
+    return {"trial_id": trial_id, "report": report, "time": float(report), "metrics": metrics, "lineage": lineage}
+
+
+def _checkpoint(trial_dir, name, trial_id, report):
+    folder = trial_dir / name
+    folder.mkdir(parents=True)
+    (folder / "model.ckpt").write_bytes(b"")
+    (folder / "lineage.json").write_text(json.dumps({"trial_id": trial_id, "report": report, "epoch": report + 1}))
+    return folder
+
+
+def test_table_holds_every_recorded_report_and_the_best_trial_is_judged_by_its_last_report(tmp_path):
+    from lightning_losses.tuning.ray_tune import _result_from_records
+
+    # mode "min": trial b's best-looking row (epoch 2, loss 0.1) is not its last one: after exploiting trial a's
+    # epoch-1 checkpoint it reported epoch 2 again, with loss 0.6, worse than a's last (0.3)
+    reports = {
+        "a": [_report("a", 0, 1, 0.5), _report("a", 1, 2, 0.4), _report("a", 2, 3, 0.3)],
+        "b": [
+            _report("b", 0, 1, 0.7),
+            _report("b", 1, 2, 0.1),
+            _report("b", 2, 2, 0.6, donor="a", restored_epoch=1, lineage=[[0, {"ls.amount": 0.1}], [1, {"x": 2.0}]]),
+        ],
+        "c": [],
+    }
+    reports["b"] = [reports["b"][2], reports["b"][0], reports["b"][1]]  # any order on disk: sorted by report index
+    dirs = {"a": tmp_path / "trial_a", "b": tmp_path / "trial_b", "c": None}
+    _checkpoint(dirs["a"], "checkpoint_000000", "a", 0)
+    newest = _checkpoint(dirs["a"], "checkpoint_000002", "a", 2)
+    _checkpoint(dirs["a"], "checkpoint_000009", "b", 7)  # another trial's checkpoint is never a's own
+    with pytest.warns(UserWarning, match=r"1 of 3 trial\(s\) left no report \(c\)"):
+        result = _result_from_records(["a", "b", "c"], reports, dirs, "val_loss", "min")
+    assert len(result.table) == 6
+    assert {(r["trial"], r["report"]) for r in result.table} == {(t, k) for t in (0, 1) for k in range(3)}
+    assert [r["report"] for r in result.table if r["trial"] == 1] == [0, 1, 2]
+    exploited = result.table[-1]
+    assert exploited["donor"] == 0 and exploited["restored_epoch"] == 1 and exploited["start_step"] == 3
+    assert exploited["config"] == {"ls.amount": pytest.approx(0.3)} and exploited["metrics"]["val_loss"] == 0.6
+    assert result.best_trial == 0 and result.best_score == 0.3
+    assert result.best_config == {"ls.amount": pytest.approx(0.3)}
+    assert result.best_checkpoint == f"{newest}/model.ckpt"
+    assert result.schedules == {0: [(0, {"ls.amount": 0.1})], 1: [(0, {"ls.amount": 0.1}), (1, {"x": 2.0})]}
+
+
+def test_an_empty_or_partial_record_warns_and_never_crashes(tmp_path):
+    from lightning_losses.tuning.ray_tune import _result_from_records
+
+    with pytest.warns(UserWarning, match="No trial reported"):
+        empty = _result_from_records([], {}, {}, "val_loss", "min")
+    assert empty.best_trial is None and empty.best_checkpoint is None and empty.table == []
+    with pytest.warns(UserWarning, match="left no report"), pytest.warns(UserWarning, match="No trial reported"):
+        silent = _result_from_records(["a", "b"], {"a": [], "b": []}, {}, "val_loss", "max")
+    assert silent.best_trial is None and math.isnan(silent.best_score)
+    partial = {"a": [{"trial_id": "a", "report": 0, "metrics": {"val_loss": 0.2}}]}  # fields missing
+    with pytest.warns(UserWarning, match="no checkpoint of its own"):
+        result = _result_from_records(["a"], partial, {"a": tmp_path}, "val_loss", "min")
+    assert result.best_trial == 0 and result.best_score == 0.2 and result.best_checkpoint is None
+    assert result.table[0]["epoch"] == -1 and result.table[0]["config"] == {}
+
+
+def test_reports_are_appended_to_the_record_and_collected_by_trial_directory(tmp_path):
+    from lightning_losses.tuning.pbt import ApplyHyperparameters
+    from lightning_losses.tuning.ray_tune import TuneReportCheckpoint, _collect, read_reports
+
+    records = tmp_path / "records"
+    for trial_id, scores in (("t0", [0.5, 0.4]), ("t1", [0.6])):
+        apply = ApplyHyperparameters({"ls.amount": 0.1})
+        for score in scores:  # a restarted trial keeps counting its reports
+            cb = TuneReportCheckpoint(
+                "val_loss", apply, [(0, {"ls.amount": 0.1})], trial_id, record=records / f"{trial_id}.jsonl"
+            )
+            cb._append({"val_loss": score, "epoch": cb.reports + 1})
+    with open(records / "t1.jsonl", "a") as f:
+        f.write('{"trial_id": "t1", "report": 1, "metr')  # a report cut short (the process was killed)
+    with pytest.warns(UserWarning, match="not a complete JSON report"):
+        assert [r["report"] for r in read_reports(records / "t1.jsonl")] == [0]
+    _checkpoint(tmp_path / "exp" / "trial_t0", "checkpoint_000001", "t0", 1)
+
+    class _Result:
+        def __init__(self, path):
+            self.path = str(path)
+
+    grid = [_Result(tmp_path / "exp" / "trial_t0"), _Result(tmp_path / "exp" / "trial_t1")]
+    with pytest.warns(UserWarning):
+        result = _collect(grid, records, "val_loss", "min")
+    assert [(r["trial_id"], r["report"], r["score"]) for r in result.table] == [
+        ("t0", 0, 0.5),
+        ("t0", 1, 0.4),
+        ("t1", 0, 0.6),
+    ]
+    assert result.best_trial == 0 and result.best_checkpoint.endswith("trial_t0/checkpoint_000001/model.ckpt")
+
+
 # ------------------------------------------------------------------------------------------- end to end
 class Smoothing(LossModule):
     def __init__(self) -> None:
@@ -120,7 +229,7 @@ def _datamodule():
     return TinyData()
 
 
-@pytest.mark.slow  # ~40 s, and Ray's per-trial result frames occasionally lack the rows after a restore
+@pytest.mark.slow  # ~40 s: Ray's start-up and two trials of two epochs
 def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_path):
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
@@ -146,6 +255,10 @@ def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_
     finally:
         ray.shutdown()
     rows = result.table
+    # every report is in the table: population x epochs (synchronous PBT: each trial reports each epoch once)
+    assert len(rows) == 2 * 2, rows
+    assert sorted((r["trial"], r["epoch"]) for r in rows) == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert sorted((r["trial"], r["report"]) for r in rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     by_trial = {t: sorted((r for r in rows if r["trial"] == t), key=lambda r: r["epoch"]) for t in (0, 1)}
     first = {t: by_trial[t][0] for t in (0, 1)}
     good = 0 if first[0]["score"] < first[1]["score"] else 1
@@ -179,8 +292,11 @@ def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_
         (0, pytest.approx(first[good]["config"])),
         (last["restored_epoch"], pytest.approx(last["config"])),
     ]
-    assert result.best_checkpoint.endswith("model.ckpt")
+    assert result.best_checkpoint is not None and result.best_checkpoint.endswith("model.ckpt")
     assert result.best_score == min(by_trial[t][-1]["score"] for t in (0, 1))
+    assert result.best_trial == min((0, 1), key=lambda t: by_trial[t][-1]["score"])
+    best_dir = f"trial_{by_trial[result.best_trial][-1]['trial_id']}"
+    assert best_dir in {p.name for p in Path(result.best_checkpoint).parents}  # the best trial's own checkpoint
 
 
 # ------------------------------------------------------------------------------------------------- PB2

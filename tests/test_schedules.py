@@ -247,3 +247,34 @@ def test_schedule_state_is_checkpointed(tmp_path):
     state = torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"][cb.state_key]
     assert state["last_position"] == 4
     assert state["last_values"]["ls.amount"] == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------------- spawn strategies
+def halving(t: float, start: float = 0.4) -> float:
+    return start * 0.5**t
+
+
+def test_picklable_schedule_forms_round_trip():
+    import copy
+    import functools
+    import pickle
+
+    cb = HyperparameterSchedule(
+        {
+            "ls.amount": LambdaSchedule(halving),
+            "net.2.p": functools.partial(halving, start=0.2),
+            "lr": ChainedSchedule([ConstantSchedule(0.1), LinearSchedule(0.1, 0.0, duration=5)], [2]),
+        }
+    )
+    clone = pickle.loads(pickle.dumps(cb))
+    assert clone.value_at(3) == cb.value_at(3)
+    with_lambda = HyperparameterSchedule({"ls.amount": lambda t: 0.1})
+    assert copy.deepcopy(with_lambda).value_at(0) == {"ls.amount": 0.1}  # copies do not need pickling
+    assert copy.copy(with_lambda).schedules == with_lambda.schedules
+
+
+def test_lambda_schedule_under_ddp_spawn_names_the_picklable_forms():
+    cb = HyperparameterSchedule({"ls.amount": LambdaSchedule(lambda t: 0.1 * t)})
+    trainer = _trainer(max_steps=1, strategy="ddp_spawn", devices=2, callbacks=[cb])
+    with pytest.raises(TypeError, match=r"'ls\.amount'.*ConstantSchedule, LinearSchedule.*functools\.partial"):
+        trainer.fit(Recorder(), _loader())  # raised in this process, before any worker starts

@@ -316,8 +316,14 @@ class _SaveAt(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def test_mid_epoch_checkpoint_holds_scalar_hyperparameters_and_resumes(tmp_path):
+class _AppliedAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):  # runs after SelfTuning's own on_train_start
+        self.amount = pl_module.ls.amount.detach().clone()
+
+
+def test_mid_epoch_checkpoint_holds_the_draw_in_effect_and_resumes(tmp_path):
     cb, saver = _tuning(with_dropout=False, train_steps=4), _SaveAt(3, tmp_path / "mid.ckpt")
+    model = HyperClassifier(k=1)
     pl.Trainer(
         accelerator="cpu",
         max_steps=4,
@@ -327,11 +333,19 @@ def test_mid_epoch_checkpoint_holds_scalar_hyperparameters_and_resumes(tmp_path)
         enable_model_summary=False,
         callbacks=[cb, saver],
         limit_val_batches=0,
-    ).fit(HyperClassifier(k=1), DataLoader(_data(64, 0), batch_size=16))
+    ).fit(model, DataLoader(_data(64, 0), batch_size=16))
     assert saver.per_sample_shape == (16,)  # the module held one draw per example when it was saved
-    saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)["state_dict"]["ls.amount"]
-    assert saved.shape == () and float(saved) == pytest.approx(0.2, abs=1e-5)  # the unperturbed value
-    resumed = _tuning(with_dropout=False, train_steps=4)
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    saved = ckpt["state_dict"]["ls.amount"]
+    assert saved.shape == (16,)  # a snapshot of the module: the draw in effect, not rewritten by the callback
+    state = ckpt["callbacks"][cb.state_key]
+    assert "generator" not in state and state["draws"] == 3  # counters only: three training draws so far
+    # the registry loads it strictly into a fresh module (scalar amount) ...
+    fresh = HyperClassifier(k=1)
+    fresh.load_state_dict(ckpt["state_dict"], strict=True)
+    assert torch.equal(fresh.ls.amount, saved)
+    # ... and a resumed run starts from the callback's unperturbed value, not from the saved draw
+    resumed, probe = _tuning(with_dropout=False, train_steps=4), _AppliedAtStart()
     pl.Trainer(
         accelerator="cpu",
         max_steps=6,
@@ -339,10 +353,44 @@ def test_mid_epoch_checkpoint_holds_scalar_hyperparameters_and_resumes(tmp_path)
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[resumed],
+        callbacks=[resumed, probe],
         limit_val_batches=0,
     ).fit(HyperClassifier(k=1), DataLoader(_data(64, 0), batch_size=16), ckpt_path=tmp_path / "mid.ckpt")
-    assert resumed.steps == 6
+    assert resumed.steps == 6 and resumed.draws == 6 + resumed.hyper_steps
+    assert probe.amount.shape == () and float(probe.amount) == pytest.approx(0.2, abs=1e-5)
+
+
+def module_level_ce_weight(values):
+    return 1.0 - values["ls.amount"]
+
+
+def test_self_tuning_pickles_after_fit_and_names_unpicklable_functions():
+    import pickle
+
+    model, cb = HyperClassifier(k=1), _tuning(with_dropout=False, train_steps=1, warmup_steps=0)
+    _fit_with(model, cb)
+    assert cb.hyper_steps == 1
+    copy = pickle.loads(pickle.dumps(cb))  # e.g. a second fit under ddp_spawn: no torch.Generator, no iterator
+    assert copy.draws == cb.draws and copy.current() == pytest.approx(cb.current())
+    picklable = SelfTuning({"ls.amount": None}, derived={"ce": module_level_ce_weight})
+    pickle.loads(pickle.dumps(picklable))
+    with pytest.raises(TypeError, match=r"derived\['ce'\].*function defined at module level.*functools\.partial"):
+        pickle.dumps(SelfTuning({"ls.amount": None}, derived={"ce": lambda v: 1.0 - v["ls.amount"]}))
+    import copy as copy_module
+
+    copy_module.deepcopy(SelfTuning({"ls.amount": None}, derived={"ce": lambda v: 0.0}))  # copies need no pickling
+
+
+def test_noise_streams_differ_per_rank_and_repeat_per_draw():
+    def draws(rank, n=3):
+        cb = SelfTuning({"ls.amount": None}, seed=7)
+        cb.rank = rank
+        return [torch.randn(4, generator=cb._generator()) for _ in range(n)]
+
+    rank0, again, rank1 = draws(0), draws(0), draws(1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, again))  # a pure function of (seed, rank, draw)
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    assert not torch.equal(rank0[0], rank0[1])
 
 
 def test_self_tuning_configuration_errors():
@@ -407,6 +455,84 @@ def test_hyper_step_under_ddp_equals_single_process():
     for u, s in ranks:  # both ranks agree, and agree with one process on the whole batch
         torch.testing.assert_close(u, single[0])
         torch.testing.assert_close(s, single[1])
+
+
+class _RankRecorder(HyperClassifier):
+    """Records, inside each training step (after DDP's pre-forward buffer broadcast), the loss's label smoothing and
+    the condition of the hyper-layers; writes them, and the callback's result, to one file per rank."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__(k=1, dropout=0.0)
+        self.out_dir = out_dir
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.records.append((self.ls.amount.detach().clone(), self.net[0].condition.detach().clone()))
+        return super().training_step(batch, batch_idx)
+
+    def on_train_end(self) -> None:  # after SelfTuning's on_train_end (callbacks run first)
+        (cb,) = [c for c in self.trainer.callbacks if isinstance(c, SelfTuning)]
+        result = {"records": self.records, "amount": self.ls.amount.clone(), "current": cb.current()}
+        torch.save(result, f"{self.out_dir}/rank{self.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_self_tuning_under_ddp_spawn_draws_per_rank_and_returns_its_results(tmp_path):
+    model, cb = _RankRecorder(str(tmp_path)), _tuning(with_dropout=False, train_steps=2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        limit_val_batches=0,
+    )
+    trainer.fit(model, DataLoader(_data(64, 0), batch_size=16))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for rank in ranks:
+        assert len(rank["records"]) == 4
+        for amount, condition in rank["records"]:
+            # the loss uses the rank's own draw: the value the hyper-layers are conditioned on (range [0, 0.5])
+            torch.testing.assert_close(amount, 0.25 * (condition[:, 0] + 1.0))
+    for (a0, _), (a1, _) in zip(ranks[0]["records"], ranks[1]["records"]):
+        assert not torch.allclose(a0, a1)  # each rank draws its own perturbations
+    # the hyper-gradients are averaged: one set of hyperparameters on every rank ...
+    assert ranks[0]["current"] == pytest.approx(ranks[1]["current"], abs=1e-7)
+    assert ranks[0]["current"]["ls.amount"] != pytest.approx(0.2, abs=1e-5)  # ... which moved
+    # ... and they come back to this process: in the module's buffer and in the logged metrics
+    assert model.ls.amount.shape == ()
+    assert float(model.ls.amount) == pytest.approx(ranks[0]["current"]["ls.amount"], abs=1e-7)
+    assert float(trainer.callback_metrics["stn/ls.amount"]) == pytest.approx(ranks[0]["current"]["ls.amount"])
+
+
+def _sharded_hyper_layers_worker(rank, world_size, states, x, h, images):
+    from torch.distributed.fsdp import fully_shard
+
+    linear = HyperLinear(3, 4, num_hyperparameters=2, gate_init_std=0.5)
+    conv = HyperConv2d(2, 3, 3, num_hyperparameters=2, padding=1, gate_init_std=0.5)
+    linear.load_state_dict(states[0])
+    conv.load_state_dict(states[1])
+    for layer in (linear, conv):
+        for part in (layer.elementwise, layer.hyper, layer.gate):
+            fully_shard(part)  # each part's parameters are gathered only inside its own forward
+    return linear(x, condition=h).detach(), conv(images, condition=h).detach()
+
+
+@pytest.mark.ddp
+def test_hyper_layers_with_sharded_parts_equal_the_unsharded_layers():
+    torch.manual_seed(0)
+    linear = HyperLinear(3, 4, num_hyperparameters=2, gate_init_std=0.5)
+    conv = HyperConv2d(2, 3, 3, num_hyperparameters=2, padding=1, gate_init_std=0.5)
+    x, h, images = torch.randn(5, 3), torch.randn(5, 2), torch.randn(5, 2, 6, 6)
+    expected = (linear(x, condition=h).detach(), conv(images, condition=h).detach())
+    states = (linear.state_dict(), conv.state_dict())
+    for got in run_distributed(_sharded_hyper_layers_worker, states, x, h, images, world_size=2):
+        torch.testing.assert_close(got[0], expected[0])
+        torch.testing.assert_close(got[1], expected[1])
 
 
 # ------------------------------------------------------------------------------- with the distillation module
@@ -476,3 +602,41 @@ def test_hypernet_input_is_the_position_inside_the_range():
     hp = PerturbedHyperparameters({"a": bounded, "b": positive}, {"a": 4.0, "b": 1.0})
     h = hp.hypernet_input(hp.sample(5))
     assert h.shape == (5, 2) and bool((h.abs() < 1).all())
+
+
+def test_validation_objective_runs_inside_a_sharding_wrapper_forward():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    from lightning_losses.callbacks.self_tuning import _through_strategy
+
+    class Gathering(nn.Module):  # stands in for FSDP / DeepSpeed: parameters usable only inside its forward
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.inside = module, False
+
+        def forward(self, *args, **kwargs):
+            self.inside = True
+            try:
+                return self.module(*args, **kwargs)
+            finally:
+                self.inside = False
+
+    model = HyperClassifier(k=1)
+    wrapper = Gathering(model)
+
+    def _Trainer(strategy_model):  # what the hyper-step needs of a Trainer: its strategy's model and redirection
+        return SimpleNamespace(
+            strategy=SimpleNamespace(model=strategy_model, _forward_redirection=_ForwardRedirection())
+        )
+
+    seen = []
+    result = _through_strategy(_Trainer(wrapper), model, lambda: seen.append(wrapper.inside) or torch.ones(()))
+    assert seen == [True] and float(result) == 1.0
+    assert "_self_tuning_objective" not in model.__dict__ and model.forward.__func__ is HyperClassifier.forward
+    ddp_like = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    for strategy_model in (model, ddp_like):  # no wrapper, or DDP's: called directly
+        seen.clear()
+        _through_strategy(_Trainer(strategy_model), model, lambda: seen.append(wrapper.inside) or torch.ones(()))
+        assert seen == [False]

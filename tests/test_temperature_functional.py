@@ -232,3 +232,42 @@ def test_aldr_loss_is_ldr_minus_the_penalty_and_lambda_gets_no_gradient():
     torch.testing.assert_close(aldr_kl_loss(f, y, torch.full((5,), 10.0, dtype=torch.float64)), ldr_kl_loss(f, y))
     with pytest.raises(ValueError, match=r"alpha.*> 1"):
         aldr_kl_lambda(f, 10.0, alpha=1.0)
+
+
+# ---------------------------------------------------------------- token normalisation by the whole batch's count
+
+
+def _dro_micro_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = [torch.randn(n, 6, generator=g, dtype=torch.float64) * 2 for n in (5, 8)]
+    targets = [torch.randint(0, 6, (n,), generator=g) for n in (5, 8)]
+    targets[0][:2] = -100
+    targets[1][-1] = -100
+    taus = [0.3 + torch.rand(n, generator=g, dtype=torch.float64) for n in (5, 8)]
+    return logits, targets, taus
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_dro_micro_batches_over_the_global_token_count_sum_to_the_whole_batch(as_tensor):
+    logits, targets, taus = _dro_micro_batches()
+    counts = [int((y != -100).sum()) for y in targets]
+    assert counts[0] != counts[1]
+    items = torch.tensor(float(sum(counts))) if as_tensor else sum(counts)
+    z_leaves = [z.clone().requires_grad_(True) for z in logits]
+    tau_leaves = [t.clone().requires_grad_(True) for t in taus]
+    split = sum(
+        dro_temperature_loss(z, y, t, 0.4, num_items_in_batch=items) for z, y, t in zip(z_leaves, targets, tau_leaves)
+    )
+    whole_z, whole_tau = torch.cat(logits).requires_grad_(True), torch.cat(taus).requires_grad_(True)
+    whole = dro_temperature_loss(whole_z, torch.cat(targets), whole_tau, 0.4)
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    grads = torch.autograd.grad(split, z_leaves + tau_leaves)
+    want = torch.autograd.grad(whole, (whole_z, whole_tau))
+    torch.testing.assert_close(torch.cat(grads[:2]), want[0], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(torch.cat(grads[2:]), want[1], rtol=1e-12, atol=1e-15)
+    local = dro_temperature_loss(logits[0], targets[0], taus[0], 0.4, num_items_in_batch=counts[0])
+    torch.testing.assert_close(local, dro_temperature_loss(logits[0], targets[0], taus[0], 0.4))
+    with pytest.raises(ValueError, match=r"num_items_in_batch.*reduction='mean'"):
+        dro_temperature_loss(logits[0], targets[0], 1.0, 0.4, reduction="sum", num_items_in_batch=3)
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        dro_temperature_loss(logits[0], targets[0], 1.0, 0.4, num_items_in_batch=torch.tensor(-1.0))

@@ -310,3 +310,35 @@ def test_ddp_contrastive_equals_single_process_on_the_concatenated_batch():
     # ALDR-KL: both ranks hold every rank's lambdas
     torch.testing.assert_close(results[0][3], results[1][3])
     assert int((results[0][3] != 10.0).sum()) == 8
+
+
+def test_dro_module_micro_batches_over_the_global_token_count_sum_to_the_whole_batch():
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(2, n, 5, generator=g, dtype=torch.float64) for n in (3, 3)]
+    targets = [torch.randint(0, 5, (2, 3), generator=g) for _ in range(2)]
+    targets[0][0] = -100
+    loss = DROTemperatureLoss(rho=0.5, ignore_index=-100).double()
+    counts = [int((y != -100).sum()) for y in targets]
+    leaves = [z.clone().requires_grad_(True) for z in logits]
+    split = sum(loss(z, y, 0.8, num_items_in_batch=sum(counts)) for z, y in zip(leaves, targets))
+    whole_z = torch.cat(logits).requires_grad_(True)
+    whole = loss(whole_z, torch.cat(targets), 0.8)
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        torch.cat(torch.autograd.grad(split, leaves)), torch.autograd.grad(whole, whole_z)[0], rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        loss(logits[0], targets[0], 0.8, num_items_in_batch=counts[0]), loss(logits[0], targets[0], 0.8)
+    )
+
+
+def test_robust_contrastive_similarities_are_float32_under_bf16_autocast():
+    x, t = _features(batch=8, dim=16, seed=4)
+    tau_i, tau_t = torch.full((8,), 0.05), torch.full((8,), 0.07)
+    want = robust_contrastive_loss(x, t, tau_i, tau_t, rho=0.8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = robust_contrastive_loss(x, t, tau_i, tau_t, rho=0.8)
+        module_got = RobustContrastiveLoss(num_samples=8, rho=0.8, gamma=1.0)(x, t, torch.arange(8), tau_i, tau_t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(module_got, want, rtol=1e-5, atol=1e-5)

@@ -328,3 +328,70 @@ def test_bad_inputs():
         NPOLoss(retain_weight=1.0)(torch.zeros(1), torch.zeros(1))
     with pytest.raises(ValueError, match="Unknown f-divergence"):
         FLATLoss("bogus")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- token normalisation by the whole batch's count
+
+
+@pytest.mark.parametrize("fn", [retain_nll_loss, gradient_ascent_loss])
+@pytest.mark.parametrize("with_lengths", [True, False])
+def test_token_mean_nll_micro_batches_over_the_global_count_sum_to_the_whole_batch(fn, with_lengths):
+    g = torch.Generator().manual_seed(0)
+    logps = [-10 * torch.rand(n, generator=g, dtype=torch.float64) for n in (3, 5)]
+    lengths = [torch.tensor([4, 0, 2]), torch.tensor([1, 7, 3, 3, 2])]
+    counts = [int(n.sum()) if with_lengths else n.numel() for n in lengths]
+    leaves = [x.clone().requires_grad_(True) for x in logps]
+    split = sum(fn(x, n if with_lengths else None, num_items_in_batch=sum(counts)) for x, n in zip(leaves, lengths))
+    whole_x = torch.cat(logps).requires_grad_(True)
+    whole = fn(whole_x, torch.cat(lengths) if with_lengths else None)
+    torch.testing.assert_close(split, whole, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(
+        torch.cat(torch.autograd.grad(split, leaves)), torch.autograd.grad(whole, whole_x)[0], rtol=1e-14, atol=1e-15
+    )
+    local_lengths = lengths[0] if with_lengths else None
+    torch.testing.assert_close(
+        fn(logps[0], local_lengths, num_items_in_batch=counts[0]), fn(logps[0], local_lengths), rtol=0, atol=0
+    )
+
+
+def test_retain_kl_micro_batches_over_the_global_count_sum_to_the_whole_batch():
+    g = torch.Generator().manual_seed(1)
+    policy = [torch.randn(b, 6, 11, generator=g, dtype=torch.float64) for b in (2, 3)]
+    reference = [torch.randn(b, 6, 11, generator=g, dtype=torch.float64) for b in (2, 3)]
+    labels = [torch.randint(0, 11, (b, 6), generator=g) for b in (2, 3)]
+    labels[0][:, :4] = -100
+    labels[1][1] = -100
+    counts = [int((lab[:, 1:] != -100).sum()) for lab in labels]  # shift=True: labels[:, 1:] count
+    assert counts[0] != counts[1]
+    leaves = [p.clone().requires_grad_(True) for p in policy]
+    split = sum(
+        retain_kl_loss(p, r, lab, shift=True, num_items_in_batch=torch.tensor(sum(counts)))
+        for p, r, lab in zip(leaves, reference, labels)
+    )
+    whole_p = torch.cat(policy).requires_grad_(True)
+    whole = retain_kl_loss(whole_p, torch.cat(reference), torch.cat(labels), shift=True)
+    torch.testing.assert_close(split, whole, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(
+        torch.cat(torch.autograd.grad(split, leaves)), torch.autograd.grad(whole, whole_p)[0], rtol=1e-12, atol=1e-15
+    )
+    local = retain_kl_loss(policy[0], reference[0], labels[0], shift=True, num_items_in_batch=counts[0])
+    torch.testing.assert_close(local, retain_kl_loss(policy[0], reference[0], labels[0], shift=True))
+
+
+def test_gradient_ascent_module_takes_the_global_count():
+    logps, lengths = torch.tensor([-6.0, -2.0]), torch.tensor([4, 1])
+    loss = GradientAscentLoss()
+    torch.testing.assert_close(loss(logps, lengths, num_items_in_batch=10), logps.sum() / 10)
+    torch.testing.assert_close(loss(logps, lengths, num_items_in_batch=5), loss(logps, lengths))
+
+
+def test_retain_kl_keeps_float64():
+    g = torch.Generator().manual_seed(2)
+    policy, reference = torch.randn(2, 4, 7, generator=g, dtype=torch.float64), torch.randn(2, 4, 7, generator=g)
+    reference = reference.double()
+    labels = torch.randint(0, 7, (2, 4), generator=g)
+    value = retain_kl_loss(policy, reference, labels)
+    log_p, log_r = policy.log_softmax(-1), reference.log_softmax(-1)
+    want = (log_r.exp() * (log_r - log_p)).sum(-1).mean()
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, want, rtol=1e-14, atol=1e-15)

@@ -294,3 +294,15 @@ def test_bad_inputs_have_clear_errors():
     fresh = UnlearningModule(tiny_lora(), method="npo")
     with pytest.raises(RuntimeError, match="Reference log-probabilities are missing"):
         fresh.unlearning_loss(batch)
+
+
+def test_precomputed_reference_loads_into_a_fresh_module_on_every_load_path():
+    # ddp_spawn's result recovery and plain `load_state_dict` do not run `on_load_checkpoint`
+    train, _ = loaders()
+    a = UnlearningModule(tiny_lora(), method="npo")
+    a.precompute_reference(train.iterables["forget"])
+    b = UnlearningModule(tiny_lora(), method="npo")
+    b.load_state_dict(a.state_dict())  # strict
+    assert torch.equal(b.unlearning_reference_logps, a.unlearning_reference_logps)
+    assert torch.equal(b.unlearning_reference_known, a.unlearning_reference_known)
+    assert b.reference_precomputed

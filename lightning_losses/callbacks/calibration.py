@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,10 +13,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.fabric.utilities.cloud_io import _atomic_save, _load, get_filesystem
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
+from typing_extensions import override
 
 from lightning_losses._utils import require, unpack_batch
 from lightning_losses.functional.calibration import expected_calibration_error, negative_log_likelihood
@@ -55,9 +59,41 @@ CALIBRATORS: dict[str, Callable[[], Calibrator]] = {
 LogitsFn = Callable[[pl.LightningModule, Any], Tensor]
 
 
-def _default_logits(pl_module: pl.LightningModule, batch: Any) -> Tensor:
-    x, _, _ = unpack_batch(batch)
-    return pl_module(x)
+def _find_module(pl_module: pl.LightningModule, name: str | None, owner: str) -> torch.nn.Module:
+    """The submodule called ``name`` (dotted path), or the LightningModule itself for ``None``."""
+    if name is None:
+        return pl_module
+    try:
+        return pl_module.get_submodule(name)
+    except AttributeError:
+        children = [n for n, _ in pl_module.named_children()]
+        raise ValueError(
+            f"{owner}(module={name!r}): the LightningModule has no submodule {name!r}. Name the submodule that "
+            f"returns the logits (a dotted path); its direct children are {children}."
+        ) from None
+
+
+def _defines_forward(pl_module: pl.LightningModule) -> bool:
+    return type(pl_module).forward is not pl.LightningModule.forward
+
+
+def _strategy_forward(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], Tensor]) -> Tensor:
+    """Run ``fn`` inside the forward of the strategy's wrapper of the module (DDP, FSDP, DeepSpeed, ...).
+
+    Wrappers that shard or synchronise (FSDP1's flat parameters, ZeRO-3 partitions, DDP's buffer broadcast) prepare
+    the module in their own ``forward``; calling the LightningModule directly would bypass them. With no wrapper
+    (one device, FSDP2's in-place ``fully_shard``) ``fn`` runs as is, and ``fully_shard``'s hooks do their work.
+    """
+    wrapper = getattr(trainer.strategy, "model", None)
+    redirect = getattr(trainer.strategy, "_forward_redirection", None)
+    if wrapper is None or wrapper is pl_module or redirect is None:
+        return fn()
+    name = "_posthoc_calibration_forward"
+    object.__setattr__(pl_module, name, lambda *_: fn())
+    try:
+        return redirect(wrapper, pl_module, name, torch.zeros(()))
+    finally:
+        object.__delattr__(pl_module, name)
 
 
 def _gather_in_order(trainer: pl.Trainer, local: Tensor, total: int) -> Tensor:
@@ -67,9 +103,15 @@ def _gather_in_order(trainer: pl.Trainer, local: Tensor, total: int) -> Tensor:
         return local
     rows = -(-total // world)
     padded = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
+    padded[: local.shape[0]] = local[:rows]
     gathered = trainer.strategy.all_gather(padded)  # (W, rows, ...)
     return gathered.transpose(0, 1).reshape(rows * world, *local.shape[1:])[:total]
+
+
+_NOT_FITTED_WARNING = (
+    "PostHocCalibration is not fitted at {stage} start: the {stage} outputs are NOT calibrated. Fit it "
+    "(fit_on='fit_end', or calibrate(trainer, model)) or restore a checkpoint saved after calibration."
+)
 
 
 class PostHocCalibration(Callback):
@@ -77,16 +119,39 @@ class PostHocCalibration(Callback):
 
     * **Data.** The validation dataloader (of the datamodule, or the Trainer's), never the test set unless
       ``split="test"`` is asked for explicitly (with a loud warning: the test metrics become optimistic).
-      Each process reads the disjoint share ``r, r + W, ...`` of the data set (no padding, no duplicates).
+      Each process reads the share ``r, r + W, ...`` of the data set, padded to the same number of batches on
+      every process (so collectives inside the model's forward stay in step); the padding is dropped before the
+      fit, so no sample counts twice.
+    * **Forward.** The logits are computed inside the forward of the strategy's wrapper (DDP, FSDP, DeepSpeed),
+      so wrappers that prepare sharded or synchronised parameters in their ``forward`` are not bypassed; FSDP2's
+      in-place ``fully_shard`` needs no wrapper. Default logits: ``module(inputs)`` for ``module=None``; with
+      ``module="net"`` the output of ``net`` while the LightningModule's ``forward`` runs on the inputs (or
+      ``net(inputs)`` when the LightningModule defines no ``forward``). ``logits_fn`` replaces both.
     * **DDP.** Logits and targets are gathered from every process in the data set's order, the calibrator is fitted
       on rank 0 only and its state broadcast, so every rank holds the same calibrator, equal to the
       single-process fit.
-    * **Use.** During ``trainer.test`` and ``trainer.predict`` a forward hook replaces the module's output logits
-      by the calibrated ones (for the CA calibrator the hook also runs the transformed copies of the input).
-      :meth:`calibrated` applies it by hand.
-    * **Checkpoint.** The calibrator's state and the before/after metrics are the callback's state: a checkpoint
-      saved after calibration (``trainer.save_checkpoint``) restores it exactly, in ``fit``, ``test`` or
-      ``predict`` with ``ckpt_path``.
+    * **Use.** During ``trainer.test`` and ``trainer.predict`` a forward hook replaces the output of the logits
+      module (``module``: the LightningModule by default, or a named submodule such as ``"net"`` when the steps
+      call ``self.net(x)``) by the calibrated logits (for the CA calibrator the hook also runs the transformed
+      copies of the module's input). If the first test/predict batch never runs that module, a ``RuntimeError``
+      says how to connect it: the outputs would otherwise be silently uncalibrated. An unfitted callback warns at
+      test/predict start. :meth:`calibrated` applies the calibrator by hand.
+    * **Checkpoints.** The calibrator's state and the before/after metrics are the callback's state.
+
+      - A checkpoint saved after calibration (``trainer.save_checkpoint``, or any later save) carries it.
+      - The checkpoints written *during* fit predate the calibration: at the end of :meth:`calibrate` the
+        callback rewrites the files of this run known to the Trainer's ``ModelCheckpoint`` callbacks
+        (``best_model_path``, ``last_model_path`` and every ``best_k_models`` file; the ``meta.pt`` of a
+        distributed checkpoint directory) so that they carry the fitted calibrator (``update_checkpoints=True``,
+        the default; rank 0 writes, atomically; :attr:`updated_checkpoints` lists them). So
+        ``trainer.test(ckpt_path="best" | "last" | path)``, in this Trainer or a fresh one, uses the calibration
+        fitted at the end of fit. (The calibrator was fitted on the final weights; a best checkpoint of an
+        earlier epoch gets the same calibrator. For an exact fit on those weights, restore them and call
+        :meth:`calibrate` again.)
+      - Loading a checkpoint whose calibrator is unfitted over a fitted one never happens silently: when the
+        checkpoint comes from this run (written before the calibration, e.g. by ``update_checkpoints=False`` or a
+        checkpoint callback of another kind), the fitted calibrator is kept, with a warning; when it comes from
+        another run, it is loaded (the calibrator becomes unfitted, the outputs uncalibrated) with a warning.
     * **Logging.** ECE and NLL on the validation logits before and after, to the Trainer's logger and
       :attr:`metrics`.
 
@@ -98,15 +163,18 @@ class PostHocCalibration(Callback):
             ``"matrix"``, ``"dirichlet"``, ``"platt"``, ``"histogram"``, ``"isotonic"``, ``"ca"``.
         fit_on: ``"fit_end"`` (after ``trainer.fit``) or ``"manual"`` (call :meth:`calibrate` yourself).
         split: ``"val"`` (default) or ``"test"`` (discouraged; warns).
-        logits_fn: ``(module, batch) -> logits``; defaults to ``module(inputs)`` with the inputs unpacked from
-            ``(x, y)``, ``(x, y, index)`` or dict batches.
+        logits_fn: ``(module, batch) -> logits``; defaults to the logits module's output on the inputs unpacked
+            from ``(x, y)``, ``(x, y, index)`` or dict batches (see **Forward**).
         n_bins: Bins of the logged ECE.
-        apply_to: Stages whose forward outputs are calibrated.
+        apply_to: Stages whose logits are calibrated.
+        module: Dotted name of the submodule whose output is the logits (``"net"``, ``"model.head"``);
+            ``None`` for the LightningModule's own ``forward``.
+        update_checkpoints: Rewrite this run's ``ModelCheckpoint`` files after calibration (see **Checkpoints**).
 
     Example:
-        >>> cb = PostHocCalibration("temperature")
+        >>> cb = PostHocCalibration("temperature", module="net")
         >>> cb.is_fitted, sorted(cb.state_dict())
-        (False, ['calibrator', 'metrics'])
+        (False, ['calibrator', 'metrics', 'run_id'])
     """
 
     def __init__(
@@ -117,6 +185,8 @@ class PostHocCalibration(Callback):
         logits_fn: LogitsFn | None = None,
         n_bins: int = 15,
         apply_to: Sequence[Literal["test", "predict"]] = ("test", "predict"),
+        module: str | None = None,
+        update_checkpoints: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(calibrator, str):
@@ -129,6 +199,16 @@ class PostHocCalibration(Callback):
             raise ValueError(f"`fit_on` must be 'fit_end' or 'manual', got {fit_on!r}.")
         if split not in ("val", "test"):
             raise ValueError(f"`split` must be 'val' or 'test', got {split!r}.")
+        if logits_fn is not None and not callable(logits_fn):
+            raise TypeError(
+                f"`logits_fn` must be a callable (module, batch) -> logits, got {type(logits_fn).__name__}."
+            )
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
+        if isinstance(apply_to, str):
+            raise TypeError(f"`apply_to` must be a sequence of stage names, e.g. ('test',), got {apply_to!r}.")
+        if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
+            raise ValueError(f"`module` must be a dotted submodule name such as 'net' or 'model.head', got {module!r}.")
         if split == "test":
             warnings.warn(
                 "PostHocCalibration(split='test') fits the calibrator on the TEST set: every test metric measured "
@@ -141,11 +221,17 @@ class PostHocCalibration(Callback):
             raise ValueError(f"`apply_to` may hold 'test' and 'predict' only, got {sorted(bad)}.")
         self.calibrator = calibrator
         self.fit_on, self.split, self.n_bins = fit_on, split, n_bins
-        self.logits_fn = logits_fn or _default_logits
+        self.logits_fn = logits_fn
         self.apply_to = tuple(apply_to)
+        self.module = module
+        self.update_checkpoints = bool(update_checkpoints)
         self.metrics: dict[str, float] = {}
+        self.updated_checkpoints: list[str] = []
+        self._run_id: str | None = None
         self._hook: Any = None
         self._inside_hook = False
+        self._fired = False
+        self._connection_checked = False
 
     @property
     def state_key(self) -> str:
@@ -155,6 +241,13 @@ class PostHocCalibration(Callback):
     def is_fitted(self) -> bool:
         """Whether the calibrator is fitted (by :meth:`calibrate` or from a checkpoint)."""
         return self.calibrator.is_fitted
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _find_module(pl_module, self.module, "PostHocCalibration")  # a wrong name fails before any work
+        if self._run_id is None and stage == "fit":
+            run_id = uuid.uuid4().hex if trainer.is_global_zero else None
+            self._run_id = trainer.strategy.broadcast(run_id, src=0) if trainer.world_size > 1 else run_id
 
     # ------------------------------------------------------------------ fitting
 
@@ -176,31 +269,77 @@ class PostHocCalibration(Callback):
         return loader
 
     def _shard(self, trainer: pl.Trainer, loader: DataLoader) -> tuple[DataLoader, int]:
+        """This process's share ``r, r + W, ...``, padded (with repeats) to the same length on every process."""
         dataset = loader.dataset
-        if isinstance(dataset, IterableDataset) or trainer.world_size == 1:
+        world, rank = trainer.world_size, trainer.global_rank
+        if isinstance(dataset, IterableDataset) or world == 1:
             return loader, -1
+        replicas = getattr(trainer, "distributed_sampler_kwargs", None) or {}
+        if replicas.get("num_replicas", world) != world:
+            raise RuntimeError(
+                "PostHocCalibration gathers the validation logits over every process and needs every process to be "
+                f"a data-parallel replica; this strategy has {replicas.get('num_replicas')} replicas on {world} "
+                "processes (tensor parallelism). Calibrate with fit_on='manual' on logits you gather yourself."
+            )
         total = len(dataset)  # type: ignore[arg-type]
-        share = Subset(dataset, list(range(trainer.global_rank, total, trainer.world_size)))
+        if total == 0:
+            raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
+        rows = -(-total // world)
+        indices = list(range(rank, total, world))
+        indices += [indices[-1] if indices else 0] * (rows - len(indices))
+        share = Subset(dataset, indices)
         return DataLoader(share, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn), total
 
+    def _logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        if self.logits_fn is not None:
+            fn = self.logits_fn
+            return _strategy_forward(trainer, pl_module, lambda: fn(pl_module, batch))
+        x, _, _ = unpack_batch(batch)
+        if self.module is None:
+            return _strategy_forward(trainer, pl_module, lambda: pl_module(x))
+        target = _find_module(pl_module, self.module, "PostHocCalibration")
+        if not _defines_forward(pl_module):
+            return _strategy_forward(trainer, pl_module, lambda: target(x))
+        captured: list[Tensor] = []
+        handle = target.register_forward_hook(lambda m, a, out: captured.append(out) if not captured else None)
+        try:
+            _strategy_forward(trainer, pl_module, lambda: pl_module(x))
+        finally:
+            handle.remove()
+        if not captured or not isinstance(captured[0], Tensor):
+            raise RuntimeError(
+                f"PostHocCalibration(module={self.module!r}): the LightningModule's forward did not return a tensor "
+                f"from {self.module!r} on the validation inputs. Pass logits_fn=(module, batch) -> logits."
+            )
+        return captured[0]
+
+    def _transformed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        assert isinstance(self.calibrator, CorrectnessAwareCalibrator)
+        calibrator = self.calibrator
+        x, _, _ = unpack_batch(batch)
+        model: Callable[[Tensor], Tensor] = (
+            pl_module if self.module is None else _find_module(pl_module, self.module, "PostHocCalibration")
+        )
+        return _strategy_forward(trainer, pl_module, lambda: calibrator.transformed_logits(model, x))
+
     @torch.no_grad()
-    def _collect(self, pl_module: pl.LightningModule, loader: DataLoader) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _collect(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         logits, targets, copies = [], [], []
         was_training = pl_module.training
         pl_module.eval()
         try:
             for batch in loader:
                 batch = move_data_to_device(batch, pl_module.device)
-                out = self.logits_fn(pl_module, batch)
+                out = self._logits(trainer, pl_module, batch)
                 _, target, _ = unpack_batch(batch)
                 if target is None:
                     raise ValueError("PostHocCalibration needs targets in the validation batches.")
                 logits.append(out.float())
                 targets.append(target)
                 if self.calibrator.needs_transformed_logits:
-                    x, _, _ = unpack_batch(batch)
-                    assert isinstance(self.calibrator, CorrectnessAwareCalibrator)
-                    copies.append(self.calibrator.transformed_logits(pl_module, x).float())
+                    copies.append(self._transformed(trainer, pl_module, batch).float())
         finally:
             pl_module.train(was_training)
         if not logits:
@@ -212,11 +351,12 @@ class PostHocCalibration(Callback):
     ) -> dict[str, float]:
         """Collect the logits, gather them from every process, fit on rank 0, broadcast; returns the metrics.
 
-        Call it on every process (it is collective under DDP).
+        Call it on every process (it is collective under DDP). Then, with ``update_checkpoints``, rewrites this
+        run's ``ModelCheckpoint`` files to carry the fitted calibrator.
         """
         loader = dataloader if dataloader is not None else self._dataloader(trainer)
         loader, total = self._shard(trainer, loader)
-        logits, target, copies = self._collect(pl_module, loader)
+        logits, target, copies = self._collect(trainer, pl_module, loader)
         if total >= 0:
             logits = _gather_in_order(trainer, logits, total)
             target = _gather_in_order(trainer, target, total)
@@ -258,7 +398,59 @@ class PostHocCalibration(Callback):
             )
             for logger in trainer.loggers:
                 logger.log_metrics({f"calibration/{k}": v for k, v in self.metrics.items()}, step=trainer.global_step)
+        if self.update_checkpoints:
+            self._update_checkpoints(trainer)
         return self.metrics
+
+    # ------------------------------------------------------------------ checkpoint files of the run
+
+    @staticmethod
+    def _run_checkpoint_paths(trainer: pl.Trainer) -> list[str]:
+        paths: dict[str, str] = {}
+        for cb in trainer.checkpoint_callbacks:
+            if not isinstance(cb, ModelCheckpoint):
+                continue
+            for path in [cb.best_model_path, cb.last_model_path, *cb.best_k_models]:
+                if path:
+                    key = os.path.realpath(path) if "://" not in str(path) else str(path)
+                    paths.setdefault(key, str(path))
+        return sorted(paths.values())
+
+    def _update_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Write the fitted state into this run's checkpoint files (rank 0), then wait for every process."""
+        paths = self._run_checkpoint_paths(trainer)
+        if not paths:
+            return
+        updated: list[str] = []
+        if trainer.is_global_zero:
+            state = self.state_dict()
+            for path in paths:
+                if self._rewrite(path, state):
+                    updated.append(path)
+        if trainer.world_size > 1:
+            updated = trainer.strategy.broadcast(updated, src=0)
+            trainer.strategy.barrier("PostHocCalibration.update_checkpoints")
+        self.updated_checkpoints = updated
+
+    def _rewrite(self, path: str, state: dict[str, Any]) -> bool:
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            return False
+        target = path
+        if fs.isdir(path):  # a distributed checkpoint: the callbacks' states live in its metadata file
+            target = os.path.join(path, "meta.pt")
+            if not fs.exists(target):
+                rank_zero_warn(
+                    f"PostHocCalibration could not update the checkpoint directory {path} (no meta.pt): it holds the "
+                    "calibrator of before the calibration. Save a checkpoint after fit to keep the fitted one."
+                )
+                return False
+        checkpoint = _load(target, map_location="cpu", weights_only=False)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = state
+        _atomic_save(checkpoint, target)
+        return True
+
+    # ------------------------------------------------------------------ applying
 
     @staticmethod
     def _apply(calibrator: Calibrator, logits: Tensor, copies: Tensor | None) -> Tensor:
@@ -271,8 +463,7 @@ class PostHocCalibration(Callback):
         calibrator = self.calibrator.to(logits.device)
         return self._apply(calibrator, logits.float(), transformed_logits)
 
-    # ------------------------------------------------------------------ hooks
-
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.fit_on == "fit_end":
             self.calibrate(trainer, pl_module)
@@ -282,6 +473,7 @@ class PostHocCalibration(Callback):
             return output
         if output.ndim not in (1, 2):
             return output
+        self._fired = True
         copies = None
         if isinstance(self.calibrator, CorrectnessAwareCalibrator):
             self._inside_hook = True
@@ -291,44 +483,127 @@ class PostHocCalibration(Callback):
                 self._inside_hook = False
         return self.calibrated(output, copies).to(output.dtype)
 
-    def _attach(self, pl_module: pl.LightningModule) -> None:
-        if self._hook is None and self.is_fitted:
+    def _attach(self, pl_module: pl.LightningModule, stage: str) -> None:
+        self._connection_checked = False
+        if not self.is_fitted:
+            rank_zero_warn(_NOT_FITTED_WARNING.format(stage=stage))
+            return
+        if self._hook is None:
             self.calibrator.to(pl_module.device)
-            self._hook = pl_module.register_forward_hook(self._forward_hook)
+            target = _find_module(pl_module, self.module, "PostHocCalibration")
+            self._hook = target.register_forward_hook(self._forward_hook)
 
     def _detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
 
+    def _batch_start(self) -> None:
+        self._fired = False
+
+    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hook is None or self._connection_checked:
+            return
+        self._connection_checked = True
+        if not self._fired:
+            where = "the LightningModule's forward" if self.module is None else f"the submodule {self.module!r}"
+            children = [n for n, _ in pl_module.named_children()]
+            raise RuntimeError(
+                f"PostHocCalibration could not calibrate the {stage} logits: the {stage} step never called {where}, "
+                "where the calibration is applied, so its outputs would be uncalibrated. Name the submodule that "
+                f"computes the logits, e.g. PostHocCalibration(..., module='net') when the step calls self.net(x) "
+                f"(children of this module: {children}), or call self(x) in the step."
+            )
+
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.apply_to:
-            self._attach(pl_module)
+            self._attach(pl_module, "test")
 
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start()
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(pl_module, "test")
+
+    @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "predict" in self.apply_to:
-            self._attach(pl_module)
+            self._attach(pl_module, "predict")
 
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start()
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._batch_end(pl_module, "predict")
+
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
 
     # ------------------------------------------------------------------ checkpoint
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "calibrator": {k: v.detach().cpu().clone() for k, v in self.calibrator.state_dict().items()},
             "metrics": dict(self.metrics),
+            "run_id": self._run_id,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.calibrator.load_state_dict(state_dict["calibrator"])
+        incoming = state_dict["calibrator"]
+        incoming_fitted = bool(incoming["fitted"]) if "fitted" in incoming else False
+        run_id = state_dict.get("run_id")
+        if self.is_fitted and not incoming_fitted:
+            if run_id is not None and run_id == self._run_id:
+                rank_zero_warn(
+                    "PostHocCalibration: the checkpoint was written by this run before the calibration and holds "
+                    "an unfitted calibrator; keeping the calibrator fitted at the end of fit."
+                )
+                return
+            rank_zero_warn(
+                "PostHocCalibration: loading a checkpoint of another run whose calibrator is unfitted over the "
+                "fitted one; the calibrator is now UNFITTED and test/predict outputs are not calibrated. Call "
+                "calibrate(trainer, model) on validation data, or restore a checkpoint saved after calibration."
+            )
+        self.calibrator.load_state_dict(incoming)
         self.metrics = dict(state_dict.get("metrics", {}))
+        if run_id is not None:
+            self._run_id = run_id
 
 
 # ---------------------------------------------------------------------- reliability diagrams
@@ -379,14 +654,44 @@ def reliability_diagram(
 _MONITOR_METRICS = ("ece", "mce", "ace", "classwise_ece", "ks", "nll", "brier")
 
 
+def _sampler_of(loader: Any) -> Any:
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", sampler)
+    return sampler
+
+
+def _real_samples(loader: Any) -> int | None:
+    """Samples of this process that are not the distributed sampler's padding (``None``: no padding to drop).
+
+    ``DistributedSampler(drop_last=False)`` repeats the first indices so that every process gets
+    ``ceil(N / W)``; the repeats sit at the end of the padded index list, so on process ``r`` they are the last
+    samples it reads: the real ones are the first ``len(range(r, N, W))``.
+    """
+    sampler = _sampler_of(loader)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    try:
+        total = len(sampler.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return len(range(sampler.rank, total, sampler.num_replicas))
+
+
 class CalibrationMonitor(Callback):
     r"""Logs calibration metrics every validation epoch and saves a reliability diagram.
 
-    The logits are taken from the ``validation_step`` output when it is a tensor or a dict with key
-    ``logits_key``; otherwise the module is run again on the batch inputs (no gradient). Metrics are streaming
-    (per-bin sums, constant memory) and reduced across processes; the diagram is drawn on rank 0 from the
-    all-reduced bins, written as ``<dirpath>/reliability_epoch{N}.png`` (default ``<log_dir>/reliability``) and,
-    with a TensorBoard logger, added as an image.
+    The logits are, in this order: the ``validation_step`` output when it is a tensor or a dict with key
+    ``logits_key``; the output of the logits module during the step (``module``: a named submodule, or the
+    LightningModule's ``forward`` by default), caught by a forward hook, so no second forward runs; otherwise the
+    module is run again on the batch inputs (no gradient). Metrics are streaming (per-bin sums, constant memory)
+    and reduced across processes; the diagram is drawn on rank 0 from the all-reduced bins, written as
+    ``<dirpath>/reliability_epoch{N}.png`` (default ``<log_dir>/reliability``) and, with a TensorBoard logger,
+    added as an image.
+
+    Under DDP the validation sampler pads every process's share to the same length by repeating samples; the
+    monitor drops those repeats (the last samples a process reads), so each validation sample counts once and the
+    metrics equal the single-process ones.
 
     Args:
         metrics: Any of ``"ece"``, ``"mce"``, ``"ace"``, ``"classwise_ece"`` (needs ``num_classes``), ``"ks"``,
@@ -398,6 +703,8 @@ class CalibrationMonitor(Callback):
         dirpath: Where the PNG files go.
         logits_key: Key of the logits in a dict ``validation_step`` output.
         prefix: Prefix of the logged names.
+        module: Dotted name of the submodule whose output is the logits (``"net"``), when ``validation_step``
+            calls ``self.net(x)`` and returns no logits; ``None`` watches the LightningModule's ``forward``.
 
     Example:
         >>> CalibrationMonitor(metrics=("ece", "nll"), diagram=False).metric_names
@@ -414,21 +721,37 @@ class CalibrationMonitor(Callback):
         dirpath: str | Path | None = None,
         logits_key: str = "logits",
         prefix: str = "calibration/",
+        module: str | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(metrics, str):
+            raise TypeError(f"`metrics` must be a sequence of metric names, e.g. ('ece',), got {metrics!r}.")
         unknown = set(metrics) - set(_MONITOR_METRICS)
         if unknown:
             raise ValueError(f"Unknown calibration metrics {sorted(unknown)}; choose from {list(_MONITOR_METRICS)}.")
         if "classwise_ece" in metrics and num_classes is None:
             raise ValueError("`classwise_ece` needs `num_classes`: pass CalibrationMonitor(num_classes=...).")
-        if every_n_epochs < 1:
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
+        if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+            raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"`every_n_epochs` must be >= 1, got {every_n_epochs}.")
+        if module is not None and (not isinstance(module, str) or not all(p.isidentifier() for p in module.split("."))):
+            raise ValueError(f"`module` must be a dotted submodule name such as 'net' or 'model.head', got {module!r}.")
         self.metric_names = list(metrics)
         self.n_bins, self.num_classes, self.diagram = n_bins, num_classes, diagram
         self.every_n_epochs, self.dirpath, self.logits_key, self.prefix = every_n_epochs, dirpath, logits_key, prefix
+        self.module = module
         self._bins = CalibrationError(n_bins, input_type="logits")
         self._metrics: dict[str, Any] = {}
         self.last_diagram: Path | None = None
+        self._hook: Any = None
+        self._captured: list[Tensor] = []
+        self._seen: dict[int, int] = {}
+        self._limit: dict[int, int | None] = {}
 
     def _build(self) -> dict[str, Any]:
         makers: dict[str, Callable[[], Any]] = {
@@ -442,18 +765,54 @@ class CalibrationMonitor(Callback):
         }
         return {name: makers[name]() for name in self.metric_names}
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _find_module(pl_module, self.module, "CalibrationMonitor")
         self._metrics = self._build()
         device = pl_module.device
         for m in self._metrics.values():
             m.to(device)
         self._bins.to(device)
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for m in [*self._metrics.values(), self._bins]:
             m.to(pl_module.device)
             m.reset()
+        self._seen, self._limit = {}, {}
+        if self._hook is None and not trainer.sanity_checking:
+            target = _find_module(pl_module, self.module, "CalibrationMonitor")
+            self._hook = target.register_forward_hook(self._capture)
 
+    def _capture(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._captured and isinstance(output, Tensor) and output.is_floating_point():
+            self._captured.append(output)
+
+    def _detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._captured = []
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._captured = []
+
+    def _limit_of(self, trainer: pl.Trainer, dataloader_idx: int) -> int | None:
+        if dataloader_idx not in self._limit:
+            limit = None
+            if trainer.world_size > 1:
+                loaders = trainer.val_dataloaders
+                if isinstance(loaders, dict):
+                    loaders = list(loaders.values())
+                loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+                limit = _real_samples(loader)
+            self._limit[dataloader_idx] = limit
+        return self._limit[dataloader_idx]
+
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -466,21 +825,32 @@ class CalibrationMonitor(Callback):
         if trainer.sanity_checking:
             return
         x, target, _ = unpack_batch(batch)
+        captured, self._captured = self._captured, []
         if target is None:
             return
         if isinstance(outputs, Tensor):
             logits = outputs
         elif isinstance(outputs, dict) and isinstance(outputs.get(self.logits_key), Tensor):
             logits = outputs[self.logits_key]
+        elif captured and captured[0].ndim in (1, 2) and captured[0].shape[0] == target.shape[0]:
+            logits = captured[0]
         else:
             with torch.no_grad():
                 logits = pl_module(x)
         logits = logits.detach().float()
+        limit = self._limit_of(trainer, dataloader_idx)
+        seen = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = seen + target.shape[0]
+        if limit is not None and seen + target.shape[0] > limit:  # the sampler's padding: repeated samples
+            keep = max(limit - seen, 0)
+            logits, target = logits[:keep], target[:keep]
         for m in self._metrics.values():
             m.update(logits, target)
         self._bins.update(logits, target)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._detach()
         if trainer.sanity_checking:
             return
         count, conf_sum, acc_sum = (t.clone() for t in self._bins.bins())
@@ -493,6 +863,10 @@ class CalibrationMonitor(Callback):
         epoch = trainer.current_epoch
         if self.diagram and epoch % self.every_n_epochs == 0 and trainer.is_global_zero:
             self._draw(trainer, count, conf_sum, acc_sum, epoch)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._detach()
 
     def _draw(self, trainer: pl.Trainer, count: Tensor, conf_sum: Tensor, acc_sum: Tensor, epoch: int) -> None:
         fig = reliability_diagram(count, conf_sum, acc_sum, title=f"epoch {epoch}")

@@ -20,17 +20,18 @@ Example:
 from __future__ import annotations
 
 import bisect
+import copy
 import math
+import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_losses import hyperparameters as _hp
+from lightning_losses.hyperparameters import OPTIMIZER_HYPERPARAMETERS, apply_hyperparameters, read_hyperparameters
 
 __all__ = [
     "OPTIMIZER_HYPERPARAMETERS",
@@ -48,63 +49,32 @@ __all__ = [
     "read_hyperparameters",
 ]
 
-#: Names written into the optimizer param groups rather than into module buffers.
-OPTIMIZER_HYPERPARAMETERS = ("lr", "weight_decay")
+_PICKLABLE_FORMS = (
+    "a Schedule class (ConstantSchedule, LinearSchedule, CosineSchedule, ExponentialSchedule, StepSchedule, "
+    "PiecewiseSchedule, ChainedSchedule), or LambdaSchedule(fn) / functools.partial(fn, ...) of a function `fn` "
+    "defined at module level"
+)
 
 
-def _optimizers(trainer: pl.Trainer | None) -> list[torch.optim.Optimizer]:
-    if trainer is None:
-        return []
-    try:
-        return list(trainer.optimizers)
-    except (AttributeError, RuntimeError):  # pragma: no cover - trainer without a strategy yet
-        return []
+def _require_picklable(owner: str, functions: Mapping[str, object], forms: str = _PICKLABLE_FORMS) -> None:
+    """Raise a TypeError naming every entry of ``functions`` that cannot be pickled.
 
-
-def apply_hyperparameters(
-    pl_module: nn.Module, values: Mapping[str, float | Tensor], trainer: pl.Trainer | None = None
-) -> None:
-    """Write hyperparameter values into ``pl_module`` (by dotted name) and the optimizer param groups.
-
-    ``"lr"`` and ``"weight_decay"`` go into every param group of every optimizer of ``trainer``; any other name goes
-    through ``set_hyperparameter`` (the mixin's method when present, else :mod:`lightning_losses.hyperparameters`).
-
-    Raises:
-        RuntimeError: When an optimizer hyperparameter is given but the trainer has no optimizer yet (apply it in
-            ``on_train_start`` or later).
-        KeyError: When a name is not a hyperparameter of the module.
+    Spawn strategies (``strategy="ddp_spawn"``, ``"ddp_notebook"`` with spawn, Ray workers) pickle the Trainer and
+    its callbacks to start the processes; a lambda or a function defined inside another function cannot be pickled.
     """
-    setter = getattr(pl_module, "set_hyperparameter", None)
-    for name, value in values.items():
-        if name in OPTIMIZER_HYPERPARAMETERS:
-            optimizers = _optimizers(trainer)
-            if not optimizers:
-                raise RuntimeError(
-                    f"Cannot set {name!r}: the trainer has no optimizer yet. Optimizer hyperparameters are applied "
-                    "from `on_train_start` on, after Lightning has set up (and restored) the optimizers."
-                )
-            scalar = float(value)
-            for optimizer in optimizers:
-                for group in optimizer.param_groups:
-                    group[name] = scalar
-        elif callable(setter):
-            setter(name, value)
-        else:
-            _hp.set_hyperparameter(pl_module, name, value)
-
-
-def read_hyperparameters(
-    pl_module: nn.Module, names: Sequence[str], trainer: pl.Trainer | None = None
-) -> dict[str, float]:
-    """Read the current scalar value of each name (``"lr"``/``"weight_decay"`` from the first param group)."""
-    out: dict[str, float] = {}
-    for name in names:
-        if name in OPTIMIZER_HYPERPARAMETERS:
-            optimizers = _optimizers(trainer)
-            out[name] = float(optimizers[0].param_groups[0][name]) if optimizers else math.nan
-        else:
-            out[name] = float(_hp.get_hyperparameter(pl_module, name).float().mean())
-    return out
+    bad = []
+    for name, fn in functions.items():
+        try:
+            pickle.dumps(fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            bad.append(f"{name!r} ({type(err).__name__}: {err})")
+    if bad:
+        raise TypeError(
+            f"{owner} cannot be sent to the worker processes of a spawn strategy (strategy='ddp_spawn' pickles the "
+            f"Trainer and its callbacks): the function of {', '.join(bad)} cannot be pickled (a lambda, or a "
+            f"function defined inside another function, cannot). Use {forms}; or strategy='ddp', which starts "
+            "the processes without pickling."
+        )
 
 
 class Schedule:
@@ -290,8 +260,15 @@ class ChainedSchedule(Schedule):
 class LambdaSchedule(Schedule):
     """A user function of the position.
 
+    Under a spawn strategy (``strategy="ddp_spawn"``) the function is pickled: give a function defined at module level
+    (or a ``functools.partial`` of one), not a lambda; the schedule classes above are always picklable.
+
     Example:
         >>> LambdaSchedule(lambda t: 2.0 ** -t)(3)
+        0.125
+        >>> import functools, math, pickle
+        >>> s = pickle.loads(pickle.dumps(LambdaSchedule(functools.partial(math.pow, 0.5))))  # picklable form
+        >>> s(3)
         0.125
     """
 
@@ -311,6 +288,10 @@ class HyperparameterSchedule(Callback):
     every training batch; with ``"epoch"`` the value at ``current_epoch`` is applied at the start of every epoch.
     Values are logged as ``"<prefix><name>"``. The value is applied again in ``on_train_start``, after a
     checkpoint has been restored, so a resumed run continues exactly and never runs a step with a stale value.
+
+    Spawn strategies (``strategy="ddp_spawn"``) pickle the callback: each schedule must then be picklable (the
+    schedule classes, or ``LambdaSchedule`` / ``functools.partial`` of a function defined at module level); a lambda
+    raises a TypeError naming these forms when the processes start.
 
     .. math:: \lambda_{\text{name}} \leftarrow s_{\text{name}}(t), \qquad t = \text{global step or epoch}
 
@@ -355,6 +336,22 @@ class HyperparameterSchedule(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(names=sorted(self.schedules), interval=self.interval)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to start the processes of a spawn strategy): every schedule must be picklable."""
+        _require_picklable(type(self).__name__, self.schedules)
+        return self.__dict__.copy()
+
+    def __copy__(self) -> HyperparameterSchedule:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> HyperparameterSchedule:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def value_at(self, t: float) -> dict[str, float]:
         """The value of every schedule at position ``t``."""

@@ -15,12 +15,19 @@ callback alternates, after a warm-up:
 .. math:: \mathcal L_{\text{val}}\big(w_\phi(\hat\lambda)\big) - \tau\, H\big[p(\varepsilon \mid \sigma)\big].
 
 The hyper-optimizer lives in the callback (not in ``configure_optimizers``; DeepSpeed allows one optimizer) and is
-checkpointed with it. Under DDP the hyper-gradients are averaged over the ranks, so every rank keeps the same
-hyperparameters.
+checkpointed with it.
+
+Under DDP every rank draws its own perturbations (each rank's batch is a sample of the same distribution: the noise of
+draw ``k`` on rank ``r`` is seeded from ``(seed, r, k)``), the tuned buffers are kept out of DDP's buffer broadcast
+(so the loss on each rank uses the values its hyper-layers are conditioned on), and the hyper-gradients are averaged
+over the ranks, so every rank keeps the same hyperparameters. The callback holds no ``torch.Generator``: it is
+picklable (``strategy="ddp_spawn"``) and its checkpoint stores only counters.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -38,7 +45,8 @@ from typing_extensions import override
 
 from lightning_losses import hyperparameters as _hp
 from lightning_losses._utils import unpack_batch
-from lightning_losses.callbacks.schedules import apply_hyperparameters
+from lightning_losses.callbacks.schedules import _require_picklable
+from lightning_losses.hyperparameters import OPTIMIZER_HYPERPARAMETERS, apply_hyperparameters
 from lightning_losses.nn.stn import (
     BoundedTransform,
     DiscreteTransform,
@@ -73,7 +81,11 @@ class TunedHyperparameter:
 
 
 def classification_validation_loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
-    """Default STN validation objective: cross-entropy of ``pl_module(inputs)`` against the targets."""
+    """Default STN validation objective: cross-entropy of ``pl_module(inputs)`` against the targets.
+
+    :class:`SelfTuning` runs it inside the forward of the strategy's wrapper when the strategy has one that shards
+    the root (FSDP, DeepSpeed), so ``pl_module(x)`` sees gathered parameters.
+    """
     x, y, _ = unpack_batch(batch)
     if y is None:
         raise ValueError("The default STN validation loss needs batches with targets; pass `validation_loss=`.")
@@ -112,6 +124,40 @@ def best_response_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def _noise_seed(seed: int, rank: int, draw: int) -> int:
+    """A well-mixed 63-bit seed for draw ``draw`` on rank ``rank``: independent streams per rank and per draw."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{draw}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+_OBJECTIVE_ATTR = "_self_tuning_objective"
+
+
+def _through_strategy(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], Tensor]) -> Tensor:
+    """Run ``fn`` (which calls ``pl_module``) the way Lightning runs a step under the strategy's wrapper.
+
+    A wrapper that shards the root module's parameters (FSDP, DeepSpeed) gathers them in its own forward: ``fn`` then
+    runs inside it, through Lightning's forward redirection (as ``training_step`` does). DDP's wrapper adds only the
+    weights' gradient reduction and buffer broadcast, neither wanted by a hyper-step, and FSDP2 (``fully_shard``)
+    hooks the modules themselves: there ``fn`` runs directly.
+    """
+    strategy = trainer.strategy
+    wrapper = getattr(strategy, "model", None)
+    redirect = getattr(strategy, "_forward_redirection", None)
+    if wrapper is None or wrapper is pl_module or redirect is None:
+        return fn()
+    if isinstance(wrapper, nn.parallel.DistributedDataParallel) or not any(m is pl_module for m in wrapper.modules()):
+        return fn()
+    pl_module.__dict__[_OBJECTIVE_ATTR] = fn
+    try:
+        return redirect(wrapper, pl_module, _OBJECTIVE_ATTR)
+    finally:
+        pl_module.__dict__.pop(_OBJECTIVE_ATTR, None)
+
+
+_PICKLABLE_FUNCTIONS = "a function defined at module level, or functools.partial(fn, ...) of one"
 
 
 def _cycle(loader: Iterable[Any], skip: int) -> Iterator[Any]:
@@ -154,7 +200,15 @@ class SelfTuning(Callback):
             not use the tuned loss hyperparameters.
         derived: Names set from the tuned values, e.g. ``{"ce_weight": lambda v: 1 - v["kd.weight"]}``.
         log: Log the current hyperparameters (``"stn/<name>"``) after every hyper-step round.
-        seed: Seed of the perturbation noise.
+        seed: Base seed of the perturbation noise; rank ``r`` draws its ``k``-th perturbation from a generator seeded
+            by ``(seed, r, k)``.
+
+    Checkpoints are snapshots of the module: one written between two training steps holds the perturbed draw then in
+    effect (it loads into a fresh module whatever its shape). The unperturbed values live in this callback's state;
+    they are applied on resume, before validation and at the end of training (so the fitted module, and the one a
+    ``ddp_spawn`` run returns to the main process, hold them). Under ``ddp_spawn`` the workers run copies of the
+    callback: the tuned values come back in the module and in ``trainer.callback_metrics["stn/<name>"]``;
+    ``derived`` and ``validation_loss`` must then be picklable (functions defined at module level, not lambdas).
 
     Example:
         >>> cb = SelfTuning({"ls.amount": TunedHyperparameter(initial=0.1, low=0.0, high=0.5)}, warmup_steps=10)
@@ -199,10 +253,11 @@ class SelfTuning(Callback):
         self.validation_loss = validation_loss or classification_validation_loss
         self.derived = dict(derived or {})
         self.log = log
-        self.seed = seed
+        self.seed = int(seed)
         self.hyperparameters: PerturbedHyperparameters | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rank = 0
+        self.draws = 0
         self.steps = 0
         self.hyper_steps = 0
         self.val_batches_seen = 0
@@ -213,6 +268,34 @@ class SelfTuning(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(names=self.names)
+
+    def _generator(self) -> torch.Generator:
+        """The generator of the next perturbation draw of this rank (a fresh one per draw, seeded by the counters)."""
+        generator = torch.Generator().manual_seed(_noise_seed(self.seed, self.rank, self.draws))
+        self.draws += 1
+        return generator
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to start the processes of a spawn strategy): the user's functions must be picklable."""
+        functions: dict[str, object] = {f"derived[{k!r}]": fn for k, fn in self.derived.items()}
+        functions["validation_loss"] = self.validation_loss
+        _require_picklable(type(self).__name__, functions, _PICKLABLE_FUNCTIONS)
+        state = self.__dict__.copy()
+        state["_val_iter"] = None  # a Python generator; rebuilt lazily, skipping the batches already seen
+        return state
+
+    def __copy__(self) -> SelfTuning:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SelfTuning:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_val_iter"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._val_iter = None
+        return new
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _transform(self, pl_module: nn.Module, name: str, spec: TunedHyperparameter) -> HyperparameterTransform:
@@ -234,7 +317,11 @@ class SelfTuning(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.hyperparameters is not None:
+        if stage != "fit":
+            return
+        self.rank = int(trainer.global_rank)
+        self._keep_out_of_buffer_broadcast(pl_module)
+        if self.hyperparameters is not None:
             return
         layers = list(hyper_layers(pl_module))
         if not layers:
@@ -264,6 +351,22 @@ class SelfTuning(Callback):
         if self._pending_state is not None:
             self._load(self._pending_state)
             self._pending_state = None
+
+    def _keep_out_of_buffer_broadcast(self, pl_module: pl.LightningModule) -> None:
+        """Exclude the buffers this callback writes from DDP's broadcast of rank 0's buffers before each forward.
+
+        Each rank writes its own perturbed values; a broadcast would replace them by rank 0's while the hyper-layers
+        stay conditioned on the rank's own draw. DDP reads ``_ddp_params_and_buffers_to_ignore`` when it wraps the
+        module, after the callbacks' ``setup``.
+        """
+        names = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", ()))
+        for name in [*self.names, *self.derived]:
+            if name in OPTIMIZER_HYPERPARAMETERS:
+                continue
+            buffer_name = _hp.hyperparameter_buffer_name(pl_module, name)  # KeyError lists the available names
+            if buffer_name is not None:
+                names.add(buffer_name)
+        pl_module.__dict__["_ddp_params_and_buffers_to_ignore"] = sorted(names)
 
     def _require(self) -> tuple[PerturbedHyperparameters, torch.optim.Optimizer]:
         if self.hyperparameters is None or self.optimizer is None:
@@ -298,7 +401,7 @@ class SelfTuning(Callback):
     ) -> None:
         hp, _ = self._require()
         with torch.no_grad():
-            u_hat = hp.sample(extract_batch_size(batch), generator=self.generator)
+            u_hat = hp.sample(extract_batch_size(batch), generator=self._generator())
         self._apply(pl_module, u_hat)
 
     @override
@@ -348,12 +451,12 @@ class SelfTuning(Callback):
             self._apply(pl_module, u_hat.detach())
             # the only path from the hyperparameters to the loss
             condition_hyper_layers(pl_module, hp.hypernet_input(u_hat))
-            return self.validation_loss(pl_module, batch)
+            return _through_strategy(trainer, pl_module, lambda: self.validation_loss(pl_module, batch))
 
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 best_response_step(
-                    hp, optimizer, objective, self.entropy_weight, extract_batch_size(batch), self.generator
+                    hp, optimizer, objective, self.entropy_weight, extract_batch_size(batch), self._generator()
                 )
         finally:
             pl_module.train(was_training)
@@ -370,27 +473,13 @@ class SelfTuning(Callback):
 
     # ---------------------------------------------------------------------------------------- checkpoints
     @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        """Save the unperturbed values, not the per-sample draw of the current batch (whose shape would not load)."""
-        if self.hyperparameters is None or "state_dict" not in checkpoint:
-            return
-        values: dict[str, Any] = dict(self.hyperparameters.values(self.hyperparameters.unconstrained.detach()))
-        for name, fn in self.derived.items():
-            values[name] = fn(values)
-        state = checkpoint["state_dict"]
-        for name, value in values.items():
-            if name in state:
-                state[name] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone()
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "steps": self.steps,
             "hyper_steps": self.hyper_steps,
             "val_batches_seen": self.val_batches_seen,
-            "generator": self.generator.get_state(),
+            "draws": self.draws,
+            "seed": self.seed,
             "history": list(self.history),
         }
         if self.hyperparameters is not None and self.optimizer is not None:
@@ -408,7 +497,9 @@ class SelfTuning(Callback):
         self.steps = int(state_dict["steps"])
         self.hyper_steps = int(state_dict["hyper_steps"])
         self.val_batches_seen = int(state_dict["val_batches_seen"])
-        self.generator.set_state(state_dict["generator"])
+        # one draw per training batch and per hyper-step: the count of checkpoints written before the counter existed
+        self.draws = int(state_dict.get("draws", self.steps + self.hyper_steps))
+        self.seed = int(state_dict.get("seed", self.seed))
         self.history = list(state_dict["history"])
         self._val_iter = None
         if "hyperparameters" in state_dict:

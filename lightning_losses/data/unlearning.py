@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from lightning_losses.data.shakespeare import ShakespeareDataModule
+from lightning_losses.utilities.tokens import TokensPerStep
 
 __all__ = ["PerturbedAnswers", "UnlearningBatchCollator", "UnlearningDataModule"]
 
@@ -240,7 +241,12 @@ class UnlearningDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed + 7),
         )
         retain = DataLoader(retain_data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collator(False))
-        return CombinedLoader({"forget": forget, "retain": retain}, mode="min_size")
+        loaders = {"forget": forget, "retain": retain}
+        trainer = self.trainer
+        if trainer is not None and trainer.accumulate_grad_batches > 1:
+            # the retain term is a token mean over each optimizer step: count its micro-batches' tokens ahead
+            return TokensPerStep(loaders, trainer.accumulate_grad_batches, key="retain", mode="min_size")
+        return CombinedLoader(loaders, mode="min_size")
 
     def val_dataloader(self) -> list[DataLoader]:
         return [

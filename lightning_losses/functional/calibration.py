@@ -10,18 +10,34 @@ Equal-width binning puts a confidence ``s`` in bin ``min(floor(s * n_bins), n_bi
 ``[0, 1/M), [1/M, 2/M), ..., [(M-1)/M, 1]``, so a confidence of exactly 1.0 lands in the last bin. The binned
 statistics (:func:`calibration_bins`) are per-bin sums, which is what makes the streaming metrics of
 :mod:`lightning_losses.metrics.calibration` constant-memory and exactly equal to these functions.
+
+Argument checks (as torchmetrics): shapes, dtypes and settings are always checked, without reading tensor values.
+``validate_args=True`` (the default) also checks the values: targets inside ``[0, C)``, predictions finite,
+probabilities in ``[0, 1]`` with rows summing to 1 (to a tolerance that follows the input dtype: ``1e-3``, or
+``2 * eps`` of bfloat16 / float16). ``validate_args=False`` skips those passes (and their device synchronisation).
+
+Empty input: the metrics return 0; the losses return a zero that is connected to the graph (a process whose batch
+is empty still takes part in the gradient all-reduce), never NaN.
+
+The batch-level penalties (:func:`mmce_loss`, :func:`mdca_loss`, :func:`dca_loss`) take ``sync_dist``: ``True``
+gathers what they need from every process (with gradient, any per-rank batch size) when a process group is
+initialised, so a run on ``W`` processes computes the penalty of the concatenated global batch, and DDP's averaged
+gradient equals the single-process gradient of that penalty. The functions default to the local batch
+(``sync_dist=False``); the loss modules default to ``sync_dist=True``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import as_float32, check_targets, hyperparameter_tensor
+from lightning_losses._utils import as_float32, hyperparameter_tensor
 
 __all__ = [
     "adaptive_focal_loss",
@@ -49,10 +65,82 @@ Binning = Literal["uniform", "quantile"]
 _SUM_TOL = 1e-3
 
 
+def _sum_tolerance(dtype: torch.dtype) -> float:
+    """Tolerance of a probability row's sum: ``1e-3``, or twice the machine epsilon of a half-precision input."""
+    return max(_SUM_TOL, 2 * torch.finfo(dtype).eps)
+
+
 def _check_finite(x: Tensor, name: str) -> None:
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"`{name}` holds {bad} non-finite values (NaN or inf). Pass finite logits or probabilities.")
+
+
+def _check_target_type(target: object, batch: int, name: str = "target") -> None:
+    """Shape and dtype of integer class indices (no value read, no device synchronisation)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"`{name}` must be a tensor of class indices, got {type(target).__name__}.")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of {batch} class indices, got dtype {target.dtype}. "
+            "Pass integer labels (torch.long), not probabilities, booleans or one-hot rows."
+        )
+    if target.ndim != 1 or target.shape[0] != batch:
+        raise ValueError(
+            f"`{name}` must be a 1-D integer tensor of {batch} class indices, got dtype {target.dtype} and shape "
+            f"{tuple(target.shape)}."
+        )
+
+
+def _check_target_range(target: Tensor, num_classes: int, name: str = "target") -> None:
+    if target.numel():
+        low, high = (int(v) for v in torch.aminmax(target))
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`{name}` holds class indices outside [0, {num_classes}): min {low}, max {high}. "
+                f"Pass labels in 0 .. {num_classes - 1}."
+            )
+
+
+def _check_targets(target: object, num_classes: int, batch: int, validate: bool = True, name: str = "target") -> None:
+    _check_target_type(target, batch, name)
+    if validate:
+        assert isinstance(target, Tensor)
+        _check_target_range(target, num_classes, name)
+
+
+def _check_number(value: float | Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """Range check of a Python-number hyperparameter (tensors are checked on device by the caller)."""
+    if isinstance(value, Tensor):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number or a tensor, got {type(value).__name__}.")
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+        bound = f"be >= {low:g}" if not low_open and not math.isfinite(high) else f"lie in {interval}"
+        raise ValueError(f"`{name}` must {bound} and be finite, got {value!r}.")
+
+
+def _check_values(checks: Sequence[tuple[Tensor, str]]) -> None:
+    """Raise the message of the first check whose boolean ``bad`` tensor is true, with one device synchronisation."""
+    if not checks:
+        return
+    flags = torch.stack([bad.reshape(()) for bad, _ in checks]).tolist()
+    for flag, (_, message) in zip(flags, checks):
+        if flag:
+            raise ValueError(message)
+
+
+def _tensor_range_check(
+    t: Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False
+) -> tuple[Tensor, str]:
+    inside = (t > low) if low_open else (t >= low)
+    if math.isfinite(high):
+        inside = inside & (t <= high)
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+    bound = f"be >= {low:g}" if not low_open and not math.isfinite(high) else f"lie in {interval}"
+    return ~inside.all(), f"`{name}` must {bound} and be finite (a tensor value was outside or NaN)."
 
 
 def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: bool = True) -> Tensor:
@@ -76,12 +164,16 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
     """
     if input_type not in ("probs", "logits"):
         raise ValueError(f"`input_type` must be 'probs' or 'logits', got {input_type!r}.")
-    if not isinstance(probs, Tensor) or not probs.is_floating_point():
-        raise ValueError(f"Predictions must be a floating-point tensor, got {getattr(probs, 'dtype', type(probs))}.")
+    if not isinstance(probs, Tensor):
+        raise TypeError(f"`probs` (the predictions) must be a floating-point tensor, got {type(probs).__name__}.")
+    if not probs.is_floating_point():
+        raise ValueError(f"`probs` (the predictions) must be a floating-point tensor, got dtype {probs.dtype}.")
     if probs.ndim not in (1, 2) or (probs.ndim == 2 and probs.shape[1] < 2):
         raise ValueError(
-            f"Predictions must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(probs.shape)}."
+            f"`probs` (the predictions) must have shape (N, C) with C >= 2, or (N,) for a binary problem, got "
+            f"{tuple(probs.shape)}."
         )
+    tol = _sum_tolerance(probs.dtype)
     (x,) = as_float32(probs)
     if not validate:
         if input_type == "logits":
@@ -100,41 +192,49 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
         if x.ndim == 1:
             p = torch.sigmoid(x)
             return torch.stack([1 - p, p], dim=1)
-        if x.numel() and low >= 0 and high <= 1 and bool(((x.sum(dim=1) - 1).abs() < _SUM_TOL).all()):
+        if x.numel() and low >= 0 and high <= 1 and bool(((x.sum(dim=1) - 1).abs() < tol).all()):
             raise ValueError(
-                "`input_type='logits'` but every row lies in [0, 1] and sums to 1: these look like probabilities. "
-                "Pass input_type='probs' (or pass the logits themselves)."
+                "`probs` with `input_type='logits'`: every row lies in [0, 1] and sums to 1, these look like "
+                "probabilities. Pass input_type='probs' (or pass the logits themselves)."
             )
         return torch.softmax(x, dim=1)
     if low < 0 or high > 1:
         raise ValueError(
-            f"`input_type='probs'` but values lie outside [0, 1] (min {low:.4g}, max {high:.4g}). "
+            f"`probs` with `input_type='probs'` lie outside [0, 1] (min {low:.4g}, max {high:.4g}). "
             "These look like logits: pass input_type='logits'."
         )
     if x.ndim == 1:
         return torch.stack([1 - x, x], dim=1)
     if x.numel():
         deviation = float((x.sum(dim=1) - 1).abs().max())
-        if deviation > _SUM_TOL:
+        if deviation > tol:
             raise ValueError(
-                f"`input_type='probs'` but rows do not sum to 1 (largest deviation {deviation:.3g}). Pass normalised "
-                "probabilities, or input_type='logits' for unnormalised scores."
+                f"`probs` with `input_type='probs'`: rows do not sum to 1 (largest deviation {deviation:.3g}). Pass "
+                "normalised probabilities, or input_type='logits' for unnormalised scores."
             )
     return x
 
 
 def _prepare(probs: Tensor, target: Tensor, input_type: InputType, validate: bool = True) -> Tensor:
     p = to_probabilities(probs, input_type, validate)
-    if validate:
-        check_targets(target, p.shape[1], p.shape[0])
-    elif target.shape != p.shape[:1]:
-        raise ValueError(f"`target` must have shape ({p.shape[0]},), got {tuple(target.shape)}.")
+    _check_targets(target, p.shape[1], p.shape[0], validate)
     return p
 
 
 def _check_bins(n_bins: int) -> None:
     if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 1:
         raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+
+def _check_options(n_bins: int, norm: str = "l1", binning: str = "uniform") -> None:
+    _check_bins(n_bins)
+    _check_choice("norm", norm, ("l1", "l2", "max"))
+    _check_choice("binning", binning, ("uniform", "quantile"))
 
 
 def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
@@ -155,7 +255,12 @@ def _binned_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> tuple[Tens
 
 
 def calibration_bins(
-    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs", classwise: bool = False
+    probs: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    input_type: InputType = "probs",
+    classwise: bool = False,
+    validate_args: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Equal-width bin statistics: per-bin sample count, sum of confidences and sum of correct predictions.
 
@@ -171,7 +276,7 @@ def calibration_bins(
         ([0.0, 2.0], [0.0, 1.899999976158142], [0.0, 1.0])
     """
     _check_bins(n_bins)
-    p = _prepare(probs, target, input_type)
+    p = _prepare(probs, target, input_type, validate_args)
     if classwise:
         onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
         return _binned_sums(p.t(), onehot.t(), n_bins)
@@ -184,6 +289,15 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
 
     Empty bins contribute nothing. Returns float64 (one value per leading row).
     """
+    _check_choice("norm", norm, ("l1", "l2", "max"))
+    for name, t in (("count", count), ("conf_sum", conf_sum), ("acc_sum", acc_sum)):
+        if not isinstance(t, Tensor) or t.ndim == 0:
+            raise ValueError(f"`{name}` must be a tensor of per-bin sums (bins in the last dimension), got {t!r}.")
+    if not count.shape == conf_sum.shape == acc_sum.shape:
+        raise ValueError(
+            "`count`, `conf_sum` and `acc_sum` must have the same shape, got "
+            f"{tuple(count.shape)}, {tuple(conf_sum.shape)} and {tuple(acc_sum.shape)}."
+        )
     total = count.sum(dim=-1, keepdim=True).clamp_min(1)
     safe = count.clamp_min(1)
     gap = (acc_sum / safe - conf_sum / safe).abs()
@@ -194,7 +308,6 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
         return (weight * gap**2).sum(dim=-1).sqrt()
     if norm == "max":
         return torch.where(count > 0, gap, torch.zeros_like(gap)).amax(dim=-1)
-    raise ValueError(f"`norm` must be 'l1', 'l2' or 'max', got {norm!r}.")
 
 
 def _equal_mass_error(confidence: Tensor, correct: Tensor, n_bins: int, norm: Norm) -> Tensor:
@@ -216,6 +329,7 @@ def expected_calibration_error(
     norm: Norm = "l1",
     binning: Binning = "uniform",
     input_type: InputType = "probs",
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Top-label expected calibration error (ECE) with equal-width or equal-mass bins.
 
@@ -241,8 +355,8 @@ def expected_calibration_error(
         >>> round(float(expected_calibration_error(probs, torch.tensor([0, 1, 1, 1]), n_bins=5)), 4)
         0.35
     """
-    _check_bins(n_bins)
-    p = _prepare(probs, target, input_type)
+    _check_options(n_bins, norm, binning)
+    p = _prepare(probs, target, input_type, validate_args)
     out_dtype = p.dtype
     confidence, prediction = p.max(dim=1)
     correct = (prediction == target).to(p.dtype)
@@ -262,6 +376,7 @@ def classwise_calibration_error(
     norm: Norm = "l1",
     binning: Binning = "uniform",
     input_type: InputType = "probs",
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Classwise ECE: the calibration error of every one-vs-rest problem ``(p_k, 1[y = k])``, averaged over classes.
 
@@ -274,8 +389,8 @@ def classwise_calibration_error(
         >>> round(float(classwise_calibration_error(probs, torch.tensor([0, 1]), n_bins=10)), 4)
         0.15
     """
-    _check_bins(n_bins)
-    p = _prepare(probs, target, input_type)
+    _check_options(n_bins, norm, binning)
+    p = _prepare(probs, target, input_type, validate_args)
     onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
     if binning == "uniform":
         per_class = calibration_error_from_bins(*_binned_sums(p.t(), onehot.t(), n_bins), norm=norm)
@@ -287,7 +402,7 @@ def classwise_calibration_error(
 
 
 def average_calibration_error(
-    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs"
+    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs", validate_args: bool = True
 ) -> Tensor:
     r"""Average calibration error (ACE): the unweighted mean gap over the non-empty equal-width bins.
 
@@ -300,7 +415,7 @@ def average_calibration_error(
         0.35
     """
     _check_bins(n_bins)
-    p = _prepare(probs, target, input_type)
+    p = _prepare(probs, target, input_type, validate_args)
     confidence, prediction = p.max(dim=1)
     count, conf, acc = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
     return _ace_from_bins(count, conf, acc).to(p.dtype)
@@ -313,7 +428,12 @@ def _ace_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor) -> Tensor:
 
 
 def debiased_calibration_error(
-    probs: Tensor, target: Tensor, n_bins: int = 15, input_type: InputType = "probs", squared: bool = False
+    probs: Tensor,
+    target: Tensor,
+    n_bins: int = 15,
+    input_type: InputType = "probs",
+    squared: bool = False,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Debiased l2 calibration error (Kumar et al., 2019) with equal-width bins.
 
@@ -333,7 +453,7 @@ def debiased_calibration_error(
         0.035
     """
     _check_bins(n_bins)
-    p = _prepare(probs, target, input_type)
+    p = _prepare(probs, target, input_type, validate_args)
     confidence, prediction = p.max(dim=1)
     bins = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
     return _debiased_from_bins(*bins, squared=squared).to(p.dtype)
@@ -348,7 +468,9 @@ def _debiased_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, square
     return estimate if squared else estimate.clamp_min(0).sqrt()
 
 
-def ks_calibration_error(probs: Tensor, target: Tensor, input_type: InputType = "probs") -> Tensor:
+def ks_calibration_error(
+    probs: Tensor, target: Tensor, input_type: InputType = "probs", validate_args: bool = True
+) -> Tensor:
     r"""Kolmogorov-Smirnov calibration error (Gupta et al., 2021): binning-free, top-label.
 
     Sort the samples by confidence ``s``; with correctness ``c`` (tied confidences form one step):
@@ -361,7 +483,7 @@ def ks_calibration_error(probs: Tensor, target: Tensor, input_type: InputType = 
         >>> round(float(ks_calibration_error(probs, torch.tensor([0, 1]))), 4)
         0.4
     """
-    p = _prepare(probs, target, input_type)
+    p = _prepare(probs, target, input_type, validate_args)
     confidence, prediction = p.max(dim=1)
     if confidence.numel() == 0:
         return confidence.new_zeros(())
@@ -380,7 +502,7 @@ def _ks_from_samples(confidence: Tensor, correct: Tensor) -> Tensor:
     return curve[group_end].abs().max()
 
 
-def brier_score(probs: Tensor, target: Tensor, input_type: InputType = "probs") -> Tensor:
+def brier_score(probs: Tensor, target: Tensor, input_type: InputType = "probs", validate_args: bool = True) -> Tensor:
     r"""Brier score: mean squared distance between the predicted distribution and the one-hot target.
 
     .. math::
@@ -392,14 +514,16 @@ def brier_score(probs: Tensor, target: Tensor, input_type: InputType = "probs") 
         >>> round(float(brier_score(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([0, 0]))), 4)
         0.25
     """
-    p = _prepare(probs, target, input_type)
+    p = _prepare(probs, target, input_type, validate_args)
     per_sample = ((p - F.one_hot(target, p.shape[1]).to(p.dtype)) ** 2).sum(dim=1)
     if probs.ndim == 1:
         per_sample = per_sample / 2
     return per_sample.mean() if per_sample.numel() else per_sample.new_zeros(())
 
 
-def negative_log_likelihood(probs: Tensor, target: Tensor, input_type: InputType = "probs", eps: float = 0.0) -> Tensor:
+def negative_log_likelihood(
+    probs: Tensor, target: Tensor, input_type: InputType = "probs", eps: float = 0.0, validate_args: bool = True
+) -> Tensor:
     r"""Mean negative log-likelihood of the target class, :math:`-\frac{1}{N}\sum_i \log p_{i,y_i}`.
 
     From logits it is computed with ``log_softmax`` (or ``logsigmoid``) in float32; from probabilities
@@ -409,13 +533,14 @@ def negative_log_likelihood(probs: Tensor, target: Tensor, input_type: InputType
         >>> round(float(negative_log_likelihood(torch.tensor([[0.0, 0.0]]), torch.tensor([1]), "logits")), 4)
         0.6931
     """
+    _check_number(eps, "eps", 0.0, 1.0)
     if input_type == "logits":
-        to_probabilities(probs, "logits")  # validation only
+        to_probabilities(probs, "logits", validate_args)  # validation only
         (x,) = as_float32(probs)
         logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], dim=1) if x.ndim == 1 else F.log_softmax(x, dim=1)
-        check_targets(target, logp.shape[1], logp.shape[0])
+        _check_targets(target, logp.shape[1], logp.shape[0], validate_args)
     else:
-        p = _prepare(probs, target, input_type)
+        p = _prepare(probs, target, input_type, validate_args)
         logp = p.clamp_min(eps).log() if eps > 0 else p.log()
     picked = -logp.gather(1, target[:, None]).squeeze(1)
     return picked.mean() if picked.numel() else picked.new_zeros(())
@@ -424,15 +549,60 @@ def negative_log_likelihood(probs: Tensor, target: Tensor, input_type: InputType
 # --------------------------------------------------------------------------- train-time calibration losses
 
 
-def _logits_and_target(logits: Tensor, target: Tensor) -> Tensor:
-    if logits.ndim != 2:
+def _check_loss_inputs(logits: Tensor, target: Tensor) -> None:
+    """Types and shapes of ``(N, C)`` logits and ``(N,)`` targets (no value read)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"`logits` must be a floating-point tensor of shape (N, C), got {type(logits).__name__}.")
+    if not logits.is_floating_point():
+        raise ValueError(f"`logits` must be a floating-point tensor of shape (N, C), got dtype {logits.dtype}.")
+    if logits.ndim != 2 or logits.shape[1] < 1:
         raise ValueError(f"`logits` must have shape (N, C), got {tuple(logits.shape)}.")
-    check_targets(target, logits.shape[1], logits.shape[0])
+    _check_target_type(target, logits.shape[0])
+
+
+def _logits_and_target(
+    logits: Tensor, target: Tensor, validate_args: bool = True, extra: Sequence[tuple[Tensor, str]] = ()
+) -> Tensor:
+    """Check ``(N, C)`` logits and ``(N,)`` targets; with ``validate_args`` also the values (one synchronisation)."""
+    _check_loss_inputs(logits, target)
+    if validate_args:
+        num_classes = logits.shape[1]
+        checks: list[tuple[Tensor, str]] = list(extra)
+        if target.numel():
+            out_of_range = ((target < 0) | (target >= num_classes)).any()
+            message = f"`target` holds class indices outside [0, {num_classes}). Pass labels in 0 .. {num_classes - 1}."
+            checks.append((out_of_range, message))
+            checks.append((~torch.isfinite(logits).all(), "`logits` holds non-finite values (NaN or inf)."))
+        _check_values(checks)
     (x,) = as_float32(logits)
     return x
 
 
-def focal_loss(logits: Tensor, target: Tensor, gamma: float | Tensor = 3.0) -> Tensor:
+def _empty_loss(x: Tensor) -> Tensor:
+    """A zero connected to the graph of ``x`` (an empty batch still takes part in a gradient all-reduce)."""
+    return x.sum() * 0.0
+
+
+def _hyper(value: float | Tensor, like: Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False,
+           checks: list[tuple[Tensor, str]] | None = None) -> Tensor:  # fmt: skip
+    """Turn a hyperparameter into a tensor; Python numbers are checked here, tensors queued in ``checks``."""
+    _check_number(value, name, low, high, low_open)
+    t = hyperparameter_tensor(value, like, name)
+    if checks is not None and isinstance(value, Tensor):
+        checks.append(_tensor_range_check(t, name, low, high, low_open))
+    return t
+
+
+def _focal(x: Tensor, target: Tensor, g: Tensor) -> Tensor:
+    logp = F.log_softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
+    # (1 - p)^gamma with the convention 0^0 = 1 (gamma = 0 gives cross-entropy even at p = 1).
+    one_minus_p = (-torch.expm1(logp)).clamp_min(0)
+    weight = torch.where(g == 0, torch.ones_like(one_minus_p), one_minus_p.pow(g))
+    loss = -(weight * logp)
+    return loss.mean() if loss.numel() else _empty_loss(x)
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float | Tensor = 3.0, validate_args: bool = True) -> Tensor:
     r"""Focal loss (Lin et al., 2017), shown by Mukhoti et al. (2020) to improve calibration.
 
     .. math::
@@ -443,22 +613,19 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float | Tensor = 3.0) -> T
         target: ``(N,)`` class indices.
         gamma: Focusing parameter ``>= 0``: a number or a tensor (scalar or one value per sample).
             ``gamma = 0`` is cross-entropy.
+        validate_args: Check the values (targets in range, finite logits, tensor ``gamma``); see the module
+            docstring.
 
     Example:
         >>> logits, target = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])
         >>> bool(torch.isclose(focal_loss(logits, target, 0.0), F.cross_entropy(logits, target)))
         True
     """
-    x = _logits_and_target(logits, target)
-    logp = F.log_softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
-    g = hyperparameter_tensor(gamma, logp, "gamma")
-    if bool((g < 0).any()):
-        raise ValueError(f"`gamma` must be >= 0, got {g.flatten()[:8].tolist()}.")
-    # (1 - p)^gamma with the convention 0^0 = 1 (gamma = 0 gives cross-entropy even at p = 1).
-    one_minus_p = (-torch.expm1(logp)).clamp_min(0)
-    weight = torch.where(g == 0, torch.ones_like(one_minus_p), one_minus_p.pow(g))
-    loss = -(weight * logp)
-    return loss.mean() if loss.numel() else loss.sum()
+    _check_loss_inputs(logits, target)
+    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
+    g = _hyper(gamma, logits[:, 0], "gamma", 0.0, checks=checks)
+    x = _logits_and_target(logits, target, validate_args, checks or ())
+    return _focal(x, target, g.to(x.dtype))
 
 
 def adaptive_focal_loss(
@@ -467,6 +634,7 @@ def adaptive_focal_loss(
     gamma_low: float | Tensor = 5.0,
     gamma_high: float | Tensor = 3.0,
     threshold: float | Tensor = 0.2,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Sample-dependent focal loss FLSD (Mukhoti et al., 2020): ``gamma_low`` where ``p_y < threshold`` else
     ``gamma_high`` (the paper's FLSD-53 is 5 / 3 / 0.2). The choice uses the detached probability.
@@ -481,17 +649,26 @@ def adaptive_focal_loss(
         >>> bool(torch.isclose(adaptive_focal_loss(logits, target), manual))
         True
     """
-    x = _logits_and_target(logits, target)
+    _check_loss_inputs(logits, target)
+    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
+    like = logits[:, 0]
+    low = _hyper(gamma_low, like, "gamma_low", 0.0, checks=checks)
+    high = _hyper(gamma_high, like, "gamma_high", 0.0, checks=checks)
+    t = _hyper(threshold, like, "threshold", 0.0, 1.0, checks=checks)
+    x = _logits_and_target(logits, target, validate_args, checks or ())
+    return _adaptive_focal(x, target, low.to(x.dtype), high.to(x.dtype), t.to(x.dtype))
+
+
+def _adaptive_focal(x: Tensor, target: Tensor, low: Tensor, high: Tensor, t: Tensor) -> Tensor:
     with torch.no_grad():
         p_true = F.softmax(x, dim=1).gather(1, target[:, None]).squeeze(1)
-        low = hyperparameter_tensor(gamma_low, p_true, "gamma_low")
-        high = hyperparameter_tensor(gamma_high, p_true, "gamma_high")
-        t = hyperparameter_tensor(threshold, p_true, "threshold")
         gamma = torch.where(p_true < t, low, high).expand_as(p_true)
-    return focal_loss(x, target, gamma)
+    return _focal(x, target, gamma)
 
 
-def label_smoothing_loss(logits: Tensor, target: Tensor, smoothing: float | Tensor = 0.1) -> Tensor:
+def label_smoothing_loss(
+    logits: Tensor, target: Tensor, smoothing: float | Tensor = 0.1, validate_args: bool = True
+) -> Tensor:
     r"""Cross-entropy against the smoothed target ``(1 - ε)·onehot + ε/C`` (Szegedy et al., 2016).
 
     .. math::
@@ -507,18 +684,68 @@ def label_smoothing_loss(logits: Tensor, target: Tensor, smoothing: float | Tens
         >>> bool(torch.isclose(label_smoothing_loss(logits, target, 0.2), ref))
         True
     """
-    x = _logits_and_target(logits, target)
+    _check_loss_inputs(logits, target)
+    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
+    eps = _hyper(smoothing, logits[:, 0], "smoothing", 0.0, 1.0, checks=checks)
+    x = _logits_and_target(logits, target, validate_args, checks or ())
+    return _label_smoothing(x, target, eps.to(x.dtype))
+
+
+def _label_smoothing(x: Tensor, target: Tensor, eps: Tensor) -> Tensor:
     logp = F.log_softmax(x, dim=1)
-    eps = hyperparameter_tensor(smoothing, logp[:, 0], "smoothing")
-    if bool(((eps < 0) | (eps > 1)).any()):
-        raise ValueError(f"`smoothing` must lie in [0, 1], got {eps.flatten()[:8].tolist()}.")
     nll = -logp.gather(1, target[:, None]).squeeze(1)
     uniform = -logp.mean(dim=1)
     loss = (1 - eps) * nll + eps * uniform
-    return loss.mean() if loss.numel() else loss.sum()
+    return loss.mean() if loss.numel() else _empty_loss(x)
 
 
-def mmce_loss(logits: Tensor, target: Tensor, bandwidth: float | Tensor = 0.4) -> Tensor:
+# ----------------------------------------------------------------- batch-level penalties, optionally global
+
+
+def _sync_world(sync_dist: bool) -> int:
+    if sync_dist and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _all_reduce_sum(t: Tensor) -> Tensor:
+    """Sum over processes, differentiable (the backward sums the gradients of every process)."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _all_gather_rows(t: Tensor, world_size: int) -> Tensor:
+    """Concatenate every process's rows (any number per process, rank order), differentiable."""
+    from torch.distributed.nn.functional import all_gather
+
+    size = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(c) for c in torch.cat(sizes).tolist()]
+    rows = max(counts)
+    padded = F.pad(t, (0, 0) * (t.ndim - 1) + (0, rows - t.shape[0])) if rows > t.shape[0] else t
+    parts = all_gather(padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def _check_bandwidth(bandwidth: float | Tensor, checks: list[tuple[Tensor, str]] | None) -> None:
+    if isinstance(bandwidth, Tensor):
+        if bandwidth.ndim != 0:
+            raise ValueError(f"`bandwidth` must be a positive scalar, got a tensor of shape {tuple(bandwidth.shape)}.")
+        if checks is not None:
+            checks.append(_tensor_range_check(bandwidth, "bandwidth", 0.0, low_open=True))
+    else:
+        _check_number(bandwidth, "bandwidth", 0.0, low_open=True)
+
+
+def mmce_loss(
+    logits: Tensor,
+    target: Tensor,
+    bandwidth: float | Tensor = 0.4,
+    sync_dist: bool = False,
+    validate_args: bool = True,
+) -> Tensor:
     r"""Maximum mean calibration error (Kumar et al., 2018) with a Laplacian kernel on the top-label confidences.
 
     .. math::
@@ -528,57 +755,98 @@ def mmce_loss(logits: Tensor, target: Tensor, bandwidth: float | Tensor = 0.4) -
     with ``r_i`` the top-label confidence and ``c_i = 1`` when the prediction is correct (the unweighted
     estimator). Add it to cross-entropy with a weight (:class:`~lightning_losses.losses.MMCELoss` does).
 
+    Args:
+        logits: ``(N, C)`` logits.
+        target: ``(N,)`` class indices.
+        bandwidth: Kernel width ``h > 0``.
+        sync_dist: Compute over the global batch: every process's ``(r_i, c_i)`` are gathered (with gradient,
+            padded to the largest local batch) when a process group is initialised. Collective: call it on
+            every process.
+        validate_args: Check the values (targets in range, finite logits).
+
+    Returns:
+        The penalty; ``0`` (connected to the graph) for an empty (global) batch.
+
     Example:
         >>> float(mmce_loss(torch.tensor([[10.0, -10.0]]), torch.tensor([0]))) < 1e-4
         True
     """
-    x = _logits_and_target(logits, target)
+    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
+    _check_bandwidth(bandwidth, checks)
+    x = _logits_and_target(logits, target, validate_args, checks or ())
+    return _mmce(x, target, bandwidth, sync_dist)
+
+
+def _mmce(x: Tensor, target: Tensor, bandwidth: float | Tensor, sync_dist: bool) -> Tensor:
     p = F.softmax(x, dim=1)
     r, prediction = p.max(dim=1)
     c = (prediction == target).to(p.dtype)
+    world = _sync_world(sync_dist)
+    if world > 1:
+        both = _all_gather_rows(torch.stack([r, c], dim=1), world)
+        r, c = both[:, 0], both[:, 1]
+    if r.shape[0] == 0:
+        return _empty_loss(x)
     h = torch.as_tensor(bandwidth, dtype=p.dtype, device=p.device)
-    if h.ndim != 0 or float(h) <= 0:
-        raise ValueError(f"`bandwidth` must be a positive scalar, got {h.tolist()}.")
     kernel = torch.exp(-(r[:, None] - r[None, :]).abs() / h)
     d = c - r
-    n = max(r.shape[0], 1)
+    n = r.shape[0]
     mmce2 = (d[:, None] * d[None, :] * kernel).sum() / n**2
     return (mmce2.clamp_min(0) + 1e-12).sqrt()
 
 
-def mdca_loss(logits: Tensor, target: Tensor) -> Tensor:
+def mdca_loss(logits: Tensor, target: Tensor, sync_dist: bool = False, validate_args: bool = True) -> Tensor:
     r"""Multi-class difference in confidence and accuracy (Hebbalaguppe et al., 2022).
 
     .. math::
         \mathcal{L}_{\mathrm{MDCA}} = \frac{1}{C}\sum_{k=1}^{C}\Big\lvert\frac{1}{N}\sum_i p_{ik}
         - \frac{1}{N}\sum_i \mathbb{1}[y_i = k]\Big\rvert
 
+    ``sync_dist=True`` sums the per-class sums and ``N`` over the processes (with gradient), so the penalty is
+    the global batch's; ``0`` (connected to the graph) for an empty (global) batch.
+
     Example:
         >>> float(mdca_loss(torch.zeros(2, 2), torch.tensor([0, 1])))
         0.0
     """
-    x = _logits_and_target(logits, target)
+    x = _logits_and_target(logits, target, validate_args)
+    return _mdca(x, target, sync_dist)
+
+
+def _mdca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     p = F.softmax(x, dim=1)
-    if p.shape[0] == 0:
-        return p.sum()
-    freq = F.one_hot(target, p.shape[1]).to(p.dtype).mean(dim=0)
-    return (p.mean(dim=0) - freq).abs().mean()
+    c = p.shape[1]
+    sums = torch.cat(
+        [p.sum(dim=0), F.one_hot(target, c).to(p.dtype).sum(dim=0), p.new_full((1,), float(p.shape[0]))]
+    )
+    if _sync_world(sync_dist) > 1:
+        sums = _all_reduce_sum(sums)
+    # an empty (global) batch has zero sums: the clamp gives a zero connected to the graph, without a sync
+    return ((sums[:c] - sums[c : 2 * c]) / sums[-1].clamp_min(1)).abs().mean()
 
 
-def dca_loss(logits: Tensor, target: Tensor) -> Tensor:
+def dca_loss(logits: Tensor, target: Tensor, sync_dist: bool = False, validate_args: bool = True) -> Tensor:
     r"""Difference between confidence and accuracy (Liang et al., 2020), the batch-level calibration penalty.
 
     .. math::
         \mathcal{L}_{\mathrm{DCA}} = \Big\lvert \frac{1}{N}\sum_i \mathbb{1}[\hat{y}_i = y_i]
         - \frac{1}{N}\sum_i \max_k p_{ik} \Big\rvert
 
+    ``sync_dist=True`` sums the accuracy, confidence and ``N`` over the processes (with gradient); ``0``
+    (connected to the graph) for an empty (global) batch.
+
     Example:
         >>> round(float(dca_loss(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1]))), 4)
         0.0
     """
-    x = _logits_and_target(logits, target)
+    x = _logits_and_target(logits, target, validate_args)
+    return _dca(x, target, sync_dist)
+
+
+def _dca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     p = F.softmax(x, dim=1)
-    if p.shape[0] == 0:
-        return p.sum()
     r, prediction = p.max(dim=1)
-    return ((prediction == target).to(p.dtype).mean() - r.mean()).abs()
+    sums = torch.stack([(prediction == target).to(p.dtype).sum(), r.sum(), p.new_tensor(float(p.shape[0]))])
+    if _sync_world(sync_dist) > 1:
+        sums = _all_reduce_sum(sums)
+    return ((sums[0] - sums[1]) / sums[2].clamp_min(1)).abs()

@@ -17,10 +17,16 @@ Two execution paths share one autograd function:
 
 Rows that are ignored (``ignore_index``) are dropped before any logits are computed, so prompt and padding tokens cost
 nothing. Everything is plain torch and runs on any device.
+
+Python-number hyperparameters (temperature, z-loss weight, β) are used in the accumulation dtype (float64 for float64
+inputs, float32 otherwise), never rounded to float32 first. Bad input raises a ``TypeError`` or ``ValueError`` naming
+the argument; ``validate_args=True`` (the default) also checks tensor values (finite hidden states and heads, labels
+within the vocabulary, tensor hyperparameters in range), and ``validate_args=False`` skips those value checks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +34,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_losses._utils import (
+    DeferredChecks,
+    NumItems,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    check_tensor,
+    divide_by_items,
+)
 
 __all__ = [
     "default_chunk_size",
@@ -52,6 +68,7 @@ def default_chunk_size(vocab_size: int) -> int:
         >>> default_chunk_size(131072), default_chunk_size(32000), default_chunk_size(10)
         (128, 524, 4096)
     """
+    check_int(vocab_size, "vocab_size", low=1)
     return max(1, min(4096, _CHUNK_ELEMENTS // max(int(vocab_size), 1)))
 
 
@@ -282,8 +299,20 @@ def _chunked(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, prefix: str = "") -> None:
+def _check_head(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    prefix: str = "",
+    checks: DeferredChecks | None = None,
+) -> None:
+    """Check the head's tensors (at once) and queue the finiteness of the weight and bias on ``checks`` when given
+    (that of the hidden states is checked on the counted rows only: ignored rows may hold anything)."""
     h, w, b = f"{prefix}hidden", f"{prefix}weight", f"{prefix}bias"
+    check_tensor(hidden, h, floating=False)
+    check_tensor(weight, w, floating=False)
+    if bias is not None:
+        check_tensor(bias, b)
     if not hidden.is_floating_point() or hidden.ndim < 2:
         raise ValueError(
             f"`{h}` must be a floating tensor of shape (..., d) with at least 2 dimensions, got dtype {hidden.dtype} "
@@ -305,6 +334,10 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, prefix: str
             f"`{h}`, `{w}` and `{b}` must share one dtype, got {sorted(str(d) for d in dtypes)}. Cast them to the "
             "same dtype (or run under torch.autocast, which casts them to the autocast dtype)."
         )
+    if checks is not None:
+        checks.require_finite(weight, w)
+        if bias is not None:
+            checks.require_finite(bias, b)
 
 
 def _autocast_dtype(device: str) -> torch.dtype | None:
@@ -322,12 +355,29 @@ def _autocast_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple
 
 
 def _check_softcap(softcap: float | None, name: str = "softcap") -> None:
-    if softcap is not None and not float(softcap) > 0:
-        raise ValueError(f"`{name}` must be a positive number or None, got {softcap!r}.")
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"`{name}` must be a positive number or None, got {type(softcap).__name__} ({softcap!r}).")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"`{name}` must be a positive finite number or None, got {softcap!r}.")
 
 
-def _check_labels(labels: Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int, name: str) -> Tensor:
-    """Validate integer labels of shape ``lead_shape`` and return the boolean mask of rows that count."""
+def _check_labels(
+    labels: Tensor,
+    lead_shape: torch.Size,
+    vocab: int,
+    ignore_index: int,
+    name: str,
+    checks: DeferredChecks | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Validate integer labels of shape ``lead_shape`` and return the boolean mask of rows that count.
+
+    The range of the counted labels is checked when ``validate`` (queued on ``checks`` when given).
+    """
+    check_tensor(labels, name, floating=False)
+    check_int(ignore_index, "ignore_index")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"`{name}` must hold integer token ids, got dtype {labels.dtype}.")
     if labels.shape != lead_shape:
@@ -336,41 +386,68 @@ def _check_labels(labels: Tensor, lead_shape: torch.Size, vocab: int, ignore_ind
             f"got {tuple(labels.shape)}."
         )
     valid = labels != ignore_index
-    if bool(valid.any()):
-        chosen = labels[valid]
-        low, high = int(chosen.min()), int(chosen.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"`{name}` holds token ids outside [0, {vocab}) (min {low}, max {high}) that are not "
-                f"ignore_index={ignore_index}. Check the vocabulary size of the head and the padding label."
-            )
+    if not validate:
+        return valid
+    outside = valid & ((labels < 0) | (labels >= vocab))
+
+    def error() -> Exception:
+        chosen = labels[outside]
+        return ValueError(
+            f"`{name}` holds token ids outside [0, {vocab}) (min {int(chosen.min())}, max {int(chosen.max())}) that "
+            f"are not ignore_index={ignore_index}. Check the vocabulary size of the head and the padding label."
+        )
+
+    if checks is not None:
+        checks.require(~outside.any(), error)
+    elif bool(outside.any()):
+        raise error()
     return valid
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in ("mean", "sum", "none"):
+def _check_reduction(reduction: str, num_items_in_batch: NumItems = None) -> None:
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
         raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    check_num_items(num_items_in_batch, validate=False)
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(
+            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}."
+        )
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive integer or None (automatic), got {chunk_size!r}.")
 
 
 def _per_row(
-    value: float | Tensor, lead_shape: torch.Size, like: Tensor, name: str, *, low: float | None = None
+    value: float | Tensor,
+    lead_shape: torch.Size,
+    like: Tensor,
+    name: str,
+    *,
+    low: float | None = None,
+    low_inclusive: bool = False,
+    high: float | None = None,
+    checks: DeferredChecks | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """A hyperparameter as a 0-d tensor or one value per row (flattened over ``lead_shape``), keeping its graph.
 
     Accepted: a Python number, a 0-d tensor, one value per sample (``lead_shape[0]`` values, shared by the sample's
-    tokens) or one value per row (shape ``lead_shape``).
+    tokens) or one value per row (shape ``lead_shape``). A Python number becomes a tensor of the accumulation dtype
+    of ``like`` (float64 for float64 inputs), so it is not rounded to float32. The value must be finite and within
+    the bounds (``> low`` by default, ``>= low`` when ``low_inclusive``); a tensor is checked when ``validate``
+    (queued on ``checks`` when given).
     """
-    t = torch.as_tensor(value, device=like.device)
-    if not t.is_floating_point():
-        t = t.to(torch.float32)
-    if low is not None and bool((t.detach() <= low).any()):
-        shown = t.detach().flatten()[:8].tolist()
-        raise ValueError(f"`{name}` must be > {low:g}, got {shown}.")
+    check_hyperparameter(
+        value, name, low=low, high=high, low_inclusive=low_inclusive, checks=checks, validate=validate
+    )
+    if isinstance(value, Tensor):
+        t = value.to(like.device)
+        if not t.is_floating_point():
+            t = t.to(_accumulation_dtype(like.dtype))
+    else:
+        t = torch.tensor(float(value), device=like.device, dtype=_accumulation_dtype(like.dtype))
     if t.ndim == 0:
         return t
     if t.shape == lead_shape:
@@ -456,26 +533,39 @@ def _ce_like(
     z_loss: float | Tensor,
     sign: float,
     target_name: str,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
 ) -> tuple[Tensor, Tensor, int]:
     """Shared body: returns ``(row_values_or_scalar, valid_index, n_valid)``."""
-    _check_head(hidden, weight, bias)
-    _check_reduction(reduction)
+    checks = DeferredChecks() if validate_args else None
+    _check_head(hidden, weight, bias, checks=checks)
+    _check_reduction(reduction, num_items_in_batch)
     _check_chunk_size(chunk_size)
     _check_softcap(softcap)
     lead = hidden.shape[:-1]
-    valid = _check_labels(target, lead, weight.shape[0], ignore_index, target_name)
+    valid = _check_labels(target, lead, weight.shape[0], ignore_index, target_name, checks, validate_args)
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    hyper = []
+    if temperature is not None:
+        hyper.append(_per_row(temperature, lead, hidden, "temperature", low=0.0, checks=checks, validate=validate_args))
+    use_z = not (isinstance(z_loss, (int, float)) and not isinstance(z_loss, bool) and z_loss == 0)
+    if use_z:
+        hyper.append(
+            _per_row(z_loss, lead, hidden, "z_loss", low=0.0, low_inclusive=True, checks=checks, validate=validate_args)
+        )
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     index = valid.reshape(-1).nonzero().squeeze(1)
     n_valid = int(index.numel())
     rows_h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
-    extras = [target.reshape(-1).index_select(0, index).long()]
+    if checks is not None:
+        checks.require_finite(rows_h, "hidden")
+        checks.run()
+    extras = [target.reshape(-1).index_select(0, index).long()] + [_select(h, index) for h in hyper]
     use_t = temperature is not None
-    if temperature is not None:
-        extras.append(_select(_per_row(temperature, lead, hidden, "temperature", low=0.0), index))
-    use_z = not (isinstance(z_loss, (int, float)) and z_loss == 0)
-    if use_z:
-        extras.append(_select(_per_row(z_loss, lead, hidden, "z_loss"), index))
-    scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
+    if num_items_in_batch is not None:
+        scale: float | None = 1.0
+    else:
+        scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
     out = _chunked(
         _ce_rows(use_t, use_z, sign),
         rows_h,
@@ -487,6 +577,8 @@ def _ce_like(
         scale=scale,
         row_loss_and_grad=None if use_t else _ce_rows_and_grad(use_z, sign),
     )
+    if num_items_in_batch is not None:
+        out = divide_by_items(out, n_valid, num_items_in_batch)
     return out, index, n_valid
 
 
@@ -501,6 +593,9 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float | Tensor = 0.0,
     temperature: float | Tensor | None = None,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Cross-entropy of the head ``hidden @ weightᵀ + bias`` against ``target``, never holding all the logits.
 
@@ -532,6 +627,14 @@ def linear_cross_entropy(
             a number, a 0-d tensor, or per sample / per token.
         temperature: optional :math:`\tau > 0` dividing the logits (a number or a tensor, per sample / per token,
             differentiable), e.g. for the KL-DRO temperature loss :math:`\tau\,\mathrm{CE}(z/\tau, y)`.
+        num_items_in_batch: With ``reduction="mean"``, the number of counted tokens of the whole batch this call is
+            part of (every micro-batch of the optimizer step on every rank, divided by the factor the gradients are
+            later divided by). ``None`` (default) divides by this call's counted tokens; otherwise the loss is
+            :math:`\sum_{i\,\text{counted}} \ell_i / n_{\text{items}}` (value and gradients), so that the micro-batch
+            losses sum to the token mean of the whole batch.
+        validate_args: Check the values of the tensors: finite hidden states, weight and bias, token ids within the
+            vocabulary, tensor ``temperature`` > 0 and ``z_loss`` >= 0 (one host synchronisation). ``False`` skips
+            them.
 
     Returns:
         The reduced loss (float32, float64 for float64 inputs).
@@ -562,6 +665,8 @@ def linear_cross_entropy(
         z_loss=z_loss,
         sign=1.0,
         target_name="target",
+        num_items_in_batch=num_items_in_batch,
+        validate_args=validate_args,
     )
     if reduction == "none":
         return _scatter_rows(out, index, target.shape)
@@ -579,6 +684,8 @@ def linear_sequence_log_probs(
     chunk_size: int | None = None,
     softcap: float | None = None,
     temperature: float | Tensor | None = None,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Per-sequence sum (or mean) of the log-probabilities of the answer tokens, from hidden states and the head.
 
@@ -607,6 +714,8 @@ def linear_sequence_log_probs(
             ``temperature``).
         softcap: logit soft-capping value, or ``None``.
         temperature: optional temperature dividing the logits (number, or tensor per sequence / per token).
+        validate_args: Check finite hidden states and head, labels within the vocabulary and a tensor
+            ``temperature`` > 0.
 
     Returns:
         Tensor of shape ``(B,)`` (float32, float64 for float64 inputs).
@@ -621,10 +730,15 @@ def linear_sequence_log_probs(
         >>> torch.allclose(logps[0], expected)
         True
     """
+    check_tensor(hidden, "hidden", floating=False)
     if hidden.ndim != 3:
         raise ValueError(
             f"`hidden` must have shape (B, T, d) for per-sequence log-probabilities, got {tuple(hidden.shape)}."
         )
+    check_tensor(labels, "labels", floating=False)
+    for flag, flag_name in ((average, "average"), (shift, "shift")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{flag_name}` must be a bool, got {type(flag).__name__}.")
     if shift:
         hidden = hidden[:, :-1]
         labels = labels[:, 1:]
@@ -643,6 +757,7 @@ def linear_sequence_log_probs(
         z_loss=0.0,
         sign=-1.0,
         target_name="labels",
+        validate_args=validate_args,
     )
     batch, length = labels.shape
     sequence = torch.div(index, max(length, 1), rounding_mode="floor")
@@ -766,6 +881,9 @@ def linear_distillation_loss(
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Token-level generalized Jensen-Shannon distillation from hidden states and heads, chunked over tokens.
 
@@ -802,6 +920,13 @@ def linear_distillation_loss(
         chunk_size: rows per chunk; ``None`` picks about 4 M logits per chunk.
         student_softcap: student logit soft-capping, or ``None``.
         teacher_softcap: teacher logit soft-capping, or ``None``.
+        num_items_in_batch: With ``reduction="mean"``, the number of counted tokens of the whole batch this call is
+            part of (every micro-batch of the optimizer step on every rank, divided by the factor the gradients are
+            later divided by). ``None`` (default) divides by this call's counted tokens; otherwise the loss is
+            :math:`\sum_{\text{counted}} \ell / n_{\text{items}}`, so that the micro-batch losses sum to the
+            token mean of the whole batch.
+        validate_args: Check the values of the tensors: finite hidden states and heads, labels within the
+            vocabulary, tensor ``beta`` in ``[0, 1]``, tensor ``temperature`` > 0 (one host synchronisation).
 
     Returns:
         The reduced loss (float32, float64 for float64 inputs).
@@ -818,9 +943,10 @@ def linear_distillation_loss(
         >>> abs(float(linear_distillation_loss(hs, ws, hs, ws, beta=0.5))) < 1e-6  # identical models: zero
         True
     """
-    _check_head(student_hidden, student_weight, student_bias, "student_")
-    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
-    _check_reduction(reduction)
+    checks = DeferredChecks() if validate_args else None
+    _check_head(student_hidden, student_weight, student_bias, "student_", checks)
+    _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_", checks)
+    _check_reduction(reduction, num_items_in_batch)
     _check_chunk_size(chunk_size)
     _check_softcap(student_softcap, "student_softcap")
     _check_softcap(teacher_softcap, "teacher_softcap")
@@ -840,11 +966,17 @@ def linear_distillation_loss(
     if labels is None:
         valid = torch.ones(lead, dtype=torch.bool, device=student_hidden.device)
     else:
-        valid = _check_labels(labels, lead, vs, ignore_index, "labels")
-    beta_t = _per_row(beta, lead, student_hidden, "beta")
-    b_detached = beta_t.detach()
-    if bool(((b_detached < 0) | (b_detached > 1)).any()):
-        raise ValueError(f"`beta` must lie in [0, 1], got {b_detached.flatten()[:8].tolist()}.")
+        valid = _check_labels(labels, lead, vs, ignore_index, "labels", checks, validate_args)
+    beta_t = _per_row(
+        beta, lead, student_hidden, "beta", low=0.0, low_inclusive=True, high=1.0, checks=checks, validate=True
+    )
+    temperature_t = None
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 1):
+        temperature_t = _per_row(
+            temperature, lead, student_hidden, "temperature", low=0.0, checks=checks, validate=validate_args
+        )
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    b_detached = beta_t.detach()  # its range is always checked: the choice of branch below reads it anyway
     if bool((b_detached == 0).all()):
         mode: _Mode = "forward"
     elif bool((b_detached == 1).all()):
@@ -853,16 +985,20 @@ def linear_distillation_loss(
         mode = "mixture"
     else:
         mode = "mixed"
-    use_t = not (isinstance(temperature, (int, float)) and temperature == 1)
+    use_t = temperature_t is not None
     student_hidden, student_weight, student_bias = _autocast_head(student_hidden, student_weight, student_bias)
     teacher_hidden, teacher_weight, teacher_bias = _autocast_head(teacher_hidden, teacher_weight, teacher_bias)
     index = valid.reshape(-1).nonzero().squeeze(1)
     n_valid = int(index.numel())
     rows_s = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)
     rows_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
+    if checks is not None:
+        checks.require_finite(rows_s, "student_hidden")
+        checks.require_finite(rows_t, "teacher_hidden")
+        checks.run()
     extras = [rows_t, _select(beta_t, index)]
-    if use_t:
-        extras.append(_select(_per_row(temperature, lead, student_hidden, "temperature", low=0.0), index))
+    if temperature_t is not None:
+        extras.append(_select(temperature_t, index))
     row_loss = _distillation_rows(
         mode,
         teacher_weight.detach(),
@@ -883,7 +1019,10 @@ def linear_distillation_loss(
         # The closed form keeps about 4 chunk-sized buffers, autograd through the row loss about twice as many.
         closed = closed_form is not None and student_softcap is None and not any(e.requires_grad for e in extras)
         chunk_size = max(1, default_chunk_size(vs) // (2 if closed else 4))
-    scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
+    if num_items_in_batch is not None:
+        scale: float | None = 1.0
+    else:
+        scale = None if reduction == "none" else (1.0 / max(n_valid, 1) if reduction == "mean" else 1.0)
     out = _chunked(
         row_loss,
         rows_s,
@@ -897,4 +1036,6 @@ def linear_distillation_loss(
     )
     if reduction == "none":
         return _scatter_rows(out, index, lead)
+    if num_items_in_batch is not None:
+        return divide_by_items(out, n_valid, num_items_in_batch)
     return out

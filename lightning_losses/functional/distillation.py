@@ -5,6 +5,12 @@ trained under bf16/fp16 autocast still gets a float32 loss. Hyperparameters (tem
 Python numbers or tensors, either scalar or with one value per sample (shape ``(N,)``), so schedules, Population
 Based Training and Self-Tuning Networks can drive them.
 
+Bad input raises a ``TypeError`` (not a tensor, not floating-point) or a ``ValueError`` (shape, range, name) that
+names the argument. ``validate_args=True`` (the default) also checks the values of tensors: finite logits and
+features, targets and labels within the classes, tensor hyperparameters finite and within their range. These checks
+are read with one host synchronisation per call; ``validate_args=False`` skips them (shapes, dtypes and Python
+numbers are always checked).
+
 Functions:
     * :func:`kd_loss` — Hinton's KD, :math:`T^2\,\mathrm{KL}(p^t_T \,\|\, p^s_T)`.
     * :func:`dkd_loss`, :func:`dkd_components` — decoupled KD (TCKD and NCKD).
@@ -24,7 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import as_float32, check_same_shape, check_targets, hyperparameter_tensor
+from lightning_losses._utils import (
+    DeferredChecks,
+    NumItems,
+    as_float32,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    check_same_shape,
+    check_targets,
+    check_tensor,
+    divide_by_items,
+    hyperparameter_tensor,
+)
 
 __all__ = [
     "binary_kl_loss",
@@ -53,14 +71,21 @@ def _autocast_off(tensor: Tensor) -> AbstractContextManager[None]:
 
 
 def _check_floating(tensor: object, name: str) -> None:
-    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-        shown = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {shown}. Pass logits/features as floats.")
+    check_tensor(tensor, name)
 
 
 def _check_reduction(reduction: str, allowed: tuple[str, ...]) -> None:
-    if reduction not in allowed:
+    if not isinstance(reduction, str) or reduction not in allowed:
         raise ValueError(f"`reduction` must be one of {allowed}, got {reduction!r}.")
+
+
+def _data_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
+    """Start the value checks of one call: the finiteness of each ``(tensor, name)`` when ``validate_args``."""
+    checks = DeferredChecks()
+    if validate_args:
+        for tensor, name in named:
+            checks.require_finite(tensor, name)
+    return checks
 
 
 def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool = True) -> None:
@@ -74,8 +99,9 @@ def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool =
         )
     if student.shape[-1] != teacher.shape[-1]:
         raise ValueError(
-            f"Student and teacher must predict the same classes: the student has {student.shape[-1]} classes, "
-            f"the teacher {teacher.shape[-1]}. Give both models the same output layer size."
+            "`student_logits` and `teacher_logits` must predict the same classes: the student has "
+            f"{student.shape[-1]} classes, the teacher {teacher.shape[-1]}. Give both models the same output layer "
+            "size."
         )
     check_same_shape(student, teacher, "student_logits", "teacher_logits")
 
@@ -86,18 +112,13 @@ def _per_sample(value: Tensor) -> Tensor:
 
 
 def _reduce_samples(per_sample: Tensor, reduction: str) -> Tensor:
+    """Reduce per-sample values; the mean of an empty batch is 0 (with a zero gradient), not NaN."""
     if reduction == "none":
         return per_sample
     total = per_sample.sum()
     if reduction == "sum":
         return total
     return total / max(per_sample.shape[0], 1)
-
-
-def _nonnegative_validation(value: float | Tensor, name: str) -> None:
-    bad = bool((torch.as_tensor(value) < 0).any()) if isinstance(value, Tensor) else value < 0
-    if bad:
-        raise ValueError(f"`{name}` must be >= 0, got {value}. Pass a non-negative weight.")
 
 
 def _log_softmax_pair(student: Tensor, teacher: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,6 +143,8 @@ def kd_loss(
     teacher_logits: Tensor,
     temperature: float | Tensor = 4.0,
     reduction: SampleReduction = "batchmean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Knowledge distillation loss of Hinton et al.: the temperature-softened KL divergence, scaled by :math:`T^2`.
 
@@ -138,14 +161,17 @@ def kd_loss(
         teacher_logits: Teacher logits ``(N, C)`` (detach them unless the teacher is trained too).
         temperature: ``T > 0``: a number, a scalar tensor, or one value per sample ``(N,)`` (each sample is then
             scaled by its own :math:`T_i^2`).
-        reduction: ``"batchmean"`` (mean over samples), ``"sum"`` or ``"none"`` (per-sample ``(N,)``).
+        reduction: ``"batchmean"`` (mean over samples; 0 for an empty batch), ``"sum"`` or ``"none"``
+            (per-sample ``(N,)``).
+        validate_args: Check that the logits are finite and a tensor ``temperature`` is finite and positive.
 
     Returns:
         The loss, in float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: On mismatched shapes or class counts, non-2-D logits, ``temperature <= 0`` or a bad
-            ``reduction``.
+        TypeError: When the logits are not floating-point tensors.
+        ValueError: On mismatched shapes or class counts, non-2-D logits, a non-finite or non-positive
+            ``temperature``, non-finite logits or a bad ``reduction``.
 
     Example:
         >>> import torch
@@ -156,9 +182,13 @@ def kd_loss(
         0.6031
     """
     _kd_arg_validation(student_logits, teacher_logits, reduction)
+    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
     with _autocast_off(student):
-        temp = hyperparameter_tensor(temperature, student, "temperature", positive=True)
+        temp = hyperparameter_tensor(
+            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
+        )
+        checks.run()
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
         per_sample = _kl_from_log_probs(log_pt, log_ps) * _per_sample(temp) ** 2
         return _reduce_samples(per_sample, reduction)
@@ -167,14 +197,19 @@ def kd_loss(
 # --------------------------------------------------------------------------------------------------------------------
 # Decoupled KD
 # --------------------------------------------------------------------------------------------------------------------
-def _dkd_arg_validation(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, reduction: str) -> None:
+def _dkd_arg_validation(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, reduction: str, validate_args: bool
+) -> DeferredChecks:
     _logits_pair_validation(student_logits, teacher_logits)
     if student_logits.shape[1] < 2:
         raise ValueError(
-            f"DKD needs at least 2 classes (a target and a non-target part), got {student_logits.shape[1]}."
+            f"`student_logits` must have at least 2 classes for DKD (a target and a non-target part), got "
+            f"{student_logits.shape[1]}."
         )
-    check_targets(target, student_logits.shape[1], student_logits.shape[0])
     _check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    check_targets(target, student_logits.shape[1], student_logits.shape[0], checks=checks, validate=validate_args)
+    return checks
 
 
 def _binary_and_nontarget_log_probs(scaled: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,6 +231,8 @@ def dkd_components(
     target: Tensor,
     temperature: float | Tensor = 4.0,
     reduction: SampleReduction = "batchmean",
+    *,
+    validate_args: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""The two parts of decoupled KD: target-class (TCKD) and non-target-class (NCKD) distillation.
 
@@ -220,6 +257,8 @@ def dkd_components(
         target: Integer class indices ``(N,)`` in ``[0, C)``.
         temperature: ``T > 0``, scalar or per-sample ``(N,)``.
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"`` (per-sample), applied to both parts.
+        validate_args: Check that the logits are finite, ``target`` lies in ``[0, C)`` and a tensor
+            ``temperature`` is finite and positive.
 
     Returns:
         ``(tckd, nckd)``.
@@ -231,17 +270,25 @@ def dkd_components(
         >>> bool(tckd > 0) and bool(nckd > 0)
         True
     """
-    _dkd_arg_validation(student_logits, teacher_logits, target, reduction)
-    tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature)
+    checks = _dkd_arg_validation(student_logits, teacher_logits, target, reduction, validate_args)
+    tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature, checks, validate_args)
     return _reduce_samples(tckd, reduction), _reduce_samples(nckd, reduction)
 
 
 def _dkd_per_sample(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float | Tensor
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    temperature: float | Tensor,
+    checks: DeferredChecks,
+    validate_args: bool,
 ) -> tuple[Tensor, Tensor]:
     student, teacher = as_float32(student_logits, teacher_logits)
     with _autocast_off(student):
-        temp = hyperparameter_tensor(temperature, student, "temperature", positive=True)
+        temp = hyperparameter_tensor(
+            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
+        )
+        checks.run()
         mask = F.one_hot(target, student.shape[1]).bool()
         s_tgt, s_rest, s_nt = _binary_and_nontarget_log_probs(student / temp, mask)
         t_tgt, t_rest, t_nt = _binary_and_nontarget_log_probs(teacher / temp, mask)
@@ -259,6 +306,8 @@ def dkd_loss(
     beta: float | Tensor = 8.0,
     temperature: float | Tensor = 4.0,
     reduction: SampleReduction = "batchmean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Decoupled knowledge distillation: :math:`\alpha\,\mathrm{TCKD} + \beta\,\mathrm{NCKD}`.
 
@@ -278,6 +327,8 @@ def dkd_loss(
         beta: NCKD weight (default 8), scalar or per-sample.
         temperature: ``T > 0`` (default 4), scalar or per-sample.
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+        validate_args: Check the values of the tensors (finite logits, ``target`` in ``[0, C)``, tensor
+            hyperparameters finite and in range).
 
     Returns:
         The loss, in float32 (float64 for float64 inputs).
@@ -288,13 +339,13 @@ def dkd_loss(
         >>> float(dkd_loss(z, z, torch.tensor([0, 2])))
         0.0
     """
-    _dkd_arg_validation(student_logits, teacher_logits, target, reduction)
-    _nonnegative_validation(alpha, "alpha")
-    _nonnegative_validation(beta, "beta")
-    tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature)
+    checks = _dkd_arg_validation(student_logits, teacher_logits, target, reduction, validate_args)
+    check_hyperparameter(alpha, "alpha", low=0.0, checks=checks, validate=validate_args)
+    check_hyperparameter(beta, "beta", low=0.0, checks=checks, validate=validate_args)
+    tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature, checks, validate_args)
     with _autocast_off(tckd):
-        a = hyperparameter_tensor(alpha, tckd, "alpha")
-        b = hyperparameter_tensor(beta, tckd, "beta")
+        a = hyperparameter_tensor(alpha, tckd, "alpha", validate=False)
+        b = hyperparameter_tensor(beta, tckd, "beta", validate=False)
         return _reduce_samples(a * tckd + b * nckd, reduction)
 
 
@@ -312,6 +363,8 @@ def binary_kl_loss(
     teacher_logits: Tensor,
     temperature: float | Tensor = 2.0,
     reduction: SampleReduction = "batchmean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Logit-level loss of dual-head KD (DHKD's ``BinaryKLNorm``), in its log-cosh form.
 
@@ -333,6 +386,7 @@ def binary_kl_loss(
         teacher_logits: Teacher logits ``(N, C)``.
         temperature: ``τ > 0`` (default 2), scalar or per-sample.
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"`` (per-sample).
+        validate_args: Check that the logits are finite and a tensor ``temperature`` is finite and positive.
 
     Returns:
         The loss, in float32 (float64 for float64 inputs).
@@ -347,9 +401,13 @@ def binary_kl_loss(
     """
     _logits_pair_validation(student_logits, teacher_logits)
     _check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
     with _autocast_off(student):
-        temp = hyperparameter_tensor(temperature, student, "temperature", positive=True)
+        temp = hyperparameter_tensor(
+            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
+        )
+        checks.run()
         per_sample = _log_cosh((student - teacher) / (2.0 * temp)).sum(dim=-1) * _per_sample(temp) ** 2
         return _reduce_samples(per_sample, reduction)
 
@@ -358,7 +416,12 @@ def binary_kl_loss(
 # ND: norm and direction of embeddings
 # --------------------------------------------------------------------------------------------------------------------
 def _nd_arg_validation(
-    student_features: Tensor, teacher_features: Tensor, class_means: Tensor, target: Tensor, reduction: str
+    student_features: Tensor,
+    teacher_features: Tensor,
+    class_means: Tensor,
+    target: Tensor,
+    reduction: str,
+    validate_args: bool,
 ) -> None:
     _check_floating(student_features, "student_features")
     _check_floating(teacher_features, "teacher_features")
@@ -375,8 +438,15 @@ def _nd_arg_validation(
             f"got {tuple(class_means.shape)}. Project the student features to the teacher's width "
             "(FeatureProjector) and compute the means from the teacher's embeddings."
         )
-    check_targets(target, class_means.shape[0], student_features.shape[0])
     _check_reduction(reduction, _MEAN_REDUCTIONS)
+    checks = _data_checks(
+        validate_args,
+        (student_features, "student_features"),
+        (teacher_features, "teacher_features"),
+        (class_means, "class_means"),
+    )
+    check_targets(target, class_means.shape[0], student_features.shape[0], checks=checks, validate=validate_args)
+    checks.run()
 
 
 def nd_loss(
@@ -385,6 +455,8 @@ def nd_loss(
     class_means: Tensor,
     target: Tensor,
     reduction: MeanReduction = "mean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Norm-and-direction (ND) loss: align student embeddings with the teacher's class means and enlarge their norm.
 
@@ -403,7 +475,8 @@ def nd_loss(
         teacher_features: Teacher embeddings ``(B, D)``.
         class_means: Teacher class means ``(K, D)`` (mean teacher embedding of each class).
         target: Integer class indices ``(B,)`` in ``[0, K)``.
-        reduction: ``"mean"`` (:math:`\frac1B\sum_i`), ``"sum"`` or ``"none"`` (per-sample).
+        reduction: ``"mean"`` (:math:`\frac1B\sum_i`; 0 for an empty batch), ``"sum"`` or ``"none"`` (per-sample).
+        validate_args: Check that the features and class means are finite and ``target`` lies in ``[0, K)``.
 
     Returns:
         The loss, in float32 (float64 for float64 inputs).
@@ -417,7 +490,7 @@ def nd_loss(
         >>> round(float(nd_loss(f_s, f_t, means, torch.tensor([1]))), 4)
         1.0
     """
-    _nd_arg_validation(student_features, teacher_features, class_means, target, reduction)
+    _nd_arg_validation(student_features, teacher_features, class_means, target, reduction, validate_args)
     fs, ft, means = as_float32(student_features, teacher_features, class_means)
     dtype = torch.promote_types(torch.promote_types(fs.dtype, ft.dtype), means.dtype)
     fs, ft, means = fs.to(dtype), ft.to(dtype), means.to(dtype)
@@ -439,21 +512,27 @@ def _jsd_arg_validation(
     teacher_logits: Tensor,
     beta: float | Tensor,
     labels: Tensor | None,
+    ignore_index: int,
     reduction: str,
     vocab_mismatch: str,
-) -> tuple[Tensor, Tensor]:
-    """Validate the JSD arguments; return the logits, sliced to the shared vocabulary when asked to."""
+    num_items_in_batch: NumItems,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor, DeferredChecks]:
+    """Validate the JSD arguments; return the logits (sliced to the shared vocabulary when asked to) and the
+    value checks still to run."""
     _check_floating(student_logits, "student_logits")
     _check_floating(teacher_logits, "teacher_logits")
     if student_logits.ndim not in (2, 3):
         raise ValueError(f"`student_logits` must have shape (B, T, V) or (N, V), got {tuple(student_logits.shape)}.")
-    if vocab_mismatch not in _VOCAB_MISMATCH:
+    if not isinstance(vocab_mismatch, str) or vocab_mismatch not in _VOCAB_MISMATCH:
         raise ValueError(f"`vocab_mismatch` must be one of {_VOCAB_MISMATCH}, got {vocab_mismatch!r}.")
+    check_int(ignore_index, "ignore_index")
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
     if v_s != v_t and student_logits.ndim == teacher_logits.ndim:
         if vocab_mismatch == "error":
             raise ValueError(
-                f"Vocabulary size mismatch: the student's logits have {v_s} entries, the teacher's {v_t}. "
+                "Vocabulary size mismatch between `student_logits` and `teacher_logits`: the student's logits have "
+                f"{v_s} entries, the teacher's {v_t}. "
                 "Use models that share a tokenizer; when the extra entries are only padding rows of the embedding "
                 "matrix, pass vocab_mismatch='slice' to compare the first "
                 f"{min(v_s, v_t)} entries."
@@ -461,19 +540,41 @@ def _jsd_arg_validation(
         shared = min(v_s, v_t)
         student_logits, teacher_logits = student_logits[..., :shared], teacher_logits[..., :shared]
     check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
-    if labels is not None and (labels.is_floating_point() or labels.shape != student_logits.shape[:-1]):
-        raise ValueError(
-            f"`labels` must be an integer tensor of shape {tuple(student_logits.shape[:-1])} (the logits' shape "
-            f"without the vocabulary), got dtype {labels.dtype} and shape {tuple(labels.shape)}."
-        )
-    b = torch.as_tensor(beta)
-    if not bool(((b >= 0) & (b <= 1)).all()):
-        shown = b.detach().flatten()[:8].tolist()
-        raise ValueError(
-            f"`beta` must lie in [0, 1] (0: forward KL, 1: reverse KL), got {shown}. Pass a value in that range."
-        )
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"`labels` must be a tensor of token ids or None, got {type(labels).__name__}.")
+        bad_dtype = labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+        if bad_dtype or labels.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f"`labels` must be an integer tensor of shape {tuple(student_logits.shape[:-1])} (the logits' shape "
+                f"without the vocabulary), got dtype {labels.dtype} and shape {tuple(labels.shape)}."
+            )
     _check_reduction(reduction, _MEAN_REDUCTIONS)
-    return student_logits, teacher_logits
+    check_num_items(num_items_in_batch, validate=False)
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(
+            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}. "
+            "Pass reduction='mean' or drop num_items_in_batch."
+        )
+    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    if not isinstance(beta, Tensor):
+        check_hyperparameter(beta, "beta", low=0.0, high=1.0)
+    else:
+        check_hyperparameter(beta, "beta", low=0.0, high=1.0, checks=checks, validate=validate_args)
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    if validate_args and labels is not None:
+        vocab = student_logits.shape[-1]
+        counted = labels != ignore_index
+        out_of_range = counted & ((labels < 0) | (labels >= vocab))
+
+        def error() -> Exception:
+            return ValueError(
+                f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
+                f"{labels[out_of_range][:8].tolist()}. Mask prompt and padding positions with ignore_index."
+            )
+
+        checks.require(~out_of_range.any(), error)
+    return student_logits, teacher_logits, checks
 
 
 def _jsd_mixture(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
@@ -492,6 +593,9 @@ def generalized_jsd_loss(
     ignore_index: int = -100,
     reduction: MeanReduction = "mean",
     vocab_mismatch: Literal["error", "slice"] = "error",
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Token-level generalized Jensen-Shannon divergence between a student and a teacher language model.
 
@@ -525,13 +629,26 @@ def generalized_jsd_loss(
             masked tokens).
         vocab_mismatch: ``"error"`` (default) raises when the vocabulary sizes differ; ``"slice"`` compares the
             shared leading part of the vocabulary (for padded embedding matrices).
+        num_items_in_batch: With ``reduction="mean"``, the number of counted tokens of the whole batch that this
+            call is part of (all micro-batches of an optimizer step on all ranks, divided by whatever factor the
+            gradients are later divided by). ``None`` (default) divides by this call's counted tokens; otherwise
+
+            .. math:: \mathcal{L} = \frac{1}{n_{\text{items}}} \sum_{(b,k)\,\text{counted}} \mathrm{JSD}_{\beta,bk},
+
+            so that the losses of the micro-batches, summed, equal the token mean of the whole batch (the
+            normalisation of TRL's ``num_items_in_batch``). A positive finite number or one-element tensor.
+        validate_args: Check the values of the tensors: finite logits, labels in ``[0, V)`` (or ``ignore_index``),
+            a tensor ``beta`` in ``[0, 1]``, a tensor ``temperature`` > 0 and a tensor ``num_items_in_batch`` > 0
+            (one host synchronisation). ``False`` skips these checks.
 
     Returns:
         The loss, in float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: On a vocabulary mismatch (naming both sizes), bad shapes, ``beta`` outside ``[0, 1]``,
-            ``temperature <= 0`` or a bad ``reduction``.
+        TypeError: When the logits are not floating-point tensors or ``labels`` is not a tensor.
+        ValueError: On a vocabulary mismatch (naming both sizes), bad shapes, labels outside the vocabulary,
+            non-finite logits, ``beta`` outside ``[0, 1]``, ``temperature <= 0``, a bad ``reduction`` or
+            ``num_items_in_batch``.
 
     Example:
         >>> import torch
@@ -542,15 +659,27 @@ def generalized_jsd_loss(
         >>> float(generalized_jsd_loss(s, t, labels=labels))
         0.0
     """
-    student_logits, teacher_logits = _jsd_arg_validation(
-        student_logits, teacher_logits, beta, labels, reduction, vocab_mismatch
+    student_logits, teacher_logits, checks = _jsd_arg_validation(
+        student_logits,
+        teacher_logits,
+        beta,
+        labels,
+        ignore_index,
+        reduction,
+        vocab_mismatch,
+        num_items_in_batch,
+        validate_args,
     )
     student, teacher = as_float32(student_logits, teacher_logits)
     with _autocast_off(student):
-        temp = hyperparameter_tensor(temperature, student, "temperature", positive=True)
+        temp = hyperparameter_tensor(
+            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
+        )
+        beta_t = hyperparameter_tensor(beta, student, "beta", validate=False) if isinstance(beta, Tensor) else None
+        checks.run()
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
-        if isinstance(beta, Tensor):
-            per_token = _jsd_tensor_beta(log_ps, log_pt, hyperparameter_tensor(beta, student, "beta"))
+        if beta_t is not None:
+            per_token = _jsd_tensor_beta(log_ps, log_pt, beta_t)
         elif beta == 0:
             per_token = _kl_from_log_probs(log_pt, log_ps)
         elif beta == 1:
@@ -568,7 +697,7 @@ def generalized_jsd_loss(
         total = per_token.sum()
         if reduction == "sum":
             return total
-        return total / count.clamp_min(1.0)
+        return divide_by_items(total, count, num_items_in_batch)
 
 
 def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:

@@ -2,6 +2,11 @@
 
 All functions compute in float32 (float64 is kept) whatever the autocast state, and accept their hyperparameters
 as Python numbers or tensors (a scalar, or one value per sample / token) so schedules and TempNet can drive them.
+
+Bad input raises a ``TypeError`` (not a tensor, not floating-point) or a ``ValueError`` (shape, range, fewer than two
+classes) naming the argument. ``validate_args=True`` (the default) also checks tensor values: finite logits and
+features, targets within the classes, tensor hyperparameters finite and within their range; these checks are read
+with one host synchronisation per call, and ``validate_args=False`` skips them. The mean over an empty batch is 0.
 """
 
 from __future__ import annotations
@@ -14,7 +19,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses._utils import as_float32, check_targets
+from lightning_losses._utils import (
+    DeferredChecks,
+    NumItems,
+    as_float32,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    check_targets,
+    check_tensor,
+    divide_by_items,
+)
 
 __all__ = [
     "aldr_kl_lambda",
@@ -28,13 +43,54 @@ __all__ = [
 Reduction = Literal["mean", "sum", "none"]
 
 
-def _as_tensor_like(value: float | Tensor, like: Tensor, name: str, *, positive: bool = False) -> Tensor:
-    """A hyperparameter as a tensor on ``like``'s device in float32 (or float64 when ``like`` is)."""
+def _as_tensor_like(
+    value: float | Tensor,
+    like: Tensor,
+    name: str,
+    *,
+    positive: bool = False,
+    low: float | None = None,
+    checks: DeferredChecks | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """A hyperparameter as a tensor on ``like``'s device in float32 (or float64 when ``like`` is).
+
+    The value must be finite, and ``> 0`` when ``positive`` (``>= low`` when ``low`` is given); a tensor's values
+    are checked when ``validate`` (queued on ``checks`` when given).
+    """
+    if positive:
+        check_hyperparameter(value, name, low=0.0, low_inclusive=False, checks=checks, validate=validate)
+    else:
+        check_hyperparameter(value, name, low=low, checks=checks, validate=validate)
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    t = torch.as_tensor(value, device=like.device, dtype=dtype)
-    if positive and bool((t <= 0).any()):
-        raise ValueError(f"`{name}` must be > 0, got {t.detach().flatten()[:8].tolist()}. Pass positive values.")
-    return t
+    return torch.as_tensor(value, device=like.device, dtype=dtype)
+
+
+def _check_logits(logits: object, name: str = "logits", *, ndim: int | None = None, min_classes: int = 1) -> None:
+    check_tensor(logits, name)
+    assert isinstance(logits, Tensor)
+    if ndim is not None and logits.ndim != ndim:
+        raise ValueError(f"`{name}` must have {ndim} dimensions (N, K), got shape {tuple(logits.shape)}.")
+    if logits.ndim < 1:
+        raise ValueError(f"`{name}` must have a class dimension (shape (..., V)), got a 0-d tensor.")
+    if logits.shape[-1] < min_classes:
+        raise ValueError(
+            f"`{name}` must have at least {min_classes} classes in its last dimension, got shape "
+            f"{tuple(logits.shape)}. With one class the loss is constant (log K = 0): add classes."
+        )
+
+
+def _check_reduction(reduction: object) -> None:
+    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
+
+
+def _start_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
+    checks = DeferredChecks()
+    if validate_args:
+        for tensor, name in named:
+            checks.require_finite(tensor, name)
+    return checks
 
 
 def _per_position(value: Tensor, shape: torch.Size, name: str) -> Tensor:
@@ -51,7 +107,11 @@ def _per_position(value: Tensor, shape: torch.Size, name: str) -> Tensor:
     )
 
 
-def _reduce(values: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor:
+def _reduce(
+    values: Tensor, mask: Tensor | None, reduction: Reduction, num_items_in_batch: NumItems = None
+) -> Tensor:
+    """Reduce ``values`` (masked by ``mask``); the mean divides by the counted items (at least 1, so an empty
+    batch gives 0) or by ``num_items_in_batch`` when given."""
     if reduction == "none":
         return values if mask is None else values * mask
     if mask is not None:
@@ -59,13 +119,12 @@ def _reduce(values: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor
     if reduction == "sum":
         return values.sum()
     if reduction == "mean":
-        if mask is None:
-            return values.mean()
-        return values.sum() / mask.sum().clamp_min(1)
+        count = values.numel() if mask is None else mask.sum()
+        return divide_by_items(values.sum(), count, num_items_in_batch)
     raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
 
 
-def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor) -> Tensor:
+def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor, *, validate_args: bool = True) -> Tensor:
     r"""KL divergence of the tempered softmax from the uniform distribution, per row.
 
     .. math::
@@ -75,7 +134,9 @@ def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor) -> Tensor:
 
     Args:
         logits: ``(..., V)`` logits.
-        tau: Temperature: a number, or a tensor broadcastable to ``logits.shape[:-1]``.
+        tau: Temperature > 0: a number, a 0-d tensor, one value per row (``logits.shape[:-1]``) or per sample
+            (``(N,)``).
+        validate_args: Check that the logits are finite and a tensor ``tau`` is finite and positive.
 
     Returns:
         ``logits.shape[:-1]`` KL values in nats, float32.
@@ -84,29 +145,65 @@ def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor) -> Tensor:
         >>> round(float(tempered_kl_to_uniform(torch.zeros(1, 8), 1.0)), 6)
         0.0
     """
+    _check_logits(logits)
+    checks = _start_checks(validate_args, (logits, "logits"))
     (z,) = as_float32(logits)
-    t = _as_tensor_like(tau, z, "tau", positive=True)
+    t = _as_tensor_like(tau, z, "tau", positive=True, checks=checks, validate=validate_args)
+    checks.run()
     if t.ndim:
-        t = t.unsqueeze(-1)
+        t = _per_position(t, z.shape[:-1], "tau").unsqueeze(-1)
     log_p = torch.log_softmax(z / t, dim=-1)
     return (log_p.exp() * log_p).sum(-1) + math.log(z.shape[-1])
 
 
-def _dro_arg_validation(logits: Tensor, target: Tensor, rho: Tensor) -> None:
+def _dro_arg_validation(
+    logits: Tensor, target: Tensor, ignore_index: int, reduction: str, num_items_in_batch: NumItems
+) -> None:
+    """The checks that read no tensor value (always run)."""
+    check_tensor(logits, "logits")
     if logits.ndim < 2:
         raise ValueError(f"`logits` must have shape (..., V) with at least 2 dimensions, got {tuple(logits.shape)}.")
-    if target.shape != logits.shape[:-1] or target.is_floating_point():
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            f"`logits` must have at least 2 classes (V >= 2), got shape {tuple(logits.shape)}: with one class the "
+            "KL ball around the uniform distribution is a point (log V = 0) and no rho is admissible."
+        )
+    check_tensor(target, "target", floating=False)
+    bad_dtype = target.is_floating_point() or target.is_complex() or target.dtype == torch.bool
+    if target.shape != logits.shape[:-1] or bad_dtype:
         raise ValueError(
             f"`target` must be an integer tensor of shape {tuple(logits.shape[:-1])} (logits without the class "
             f"dimension), got dtype {target.dtype} and shape {tuple(target.shape)}."
         )
-    vocab = logits.shape[-1]
-    if bool((rho < 0).any()) or bool((rho >= math.log(vocab)).any()):
+    check_int(ignore_index, "ignore_index")
+    _check_reduction(reduction)
+    check_num_items(num_items_in_batch, validate=False)
+    if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(
-            f"`rho` must lie in [0, log V) = [0, {math.log(vocab):.4f}) for V = {vocab} classes, got "
-            f"{rho.detach().flatten()[:8].tolist()}. With rho >= log V the optimal temperature is tau_min whatever "
-            "the logits; pass a smaller rho."
+            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}."
         )
+
+
+def _rho_check(rho: float | Tensor, vocab: int, checks: DeferredChecks, validate: bool) -> None:
+    """``rho`` in ``[0, log vocab)``, with the reason in the message."""
+    log_v = math.log(vocab)
+
+    def error() -> Exception:
+        shown = rho.detach().flatten()[:8].tolist() if isinstance(rho, Tensor) else rho
+        return ValueError(
+            f"`rho` must lie in [0, log V) = [0, {log_v:.4f}) for V = {vocab} classes, got {shown}. With "
+            "rho >= log V the optimal temperature is tau_min whatever the logits; pass a smaller rho."
+        )
+
+    if isinstance(rho, Tensor):
+        check_hyperparameter(rho, "rho", validate=False)
+        if validate:
+            r = rho.detach()
+            checks.require(((r >= 0) & (r < log_v)).all(), error)
+        return
+    check_hyperparameter(rho, "rho")
+    if not 0 <= rho < log_v:
+        raise error()
 
 
 def dro_temperature_loss(
@@ -117,6 +214,8 @@ def dro_temperature_loss(
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     validate_args: bool = True,
+    *,
+    num_items_in_batch: NumItems = None,
 ) -> Tensor:
     r"""KL-DRO robust loss with a (per-token) temperature, the objective that trains TempNet.
 
@@ -140,8 +239,16 @@ def dro_temperature_loss(
         tau: Temperature, > 0: a number, one per sample (shape ``(N,)``) or one per position (``target.shape``).
         rho: KL-ball radius in ``[0, log V)``: a number or a tensor (scalar or per position).
         ignore_index: Target value of positions that do not count.
-        reduction: ``"mean"`` over counted positions, ``"sum"``, or ``"none"`` (ignored positions give 0).
-        validate_args: Check shapes and the range of ``rho`` (costs a device sync).
+        reduction: ``"mean"`` over counted positions (0 when none counts), ``"sum"``, or ``"none"`` (ignored
+            positions give 0).
+        validate_args: Check the values of the tensors: finite logits, targets in ``[0, V)`` (or ``ignore_index``),
+            tensor ``tau`` > 0, tensor ``rho`` in ``[0, log V)``, a tensor ``num_items_in_batch`` > 0 (one host
+            synchronisation). Shapes, dtypes and Python numbers are always checked.
+        num_items_in_batch: With ``reduction="mean"``, the number of counted positions of the whole batch this call
+            is part of (every micro-batch of the optimizer step on every rank, divided by the factor the gradients
+            are later divided by). ``None`` (default) divides by this call's counted positions; otherwise the loss
+            is :math:`\frac{1}{n_{\text{items}}}\sum_{i\,\text{counted}} \ell_i`, so that the micro-batch losses
+            sum to the token mean of the whole batch.
 
     Returns:
         The loss (float32), a scalar or of shape ``target.shape``.
@@ -154,19 +261,34 @@ def dro_temperature_loss(
         >>> bool(torch.isclose(loss, expected.squeeze()))
         True
     """
-    (z,) = as_float32(logits)
-    rho_t = _as_tensor_like(rho, z, "rho")
+    _dro_arg_validation(logits, target, ignore_index, reduction, num_items_in_batch)
+    vocab = logits.shape[-1]
+    checks = _start_checks(validate_args, (logits, "logits"))
+    _rho_check(rho, vocab, checks, validate_args)
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args:
-        _dro_arg_validation(z, target, rho_t)
+        counted = target != ignore_index
+        outside = counted & ((target < 0) | (target >= vocab))
+
+        def target_error() -> Exception:
+            return ValueError(
+                f"`target` holds class indices outside [0, {vocab}) that are not ignore_index={ignore_index}: "
+                f"{target[outside][:8].tolist()}. Mark positions that do not count with ignore_index."
+            )
+
+        checks.require(~outside.any(), target_error)
+    (z,) = as_float32(logits)
     shape = target.shape
-    tau_t = _per_position(_as_tensor_like(tau, z, "tau", positive=validate_args), shape, "tau")
-    rho_t = _per_position(rho_t, shape, "rho")
-    vocab = z.shape[-1]
+    tau_t = _per_position(
+        _as_tensor_like(tau, z, "tau", positive=True, checks=checks, validate=validate_args), shape, "tau"
+    )
+    rho_t = _per_position(_as_tensor_like(rho, z, "rho", validate=False), shape, "rho")
+    checks.run()
     per_position = _DROTemperature.apply(
         z.reshape(-1, vocab), target.reshape(-1), tau_t.reshape(-1), rho_t.reshape(-1), ignore_index
     ).view(shape)
     mask = target != ignore_index
-    return _reduce(per_position, mask.to(per_position.dtype), reduction)
+    return _reduce(per_position, mask.to(per_position.dtype), reduction, num_items_in_batch)
 
 
 class _DROTemperature(torch.autograd.Function):
@@ -219,6 +341,8 @@ def robust_contrastive_loss(
     tau_text: float | Tensor,
     rho: float | Tensor,
     reduction: Reduction = "mean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Exact (full-batch) KL-DRO contrastive loss with per-anchor temperatures, both directions.
 
@@ -230,15 +354,17 @@ def robust_contrastive_loss(
 
     where the text term uses :math:`h_{ij} = s_{ji} - s_{ii}` and the text temperatures. This is the quantity
     that :class:`~lightning_losses.losses.RobustContrastiveLoss` estimates with per-sample moving averages (they
-    agree exactly when its moving-average rate is 1).
+    agree exactly when its moving-average rate is 1). The similarities are computed in float32 (float64 kept) with
+    autocast disabled, so a bf16 autocast region does not round them.
 
     Args:
-        image_features: ``(B, d)`` image embeddings (L2-normalised by the caller).
+        image_features: ``(B, d)`` image embeddings (L2-normalised by the caller), ``B >= 3``.
         text_features: ``(B, d)`` paired text embeddings.
-        tau_image: Image-anchor temperatures: a number or shape ``(B,)``.
-        tau_text: Text-anchor temperatures: a number or shape ``(B,)``.
-        rho: KL-ball radius, below ``log(B - 1)``.
+        tau_image: Image-anchor temperatures > 0: a number or shape ``(B,)``.
+        tau_text: Text-anchor temperatures > 0: a number or shape ``(B,)``.
+        rho: KL-ball radius in ``[0, log(B - 1))``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``(B, 2)``: image and text terms).
+        validate_args: Check that the features are finite and tensor temperatures / ``rho`` are in range.
 
     Example:
         >>> x = torch.nn.functional.normalize(torch.randn(4, 3), dim=1)
@@ -246,38 +372,83 @@ def robust_contrastive_loss(
         >>> bool(torch.isfinite(loss))
         True
     """
-    x, t = as_float32(image_features, text_features)
-    if x.ndim != 2 or x.shape != t.shape or x.shape[0] < 2:
+    check_tensor(image_features, "image_features")
+    check_tensor(text_features, "text_features")
+    if image_features.ndim != 2 or image_features.shape != text_features.shape or image_features.shape[0] < 3:
         raise ValueError(
-            "`image_features` and `text_features` must both have shape (B, d) with B >= 2, got "
-            f"{tuple(x.shape)} and {tuple(t.shape)}."
+            "`image_features` and `text_features` must both have shape (B, d) with B >= 3 (at least 2 negatives "
+            f"per anchor, so that log(B - 1) > 0 leaves room for rho), got {tuple(image_features.shape)} and "
+            f"{tuple(text_features.shape)}."
         )
+    _check_reduction(reduction)
+    checks = _start_checks(validate_args, (image_features, "image_features"), (text_features, "text_features"))
+    x, t = as_float32(image_features, text_features)
+    dtype = torch.promote_types(x.dtype, t.dtype)
+    x, t = x.to(dtype), t.to(dtype)
     batch = x.shape[0]
-    sim = x @ t.T
-    diag = sim.diagonal()
-    eye = torch.eye(batch, dtype=torch.bool, device=x.device)
-    terms = []
-    for margins, tau in ((sim - diag[:, None], tau_image), (sim.T - diag[:, None], tau_text)):
-        tau_t = _per_position(_as_tensor_like(tau, x, "tau", positive=True), torch.Size([batch]), "tau")
-        scaled = (margins / tau_t[:, None]).masked_fill(eye, float("-inf"))
-        rho_t = _as_tensor_like(rho, x, "rho")
-        terms.append(tau_t * (torch.logsumexp(scaled, dim=1) - math.log(batch - 1) + rho_t))
-    per_anchor = torch.stack(terms, dim=1)
+    log_m = math.log(batch - 1)
+    taus = [
+        _per_position(
+            _as_tensor_like(tau, x, name, positive=True, checks=checks, validate=validate_args),
+            torch.Size([batch]),
+            name,
+        )
+        for tau, name in ((tau_image, "tau_image"), (tau_text, "tau_text"))
+    ]
+    if isinstance(rho, Tensor):
+        check_hyperparameter(rho, "rho", validate=False)
+    else:
+        check_hyperparameter(rho, "rho", low=0.0, high=log_m, high_inclusive=False)
+    if validate_args and isinstance(rho, Tensor):
+        check_hyperparameter(rho, "rho", low=0.0, high=log_m, high_inclusive=False, checks=checks)
+    rho_t = _as_tensor_like(rho, x, "rho", validate=False)
+    checks.run()
+    with torch.autocast(x.device.type, enabled=False):
+        sim = x @ t.T
+        diag = sim.diagonal()
+        eye = torch.eye(batch, dtype=torch.bool, device=x.device)
+        terms = []
+        for margins, tau_t in ((sim - diag[:, None], taus[0]), (sim.T - diag[:, None], taus[1])):
+            scaled = (margins / tau_t[:, None]).masked_fill(eye, float("-inf"))
+            terms.append(tau_t * (torch.logsumexp(scaled, dim=1) - log_m + rho_t))
+        per_anchor = torch.stack(terms, dim=1)
     if reduction == "none":
         return per_anchor
     return _reduce(per_anchor, None, reduction) * (2.0 if reduction == "mean" else 1.0)
 
 
-def _ldr_margins(logits: Tensor, target: Tensor, margin: float | Tensor, rescale_logits: bool) -> Tensor:
+def _ldr_prepare(
+    logits: Tensor,
+    target: Tensor,
+    lam: float | Tensor,
+    margin: float | Tensor,
+    rescale_logits: bool,
+    reduction: str,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor]:
+    r"""Validate the LDR arguments (one synchronisation for the value checks) and return ``(margins, lam)``.
+
+    The margins are :math:`c\,\mathbb 1[k\ne y] + f_k - f_y` of shape ``(N, K)``, ``lam`` has shape ``(N,)``.
+    """
+    _check_logits(logits, ndim=2, min_classes=2)
+    _check_reduction(reduction)
+    if not isinstance(rescale_logits, bool):
+        raise TypeError(f"`rescale_logits` must be a bool, got {type(rescale_logits).__name__}.")
+    checks = _start_checks(validate_args, (logits, "logits"))
+    check_targets(target, logits.shape[1], logits.shape[0], checks=checks, validate=validate_args)
     (f,) = as_float32(logits)
-    if f.ndim != 2:
-        raise ValueError(f"`logits` must have shape (N, K), got {tuple(f.shape)}.")
-    check_targets(target, f.shape[1], f.shape[0])
+    rows = torch.Size([f.shape[0]])
+    c = _per_position(
+        _as_tensor_like(margin, f, "margin", low=0.0, checks=checks, validate=validate_args), rows, "margin"
+    )
+    lam_t = _per_position(
+        _as_tensor_like(lam, f, "lam", positive=True, checks=checks, validate=validate_args), rows, "lam"
+    )
+    checks.run()
     if rescale_logits:
         f = f / (f.abs().mean(dim=1, keepdim=True) + 1e-12)
-    c = _per_position(_as_tensor_like(margin, f, "margin"), torch.Size([f.shape[0]]), "margin")
     not_target = 1.0 - F.one_hot(target, f.shape[1]).to(f.dtype)
-    return c[:, None] * not_target + f - f.gather(1, target[:, None])
+    return c[:, None] * not_target + f - f.gather(1, target[:, None]), lam_t
 
 
 def ldr_kl_loss(
@@ -287,6 +458,8 @@ def ldr_kl_loss(
     margin: float | Tensor = 0.1,
     rescale_logits: bool = False,
     reduction: Reduction = "mean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Label-distributionally-robust loss with a KL regulariser (LDR-KL).
 
@@ -299,12 +472,14 @@ def ldr_kl_loss(
     gives the mean margin.
 
     Args:
-        logits: ``(N, K)`` scores.
+        logits: ``(N, K)`` scores, ``K >= 2``.
         target: ``(N,)`` class indices.
         lam: Regularisation strength λ > 0: a number or one per sample.
-        margin: Margin ``c`` added to the non-target scores.
+        margin: Margin ``c >= 0`` added to the non-target scores.
         rescale_logits: Divide each row by its mean absolute value first (the reference setting).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (0 for an empty batch), ``"sum"`` or ``"none"``.
+        validate_args: Check that the logits are finite, ``target`` lies in ``[0, K)`` and tensor ``lam`` /
+            ``margin`` are in range (one host synchronisation).
 
     Example:
         >>> logits = torch.tensor([[3.0, 0.0, 0.0]])
@@ -313,8 +488,7 @@ def ldr_kl_loss(
         >>> round(float(loss), 5) == round(expected, 5)
         True
     """
-    margins = _ldr_margins(logits, target, margin, rescale_logits)
-    lam_t = _per_position(_as_tensor_like(lam, margins, "lam", positive=True), torch.Size([margins.shape[0]]), "lam")
+    margins, lam_t = _ldr_prepare(logits, target, lam, margin, rescale_logits, reduction, validate_args)
     per_sample = lam_t * (torch.logsumexp(margins / lam_t[:, None], dim=1) - math.log(margins.shape[1]))
     return _reduce(per_sample, None, reduction)
 
@@ -325,6 +499,8 @@ def aldr_kl_lambda(
     lam0: float = 10.0,
     alpha: float = 2.0,
     rescale_logits: bool = False,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""ALDR-KL's per-sample λ update (no gradient).
 
@@ -335,25 +511,51 @@ def aldr_kl_lambda(
 
     Confident (peaked) predictions get a small λ (close to a hinge), uncertain ones a large λ (close to the mean).
 
+    Args:
+        logits: ``(N, K)`` scores, ``K >= 2`` (the update divides by :math:`\log K`).
+        previous_lam: The previous λ > 0: a number or one per sample.
+        lam0: Reference λ0 > 0 (a finite number).
+        alpha: α > 1 (a finite number).
+        rescale_logits: Divide each row by its mean absolute value first.
+        validate_args: Check that the logits are finite and a tensor ``previous_lam`` is finite and positive.
+
     Example:
         >>> lam = aldr_kl_lambda(torch.tensor([[0.0, 0.0], [50.0, -50.0]]), 10.0, lam0=10.0, alpha=2.0)
         >>> [round(v, 2) for v in lam.tolist()]
         [10.0, 5.0]
     """
-    if alpha <= 1:
-        raise ValueError(f"`alpha` must be > 1 so that λ stays positive, got {alpha}.")
-    if lam0 <= 0:
-        raise ValueError(f"`lam0` must be > 0, got {lam0}.")
+    _check_logits(logits, ndim=2, min_classes=2)
+    _aldr_constants_validation(lam0, alpha)
+    checks = _start_checks(validate_args, (logits, "logits"))
     with torch.no_grad():
         (f,) = as_float32(logits.detach())
         if rescale_logits:
             f = f / (f.abs().mean(dim=1, keepdim=True) + 1e-12)
-        old = _per_position(_as_tensor_like(previous_lam, f, "previous_lam", positive=True), f.shape[:1], "lam")
+        old = _per_position(
+            _as_tensor_like(previous_lam, f, "previous_lam", positive=True, checks=checks, validate=validate_args),
+            f.shape[:1],
+            "previous_lam",
+        )
+        checks.run()
         p = torch.softmax(f / old[:, None], dim=1) + 1e-5
         p = p / p.sum(dim=1, keepdim=True)
         num_classes = f.shape[1]
         kl = (p * (p.log() + math.log(num_classes))).sum(dim=1).clamp(0.0, math.log(num_classes))
         return lam0 * (1.0 - kl / (alpha * math.log(num_classes)))
+
+
+def _aldr_constants_validation(lam0: float | Tensor, alpha: float | Tensor) -> None:
+    """``lam0 > 0`` and ``alpha > 1``, finite (numbers or one-element tensors, read at once)."""
+    for value, name in ((lam0, "lam0"), (alpha, "alpha")):
+        if isinstance(value, Tensor) and value.numel() != 1:
+            raise ValueError(f"`{name}` must be a number, got a tensor of shape {tuple(value.shape)}.")
+    lam0_v = float(lam0) if isinstance(lam0, Tensor) else lam0
+    alpha_v = float(alpha) if isinstance(alpha, Tensor) else alpha
+    check_hyperparameter(lam0_v, "lam0", low=0.0, low_inclusive=False)
+    if isinstance(alpha_v, bool) or not isinstance(alpha_v, (int, float)):
+        raise TypeError(f"`alpha` must be a real number, got {type(alpha_v).__name__} ({alpha_v!r}).")
+    if not (math.isfinite(alpha_v) and alpha_v > 1):
+        raise ValueError(f"`alpha` must be > 1 (and finite) so that λ stays positive, got {alpha_v}.")
 
 
 def aldr_kl_loss(
@@ -365,6 +567,8 @@ def aldr_kl_loss(
     margin: float | Tensor = 0.1,
     rescale_logits: bool = False,
     reduction: Reduction = "mean",
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Adaptive LDR-KL: LDR-KL with the per-sample λ of :func:`aldr_kl_lambda` (taken as a constant).
 
@@ -373,14 +577,16 @@ def aldr_kl_loss(
               - \frac{\alpha\log K}{2\lambda_0}(\lambda_i - \lambda_0)^2 .
 
     Args:
-        logits: ``(N, K)`` scores.
+        logits: ``(N, K)`` scores, ``K >= 2``.
         target: ``(N,)`` class indices.
-        lam: The per-sample λ (``(N,)``, detached), usually from :func:`aldr_kl_lambda`.
-        lam0: Reference λ0.
+        lam: The per-sample λ > 0 (``(N,)``, detached), usually from :func:`aldr_kl_lambda`.
+        lam0: Reference λ0 > 0.
         alpha: α > 1: λ lives in ``[λ0(1 - 1/α), λ0]``.
-        margin: Margin ``c`` on the non-target scores.
+        margin: Margin ``c >= 0`` on the non-target scores.
         rescale_logits: Divide each row by its mean absolute value first.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (0 for an empty batch), ``"sum"`` or ``"none"``.
+        validate_args: Check that the logits are finite, ``target`` lies in ``[0, K)`` and tensor ``lam`` /
+            ``margin`` are in range (one host synchronisation).
 
     Example:
         >>> logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -388,9 +594,11 @@ def aldr_kl_loss(
         >>> bool(torch.isfinite(aldr_kl_loss(logits, target, lam)))
         True
     """
-    margins = _ldr_margins(logits, target, margin, rescale_logits)
-    n, k = margins.shape
-    lam_t = _per_position(_as_tensor_like(lam, margins, "lam", positive=True), torch.Size([n]), "lam").detach()
+    _aldr_constants_validation(lam0, alpha)
+    lam0, alpha = float(lam0), float(alpha)
+    margins, lam_t = _ldr_prepare(logits, target, lam, margin, rescale_logits, reduction, validate_args)
+    k = margins.shape[1]
+    lam_t = lam_t.detach()
     dro = lam_t * (torch.logsumexp(margins / lam_t[:, None], dim=1) - math.log(k))
     penalty = alpha * math.log(k) / (2.0 * lam0) * (lam_t - lam0) ** 2
     return _reduce(dro - penalty, None, reduction)

@@ -7,6 +7,11 @@ Every loss reads **per-sequence answer log-probabilities** :math:`\log \pi(y \mi
 
 Hyperparameters (``beta``, ``delta``) are Python numbers or tensors, scalar or one value per sequence, so that
 schedules, PBT and STN can drive them.
+
+Bad input raises a ``TypeError`` (not a tensor, wrong dtype) or a ``ValueError`` (shape, range, empty batch) naming
+the argument. ``validate_args=True`` (the default) also checks tensor values: finite logits and log-probabilities,
+token ids within the vocabulary, non-negative lengths, tensor hyperparameters finite and in range; these checks are
+read with one host synchronisation per call, and ``validate_args=False`` skips them.
 """
 
 from __future__ import annotations
@@ -19,12 +24,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import hyperparameter_tensor
+from lightning_losses._utils import (
+    DeferredChecks,
+    NumItems,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    check_tensor,
+    divide_by_items,
+    hyperparameter_tensor,
+)
 
 
 def _f32(t: Tensor) -> Tensor:
     """Float32 for every float dtype but float64 (kept)."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def _start_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
+    checks = DeferredChecks()
+    if validate_args:
+        for tensor, name in named:
+            checks.require_finite(tensor, name)
+    return checks
 
 
 __all__ = [
@@ -55,15 +77,23 @@ _LOG2 = math.log(2.0)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_logits_labels(logits: Tensor, labels: Tensor, shift: bool) -> tuple[Tensor, Tensor]:
+def _check_logits_labels(
+    logits: Tensor, labels: Tensor, shift: bool, logits_name: str = "logits"
+) -> tuple[Tensor, Tensor]:
+    check_tensor(logits, logits_name)
+    check_tensor(labels, "labels", floating=False)
+    if not isinstance(shift, bool):
+        raise TypeError(f"`shift` must be a bool, got {type(shift).__name__}.")
     if logits.ndim != 3:
+        if logits_name != "logits":
+            raise ValueError(f"`{logits_name}` must have shape (B, T, V), got {tuple(logits.shape)}.")
         raise ValueError(f"`logits` must have shape (B, T, V), got {tuple(logits.shape)}.")
     if labels.shape != logits.shape[:2]:
         raise ValueError(
             f"`labels` must have shape (B, T) = {tuple(logits.shape[:2])} to match the logits, got "
             f"{tuple(labels.shape)}."
         )
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"`labels` must hold integer token ids, got dtype {labels.dtype}.")
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -71,7 +101,7 @@ def _check_logits_labels(logits: Tensor, labels: Tensor, shift: bool) -> tuple[T
 
 
 def token_log_probs(
-    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False, *, validate_args: bool = True
 ) -> tuple[Tensor, Tensor]:
     r"""Per-token log-probabilities of the labels, in float32, one sequence at a time.
 
@@ -87,6 +117,8 @@ def token_log_probs(
         labels: ``(B, T)`` token ids; ``ignore_index`` marks positions that do not count.
         ignore_index: label of positions left out.
         shift: Hugging Face causal-LM convention: ``logits[:, t]`` predicts ``labels[:, t + 1]``.
+        validate_args: Check that the logits are finite and the labels are token ids in ``[0, V)`` or
+            ``ignore_index`` (one host synchronisation); ``False`` skips both checks.
 
     Returns:
         ``(log_probs, mask)``: float32 ``(B, T')`` log-probabilities (0 at ignored positions) and the bool mask of
@@ -100,14 +132,21 @@ def token_log_probs(
         (True, [True, True, False, True])
     """
     logits, labels = _check_logits_labels(logits, labels, shift)
+    check_int(ignore_index, "ignore_index")
     mask = labels != ignore_index
     vocab = logits.shape[-1]
-    bad = mask & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
-        raise ValueError(
-            f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
-            f"{labels[bad][:8].tolist()}. Mask prompt and padding positions with ignore_index."
-        )
+    checks = _start_checks(validate_args, (logits, "logits"))
+    if validate_args:
+        bad = mask & ((labels < 0) | (labels >= vocab))
+
+        def error() -> Exception:
+            return ValueError(
+                f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
+                f"{labels[bad][:8].tolist()}. Mask prompt and padding positions with ignore_index."
+            )
+
+        checks.require(~bad.any(), error)
+    checks.run()
     safe = labels.masked_fill(~mask, 0)
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     rows = []
@@ -120,7 +159,13 @@ def token_log_probs(
 
 
 def sequence_log_probs(
-    logits: Tensor, labels: Tensor, ignore_index: int = -100, average: bool = False, shift: bool = False
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    average: bool = False,
+    shift: bool = False,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Per-sequence sum (or mean) of the answer-token log-probabilities, in float32.
 
@@ -138,6 +183,7 @@ def sequence_log_probs(
         ignore_index: label of positions left out.
         average: divide by the number of counted tokens.
         shift: Hugging Face convention (``labels`` are the input ids; ``logits[:, t]`` predicts ``labels[:, t+1]``).
+        validate_args: Check finite logits and labels in the vocabulary (see :func:`token_log_probs`).
 
     Returns:
         ``(B,)`` float32 tensor.
@@ -150,14 +196,18 @@ def sequence_log_probs(
         >>> torch.allclose(sequence_log_probs(logits, labels, average=True), torch.tensor([math.log(0.25)]))
         True
     """
-    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    if not isinstance(average, bool):
+        raise TypeError(f"`average` must be a bool, got {type(average).__name__}.")
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift, validate_args=validate_args)
     total = lp.sum(-1)
     if average:
         total = total / mask.sum(-1).clamp(min=1).to(total.dtype)
     return total
 
 
-def mean_token_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False) -> Tensor:
+def mean_token_probs(
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False, *, validate_args: bool = True
+) -> Tensor:
     r"""FLAT's per-sequence statistic: the mean over real answer tokens of the probability of each token.
 
     .. math::
@@ -165,20 +215,21 @@ def mean_token_probs(logits: Tensor, labels: Tensor, ignore_index: int = -100, s
         P_b = \frac{1}{|A_b|} \sum_{t \in A_b} \pi(y_{bt} \mid x_b, y_{b,<t})
 
     Padding does not count (FLAT's official code divides by the padded length, so its loss scale depends on the
-    padding; this does not). A sequence with no counted token gives 0.
+    padding; this does not). A sequence with no counted token gives 0. ``validate_args`` is that of
+    :func:`token_log_probs`.
 
     Example:
         >>> logits = torch.zeros(1, 3, 4)
         >>> float(mean_token_probs(logits, torch.tensor([[-100, 1, 2]])))
         0.25
     """
-    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift, validate_args=validate_args)
     probs = lp.exp() * mask
     return probs.sum(-1) / mask.sum(-1).clamp(min=1).to(probs.dtype)
 
 
 def token_logprob_statistics(
-    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+    logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False, *, validate_args: bool = True
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Per-token log-probability, and the mean and standard deviation of :math:`\log p` under the model's own
     next-token distribution, for the min-k%++ membership attack.
@@ -188,6 +239,8 @@ def token_logprob_statistics(
         \mu_{bt} = \sum_j p_{btj} \log p_{btj}, \qquad
         \sigma_{bt}^2 = \sum_j p_{btj} (\log p_{btj})^2 - \mu_{bt}^2
 
+    ``validate_args`` is that of :func:`token_log_probs`.
+
     Returns:
         ``(log_probs, mu, sigma, mask)``, each ``(B, T')`` float32, 0 at ignored positions.
 
@@ -196,7 +249,7 @@ def token_logprob_statistics(
         >>> bool(torch.allclose(mu, lp)), bool((sigma.abs() < 1e-3).all())   # uniform: every token equals the mean
         (True, True)
     """
-    lp, mask = token_log_probs(logits, labels, ignore_index, shift)
+    lp, mask = token_log_probs(logits, labels, ignore_index, shift, validate_args=validate_args)
     logits, _ = _check_logits_labels(logits, labels, shift)
     mus, sigmas = [], []
     for b in range(logits.shape[0]):
@@ -211,7 +264,9 @@ def token_logprob_statistics(
     return lp, mu_t, sigma_t, mask
 
 
-def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) -> Tensor:
+def truth_ratio(
+    paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor, *, validate_args: bool = True
+) -> Tensor:
     r"""TOFU's truth ratio per question, from mean token log-probabilities of the answers.
 
     .. math::
@@ -226,6 +281,7 @@ def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) ->
     Args:
         paraphrased_mean_logps: ``(B,)`` mean token log-probability of each correct answer.
         perturbed_mean_logps: ``(B, K)`` mean token log-probability of each perturbed answer.
+        validate_args: Check that both inputs are finite.
 
     Returns:
         ``(B,)`` float32 ratios.
@@ -235,6 +291,8 @@ def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) ->
         >>> round(float(r), 6) == round(math.exp(-2.0), 6)
         True
     """
+    check_tensor(paraphrased_mean_logps, "paraphrased_mean_logps")
+    check_tensor(perturbed_mean_logps, "perturbed_mean_logps")
     if perturbed_mean_logps.ndim != 2 or paraphrased_mean_logps.ndim != 1:
         raise ValueError(
             "`perturbed_mean_logps` must be (B, K) and `paraphrased_mean_logps` (B,), got "
@@ -245,6 +303,11 @@ def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) ->
             "`perturbed_mean_logps` needs one row per question of `paraphrased_mean_logps` and at least one perturbed "
             f"answer, got {tuple(perturbed_mean_logps.shape)} and {tuple(paraphrased_mean_logps.shape)}."
         )
+    _start_checks(
+        validate_args,
+        (paraphrased_mean_logps, "paraphrased_mean_logps"),
+        (perturbed_mean_logps, "perturbed_mean_logps"),
+    ).run()
     return torch.exp(_f32(perturbed_mean_logps).mean(-1) - _f32(paraphrased_mean_logps)).float()
 
 
@@ -254,6 +317,8 @@ def membership_scores(
     mu: Tensor | None = None,
     sigma: Tensor | None = None,
     k: float = 0.2,
+    *,
+    validate_args: bool = True,
 ) -> dict[str, Tensor]:
     r"""Per-sequence membership-inference scores (higher = more likely a training member).
 
@@ -268,6 +333,9 @@ def membership_scores(
         mu: optional ``(B, T)`` expected log-probability under the model.
         sigma: optional ``(B, T)`` standard deviation of the log-probability under the model.
         k: fraction of the lowest tokens kept, in ``(0, 1]``.
+        validate_args: Check that the log-probabilities (and ``mu``, ``sigma``) are finite at counted tokens.
+
+    ``mu`` and ``sigma`` are given together or not at all.
 
     Example:
         >>> lp = torch.tensor([[-1.0, -3.0, -2.0, -4.0]])
@@ -275,8 +343,31 @@ def membership_scores(
         >>> float(s["loss"]), float(s["min_k"])
         (-2.5, -3.5)
     """
-    if not 0 < k <= 1:
-        raise ValueError(f"`k` must lie in (0, 1], got {k}.")
+    check_hyperparameter(k, "k", validate=False)
+    if isinstance(k, Tensor) or not 0 < k <= 1:
+        raise ValueError(f"`k` must be a number in (0, 1], got {k!r}.")
+    check_tensor(log_probs, "log_probs")
+    check_tensor(mask, "mask", floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`mask` must be a bool tensor of counted tokens, got dtype {mask.dtype}. Pass `mask.bool()`.")
+    if log_probs.ndim != 2 or mask.shape != log_probs.shape:
+        raise ValueError(
+            f"`log_probs` and `mask` must both have shape (B, T), got {tuple(log_probs.shape)} and "
+            f"{tuple(mask.shape)}."
+        )
+    if (mu is None) != (sigma is None):
+        raise ValueError("`mu` and `sigma` go together (Min-K%++): pass both or neither.")
+    named = [(log_probs, "log_probs")]
+    for extra, name in ((mu, "mu"), (sigma, "sigma")):
+        if extra is not None:
+            check_tensor(extra, name)
+            if extra.shape != log_probs.shape:
+                raise ValueError(
+                    f"`{name}` must have the shape of `log_probs` {tuple(log_probs.shape)}, got {tuple(extra.shape)}."
+                )
+            named.append((extra, name))
+    if validate_args:
+        _start_checks(True, *[(t.masked_fill(~mask, 0.0), name) for t, name in named]).run()
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError("Every sequence needs at least one counted token for membership scores; got an empty one.")
@@ -302,15 +393,17 @@ def _lowest_mean(values: Tensor, mask: Tensor, k: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_vector(t: Tensor, name: str) -> None:
+def _check_vector(t: Tensor, name: str, *, floating: bool = True) -> None:
+    check_tensor(t, name, floating=floating)
     if t.ndim != 1:
         raise ValueError(f"`{name}` must be a 1-D tensor with one value per sequence, got shape {tuple(t.shape)}.")
     if t.numel() == 0:
         raise ValueError(f"`{name}` is empty: the batch has no sequence. Pass at least one forget example.")
 
 
-def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str, *, floating_b: bool = True) -> None:
     _check_vector(a, name_a)
+    check_tensor(b, name_b, floating=floating_b)
     if a.shape != b.shape:
         raise ValueError(
             f"`{name_a}` and `{name_b}` must have the same shape (one value per sequence), got {tuple(a.shape)} and "
@@ -318,7 +411,33 @@ def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         )
 
 
-def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor = 0.1) -> Tensor:
+def _check_lengths(lengths: Tensor, name: str, checks: DeferredChecks, validate: bool, *, positive: bool) -> None:
+    """Token counts: integer or floating (not bool), finite and ``> 0`` (``>= 0`` unless ``positive``)."""
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"`{name}` must hold token counts (integers), got dtype {lengths.dtype}.")
+    if not validate:
+        return
+    ok = (lengths > 0) if positive else (lengths >= 0)
+    if lengths.is_floating_point():
+        ok = ok & torch.isfinite(lengths)
+    bound = "positive" if positive else "non-negative"
+
+    def error() -> Exception:
+        extra = (
+            " A forget example whose labels are all masked has nothing to forget: check the prompt masking."
+            if positive
+            else ""
+        )
+        return ValueError(
+            f"`{name}` must be {bound} (answer tokens per sequence), got {lengths.tolist()[:8]}.{extra}"
+        )
+
+    checks.require(ok.all(), error)
+
+
+def npo_loss(
+    policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor = 0.1, *, validate_args: bool = True
+) -> Tensor:
     r"""Negative Preference Optimization (Zhang et al., 2024).
 
     .. math::
@@ -336,6 +455,7 @@ def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor
         policy_logps: ``(B,)`` sequence log-probabilities of the forget answers under the model being unlearned.
         reference_logps: ``(B,)`` the same under the reference (the model before unlearning); no gradient flows.
         beta: inverse temperature :math:`\beta > 0`, scalar or per sequence.
+        validate_args: Check that the log-probabilities are finite and a tensor ``beta`` is finite and positive.
 
     Returns:
         Scalar loss (batch mean), float32.
@@ -348,13 +468,20 @@ def npo_loss(policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor
         True
     """
     _check_pair(policy_logps, reference_logps, "policy_logps", "reference_logps")
+    checks = _start_checks(validate_args, (policy_logps, "policy_logps"), (reference_logps, "reference_logps"))
     policy, reference = _f32(policy_logps), _f32(reference_logps.detach())
-    b = hyperparameter_tensor(beta, policy, "beta", positive=True)
+    b = hyperparameter_tensor(beta, policy, "beta", positive=True, validate=validate_args, checks=checks)
+    checks.run()
     return (2.0 / b * F.softplus(b * (policy - reference))).mean()
 
 
 def simnpo_loss(
-    policy_logps: Tensor, lengths: Tensor, beta: float | Tensor = 4.5, delta: float | Tensor = 0.0
+    policy_logps: Tensor,
+    lengths: Tensor,
+    beta: float | Tensor = 4.5,
+    delta: float | Tensor = 0.0,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""SimNPO (Fan et al., 2024): NPO without a reference model, with length normalisation and a margin.
 
@@ -368,6 +495,8 @@ def simnpo_loss(
         lengths: ``(B,)`` number of answer tokens :math:`|y|` of each sequence (all > 0).
         beta: :math:`\beta > 0`, scalar or per sequence.
         delta: margin :math:`\delta`, scalar or per sequence.
+        validate_args: Check that ``policy_logps`` is finite, ``lengths`` positive and tensor hyperparameters
+            finite (``beta`` positive).
 
     Example:
         >>> logps, lengths = torch.tensor([-8.0, -20.0]), torch.tensor([4, 10])
@@ -376,20 +505,24 @@ def simnpo_loss(
         >>> torch.allclose(simnpo_loss(logps, lengths), expected)
         True
     """
-    _check_pair(policy_logps, lengths, "policy_logps", "lengths")
-    if bool((lengths <= 0).any()):
-        raise ValueError(
-            f"`lengths` must be positive (answer tokens per sequence), got {lengths.tolist()[:8]}. A forget example "
-            "whose labels are all masked has nothing to forget: check the prompt masking."
-        )
+    _check_pair(policy_logps, lengths, "policy_logps", "lengths", floating_b=False)
+    checks = _start_checks(validate_args, (policy_logps, "policy_logps"))
+    _check_lengths(lengths, "lengths", checks, validate_args, positive=True)
     policy = _f32(policy_logps)
-    b = hyperparameter_tensor(beta, policy, "beta", positive=True)
-    d = hyperparameter_tensor(delta, policy, "delta")
+    b = hyperparameter_tensor(beta, policy, "beta", positive=True, validate=validate_args, checks=checks)
+    d = hyperparameter_tensor(delta, policy, "delta", validate=validate_args, checks=checks)
+    checks.run()
     nll_per_token = -policy / lengths.to(policy.dtype)
     return (-2.0 / b * F.logsigmoid(b * (nll_per_token - d))).mean()
 
 
-def gradient_ascent_loss(forget_logps: Tensor, lengths: Tensor | None = None) -> Tensor:
+def gradient_ascent_loss(
+    forget_logps: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
     r"""Gradient ascent on the forget data: minimise the log-likelihood, i.e. the negated NLL.
 
     .. math::
@@ -398,38 +531,91 @@ def gradient_ascent_loss(forget_logps: Tensor, lengths: Tensor | None = None) ->
 
     (the negated token-mean NLL of the batch; with ``lengths=None`` the per-sequence mean of ``forget_logps``).
 
+    Args:
+        forget_logps: ``(B,)`` summed answer log-probabilities of the forget sequences.
+        lengths: ``(B,)`` answer tokens per sequence (``>= 0``, at least one in total), or ``None``.
+        num_items_in_batch: The number of items of the whole batch (tokens with ``lengths``, sequences without) over
+            every micro-batch of the optimizer step and every rank, divided by the factor the gradients are later
+            divided by. When given the loss is :math:`\sum_b \log \pi_\theta(y_b \mid x_b) / n_{\text{items}}`,
+            so that the micro-batch losses sum to the whole batch's mean; ``None`` divides by this call's items.
+        validate_args: Check that ``forget_logps`` is finite and ``lengths`` non-negative.
+
     Example:
         >>> float(gradient_ascent_loss(torch.tensor([-4.0, -2.0]), torch.tensor([2, 1])))
         -2.0
     """
-    _check_vector(forget_logps, "forget_logps")
-    return -retain_nll_loss(forget_logps, lengths)
+    return -_token_mean_nll(forget_logps, lengths, "forget_logps", num_items_in_batch, validate_args)
 
 
-def retain_nll_loss(retain_logps: Tensor, lengths: Tensor | None = None) -> Tensor:
+def retain_nll_loss(
+    retain_logps: Tensor,
+    lengths: Tensor | None = None,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
     r"""The retain term of GradDiff / NPO-RT / SimNPO: token-mean negative log-likelihood on retain data.
 
     .. math::
 
         \mathcal{L}_{\mathrm{retain}} = -\frac{\sum_b \log \pi_\theta(y_b \mid x_b)}{\sum_b |y_b|}
 
+    With ``num_items_in_batch`` the denominator is that number instead (see below); with ``lengths=None`` it is the
+    number of sequences.
+
+    Args:
+        retain_logps: ``(B,)`` summed answer log-probabilities of the retain sequences.
+        lengths: ``(B,)`` answer tokens per sequence (``>= 0``, at least one in total), or ``None`` (mean over
+            sequences).
+        num_items_in_batch: The number of items of the whole batch (tokens with ``lengths``, sequences without) over
+            every micro-batch of the optimizer step and every rank, divided by the factor the gradients are later
+            divided by: the loss is then :math:`-\sum_b \log \pi_\theta(y_b \mid x_b) / n_{\text{items}}`, and the
+            micro-batch losses sum to the token mean of the whole batch. ``None`` divides by this call's items.
+        validate_args: Check that ``retain_logps`` is finite and ``lengths`` non-negative.
+
     Example:
         >>> float(retain_nll_loss(torch.tensor([-4.0, -2.0]), torch.tensor([2, 1])))
         2.0
     """
-    _check_vector(retain_logps, "retain_logps")
-    logps = _f32(retain_logps)
+    return _token_mean_nll(retain_logps, lengths, "retain_logps", num_items_in_batch, validate_args)
+
+
+def _token_mean_nll(
+    logps: Tensor, lengths: Tensor | None, name: str, num_items_in_batch: NumItems, validate_args: bool
+) -> Tensor:
+    """``-Σ logps / Σ lengths`` (``/ B`` without lengths, ``/ num_items_in_batch`` when given)."""
+    _check_vector(logps, name)
+    check_num_items(num_items_in_batch, validate=False)
+    checks = _start_checks(validate_args, (logps, name))
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    values = _f32(logps)
     if lengths is None:
-        return -logps.mean()
-    _check_pair(retain_logps, lengths, "retain_logps", "lengths")
+        checks.run()
+        return -divide_by_items(values.sum(), values.shape[0], num_items_in_batch)
+    _check_pair(logps, lengths, name, "lengths", floating_b=False)
+    _check_lengths(lengths, "lengths", checks, validate_args, positive=False)
     total = lengths.sum()
-    if int(total) <= 0:
-        raise ValueError("The batch has no counted token (every label is ignore_index): nothing to average over.")
-    return -logps.sum() / total.to(logps.dtype)
+    if num_items_in_batch is None and validate_args:
+        checks.require(
+            total > 0,
+            lambda: ValueError(
+                "The batch has no counted token (`lengths` sums to 0: every label is ignore_index): nothing to "
+                "average over."
+            ),
+        )
+    checks.run()
+    return -divide_by_items(values.sum(), total, num_items_in_batch)
 
 
 def retain_kl_loss(
-    policy_logits: Tensor, reference_logits: Tensor, labels: Tensor, ignore_index: int = -100, shift: bool = False
+    policy_logits: Tensor,
+    reference_logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    shift: bool = False,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""The retain term of NPO-KL / GradDiff-KL: :math:`\mathrm{KL}(\pi_{\mathrm{ref}} \,\|\, \pi_\theta)` per token,
     averaged over the counted (non-padding) positions only.
@@ -439,31 +625,53 @@ def retain_kl_loss(
         \mathcal{L}_{\mathrm{KL}} = \frac{1}{|A|} \sum_{(b,t) \in A} \sum_j
             p^{\mathrm{ref}}_{btj} \big(\log p^{\mathrm{ref}}_{btj} - \log p^{\theta}_{btj}\big)
 
+    Computed in float32 (float64 for float64 logits, and returned in that dtype).
+
+    Args:
+        policy_logits: ``(B, T, V)`` logits of the model being unlearned.
+        reference_logits: ``(B, T, V)`` logits of the reference model (no gradient flows).
+        labels: ``(B, T)`` labels; positions equal to ``ignore_index`` do not count.
+        ignore_index: Label of positions left out.
+        shift: Hugging Face causal-LM convention (``logits[:, t]`` predicts ``labels[:, t + 1]``).
+        num_items_in_batch: The number of counted positions of the whole batch (every micro-batch of the optimizer
+            step on every rank, divided by the factor the gradients are later divided by). When given, :math:`|A|`
+            above is replaced by it, so that the micro-batch losses sum to the token mean of the whole batch (a
+            micro-batch with no counted position then gives 0); ``None`` divides by this call's :math:`|A|`.
+        validate_args: Check that both logits are finite.
+
     Example:
         >>> z = torch.randn(2, 3, 5)
         >>> float(retain_kl_loss(z, z, torch.zeros(2, 3, dtype=torch.long)))
         0.0
     """
+    check_tensor(policy_logits, "policy_logits")
+    check_tensor(reference_logits, "reference_logits")
     if policy_logits.shape != reference_logits.shape:
         raise ValueError(
             f"`policy_logits` and `reference_logits` must have the same shape, got {tuple(policy_logits.shape)} and "
             f"{tuple(reference_logits.shape)}."
         )
-    policy_logits, labels_s = _check_logits_labels(policy_logits, labels, shift)
-    reference_logits, _ = _check_logits_labels(reference_logits, labels, shift)
+    check_int(ignore_index, "ignore_index")
+    check_num_items(num_items_in_batch, validate=False)
+    policy_logits, labels_s = _check_logits_labels(policy_logits, labels, shift, "policy_logits")
+    reference_logits, _ = _check_logits_labels(reference_logits, labels, shift, "reference_logits")
+    checks = _start_checks(validate_args, (policy_logits, "policy_logits"), (reference_logits, "reference_logits"))
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    checks.run()
     mask = labels_s != ignore_index
     n = int(mask.sum())
-    if n == 0:
+    if n == 0 and num_items_in_batch is None:
         raise ValueError("The retain batch has no counted token (every label is ignore_index): nothing to average.")
-    total = policy_logits.new_zeros((), dtype=torch.float32)
+    dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
+    total = policy_logits.new_zeros((), dtype=dtype)
     for b in range(policy_logits.shape[0]):
         rows = mask[b]
         if not bool(rows.any()):
             continue
-        log_p = torch.log_softmax(policy_logits[b][rows].float(), dim=-1)
-        log_r = torch.log_softmax(reference_logits[b][rows].detach().float(), dim=-1)
+        log_p = torch.log_softmax(policy_logits[b][rows].to(dtype), dim=-1)
+        log_r = torch.log_softmax(reference_logits[b][rows].detach().to(dtype), dim=-1)
         total = total + (log_r.exp() * (log_r - log_p)).sum()
-    return total / n
+    return divide_by_items(total, n, num_items_in_batch)
 
 
 def idk_dpo_loss(
@@ -472,6 +680,8 @@ def idk_dpo_loss(
     policy_forget_logps: Tensor,
     reference_forget_logps: Tensor,
     beta: float | Tensor = 0.1,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""IdkDPO: DPO preferring an "I don't know" answer to the forget answer.
 
@@ -479,6 +689,8 @@ def idk_dpo_loss(
 
         \mathcal{L} = -\frac{2}{\beta}\,\mathbb{E}\Big[\log\sigma\Big(\beta\Big[\log\frac{\pi_\theta(y_{\mathrm{idk}})}
             {\pi_{\mathrm{ref}}(y_{\mathrm{idk}})} - \log\frac{\pi_\theta(y_f)}{\pi_{\mathrm{ref}}(y_f)}\Big]\Big)\Big]
+
+    ``validate_args`` checks that the four log-probability vectors are finite and a tensor ``beta`` is positive.
 
     Example:
         >>> z = torch.tensor([-5.0])
@@ -491,14 +703,28 @@ def idk_dpo_loss(
         (reference_forget_logps, "reference_forget_logps"),
     ):
         _check_pair(policy_idk_logps, t, "policy_idk_logps", name)
+    checks = _start_checks(
+        validate_args,
+        (policy_idk_logps, "policy_idk_logps"),
+        (reference_idk_logps, "reference_idk_logps"),
+        (policy_forget_logps, "policy_forget_logps"),
+        (reference_forget_logps, "reference_forget_logps"),
+    )
     win = _f32(policy_idk_logps) - _f32(reference_idk_logps.detach())
     lose = _f32(policy_forget_logps) - _f32(reference_forget_logps.detach())
-    b = hyperparameter_tensor(beta, win, "beta", positive=True)
+    b = hyperparameter_tensor(beta, win, "beta", positive=True, validate=validate_args, checks=checks)
+    checks.run()
     return (-2.0 / b * F.logsigmoid(b * (win - lose))).mean()
 
 
 def _flat_functions(divergence: str) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """``(g, f* ∘ g)`` of the f-divergence (both take the raw input :math:`x`)."""
+    if not isinstance(divergence, str):
+        raise ValueError(f"`divergence` must be one of {', '.join(FLAT_DIVERGENCES)}, got {divergence!r}.")
+    if divergence not in FLAT_DIVERGENCES:
+        raise ValueError(
+            f"Unknown f-divergence {divergence!r} for `divergence`: expected one of {', '.join(FLAT_DIVERGENCES)}."
+        )
     if divergence == "kl":
         return (lambda x: x), (lambda x: torch.exp(x - 1))
     if divergence == "reverse_kl":
@@ -534,10 +760,13 @@ def flat_variational_pair(x: Tensor, divergence: Divergence = "tv") -> tuple[Ten
         (0.0, 0.3679)
     """
     g, conj = _flat_functions(divergence)
+    check_tensor(x, "x")
     return g(x), conj(x)
 
 
-def flat_loss(forget_probs: Tensor, template_probs: Tensor, divergence: Divergence = "tv") -> Tensor:
+def flat_loss(
+    forget_probs: Tensor, template_probs: Tensor, divergence: Divergence = "tv", *, validate_args: bool = True
+) -> Tensor:
     r"""FLAT (Wang et al., 2025): loss adjustment with only forget data, through an f-divergence's variational form.
 
     With :math:`P_f` and :math:`P_g` the mean token probabilities (:func:`mean_token_probs`) of the forget answer and
@@ -557,6 +786,7 @@ def flat_loss(forget_probs: Tensor, template_probs: Tensor, divergence: Divergen
         forget_probs: ``(B,)`` mean token probabilities of the forget answers, in ``[0, 1]``.
         template_probs: ``(B,)`` mean token probabilities of the template answers.
         divergence: one of ``"kl"``, ``"reverse_kl"``, ``"pearson"``, ``"tv"`` (default), ``"js"``, ``"hellinger"``.
+        validate_args: Check that both inputs are probabilities (finite, in ``[0, 1]``).
 
     Example:
         >>> p = torch.tensor([0.3, 0.6])
@@ -569,9 +799,11 @@ def flat_loss(forget_probs: Tensor, template_probs: Tensor, divergence: Divergen
     _check_pair(forget_probs, template_probs, "forget_probs", "template_probs")
     g, conj = _flat_functions(divergence)
     pf, pg = _f32(forget_probs), _f32(template_probs)
-    if bool(((pf < 0) | (pf > 1) | (pg < 0) | (pg > 1)).any()):
-        raise ValueError(
-            "`forget_probs` and `template_probs` must be probabilities in [0, 1] (mean token probabilities from "
-            "`mean_token_probs`), not log-probabilities."
-        )
+    if validate_args:
+        inside = ((pf >= 0) & (pf <= 1)).all() & ((pg >= 0) & (pg <= 1)).all()  # False for NaN too
+        if not bool(inside):
+            raise ValueError(
+                "`forget_probs` and `template_probs` must be probabilities in [0, 1] (mean token probabilities "
+                "from `mean_token_probs`), not log-probabilities, and finite."
+            )
     return (-g(pg) + conj(pf)).mean()

@@ -15,6 +15,7 @@ hyperparameters; the discovered schedules are plotted as PNG under ``results/tun
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -262,29 +263,36 @@ def run(args: argparse.Namespace) -> int:
                     seed=0,
                 )
                 result = pbt.fit()
-            module = _StudentFactory(teacher)()
-            trainer = make_trainer(epochs, progress=False)
-            (metrics,) = trainer.test(
-                module, datamodule=data_factory(), ckpt_path=result.best_checkpoint, verbose=False
-            )
+            test_acc = math.nan  # without a checkpoint of the best trial (warned about) there is nothing to test
+            if result.best_checkpoint is not None:
+                module = _StudentFactory(teacher)()
+                trainer = make_trainer(epochs, progress=False)
+                (metrics,) = trainer.test(
+                    module, datamodule=data_factory(), ckpt_path=result.best_checkpoint, verbose=False
+                )
+                test_acc = float(metrics["test/acc"])
         if not args.no_ray:
             require("ray", "tune").shutdown()
-        schedule = result.schedules[result.best_trial]
-        final = schedule[-1][1]
-        add(
-            f"PBT (population {args.population}, {'Ray local' if not args.no_ray else 'sequential'})"
-            + (" on Ray Tune" if on_tune else " on Ray tasks" if not args.no_ray else ""),
-            float(metrics["test/acc"]),
-            result.best_score,
-            epochs * args.population,
-            timer.seconds,
-            final["kd.temperature"],
-            final["kd.weight"],
-        )
-        curves["PBT best trial"] = {
-            name: [(float(e), float(c[name])) for e, c in schedule] + [(float(epochs), float(final[name]))]
-            for name in ("kd.temperature", "kd.weight")
-        }
+        if result.best_trial is None:
+            print("PBT: no trial reported a result (see the warnings above); the table has no PBT row.")
+        else:
+            schedule = result.schedules.get(result.best_trial) or [(0, dict(result.best_config))]
+            final = schedule[-1][1]
+            add(
+                f"PBT (population {args.population}, {'Ray local' if not args.no_ray else 'sequential'})"
+                + (" on Ray Tune" if on_tune else " on Ray tasks" if not args.no_ray else ""),
+                test_acc,
+                result.best_score,
+                epochs * args.population,
+                timer.seconds,
+                final.get("kd.temperature", math.nan),
+                final.get("kd.weight", math.nan),
+            )
+            curves["PBT best trial"] = {
+                name: [(float(e), float(c.get(name, math.nan))) for e, c in schedule]
+                + [(float(epochs), float(final.get(name, math.nan)))]
+                for name in ("kd.temperature", "kd.weight")
+            }
 
     if "stn" in methods:
         pl.seed_everything(0, verbose=False)
@@ -297,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
                 "kd.temperature": TunedHyperparameter(initial=DEFAULT_T, low=1.0, high=10.0),
                 "kd.weight": TunedHyperparameter(initial=DEFAULT_ALPHA, low=0.05, high=0.95, per_example=False),
             },
-            derived={"ce_weight": lambda v: 1.0 - v["kd.weight"]},  # CE weight follows α
+            derived={"ce_weight": _stn_ce_weight},  # CE weight follows α
             warmup_steps=steps_per_epoch // 2,
             train_steps=2,
             valid_steps=1,
@@ -339,6 +347,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _ce_weight(config: Mapping[str, float]) -> float:
     return 1.0 - float(config["kd.weight"])
+
+
+def _stn_ce_weight(values: Mapping[str, Tensor]) -> Tensor:
+    return 1.0 - values["kd.weight"]
 
 
 def _initial_configs(population: int) -> list[dict[str, float]]:

@@ -5,24 +5,38 @@ settings are float32 persistent buffers (``register_hyperparameter``), so a Ligh
 attribute ``label_smoothing`` reaches the amount as ``"label_smoothing.smoothing"``. The penalty losses (MMCE,
 MDCA, DCA) add ``weight × penalty`` to a base loss: cross-entropy by default, or any injected loss module taking
 ``(logits, target)`` (focal loss, say, as in the MDCA paper's FL+MDCA).
+
+Every module takes ``validate_args`` (default ``True``): the values of the data are checked before any term is
+computed (targets in ``[0, C)``, finite logits; one device synchronisation), so a bad label never reaches
+torch's indexing. The hyperparameters are checked by the registry when set, not again at each call. An empty
+batch gives a zero connected to the graph.
+
+The penalty losses take ``sync_dist`` (default ``True``): when a process group is initialised (DDP, FSDP), the
+penalty is computed over the global batch, gathered with gradient from every process (any per-rank batch size),
+so a ``W``-process run equals one process on the concatenated batch, value and DDP-averaged gradient. It is a
+collective: every process must call the loss the same number of times. ``sync_dist=False`` keeps the
+per-process (local batch) penalty. The base term stays per-process (it is a mean over samples: DDP's gradient
+averaging makes it the global mean for equal local batch sizes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch  # noqa: F401 - used by the doctests
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_losses._utils import as_float32
+from lightning_losses._utils import hyperparameter_tensor
 from lightning_losses.functional.calibration import (
-    adaptive_focal_loss,
-    dca_loss,
-    focal_loss,
-    label_smoothing_loss,
-    mdca_loss,
-    mmce_loss,
+    _adaptive_focal,
+    _dca,
+    _empty_loss,
+    _focal,
+    _label_smoothing,
+    _logits_and_target,
+    _mdca,
+    _mmce,
 )
 from lightning_losses.losses.base import LossModule
 
@@ -36,6 +50,11 @@ __all__ = [
     "MDCALoss",
     "MMCELoss",
 ]
+
+
+def _hyper(value: Tensor, x: Tensor, name: str) -> Tensor:
+    """A registered (already range-checked) hyperparameter, as a scalar or per-sample tensor in ``x``'s dtype."""
+    return hyperparameter_tensor(value, x[:, 0], name)
 
 
 class FocalLoss(LossModule):
@@ -55,12 +74,14 @@ class FocalLoss(LossModule):
     default_name = "focal"
     gamma: Tensor
 
-    def __init__(self, gamma: float = 3.0) -> None:
+    def __init__(self, gamma: float = 3.0, validate_args: bool = True) -> None:
         super().__init__()
         self.register_hyperparameter("gamma", gamma, low=0.0)
+        self.validate_args = validate_args
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return focal_loss(logits, target, self.gamma)
+        x = _logits_and_target(logits, target, self.validate_args)
+        return _focal(x, target, _hyper(self.gamma, x, "gamma"))
 
 
 class AdaptiveFocalLoss(LossModule):
@@ -80,14 +101,19 @@ class AdaptiveFocalLoss(LossModule):
     gamma_high: Tensor
     threshold: Tensor
 
-    def __init__(self, gamma_low: float = 5.0, gamma_high: float = 3.0, threshold: float = 0.2) -> None:
+    def __init__(
+        self, gamma_low: float = 5.0, gamma_high: float = 3.0, threshold: float = 0.2, validate_args: bool = True
+    ) -> None:
         super().__init__()
         self.register_hyperparameter("gamma_low", gamma_low, low=0.0)
         self.register_hyperparameter("gamma_high", gamma_high, low=0.0)
         self.register_hyperparameter("threshold", threshold, low=0.0, high=1.0)
+        self.validate_args = validate_args
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return adaptive_focal_loss(logits, target, self.gamma_low, self.gamma_high, self.threshold)
+        x = _logits_and_target(logits, target, self.validate_args)
+        low, high = _hyper(self.gamma_low, x, "gamma_low"), _hyper(self.gamma_high, x, "gamma_high")
+        return _adaptive_focal(x, target, low, high, _hyper(self.threshold, x, "threshold"))
 
 
 class LabelSmoothingLoss(LossModule):
@@ -106,12 +132,14 @@ class LabelSmoothingLoss(LossModule):
     default_name = "label_smoothing"
     smoothing: Tensor
 
-    def __init__(self, smoothing: float = 0.1) -> None:
+    def __init__(self, smoothing: float = 0.1, validate_args: bool = True) -> None:
         super().__init__()
         self.register_hyperparameter("smoothing", smoothing, low=0.0, high=1.0)
+        self.validate_args = validate_args
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return label_smoothing_loss(logits, target, self.smoothing)
+        x = _logits_and_target(logits, target, self.validate_args)
+        return _label_smoothing(x, target, _hyper(self.smoothing, x, "smoothing"))
 
 
 class CalibrationPenaltyLoss(LossModule):
@@ -120,28 +148,36 @@ class CalibrationPenaltyLoss(LossModule):
     Args:
         weight: Factor of the penalty (hyperparameter ``weight``, ``>= 0``).
         base: Loss module computing the base term; cross-entropy when ``None``.
+        sync_dist: Compute the penalty over the global batch of every process (see the module docstring).
+        validate_args: Check the data values before computing (targets in range, finite logits).
     """
 
     default_name = "calibration_penalty"
     weight: Tensor
 
-    def __init__(self, weight: float = 1.0, base: nn.Module | None = None) -> None:
+    def __init__(
+        self, weight: float = 1.0, base: nn.Module | None = None, sync_dist: bool = True, validate_args: bool = True
+    ) -> None:
         super().__init__()
         self.register_hyperparameter("weight", weight, low=0.0)
+        if base is not None and not callable(base):
+            raise TypeError(f"`base` must be a loss module taking (logits, target), got {type(base).__name__}.")
         self.base = base
+        self.sync_dist, self.validate_args = bool(sync_dist), bool(validate_args)
 
     def penalty(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def base_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The base term: the injected loss, or cross-entropy in float32."""
+        """The base term: the injected loss, or cross-entropy in float32 (zero for an empty batch)."""
         if self.base is not None:
             return self.base(logits, target)
-        (x,) = as_float32(logits)
-        return F.cross_entropy(x, target)
+        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return F.cross_entropy(x, target) if x.shape[0] else _empty_loss(x)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return self.base_loss(logits, target) + self.weight * self.penalty(logits, target)
+        x = _logits_and_target(logits, target, self.validate_args)
+        return self.base_loss(logits, target) + self.weight * self.penalty(x, target)
 
 
 class MMCELoss(CalibrationPenaltyLoss):
@@ -159,12 +195,19 @@ class MMCELoss(CalibrationPenaltyLoss):
     default_name = "mmce"
     bandwidth: Tensor
 
-    def __init__(self, weight: float = 2.0, bandwidth: float = 0.4, base: nn.Module | None = None) -> None:
-        super().__init__(weight, base)
+    def __init__(
+        self,
+        weight: float = 2.0,
+        bandwidth: float = 0.4,
+        base: nn.Module | None = None,
+        sync_dist: bool = True,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(weight, base, sync_dist, validate_args)
         self.register_hyperparameter("bandwidth", bandwidth, low=0.0, low_inclusive=False)
 
     def penalty(self, logits: Tensor, target: Tensor) -> Tensor:
-        return mmce_loss(logits, target, self.bandwidth)
+        return _mmce(_logits_and_target(logits, target, False), target, self.bandwidth, self.sync_dist)
 
 
 class MDCALoss(CalibrationPenaltyLoss):
@@ -182,7 +225,7 @@ class MDCALoss(CalibrationPenaltyLoss):
     default_name = "mdca"
 
     def penalty(self, logits: Tensor, target: Tensor) -> Tensor:
-        return mdca_loss(logits, target)
+        return _mdca(_logits_and_target(logits, target, False), target, self.sync_dist)
 
 
 class DCALoss(CalibrationPenaltyLoss):
@@ -200,7 +243,7 @@ class DCALoss(CalibrationPenaltyLoss):
     default_name = "dca"
 
     def penalty(self, logits: Tensor, target: Tensor) -> Tensor:
-        return dca_loss(logits, target)
+        return _dca(_logits_and_target(logits, target, False), target, self.sync_dist)
 
 
 #: Loss modules by their default attribute name (``CalibrationLossMixin.configure_calibration_loss("focal")``).

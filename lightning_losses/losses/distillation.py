@@ -9,11 +9,19 @@ attribute ``kd`` reaches them as ``"kd.temperature"`` and checkpoints them. Ever
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from torch import Tensor
 
-from lightning_losses._utils import hyperparameter_tensor
+from lightning_losses._utils import (
+    NumItems,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    divide_by_items,
+    hyperparameter_tensor,
+)
 from lightning_losses.functional.distillation import (
     binary_kl_loss,
     dkd_loss,
@@ -37,16 +45,22 @@ MeanReduction = Literal["mean", "sum", "none"]
 
 
 def _reduction_validation(reduction: str, allowed: tuple[str, ...]) -> None:
-    if reduction not in allowed:
+    if not isinstance(reduction, str) or reduction not in allowed:
         raise ValueError(f"`reduction` must be one of {allowed}, got {reduction!r}.")
 
 
 def _number_validation(
     name: str, value: float | Tensor, *, low: float, strict: bool, high: float | None = None
 ) -> None:
-    """Raise a ValueError with the fix when a setting is out of range (tensors are checked by the registry)."""
+    """Raise a ValueError with the fix when a setting is out of range or not finite, a TypeError when it is not a
+    number (tensors' values are checked by the registry)."""
     if isinstance(value, Tensor):
+        check_hyperparameter(value, name, validate=False)  # the dtype; the values are the registry's
         return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a real number or a tensor, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite, got {value}. Pass a finite number.")
     bad = value <= low if strict else value < low
     if high is not None:
         bad = bad or value > high
@@ -98,21 +112,28 @@ class DistillationLoss(LossModule):
             return 1.0
         return min((float(epoch) + 1.0) / self.warmup_epochs, 1.0)
 
-    def _weighted(self, unreduced: Tensor, reduction: str, count: Tensor | None = None) -> Tensor:
+    def _weighted(
+        self,
+        unreduced: Tensor,
+        reduction: str,
+        count: Tensor | None = None,
+        num_items_in_batch: NumItems = None,
+    ) -> Tensor:
         """Multiply the unreduced loss by ``weight`` (scalar or per-sample) and reduce it.
 
         ``"batchmean"`` divides by the number of samples, ``"mean"`` by ``count`` (the number of unmasked items,
-        at least 1) or, when ``count`` is ``None``, by the number of samples.
+        at least 1) or, when ``count`` is ``None``, by the number of samples. ``num_items_in_batch`` (checked by
+        the caller), when given, replaces that divisor.
         """
-        weighted = unreduced * hyperparameter_tensor(self.weight, unreduced, "weight")
+        weighted = unreduced * hyperparameter_tensor(self.weight, unreduced, "weight", validate=False)
         if reduction == "none":
             return weighted
         total = weighted.sum()
         if reduction == "sum":
             return total
-        if count is not None:
-            return total / count.clamp_min(1.0)
-        return total / max(unreduced.shape[0], 1)
+        if count is None:
+            count = weighted.new_tensor(float(unreduced.shape[0]))
+        return divide_by_items(total, count, num_items_in_batch)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -353,14 +374,38 @@ class GeneralizedJSDLoss(DistillationLoss):
                 "extra vocabulary entries are padding."
             )
         _reduction_validation(reduction, ("mean", "sum", "none"))
+        check_int(ignore_index, "ignore_index")
         self.ignore_index = ignore_index
         self.vocab_mismatch: Literal["error", "slice"] = vocab_mismatch
         self.reduction = reduction
         self.register_hyperparameter("beta", beta, low=0.0, high=1.0)
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Return the weighted JSD, averaged over the tokens whose label is not ``ignore_index``."""
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Tensor | None = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> Tensor:
+        r"""Return the weighted JSD, averaged over the tokens whose label is not ``ignore_index``.
+
+        Args:
+            student_logits: Student logits ``(B, T, V)`` or ``(N, V)``.
+            teacher_logits: Teacher logits of the same shape.
+            labels: Optional labels of shape ``logits.shape[:-1]``; ``ignore_index`` marks tokens left out.
+            num_items_in_batch: With ``reduction="mean"``, the number of counted tokens of the whole batch (every
+                micro-batch of the optimizer step, on every rank, divided by the factor the gradients are later
+                divided by); the loss is then :math:`\frac{1}{n_{\text{items}}}\sum_{(b,k)} \lambda_b
+                \mathrm{JSD}_{bk}` so that the micro-batch losses sum to the whole batch's token mean. ``None``
+                divides by this call's counted tokens.
+        """
+        if num_items_in_batch is not None and self.reduction != "mean":
+            raise ValueError(
+                f"`num_items_in_batch` needs reduction='mean', but this loss was built with "
+                f"reduction={self.reduction!r}."
+            )
         per_token = generalized_jsd_loss(
             student_logits,
             teacher_logits,
@@ -371,8 +416,68 @@ class GeneralizedJSDLoss(DistillationLoss):
             reduction="none",
             vocab_mismatch=self.vocab_mismatch,
         )
+        check_num_items(num_items_in_batch)
         if labels is None:
             count = per_token.new_tensor(float(per_token.numel()))
         else:
             count = (labels != self.ignore_index).sum().to(per_token.dtype)
-        return self._weighted(per_token, self.reduction, count=count)
+        return self._weighted(per_token, self.reduction, count=count, num_items_in_batch=num_items_in_batch)
+
+    def from_hidden(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor | None = None,
+        *,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        student_softcap: float | None = None,
+        teacher_softcap: float | None = None,
+        chunk_size: int | None = None,
+        num_items_in_batch: Tensor | float | None = None,
+    ) -> Tensor:
+        """This loss from the two models' hidden states and heads, chunked: the full logits are never formed.
+
+        Same value and gradients as ``self(student_hidden @ student_weight.T + student_bias, teacher ..., labels)``
+        (weight, reduction and ``ignore_index`` of this module), through
+        :func:`~lightning_losses.functional.chunked.linear_distillation_loss`; memory of one chunk of rows × vocabulary.
+        ``num_items_in_batch`` replaces the count of unmasked tokens as the divisor of ``reduction="mean"``.
+
+        Example:
+            >>> import torch
+            >>> hs, ws, ht, wt = torch.randn(2, 5, 4), torch.randn(11, 4), torch.randn(2, 5, 6), torch.randn(11, 6)
+            >>> loss = GeneralizedJSDLoss(beta=0.5, weight=0.3)
+            >>> bool(torch.allclose(loss.from_hidden(hs, ws, ht, wt), loss(hs @ ws.T, ht @ wt.T), atol=1e-6))
+            True
+        """
+        from lightning_losses.functional.chunked import linear_distillation_loss
+
+        per_token = linear_distillation_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            beta=self.beta,
+            temperature=self.temperature,
+            labels=labels,
+            ignore_index=self.ignore_index,
+            reduction="none",
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            chunk_size=chunk_size,
+            student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap,
+        )
+        if num_items_in_batch is not None and self.reduction != "mean":
+            raise ValueError(
+                f"`num_items_in_batch` needs reduction='mean', but this loss was built with "
+                f"reduction={self.reduction!r}."
+            )
+        check_num_items(num_items_in_batch)
+        if labels is None:
+            count = per_token.new_tensor(float(per_token.numel()))
+        else:
+            count = (labels != self.ignore_index).sum().to(per_token.dtype)
+        return self._weighted(per_token, self.reduction, count=count, num_items_in_batch=num_items_in_batch)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_losses._utils import NumItems, check_hyperparameter, check_int, check_tensor
 from lightning_losses.functional.temperature import (
     aldr_kl_lambda,
     aldr_kl_loss,
@@ -51,8 +52,16 @@ def _check_equal_local_batches(size: int, world_size: int, device: torch.device)
         )
 
 
+def _check_settings(**values: object) -> None:
+    """A TypeError for a setting that is not a real number or tensor (the registry checks the ranges)."""
+    for name, value in values.items():
+        check_hyperparameter(value, name, validate=False)
+
+
 def _check_index(index: Tensor, num_samples: int, batch: int) -> None:
-    if index.ndim != 1 or index.shape[0] != batch or index.is_floating_point():
+    check_tensor(index, "index", floating=False)
+    bad_dtype = index.is_floating_point() or index.is_complex() or index.dtype == torch.bool
+    if index.ndim != 1 or index.shape[0] != batch or bad_dtype:
         raise ValueError(
             f"`index` must be a 1-D integer tensor with one dataset index per sample ({batch}), got dtype "
             f"{index.dtype} and shape {tuple(index.shape)}."
@@ -74,6 +83,11 @@ class DROTemperatureLoss(LossModule):
         rho: KL-ball radius (must stay below ``log V``; GPT-2 setting 8.0 for V = 50k, smaller for small V).
         ignore_index: Target value of positions that do not count.
 
+    The forward takes ``num_items_in_batch`` (keyword): the number of counted positions of the whole batch (every
+    micro-batch of the optimizer step on every rank, divided by the factor the gradients are later divided by);
+    the loss is then the sum over counted positions divided by it, so that the micro-batch losses sum to the token
+    mean of the whole batch. ``None`` (default) divides by this call's counted positions.
+
     Example:
         >>> loss = DROTemperatureLoss(rho=0.5)
         >>> logits, target = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
@@ -85,11 +99,18 @@ class DROTemperatureLoss(LossModule):
 
     def __init__(self, rho: float = 1.0, ignore_index: int = -100) -> None:
         super().__init__()
+        _check_settings(rho=rho)
+        check_int(ignore_index, "ignore_index")
         self.register_hyperparameter("rho", rho, low=0.0)
         self.ignore_index = ignore_index
 
-    def forward(self, logits: Tensor, target: Tensor, tau: Tensor | float) -> Tensor:
-        return dro_temperature_loss(logits, target, tau, self.rho, ignore_index=self.ignore_index)
+    def forward(
+        self, logits: Tensor, target: Tensor, tau: Tensor | float, *, num_items_in_batch: NumItems = None
+    ) -> Tensor:
+        """Return the DRO loss averaged over the counted positions (or divided by ``num_items_in_batch``)."""
+        return dro_temperature_loss(
+            logits, target, tau, self.rho, ignore_index=self.ignore_index, num_items_in_batch=num_items_in_batch
+        )
 
 
 class LDRKLLoss(LossModule):
@@ -109,6 +130,9 @@ class LDRKLLoss(LossModule):
 
     def __init__(self, lam: float = 10.0, margin: float = 0.1, rescale_logits: bool = True) -> None:
         super().__init__()
+        _check_settings(lam=lam, margin=margin)
+        if not isinstance(rescale_logits, bool):
+            raise TypeError(f"`rescale_logits` must be a bool, got {type(rescale_logits).__name__}.")
         self.register_hyperparameter("lam", lam, low=0.0, low_inclusive=False)
         self.register_hyperparameter("margin", margin, low=0.0)
         self.rescale_logits = rescale_logits
@@ -158,8 +182,10 @@ class ALDRKLLoss(LossModule):
         rescale_logits: bool = True,
     ) -> None:
         super().__init__()
-        if num_samples < 1:
-            raise ValueError(f"`num_samples` must be >= 1 (the size of the training set), got {num_samples}.")
+        check_int(num_samples, "num_samples", low=1)
+        _check_settings(lam0=lam0, alpha=alpha, margin=margin)
+        if not isinstance(rescale_logits, bool):
+            raise TypeError(f"`rescale_logits` must be a bool, got {type(rescale_logits).__name__}.")
         self.num_samples = num_samples
         self.register_hyperparameter("lam0", lam0, low=0.0, low_inclusive=False)
         self.register_hyperparameter("alpha", alpha, low=1.0, low_inclusive=False)
@@ -168,6 +194,9 @@ class ALDRKLLoss(LossModule):
         self.register_buffer("lambdas", torch.full((num_samples,), float(lam0)), persistent=True)
 
     def forward(self, logits: Tensor, target: Tensor, index: Tensor | None = None) -> Tensor:
+        check_tensor(logits, "logits")
+        if logits.ndim != 2:
+            raise ValueError(f"`logits` must have 2 dimensions (N, K), got shape {tuple(logits.shape)}.")
         lam0, alpha = float(self.lam0), float(self.alpha)
         if self.training:
             if index is None:
@@ -235,8 +264,8 @@ class RobustContrastiveLoss(LossModule):
 
     def __init__(self, num_samples: int, rho: float = 7.0, gamma: float = 0.8) -> None:
         super().__init__()
-        if num_samples < 2:
-            raise ValueError(f"`num_samples` must be >= 2 (the size of the training set), got {num_samples}.")
+        check_int(num_samples, "num_samples", low=2)
+        _check_settings(rho=rho, gamma=gamma)
         self.num_samples = num_samples
         self.register_hyperparameter("rho", rho, low=0.0)
         self.register_hyperparameter("gamma", gamma, low=0.0, high=1.0, low_inclusive=False)
@@ -252,6 +281,8 @@ class RobustContrastiveLoss(LossModule):
         tau_image: Tensor | float,
         tau_text: Tensor | float,
     ) -> Tensor:
+        check_tensor(image_features, "image_features")
+        check_tensor(text_features, "text_features")
         if image_features.ndim != 2 or image_features.shape != text_features.shape:
             raise ValueError(
                 "`image_features` and `text_features` must both have shape (B, d), got "
@@ -280,11 +311,19 @@ class RobustContrastiveLoss(LossModule):
         own = rows + rank * local
         positive = (x * t).sum(1)
         taus = []
-        for tau in (tau_image, tau_text):
+        for tau, name in ((tau_image, "tau_image"), (tau_text, "tau_text")):
+            check_hyperparameter(tau, name, low=0.0, low_inclusive=False)
             tau_t = torch.as_tensor(tau, device=x.device, dtype=torch.float32)
+            if tau_t.ndim != 0 and tau_t.shape != (local,):
+                raise ValueError(
+                    f"`{name}` must be a number or one temperature per local sample (shape ({local},)), got shape "
+                    f"{tuple(tau_t.shape)}."
+                )
             taus.append(tau_t.expand(local) if tau_t.ndim == 0 else tau_t.float())
         terms = []
-        for side, sim, tau_t in (("image", x @ t_all.T, taus[0]), ("text", t @ x_all.T, taus[1])):
+        with torch.autocast(x.device.type, enabled=False):  # similarities in float32 under any autocast
+            sims = (x @ t_all.T, t @ x_all.T)
+        for side, sim, tau_t in (("image", sims[0], taus[0]), ("text", sims[1], taus[1])):
             margins = sim - positive[:, None]
             terms.append(self._anchor_terms(side, margins, tau_t, index, own, rho, m, world_size))
         return terms[0].mean() + terms[1].mean()

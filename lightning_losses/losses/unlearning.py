@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_losses._utils import NumItems, check_hyperparameter
 from lightning_losses.functional.unlearning import (
     FLAT_DIVERGENCES,
     Divergence,
@@ -28,6 +29,12 @@ from lightning_losses.losses.base import LossModule
 __all__ = ["FLATLoss", "GradientAscentLoss", "IdkDPOLoss", "NPOLoss", "SimNPOLoss", "UnlearningLoss"]
 
 
+def _check_settings(**values: object) -> None:
+    """A TypeError for a setting that is not a real number or tensor (the registry checks the ranges)."""
+    for name, value in values.items():
+        check_hyperparameter(value, name, validate=False)
+
+
 class UnlearningLoss(LossModule):
     """Base of the unlearning losses: the forget / retain weights and their combination."""
 
@@ -40,6 +47,7 @@ class UnlearningLoss(LossModule):
 
     def __init__(self, forget_weight: float = 1.0, retain_weight: float = 0.0) -> None:
         super().__init__()
+        _check_settings(forget_weight=forget_weight, retain_weight=retain_weight)
         self.register_hyperparameter("forget_weight", forget_weight, low=0.0)
         self.register_hyperparameter("retain_weight", retain_weight, low=0.0)
 
@@ -89,6 +97,7 @@ class NPOLoss(UnlearningLoss):
 
     def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 0.0) -> None:
         super().__init__(forget_weight, retain_weight)
+        _check_settings(beta=beta)
         self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
 
     def forward(self, policy_logps: Tensor, reference_logps: Tensor, retain_loss: Tensor | None = None) -> Tensor:
@@ -123,6 +132,7 @@ class SimNPOLoss(UnlearningLoss):
         self, beta: float = 4.5, delta: float = 0.0, forget_weight: float = 1.0, retain_weight: float = 0.125
     ) -> None:
         super().__init__(forget_weight, retain_weight)
+        _check_settings(beta=beta, delta=delta)
         self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
         self.register_hyperparameter("delta", delta)
 
@@ -137,14 +147,26 @@ class GradientAscentLoss(UnlearningLoss):
 
         \mathcal{L} = -w_f\,\mathrm{NLL}_{\text{forget}} + w_r\,\mathcal{L}_{\text{retain}}
 
+    The forward's ``num_items_in_batch`` (keyword) is the number of forget tokens (sequences without ``lengths``) of
+    the whole batch, over the micro-batches of the optimizer step and the ranks; see
+    :func:`~lightning_losses.functional.gradient_ascent_loss`.
+
     Example:
         >>> import torch
         >>> float(GradientAscentLoss()(torch.tensor([-6.0]), torch.tensor([3])))
         -2.0
     """
 
-    def forward(self, forget_logps: Tensor, lengths: Tensor | None = None, retain_loss: Tensor | None = None) -> Tensor:
-        return self.combine(gradient_ascent_loss(forget_logps, lengths), retain_loss)
+    def forward(
+        self,
+        forget_logps: Tensor,
+        lengths: Tensor | None = None,
+        retain_loss: Tensor | None = None,
+        *,
+        num_items_in_batch: NumItems = None,
+    ) -> Tensor:
+        forget = gradient_ascent_loss(forget_logps, lengths, num_items_in_batch=num_items_in_batch)
+        return self.combine(forget, retain_loss)
 
 
 class FLATLoss(UnlearningLoss):
@@ -166,7 +188,7 @@ class FLATLoss(UnlearningLoss):
 
     def __init__(self, divergence: Divergence = "tv", forget_weight: float = 1.0, retain_weight: float = 0.0) -> None:
         super().__init__(forget_weight, retain_weight)
-        if divergence not in FLAT_DIVERGENCES:
+        if not isinstance(divergence, str) or divergence not in FLAT_DIVERGENCES:
             raise ValueError(f"Unknown f-divergence {divergence!r}: expected one of {', '.join(FLAT_DIVERGENCES)}.")
         self.divergence: Divergence = divergence
 
@@ -194,6 +216,7 @@ class IdkDPOLoss(UnlearningLoss):
 
     def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0) -> None:
         super().__init__(forget_weight, retain_weight)
+        _check_settings(beta=beta)
         self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
 
     def forward(

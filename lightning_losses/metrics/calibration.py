@@ -6,6 +6,11 @@ summed across processes): their memory is constant in the number of samples and 
 all-samples function. Equal-mass binning and the KS error need every sample's confidence; those metrics keep two
 floats per sample (``memory_per_sample_bytes``), a cost that grows with the data set and is gathered across
 processes at ``compute``.
+
+Every metric takes ``validate_args`` (default ``True``, as in torchmetrics): each batch's values are checked
+(finite, probabilities in ``[0, 1]`` with rows summing to 1 to a dtype-dependent tolerance, targets in ``[0, C)``);
+``False`` skips those passes and checks shapes and dtypes only. bfloat16 / float16 predictions are accepted and
+accumulated in float32 / float64. A metric that saw no sample computes 0.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from lightning_losses.functional.calibration import (
     _ace_from_bins,
     _binned_sums,
     _check_bins,
+    _check_choice,
+    _check_number,
     _debiased_from_bins,
     _equal_mass_error,
     _ks_from_samples,
@@ -41,11 +48,6 @@ __all__ = [
     "KSCalibrationError",
     "NegativeLogLikelihood",
 ]
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
 
 class _BinnedMetric(Metric):
@@ -164,8 +166,10 @@ class AverageCalibrationError(_BinnedMetric):
         0.35
     """
 
-    def __init__(self, n_bins: int = 15, input_type: InputType = "probs", **kwargs: Any) -> None:
-        super().__init__(n_bins, "uniform", input_type, **kwargs)
+    def __init__(
+        self, n_bins: int = 15, input_type: InputType = "probs", validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(n_bins, "uniform", input_type, validate_args, **kwargs)
 
     def compute(self) -> Tensor:
         return _ace_from_bins(self.count, self.confidence_sum, self.correct_sum).float()
@@ -186,8 +190,17 @@ class DebiasedCalibrationError(_BinnedMetric):
         0.035
     """
 
-    def __init__(self, n_bins: int = 15, input_type: InputType = "probs", squared: bool = False, **kwargs: Any) -> None:
-        super().__init__(n_bins, "uniform", input_type, **kwargs)
+    def __init__(
+        self,
+        n_bins: int = 15,
+        input_type: InputType = "probs",
+        squared: bool = False,
+        validate_args: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(n_bins, "uniform", input_type, validate_args, **kwargs)
+        if not isinstance(squared, bool):
+            raise TypeError(f"`squared` must be a bool, got {type(squared).__name__}.")
         self.squared = squared
 
     def compute(self) -> Tensor:
@@ -207,8 +220,8 @@ class KSCalibrationError(_BinnedMetric):
         0.4
     """
 
-    def __init__(self, input_type: InputType = "probs", **kwargs: Any) -> None:
-        super().__init__(1, "quantile", input_type, **kwargs)
+    def __init__(self, input_type: InputType = "probs", validate_args: bool = True, **kwargs: Any) -> None:
+        super().__init__(1, "quantile", input_type, validate_args, **kwargs)
 
     def compute(self) -> Tensor:
         conf, correct = dim_zero_cat(self.confidences), dim_zero_cat(self.corrects)
@@ -240,11 +253,18 @@ class ClasswiseCalibrationError(Metric):
     correct_sum: Tensor
 
     def __init__(
-        self, num_classes: int, n_bins: int = 15, norm: Norm = "l1", input_type: InputType = "probs", **kwargs: Any
+        self,
+        num_classes: int,
+        n_bins: int = 15,
+        norm: Norm = "l1",
+        input_type: InputType = "probs",
+        validate_args: bool = True,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _check_bins(n_bins)
-        if not isinstance(num_classes, int) or num_classes < 2:
+        self.validate_args = validate_args
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
         _check_choice("norm", norm, ("l1", "l2", "max"))
         _check_choice("input_type", input_type, ("probs", "logits"))
@@ -254,7 +274,7 @@ class ClasswiseCalibrationError(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of predictions and targets."""
-        p = _prepare(preds, target, self.input_type)
+        p = _prepare(preds, target, self.input_type, self.validate_args)
         if p.shape[1] != self.num_classes:
             raise ValueError(f"Expected predictions for {self.num_classes} classes, got {p.shape[1]}.")
         onehot = F.one_hot(target, self.num_classes).to(p.dtype)
@@ -275,10 +295,10 @@ class _MeanScore(Metric):
     total: Tensor
     n: Tensor
 
-    def __init__(self, input_type: InputType = "probs", **kwargs: Any) -> None:
+    def __init__(self, input_type: InputType = "probs", validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _check_choice("input_type", input_type, ("probs", "logits"))
-        self.input_type = input_type
+        self.input_type, self.validate_args = input_type, validate_args
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -309,7 +329,7 @@ class BrierScore(_MeanScore):
     """
 
     def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
-        p = _prepare(preds, target, self.input_type)
+        p = _prepare(preds, target, self.input_type, self.validate_args)
         per_sample = ((p - F.one_hot(target, p.shape[1]).to(p.dtype)) ** 2).sum(dim=1)
         return per_sample / 2 if preds.ndim == 1 else per_sample
 
@@ -325,16 +345,19 @@ class NegativeLogLikelihood(_MeanScore):
         0.6931
     """
 
-    def __init__(self, input_type: InputType = "probs", eps: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(input_type, **kwargs)
+    def __init__(
+        self, input_type: InputType = "probs", eps: float = 0.0, validate_args: bool = True, **kwargs: Any
+    ) -> None:
+        super().__init__(input_type, validate_args, **kwargs)
+        _check_number(eps, "eps", 0.0, 1.0)
         self.eps = eps
 
     def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
         if self.input_type == "logits":
-            _prepare(preds, target, "logits")
+            _prepare(preds, target, "logits", self.validate_args)
             x = preds.float() if preds.dtype in (torch.float16, torch.bfloat16) else preds
             logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], 1) if x.ndim == 1 else F.log_softmax(x, 1)
         else:
-            p = _prepare(preds, target, "probs")
+            p = _prepare(preds, target, "probs", self.validate_args)
             logp = p.clamp_min(self.eps).log() if self.eps > 0 else p.log()
         return -logp.gather(1, target[:, None]).squeeze(1)

@@ -14,7 +14,8 @@ class HyperparameterMixin:
 
     ``get_hyperparameter("kd.temperature")`` reads the buffer ``temperature`` of the submodule ``kd``;
     ``set_hyperparameter`` writes it in place after a range check. The values are buffers, so they are saved in
-    checkpoints and restored with the module. Schedules, PBT and STN use only these two methods.
+    checkpoints and restored with the module, whatever shape they had when saved. Compiled submodules keep their
+    names. Schedules, PBT and STN use only these two methods.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -51,8 +52,20 @@ class HyperparameterMixin:
         return _hp.named_hyperparameters(self)
 
     def register_hyperparameter(
-        self, name: str, value: float | Tensor, *, low: float | None = None, high: float | None = None
+        self,
+        name: str,
+        value: float | Tensor,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_inclusive: bool = True,
+        high_inclusive: bool = True,
     ) -> None:
-        """Register a top-level hyperparameter (a loss weight, say) on the LightningModule itself."""
+        """Register a top-level hyperparameter (a loss weight, say) on the LightningModule itself.
+
+        See :func:`lightning_losses.hyperparameters.register_hyperparameter`; the bounds are checked on every set.
+        """
         assert isinstance(self, nn.Module)
-        _hp.register_hyperparameter(self, name, value, low=low, high=high)
+        _hp.register_hyperparameter(
+            self, name, value, low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
+        )

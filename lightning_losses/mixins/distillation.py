@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,12 +13,53 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_losses.losses.distillation import DKDLoss, GeneralizedJSDLoss, KDLoss
+from lightning_losses.losses.distillation import KDLoss
 from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.utilities.checkpoints import follow_saved_shapes
 
 __all__ = ["DistillationMixin"]
 
 _TEACHERS_CHECKPOINT_KEY = "distillation_teachers"
+
+
+_CALL_KEYWORDS = ("target", "labels", "epoch", "num_items_in_batch")
+
+
+def _unwrapped(loss: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``loss`` itself."""
+    inner = getattr(loss, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else loss
+
+
+@functools.lru_cache(maxsize=256)
+def _keywords_of(cls: type) -> dict[str, bool]:
+    parameters = inspect.signature(cls.forward).parameters
+    return {
+        name: parameters[name].default is inspect.Parameter.empty for name in _CALL_KEYWORDS if name in parameters
+    }
+
+
+def _accepted_keywords(loss: nn.Module) -> dict[str, bool]:
+    """The distillation call keywords ``loss.forward`` declares, each mapped to whether it is required."""
+    return _keywords_of(type(_unwrapped(loss)))
+
+
+def _changes_dtype(module: nn.Module, fn: Any) -> bool:
+    """Whether ``Module._apply(fn)`` would change the dtype of ``module``'s floating tensors."""
+    probe = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if probe is None:
+        probe = next((b for b in module.buffers() if b.is_floating_point()), None)
+    if probe is None:
+        return False
+    try:
+        converted = fn(torch.empty(0, dtype=probe.dtype, device=probe.device))
+    except Exception:  # a function that only works on real parameters: assume it keeps the dtype
+        return False
+    return isinstance(converted, Tensor) and converted.dtype != probe.dtype
+
+
+def _loss_name(loss: nn.Module) -> str:
+    return type(_unwrapped(loss)).__name__
 
 
 class _FeatureRecorder:
@@ -41,6 +86,8 @@ class _DistillationState:
     cached: Tensor | None = None  # bool mask (num_samples,)
     teacher_calls: int = 0
     cache_hits: int = 0
+    converted: set[int] = field(default_factory=set)  # ids of teacher copies this module owns (dtype-converted)
+    pending: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)  # cache entries to share
 
 
 class DistillationMixin(HyperparameterMixin):
@@ -188,6 +235,38 @@ class DistillationMixin(HyperparameterMixin):
         """The first (or only) teacher."""
         return self.teachers[0]
 
+    def shard_teachers(self, mesh: Any = None, **fully_shard_kwargs: Any) -> None:
+        """Shard every teacher with FSDP2's ``fully_shard`` on the student's mesh; call it from ``configure_model``.
+
+        Without it a teacher is replicated whole on every process (right under DDP, wasteful under FSDP, impossible
+        for a teacher larger than one device). Each teacher becomes its own FSDP root on ``mesh`` (default: the
+        ``"data_parallel"`` dimension of ``self.device_mesh``, or the whole mesh), with ``reshard_after_forward=True``
+        so its parameters are gathered only while :meth:`teacher_forward` runs it (under ``no_grad``, in eval mode).
+        The teachers stay frozen and out of the module tree, hence out of the optimizer and the checkpoint. Shard a
+        teacher's blocks yourself first (``fully_shard(block, mesh=...)``) to gather one block at a time. Every
+        process must call :meth:`teacher_forward` the same number of times (each call is collective). With no mesh
+        (one process) this does nothing, so one ``configure_model`` serves both.
+
+        Args:
+            mesh: The device mesh to shard on; ``None`` takes this module's (see above).
+            **fully_shard_kwargs: Further arguments of ``fully_shard`` (``mp_policy``, ``offload_policy``, ...).
+        """
+        if mesh is None:
+            mesh = getattr(self, "device_mesh", None)
+            names = getattr(mesh, "mesh_dim_names", None) or ()
+            if mesh is not None and "data_parallel" in names:
+                mesh = mesh["data_parallel"]
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        fully_shard_kwargs.setdefault("reshard_after_forward", True)
+        for t in self.teachers:
+            if not isinstance(t, FSDPModule):
+                fully_shard(t, mesh=mesh, **fully_shard_kwargs)
+            t.requires_grad_(False)
+            t.eval()
+
     def teacher_forward(self, *inputs: Any, index: Tensor | None = None) -> Tensor:
         """Run the teachers in eval mode without gradient and return their (weighted-average) logits.
 
@@ -244,6 +323,13 @@ class DistillationMixin(HyperparameterMixin):
     def _cache_store(self, state: _DistillationState, index: Tensor, logits: Tensor) -> None:
         values = {"logits": logits}
         values.update({n: state.teacher_features[n].detach() for n in state.teacher_feature_names})
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            state.pending.append((index.detach(), values))
+        self._cache_write(state, index, values)
+
+    def _cache_write(self, state: _DistillationState, index: Tensor, values: dict[str, Tensor]) -> None:
+        logits = values["logits"]
         needed = int(index.max()) + 1
         size = 0 if state.cached is None else state.cached.numel()
         if needed > size:
@@ -289,26 +375,45 @@ class DistillationMixin(HyperparameterMixin):
         self._buffers["teacher_class_means"] = means.detach().to(device=device, dtype=torch.float32).clone()
 
     # ------------------------------------------------------------------ loss helpers
-    def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+    def distillation_loss(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor | None = None,
+        *,
+        num_items_in_batch: Tensor | float | None = None,
+    ) -> Tensor:
         """The weighted distillation term of ``self.kd`` (warm-up applied from the current epoch).
+
+        ``self.kd`` is called as ``kd(student_logits, teacher_logits, **extras)`` with the extras its ``forward``
+        declares among ``target`` (or ``labels``, which receives the same tensor), ``epoch`` and
+        ``num_items_in_batch``: the library's losses and a user's own loss (compiled or not) are called the same
+        way, whatever their class.
 
         Args:
             student_logits: Student logits ``(N, C)`` (or ``(B, T, V)`` for token-level losses).
             teacher_logits: Teacher logits, e.g. from :meth:`teacher_forward`.
             target: Class targets (required by DKD) or token labels (masking for the generalized JSD).
+            num_items_in_batch: Normaliser of a token-averaged loss (see
+                :func:`~lightning_losses.utilities.tokens.step_num_items`); ignored by losses that do not take it.
         """
         loss = self.kd
+        accepted = _accepted_keywords(loss)
         trainer = getattr(self, "_trainer", None)
-        epoch = self.current_epoch if trainer is not None else None  # type: ignore[attr-defined]
-        if isinstance(loss, DKDLoss):
-            if target is None:
-                raise ValueError("DKD needs the class targets: call `distillation_loss(student, teacher, target)`.")
-            return loss(student_logits, teacher_logits, target, epoch=epoch)
-        if isinstance(loss, GeneralizedJSDLoss):
-            return loss(student_logits, teacher_logits, labels=target)
-        if isinstance(loss, KDLoss):
-            return loss(student_logits, teacher_logits, epoch=epoch)
-        return loss(student_logits, teacher_logits)  # BinaryKLLoss or a user's own (student, teacher) loss
+        kwargs: dict[str, Any] = {}
+        for name in ("target", "labels"):
+            if name in accepted:
+                if target is None and accepted[name]:
+                    raise ValueError(
+                        f"{_loss_name(loss).removesuffix('Loss')} needs the class targets: call "
+                        "`distillation_loss(student, teacher, target)`."
+                    )
+                kwargs[name] = target
+        if "epoch" in accepted:
+            kwargs["epoch"] = self.current_epoch if trainer is not None else None  # type: ignore[attr-defined]
+        if "num_items_in_batch" in accepted and num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return loss(student_logits, teacher_logits, **kwargs)
 
     def causal_lm_distillation_loss(
         self,
@@ -317,15 +422,16 @@ class DistillationMixin(HyperparameterMixin):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         chunk_size: int | None = None,
+        *,
+        num_items_in_batch: Tensor | float | None = None,
     ) -> Tensor:
         """Token-level distillation of a causal LM into ``student`` without materialising either model's logits.
 
-        Runs the student's and the (single) teacher's backbones, then the chunked
-        :func:`~lightning_losses.functional.chunked.linear_distillation_loss` with the β, temperature, weight and
-        ``ignore_index`` of ``self.kd`` (a :class:`GeneralizedJSDLoss`). Position ``t`` predicts token ``t + 1``:
-        the distributions at positions ``:-1`` are compared where ``labels[:, 1:]`` is not ``ignore_index`` (where
-        ``attention_mask[:, 1:]`` is set when ``labels`` is None). The value equals ``self.kd`` on the full shifted
-        logits, with a memory footprint of one chunk of rows × vocabulary.
+        Runs the student's and the (single) teacher's backbones, then ``self.kd.from_hidden(...)`` (the chunked path
+        of :class:`~lightning_losses.GeneralizedJSDLoss`, which applies the loss's own β, temperature, weight and
+        reduction, exactly as ``self.kd`` on the full logits). Position ``t`` predicts token ``t + 1``: the
+        distributions at positions ``:-1`` are compared where ``labels[:, 1:]`` is not ``ignore_index`` (where
+        ``attention_mask[:, 1:]`` is set when ``labels`` is None). Memory: one chunk of rows × vocabulary.
 
         Args:
             student: The student causal LM (transformers, optionally PEFT-wrapped).
@@ -333,15 +439,18 @@ class DistillationMixin(HyperparameterMixin):
             attention_mask: Optional ``(B, T)`` mask.
             labels: Optional ``(B, T)`` labels (``ignore_index`` on prompt and padding tokens).
             chunk_size: Rows per chunk; ``None`` lets the chunked loss choose.
+            num_items_in_batch: Token count to divide by instead of this micro-batch's (see
+                :func:`~lightning_losses.utilities.tokens.step_num_items`).
         """
-        from lightning_losses.functional.chunked import linear_distillation_loss
         from lightning_losses.integrations.transformers import causal_lm_hidden_states
 
         loss = self.kd
-        if not isinstance(loss, GeneralizedJSDLoss):
+        from_hidden = getattr(_unwrapped(loss), "from_hidden", None)
+        if from_hidden is None:
             raise TypeError(
-                f"causal_lm_distillation_loss needs `self.kd` to be a GeneralizedJSDLoss, got {type(loss).__name__}: "
-                "pass `loss=GeneralizedJSDLoss(beta=...)` to `configure_distillation`."
+                "causal_lm_distillation_loss needs `self.kd` to be a GeneralizedJSDLoss (or any loss with a chunked "
+                f"`from_hidden` path), got {_loss_name(loss)}: pass `loss=GeneralizedJSDLoss(beta=...)` to "
+                "`configure_distillation`."
             )
         if len(self.teachers) != 1:
             raise ValueError("causal_lm_distillation_loss supports a single teacher LM.")
@@ -349,29 +458,26 @@ class DistillationMixin(HyperparameterMixin):
         with torch.no_grad():
             self.teacher.eval()
             teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
-        ignore_index = loss.ignore_index
+        ignore_index = _unwrapped(loss).ignore_index
         if labels is not None:
             shifted = labels[:, 1:]
         elif attention_mask is not None:
             shifted = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, ignore_index)
         else:
             shifted = None
-        value = linear_distillation_loss(
+        return from_hidden(
             student_hidden[:, :-1],
             student_head.weight,
             teacher_hidden[:, :-1],
             teacher_head.weight,
-            beta=loss.beta,
-            temperature=loss.temperature,
             labels=shifted,
-            ignore_index=ignore_index,
             student_bias=student_head.bias,
             teacher_bias=teacher_head.bias,
             student_softcap=student_head.softcap,
             teacher_softcap=teacher_head.softcap,
             chunk_size=chunk_size,
+            num_items_in_batch=num_items_in_batch,
         )
-        return loss.weight * value
 
     # ------------------------------------------------------------------ Lightning hooks
     def train(self, mode: bool = True) -> Any:
@@ -386,7 +492,20 @@ class DistillationMixin(HyperparameterMixin):
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         state = self.__dict__.get("_distillation")
         if state is not None:
-            for t in state.teachers:
+            for i, t in enumerate(state.teachers):
+                if _changes_dtype(t, fn) and id(t) not in state.converted:
+                    # A dtype conversion (e.g. precision="bf16-true") would rewrite the user's teacher weights in
+                    # place; convert a copy instead and leave the caller's object as it was.
+                    warnings.warn(
+                        f"Converting the teacher {type(t).__name__} to another dtype: this module now holds a "
+                        "converted copy and the teacher object you passed is left unchanged (its memory is freed "
+                        "once you drop your reference). Convert the teacher yourself before `configure_distillation` "
+                        "to avoid the copy.",
+                        stacklevel=2,
+                    )
+                    t = copy.deepcopy(t)
+                    state.teachers[i] = t
+                    state.converted.add(id(t))
                 t._apply(fn, *args, **kwargs)
             state.cache = {key: fn(value) for key, value in state.cache.items()}
             state.cached = None if state.cached is None else fn(state.cached)
@@ -395,17 +514,55 @@ class DistillationMixin(HyperparameterMixin):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The class-means buffer starts empty; take the saved shape so every load path (checkpoints, DDP-spawn
         # result recovery, plain load_state_dict) restores it strictly.
-        key = prefix + "teacher_class_means"
         assert isinstance(self, nn.Module)
-        current = self._buffers.get("teacher_class_means")
-        if key in state_dict and current is not None and state_dict[key].shape != current.shape:
-            self._buffers["teacher_class_means"] = torch.empty_like(state_dict[key], device=current.device)
+        follow_saved_shapes(self, state_dict, prefix, ("teacher_class_means",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()  # type: ignore[misc]
         for t in self.teachers:
             t.eval()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # type: ignore[misc]
+        self._share_teacher_cache()
+
+    def _share_teacher_cache(self) -> None:
+        """Give every rank the teacher outputs any rank computed this epoch.
+
+        A distributed sampler that reshuffles each epoch sends each sample to a different rank; without this each rank
+        would only hit the samples it happened to see before. Called on every rank at the end of each training epoch
+        (one padded all-gather of the epoch's new entries).
+        """
+        state = self.__dict__.get("_distillation")
+        trainer = getattr(self, "_trainer", None)
+        if state is None or not state.cache_enabled or trainer is None or trainer.world_size <= 1:
+            return
+        pending, state.pending = state.pending, []
+        device = self.device  # type: ignore[attr-defined]
+        keys = ["logits", *state.teacher_feature_names]
+        local = torch.tensor([sum(int(i.numel()) for i, _ in pending)], device=device)
+        counts = self.all_gather(local).reshape(-1)  # type: ignore[attr-defined]
+        total = int(counts.max())
+        if total == 0:
+            return
+        if not state.cache:
+            raise RuntimeError(
+                "cache_teacher_outputs: this rank computed no teacher output in a whole epoch, so it cannot take part "
+                "in sharing the cache; give every rank at least one training batch."
+            )
+        shapes = {key: state.cache[key].shape[1:] for key in keys}
+        index = torch.full((total,), -1, dtype=torch.long, device=device)
+        padded = {key: torch.zeros((total, *shapes[key]), dtype=state.cache[key].dtype, device=device) for key in keys}
+        if pending:
+            n = int(local)
+            index[:n] = torch.cat([i.to(device) for i, _ in pending])
+            for key in keys:
+                padded[key][:n] = torch.cat([v[key].to(device) for _, v in pending])
+        gathered_index = self.all_gather(index).reshape(-1)  # type: ignore[attr-defined]
+        keep = gathered_index >= 0
+        gathered = {key: self.all_gather(padded[key]).flatten(0, 1)[keep] for key in keys}  # type: ignore[attr-defined]
+        self._cache_write(state, gathered_index[keep], gathered)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]

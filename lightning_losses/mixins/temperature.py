@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from lightning_losses.losses.temperature import DROTemperatureLoss, RobustContrastiveLoss
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.nn.tempnet import ContrastiveTempNet, TempNet
+from lightning_losses.utilities.checks import check_number
 
 __all__ = ["TempNetMixin"]
 
@@ -91,6 +92,11 @@ class TempNetMixin(HyperparameterMixin):
         """
         assert isinstance(self, nn.Module)
         _check_rho(rho, num_classes, "classes")
+        check_number("tempnet_lr", tempnet_lr, low=0.0, low_inclusive=False)
+        check_number("histogram_every_n_steps", histogram_every_n_steps, low=0, integer=True)
+        if tempnet is None:  # TempNet checks its τ bounds itself
+            check_number("hidden_dim", hidden_dim, low=1, integer=True)
+            check_number("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
         self.tempnet = tempnet if tempnet is not None else TempNet(num_classes, tau_min, tau_max, hidden_dim, dropout)
         self.tempnet_dro = DROTemperatureLoss(rho, ignore_index)
         self._tempnet_settings: dict[str, Any] = {
@@ -119,6 +125,7 @@ class TempNetMixin(HyperparameterMixin):
         ``rho < log(B_global - 1)`` is checked on every call of :meth:`tempnet_contrastive_loss`.
         """
         assert isinstance(self, nn.Module)
+        check_number("tempnet_lr", tempnet_lr, low=0.0, low_inclusive=False)
         self.image_tempnet = ContrastiveTempNet(embed_dim, tau_min, tau_max, num_prototypes, dropout)
         self.text_tempnet = ContrastiveTempNet(embed_dim, tau_min, tau_max, num_prototypes, dropout)
         self.tempnet_contrastive = RobustContrastiveLoss(num_samples, rho, gamma)
@@ -139,14 +146,20 @@ class TempNetMixin(HyperparameterMixin):
         head_bias: Tensor | None = None,
         stage: str = "train",
         log: bool = True,
+        num_items_in_batch: Tensor | float | None = None,
     ) -> Tensor:
         """TempNet's per-position τ on the (detached) logits, then the DRO loss (float32); logs τ statistics.
 
         When the logits are ``features @ head_weight.T + head_bias`` (an LM head), pass those three as well:
         TempNet then runs its factorised first layer, ``d × H`` per token instead of ``V × H`` (same τ).
+        ``num_items_in_batch`` divides the summed loss instead of this batch's count of positions (see
+        :func:`~lightning_losses.utilities.tokens.step_num_items`).
         """
         tau = self.tempnet_temperatures(logits, features=features, head_weight=head_weight, head_bias=head_bias)
-        loss = self.tempnet_dro(logits, target, tau)
+        if num_items_in_batch is None:
+            loss = self.tempnet_dro(logits, target, tau)
+        else:
+            loss = self.tempnet_dro(logits, target, tau, num_items_in_batch=num_items_in_batch)
         if log:
             self.log_tau_statistics(tau, target != self.tempnet_dro.ignore_index, stage)
         return loss

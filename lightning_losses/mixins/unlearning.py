@@ -26,6 +26,8 @@ from lightning_losses.losses.unlearning import (
     UnlearningLoss,
 )
 from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.utilities.checkpoints import follow_saved_shapes
+from lightning_losses.utilities.tokens import count_label_tokens
 
 __all__ = ["UNLEARNING_METHODS", "ReferenceMode", "UnlearningMethod", "UnlearningMixin"]
 
@@ -309,6 +311,12 @@ class UnlearningMixin(HyperparameterMixin):
         return self._unlearning_state().reference
 
     @property
+    def unlearning_uses_retain(self) -> bool:
+        """Whether the configured method has a retain term (a retain batch is then needed every step)."""
+        state = self._unlearning_state()
+        return state.retain is not None and self.unlearning_loss_module.uses_retain
+
+    @property
     def unlearning_terms(self) -> dict[str, float]:
         """The forget / retain terms of the last :meth:`unlearning_loss` call (for logging)."""
         return dict(self._unlearning_state().last_terms)
@@ -500,8 +508,19 @@ class UnlearningMixin(HyperparameterMixin):
         return known is not None and bool(known.any())
 
     # ------------------------------------------------------------------ the loss
-    def retain_term(self, retain: Any) -> Tensor:
-        """The retain term of the method (token-mean NLL, or KL(reference ‖ model) over answer tokens)."""
+    def retain_token_count(self, retain: Any) -> Tensor:
+        """Answer tokens of a retain batch: the count its token-mean retain term divides by."""
+        labels = self._as_batch(retain, "retain")["labels"]
+        return count_label_tokens(labels, self._unlearning_state().ignore_index, shift=True)
+
+    def retain_term(self, retain: Any, *, num_items_in_batch: Tensor | float | None = None) -> Tensor:
+        """The retain term of the method (token-mean NLL, or KL(reference ‖ model) over answer tokens).
+
+        Args:
+            retain: A retain batch.
+            num_items_in_batch: Token count to divide by instead of this batch's (see
+                :func:`~lightning_losses.utilities.tokens.step_num_items`).
+        """
         state = self._unlearning_state()
         batch = self._as_batch(retain, "retain")
         if state.retain == "kl":
@@ -525,14 +544,21 @@ class UnlearningMixin(HyperparameterMixin):
                     teacher_bias=None if ref_head.bias is None else ref_head.bias.detach(),
                     student_softcap=head.softcap,
                     teacher_softcap=ref_head.softcap,
+                    num_items_in_batch=num_items_in_batch,
                 )
             logits = self._logits(state.model, ids, mask)
-            return retain_kl_loss(logits, ref_logits, labels, state.ignore_index, shift=True)
+            return retain_kl_loss(
+                logits, ref_logits, labels, state.ignore_index, shift=True, num_items_in_batch=num_items_in_batch
+            )
         logps, lengths = self._sequence_logps(state.model, batch)
-        return retain_nll_loss(logps, lengths)
+        return retain_nll_loss(logps, lengths, num_items_in_batch=num_items_in_batch)
 
-    def unlearning_loss(self, forget: Any, retain: Any | None = None) -> Tensor:
+    def unlearning_loss(
+        self, forget: Any, retain: Any | None = None, *, num_items_in_batch: Tensor | float | None = None
+    ) -> Tensor:
         """The configured method's loss on one forget batch (and one retain batch when the method uses it).
+
+        ``num_items_in_batch`` normalises the token-mean retain term (see :meth:`retain_term`).
 
         Raises:
             ValueError: on an empty batch, a sequence with every label masked, missing keys, forget and retain
@@ -550,7 +576,7 @@ class UnlearningMixin(HyperparameterMixin):
                 f"Method {state.method!r} has a retain term (retain_weight > 0) but no retain batch was given. Combine "
                 "forget and retain dataloaders (CombinedLoader) or set the retain weight to 0."
             )
-        retain_value = self.retain_term(retain) if needs_retain else None
+        retain_value = self.retain_term(retain, num_items_in_batch=num_items_in_batch) if needs_retain else None
         if loss_module.needs_template:
             missing = [k for k in ("template_input_ids", "template_labels") if k not in f]
             if missing:
@@ -702,15 +728,12 @@ class UnlearningMixin(HyperparameterMixin):
 
         self.precompute_reference(loader, reduce)
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The reference log-probabilities start empty and grow with the forget set: take the saved shapes so every
+        # load path (checkpoints, ddp_spawn result recovery, plain load_state_dict) restores them strictly.
         assert isinstance(self, nn.Module)
-        state_dict = checkpoint.get("state_dict", {})
-        for key in (_REFERENCE_KEY, _REFERENCE_MASK_KEY):
-            if key in state_dict and key in self._buffers:
-                buf = self._buffers[key]
-                assert buf is not None
-                self._buffers[key] = torch.empty_like(state_dict[key], device=buf.device)
+        follow_saved_shapes(self, state_dict, prefix, (_REFERENCE_KEY, _REFERENCE_MASK_KEY))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
     def save_adapter(self, directory: str | Path) -> Path:
         """Save the PEFT adapter of the unlearned model with ``save_pretrained``."""

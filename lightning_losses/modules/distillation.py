@@ -18,6 +18,7 @@ from lightning_losses.functional.distillation import project_conflicting_gradien
 from lightning_losses.losses.distillation import BinaryKLLoss, DKDLoss, KDLoss, NDLoss
 from lightning_losses.mixins.distillation import DistillationMixin
 from lightning_losses.nn.distillation import DualHeadClassifier, FeatureProjector
+from lightning_losses.utilities.checks import check_choice, check_number
 
 __all__ = ["DISTILLATION_DEFAULTS", "DistillationMethod", "DistillationModule"]
 
@@ -113,8 +114,13 @@ class DistillationModule(DistillationMixin, pl.LightningModule):
             raise ValueError(f"Unknown method {method!r}: expected one of {sorted(DISTILLATION_DEFAULTS)}.")
         if num_classes < 2:
             raise ValueError(f"`num_classes` must be at least 2, got {num_classes}.")
-        if lr <= 0:
-            raise ValueError(f"`lr` must be > 0, got {lr}.")
+        check_choice("optimizer", optimizer, ("sgd", "adamw"))
+        check_choice("scheduler", scheduler, ("none", "cosine"))
+        check_number("lr", lr, low=0.0, low_inclusive=False)
+        check_number("momentum", momentum, low=0.0, high=1.0, high_inclusive=False)
+        check_number("weight_decay", weight_decay, low=0.0)
+        if warmup_epochs is not None:
+            check_number("warmup_epochs", warmup_epochs, low=0, integer=True)
         self.save_hyperparameters(ignore=["student", "teacher"])
         defaults = DISTILLATION_DEFAULTS[method]
 

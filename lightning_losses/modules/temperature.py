@@ -14,6 +14,8 @@ from torchmetrics import MeanMetric
 from lightning_losses._utils import unpack_batch
 from lightning_losses.integrations.transformers import causal_lm_hidden_states, output_head
 from lightning_losses.mixins.temperature import TempNetMixin
+from lightning_losses.utilities.checks import check_number
+from lightning_losses.utilities.tokens import step_num_items
 
 __all__ = ["TempNetModule"]
 
@@ -83,6 +85,8 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
         super().__init__()
         if task not in ("classification", "causal_lm"):
             raise ValueError(f"`task` must be 'classification' or 'causal_lm', got {task!r}.")
+        check_number("lr", lr, low=0.0, low_inclusive=False)
+        check_number("weight_decay", weight_decay, low=0.0)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.task = task
@@ -131,7 +135,10 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits, target, head = self._logits_and_targets(batch)
-        loss = self.tempnet_loss(logits, target, stage="train", **head)
+        # the DRO loss is a mean over counted positions: over the whole optimizer step (ranks, micro-batches)
+        count = (target != self.tempnet_dro.ignore_index).sum()
+        num_items = step_num_items(self, count, batch)
+        loss = self.tempnet_loss(logits, target, stage="train", num_items_in_batch=num_items, **head)
         if self._trainer is not None:
             self.log("train/loss", loss, prog_bar=True, batch_size=target.shape[0])
         return loss

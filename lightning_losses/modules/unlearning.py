@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from lightning_losses.losses.unlearning import UnlearningLoss
 from lightning_losses.mixins.unlearning import ReferenceMode, RetainLoss, UnlearningMethod, UnlearningMixin
+from lightning_losses.utilities.checks import check_number
+from lightning_losses.utilities.tokens import step_num_items
 
 __all__ = ["UnlearningModule"]
 
@@ -66,6 +68,8 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         adapter_dir: str | None = None,
     ) -> None:
         super().__init__()
+        check_number("lr", lr, low=0.0, low_inclusive=False)
+        check_number("weight_decay", weight_decay, low=0.0)
         self.save_hyperparameters(ignore=["model", "loss", "reference_model"])
         self.model = model
         self.configure_unlearning(
@@ -88,8 +92,12 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
                 "UnlearningModule expects training batches {'forget': ..., 'retain': ...} from a CombinedLoader; got "
                 f"{type(batch).__name__}" + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "") + "."
             )
-        forget = batch["forget"]
-        loss = self.unlearning_loss(forget, batch.get("retain"))
+        forget, retain = batch["forget"], batch.get("retain")
+        num_items = None
+        if retain is not None and self.unlearning_uses_retain:
+            # the retain term is a token mean: over the whole optimizer step (ranks and accumulated micro-batches)
+            num_items = step_num_items(self, self.retain_token_count(retain), batch)
+        loss = self.unlearning_loss(forget, retain, num_items_in_batch=num_items)
         size = int(forget["input_ids"].shape[0]) if isinstance(forget, dict) else int(forget[0].shape[0])
         if self._trainer is None:
             return loss

@@ -8,6 +8,14 @@ isotonic regression) return their log-probabilities as logits, so ``softmax(forw
 distribution. ``preserves_argmax`` says whether the method keeps every prediction's class.
 
 Fitting runs with gradients enabled and outside inference mode, so it may be called from any Lightning hook.
+
+Settings are checked at construction (positive iteration counts, epochs, learning rate, batch size, bins;
+non-negative regularisation; a ``ValueError`` naming the setting otherwise). ``fit`` always checks its data
+(shapes, integer targets in range, finite logits, logits that are not probabilities) and works in the logits'
+dtype (float32, float64; half precision is upcast to float32); a fit that raises, or ends with non-finite
+parameters, leaves the calibrator unfitted (``is_fitted`` is ``False``, and ``forward`` refuses to run).
+``forward`` checks that the logits are finite when ``validate_args`` is on (the default; ``False`` skips that pass
+and its device synchronisation, as in torchmetrics).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_losses._utils import as_float32, check_targets, require
+from lightning_losses._utils import as_float32, require
+from lightning_losses.functional.calibration import _check_targets
 
 __all__ = [
     "Calibrator",
@@ -36,15 +45,30 @@ __all__ = [
 ]
 
 
-def _as_logits(logits: Tensor, name: str = "logits") -> tuple[Tensor, bool]:
-    """Validate logits and return them as float32 ``(N, C)`` plus whether the input was binary ``(N,)``."""
-    if not isinstance(logits, Tensor) or not logits.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating-point tensor, got {getattr(logits, 'dtype', type(logits))}.")
+def _check_int(name: str, value: object, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+
+
+def _check_float(name: str, value: object, low: float = 0.0, low_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= low if low_open else value < low):  # type: ignore[operator]
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
+
+
+def _as_logits(logits: Tensor, name: str = "logits", validate: bool = True) -> tuple[Tensor, bool]:
+    """Validate logits and return them as ``(N, C)`` (half precision upcast to float32) plus whether the input was
+    binary ``(N,)``."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"`{name}` must be a floating-point tensor, got {type(logits).__name__}.")
+    if not logits.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {logits.dtype}.")
     if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] < 2):
         raise ValueError(
             f"`{name}` must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(logits.shape)}."
         )
-    if not bool(torch.isfinite(logits).all()):
+    if validate and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"`{name}` holds non-finite values (NaN or inf). Calibrators need finite logits.")
     (x,) = as_float32(logits.detach())
     if x.ndim == 1:
@@ -54,12 +78,12 @@ def _as_logits(logits: Tensor, name: str = "logits") -> tuple[Tensor, bool]:
 
 def _check_fit_logits(logits: Tensor, target: Tensor) -> tuple[Tensor, bool]:
     x, binary = _as_logits(logits)
-    check_targets(target, x.shape[1], x.shape[0])
+    _check_targets(target, x.shape[1], x.shape[0])
     if x.shape[0] == 0:
-        raise ValueError("Cannot fit a calibrator on zero samples: pass held-out validation logits.")
+        raise ValueError("`logits` holds zero samples: cannot fit a calibrator. Pass held-out validation logits.")
     if x.ndim == 2 and bool(((x >= 0) & (x <= 1)).all()) and bool(((x.sum(1) - 1).abs() < 1e-3).all()):
         raise ValueError(
-            "The calibrator received rows in [0, 1] summing to 1: these are probabilities, not logits. "
+            "`logits` holds rows in [0, 1] summing to 1: these are probabilities, not logits. "
             "Pass the model's logits (before softmax)."
         )
     return x, binary
@@ -96,9 +120,25 @@ class Calibrator(nn.Module):
     needs_transformed_logits: bool = False
     fitted: Tensor
 
-    def __init__(self) -> None:
+    def __init__(self, validate_args: bool = True) -> None:
         super().__init__()
+        self.validate_args = bool(validate_args)
         self.register_buffer("fitted", torch.tensor(False))
+
+    def _start_fit(self) -> None:
+        """Called once the data are checked, before any parameter changes: unfitted until :meth:`_end_fit`."""
+        self._make_trainable()
+        self.fitted.fill_(False)
+
+    def _end_fit(self) -> None:
+        """Mark fitted when every floating parameter and buffer is finite; raise otherwise (stays unfitted)."""
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise RuntimeError(
+                    f"{type(self).__name__}.fit diverged: `{name}` is not finite. The calibrator stays unfitted; "
+                    "check the logits (scale, outliers) or lower the learning rate / iteration count."
+                )
+        self.fitted.fill_(True)
 
     @property
     def is_fitted(self) -> bool:
@@ -165,10 +205,10 @@ class TemperatureScaler(Calibrator):
 
     preserves_argmax = True
 
-    def __init__(self, init_temperature: float = 1.0, max_iter: int = 200) -> None:
-        super().__init__()
-        if init_temperature <= 0:
-            raise ValueError(f"`init_temperature` must be > 0, got {init_temperature}.")
+    def __init__(self, init_temperature: float = 1.0, max_iter: int = 200, validate_args: bool = True) -> None:
+        super().__init__(validate_args)
+        _check_float("init_temperature", init_temperature)
+        _check_int("max_iter", max_iter)
         self.init_temperature, self.max_iter = init_temperature, max_iter
         self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
 
@@ -180,7 +220,7 @@ class TemperatureScaler(Calibrator):
     def fit(self, logits: Tensor, target: Tensor) -> TemperatureScaler:
         """Fit ``log T`` on the NLL of ``(logits, target)``; returns ``self``."""
         x, _ = _check_fit_logits(logits, target)
-        self._make_trainable()
+        self._start_fit()
         with torch.inference_mode(False), torch.enable_grad():
             x, y = x.clone(), target.clone()
             with torch.no_grad():
@@ -188,12 +228,12 @@ class TemperatureScaler(Calibrator):
             _lbfgs(
                 [self.log_temperature], lambda: F.cross_entropy(x * torch.exp(-self.log_temperature), y), self.max_iter
             )
-        self.fitted.fill_(True)
+        self._end_fit()
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """Return ``logits / T`` (same shape as the input)."""
-        x, binary = _as_logits(logits)
+        x, binary = _as_logits(logits, validate=self.validate_args)
         self._check_fitted()
         return _binary_output(x * torch.exp(-self.log_temperature.detach()), binary).to(logits.dtype)
 
@@ -204,10 +244,13 @@ class _AffineCalibrator(Calibrator):
     on_log_probs = False
     diagonal = False
 
-    def __init__(self, off_diagonal_reg: float = 0.0, intercept_reg: float = 0.0, max_iter: int = 500) -> None:
-        super().__init__()
-        if off_diagonal_reg < 0 or intercept_reg < 0:
-            raise ValueError("Regularisation strengths must be >= 0.")
+    def __init__(
+        self, off_diagonal_reg: float = 0.0, intercept_reg: float = 0.0, max_iter: int = 500, validate_args: bool = True
+    ) -> None:
+        super().__init__(validate_args)
+        _check_float("off_diagonal_reg", off_diagonal_reg, low_open=False)
+        _check_float("intercept_reg", intercept_reg, low_open=False)
+        _check_int("max_iter", max_iter)
         self.off_diagonal_reg, self.intercept_reg, self.max_iter = off_diagonal_reg, intercept_reg, max_iter
         self.weight = nn.Parameter(torch.empty(0))
         self.bias = nn.Parameter(torch.empty(0))
@@ -221,13 +264,14 @@ class _AffineCalibrator(Calibrator):
     def fit(self, logits: Tensor, target: Tensor) -> _AffineCalibrator:
         """Fit ``W`` and ``b`` on the NLL of ``(logits, target)``; returns ``self``."""
         x, _ = _check_fit_logits(logits, target)
-        self._make_trainable()
+        self._start_fit()
         c = x.shape[1]
         with torch.inference_mode(False), torch.enable_grad():
             u, y = self._inputs(x.clone()), target.clone()
-            weight = torch.ones(c) if self.diagonal else torch.eye(c)
+            # the parameters live in the logits' dtype during the fit (float64 logits fit in float64)
+            weight = torch.ones(c, dtype=x.dtype) if self.diagonal else torch.eye(c, dtype=x.dtype)
             self.weight = nn.Parameter(weight.to(x.device))
-            self.bias = nn.Parameter(torch.zeros(c, device=x.device))
+            self.bias = nn.Parameter(torch.zeros(c, device=x.device, dtype=x.dtype))
             off = ~torch.eye(c, dtype=torch.bool, device=x.device)
 
             def loss() -> Tensor:
@@ -239,16 +283,17 @@ class _AffineCalibrator(Calibrator):
                 return value
 
             _lbfgs([self.weight, self.bias], loss, self.max_iter)
-        self.fitted.fill_(True)
+        self._end_fit()
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """Return the calibrated logits (same shape as the input)."""
-        x, binary = _as_logits(logits)
+        x, binary = _as_logits(logits, validate=self.validate_args)
         self._check_fitted()
         if x.shape[1] != self.bias.shape[0]:
             raise ValueError(f"Fitted for {self.bias.shape[0]} classes, got logits with {x.shape[1]}.")
-        out = self._affine(self._inputs(x), self.weight.detach(), self.bias.detach())
+        u = self._inputs(x)
+        out = self._affine(u, self.weight.detach().to(u.dtype), self.bias.detach().to(u.dtype))
         return _binary_output(out, binary).to(logits.dtype)
 
 
@@ -263,8 +308,8 @@ class VectorScaler(_AffineCalibrator):
 
     diagonal = True
 
-    def __init__(self, intercept_reg: float = 0.0, max_iter: int = 500) -> None:
-        super().__init__(0.0, intercept_reg, max_iter)
+    def __init__(self, intercept_reg: float = 0.0, max_iter: int = 500, validate_args: bool = True) -> None:
+        super().__init__(0.0, intercept_reg, max_iter, validate_args)
 
 
 class MatrixScaler(_AffineCalibrator):
@@ -294,8 +339,14 @@ class DirichletCalibrator(_AffineCalibrator):
 
     on_log_probs = True
 
-    def __init__(self, off_diagonal_reg: float = 1e-3, intercept_reg: float = 1e-3, max_iter: int = 500) -> None:
-        super().__init__(off_diagonal_reg, intercept_reg, max_iter)
+    def __init__(
+        self,
+        off_diagonal_reg: float = 1e-3,
+        intercept_reg: float = 1e-3,
+        max_iter: int = 500,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(off_diagonal_reg, intercept_reg, max_iter, validate_args)
 
 
 class PlattScaler(Calibrator):
@@ -313,14 +364,15 @@ class PlattScaler(Calibrator):
         True
     """
 
-    def __init__(self, max_iter: int = 200) -> None:
-        super().__init__()
+    def __init__(self, max_iter: int = 200, validate_args: bool = True) -> None:
+        super().__init__(validate_args)
+        _check_int("max_iter", max_iter)
         self.max_iter = max_iter
         self.slope = nn.Parameter(torch.tensor(1.0))
         self.intercept = nn.Parameter(torch.tensor(0.0))
 
-    def _margin(self, logits: Tensor) -> tuple[Tensor, bool]:
-        x, binary = _as_logits(logits)
+    def _margin(self, logits: Tensor, validate: bool = True) -> tuple[Tensor, bool]:
+        x, binary = _as_logits(logits, validate=validate)
         if x.shape[1] != 2:
             raise ValueError(
                 f"PlattScaler is for binary problems (C = 2), got {x.shape[1]} classes. Use TemperatureScaler, "
@@ -332,7 +384,7 @@ class PlattScaler(Calibrator):
         """Fit slope and intercept by logistic regression on the logit; returns ``self``."""
         _check_fit_logits(logits, target)
         z, _ = self._margin(logits)
-        self._make_trainable()
+        self._start_fit()
         with torch.inference_mode(False), torch.enable_grad():
             z, y = z.clone(), target.clone().float()
             with torch.no_grad():
@@ -343,13 +395,13 @@ class PlattScaler(Calibrator):
                 lambda: F.binary_cross_entropy_with_logits(self.slope * z + self.intercept, y),
                 self.max_iter,
             )
-        self.fitted.fill_(True)
+        self._end_fit()
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """Calibrated logits: ``(N,)`` for ``(N,)`` input, ``[0, a z + b]`` for ``(N, 2)`` input."""
         self._check_fitted()
-        z, binary = self._margin(logits)
+        z, binary = self._margin(logits, self.validate_args)
         out = self.slope.detach() * z + self.intercept.detach()
         return (out if binary else torch.stack([torch.zeros_like(out), out], dim=1)).to(logits.dtype)
 
@@ -382,10 +434,9 @@ class HistogramBinningCalibrator(Calibrator):
 
     bin_values: Tensor
 
-    def __init__(self, n_bins: int = 15) -> None:
-        super().__init__()
-        if n_bins < 1:
-            raise ValueError(f"`n_bins` must be >= 1, got {n_bins}.")
+    def __init__(self, n_bins: int = 15, validate_args: bool = True) -> None:
+        super().__init__(validate_args)
+        _check_int("n_bins", n_bins)
         self.n_bins = n_bins
         self.register_buffer("bin_values", torch.empty(0, n_bins))
 
@@ -395,23 +446,24 @@ class HistogramBinningCalibrator(Calibrator):
     def fit(self, logits: Tensor, target: Tensor) -> HistogramBinningCalibrator:
         """Estimate the per-class, per-bin frequencies; returns ``self``."""
         x, _ = _check_fit_logits(logits, target)
-        self._make_trainable()
+        self._start_fit()
         p = torch.softmax(x, dim=1).t()  # (C, N)
         idx = self._bins(p)
         onehot = F.one_hot(target, x.shape[1]).t().double()
-        count = torch.zeros(x.shape[1], self.n_bins, dtype=torch.float64).scatter_add_(1, idx, torch.ones_like(onehot))
+        shape = (x.shape[1], self.n_bins)
+        count = torch.zeros(shape, dtype=torch.float64, device=x.device).scatter_add_(1, idx, torch.ones_like(onehot))
         hits = torch.zeros_like(count).scatter_add_(1, idx, onehot)
-        centres = (torch.arange(self.n_bins, dtype=torch.float64) + 0.5) / self.n_bins
+        centres = (torch.arange(self.n_bins, dtype=torch.float64, device=x.device) + 0.5) / self.n_bins
         self.bin_values = torch.where(count > 0, hits / count.clamp_min(1), centres.expand_as(count)).float()
-        self.fitted.fill_(True)
+        self._end_fit()
         return self
 
     def forward(self, logits: Tensor) -> Tensor:
         """Return the log of the calibrated probabilities (or a binary logit)."""
-        x, binary = _as_logits(logits)
+        x, binary = _as_logits(logits, validate=self.validate_args)
         self._check_fitted()
         p = torch.softmax(x, dim=1)
-        q = self.bin_values.gather(1, self._bins(p).t()).t()
+        q = self.bin_values.gather(1, self._bins(p).t()).t().to(p.dtype)
         return _one_vs_rest_output(q, binary).to(logits.dtype)
 
 
@@ -436,8 +488,8 @@ class IsotonicCalibrator(Calibrator):
     y_thresholds: Tensor
     n_thresholds: Tensor
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, validate_args: bool = True) -> None:
+        super().__init__(validate_args)
         self.register_buffer("x_thresholds", torch.empty(0, 0))
         self.register_buffer("y_thresholds", torch.empty(0, 0))
         self.register_buffer("n_thresholds", torch.empty(0, dtype=torch.long))
@@ -446,7 +498,7 @@ class IsotonicCalibrator(Calibrator):
         """Fit one isotonic map per class; returns ``self``."""
         isotonic = require("sklearn.isotonic", "data")
         x, _ = _check_fit_logits(logits, target)
-        self._make_trainable()
+        self._start_fit()
         p = torch.softmax(x, dim=1).double().cpu().numpy()
         y = F.one_hot(target.cpu(), x.shape[1]).double().numpy()
         xs, ys = [], []
@@ -457,8 +509,9 @@ class IsotonicCalibrator(Calibrator):
         m = max(t.numel() for t in xs)
         self.n_thresholds = torch.tensor([t.numel() for t in xs])
         self.x_thresholds = torch.stack([F.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in xs])
-        self.y_thresholds = torch.stack([F.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in ys])
-        self.fitted.fill_(True)
+        self.y_thresholds = torch.stack([F.pad(t, (0, m - t.numel()), value=float(t[-1])) for t in ys]).to(x.device)
+        self.x_thresholds, self.n_thresholds = self.x_thresholds.to(x.device), self.n_thresholds.to(x.device)
+        self._end_fit()
         return self
 
     def _interpolate(self, k: int, p: Tensor) -> Tensor:
@@ -476,10 +529,10 @@ class IsotonicCalibrator(Calibrator):
 
     def forward(self, logits: Tensor) -> Tensor:
         """Return the log of the calibrated probabilities (or a binary logit)."""
-        x, binary = _as_logits(logits)
+        x, binary = _as_logits(logits, validate=self.validate_args)
         self._check_fitted()
         p = torch.softmax(x, dim=1)
-        q = torch.stack([self._interpolate(k, p[:, k]) for k in range(p.shape[1])], dim=1)
+        q = torch.stack([self._interpolate(k, p[:, k].float()) for k in range(p.shape[1])], dim=1)
         return _one_vs_rest_output(q, binary).to(logits.dtype)
 
 
@@ -567,13 +620,19 @@ class CorrectnessAwareCalibrator(Calibrator):
         epochs: int = 100,
         lr: float = 1e-2,
         batch_size: int = 1000,
+        validate_args: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(validate_args)
         self.transforms = list(transforms) if transforms is not None else default_image_transforms()
-        if not self.transforms:
-            raise ValueError("`transforms` must hold at least one callable.")
-        if not 0 < t_min < t_max:
+        if not self.transforms or not all(callable(t) for t in self.transforms):
+            raise ValueError("`transforms` must hold at least one callable (input batch -> transformed batch).")
+        _check_float("t_min", t_min)
+        _check_float("t_max", t_max)
+        if not t_min < t_max:
             raise ValueError(f"Need 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}.")
+        for name, value in (("top_k", top_k), ("hidden", hidden), ("epochs", epochs), ("batch_size", batch_size)):
+            _check_int(name, value)
+        _check_float("lr", lr)
         self.top_k, self.t_min, self.t_max = top_k, t_min, t_max
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         head = nn.Linear(hidden, 1)
@@ -603,7 +662,7 @@ class CorrectnessAwareCalibrator(Calibrator):
 
     def temperatures(self, logits: Tensor, transformed_logits: Tensor) -> Tensor:
         """Per-sample temperatures ``(N,)``."""
-        x, _ = _as_logits(logits)
+        x, _ = _as_logits(logits, validate=self.validate_args)
         return self.net(self._features(x, transformed_logits)).squeeze(1).clamp(self.t_min, self.t_max)
 
     def fit(
@@ -613,7 +672,12 @@ class CorrectnessAwareCalibrator(Calibrator):
         if transformed_logits is None:
             raise ValueError("CorrectnessAwareCalibrator.fit needs `transformed_logits` (A, N, C).")
         x, _ = _check_fit_logits(logits, target)
-        self._make_trainable()
+        if not isinstance(transformed_logits, Tensor) or not transformed_logits.is_floating_point():
+            raise ValueError("`transformed_logits` must be a floating-point tensor (A, N, C).")
+        if not bool(torch.isfinite(transformed_logits).all()):
+            raise ValueError("`transformed_logits` holds non-finite values (NaN or inf).")
+        self._features(x, transformed_logits)  # shape check before anything changes
+        self._start_fit()
         with torch.inference_mode(False), torch.enable_grad():
             feats = self._features(x, transformed_logits.detach()).clone()
             x, y = x.clone(), target.clone()
@@ -631,7 +695,7 @@ class CorrectnessAwareCalibrator(Calibrator):
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-        self.fitted.fill_(True)
+        self._end_fit()
         return self
 
     def forward(self, logits: Tensor, transformed_logits: Tensor | None = None) -> Tensor:  # type: ignore[override]
@@ -639,7 +703,7 @@ class CorrectnessAwareCalibrator(Calibrator):
         if transformed_logits is None:
             raise ValueError("CorrectnessAwareCalibrator needs `transformed_logits` (A, N, C) at forward.")
         self._check_fitted()
-        x, binary = _as_logits(logits)
+        x, binary = _as_logits(logits, validate=self.validate_args)
         with torch.no_grad():
             t = self.temperatures(x, transformed_logits)
         return _binary_output(x / t[:, None], binary).to(logits.dtype)

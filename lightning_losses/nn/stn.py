@@ -7,7 +7,9 @@ the hyperparameters by a network whose units are gated by a linear map of the hy
     y = (W x + b) + s_W(h) \odot (V x) + s_b(h) \odot c, \qquad [s_W, s_b] = G\, h
 
 where :math:`h` is the (unconstrained) hyperparameter vector of each example. With :math:`G = 0` or
-:math:`V = 0, c = 0` a hyper-layer is exactly a plain layer with weights :math:`(W, b)`.
+:math:`V = 0, c = 0` a hyper-layer is exactly a plain layer with weights :math:`(W, b)`. Each of :math:`(W, b)`,
+:math:`(V, c)` and :math:`G` is read only inside the forward of the submodule that owns it, so the layers work when
+their parts are sharded (FSDP, ``fully_shard``, DeepSpeed ZeRO-3 gather a module's parameters in its own forward).
 
 Hyperparameters are kept unconstrained and mapped to their admissible range by a transform (bounded: stretched
 sigmoid, positive: softplus, discrete: floor of a stretched sigmoid). During training they are perturbed,
@@ -38,6 +40,8 @@ from torch import Tensor, nn
 __all__ = [
     "BoundedTransform",
     "DiscreteTransform",
+    "GatedConv2d",
+    "GatedLinear",
     "HyperConv2d",
     "HyperLinear",
     "HyperparameterTransform",
@@ -162,6 +166,47 @@ class DiscreteTransform(HyperparameterTransform):
         return math.log(p) - math.log1p(-p)
 
 
+class GatedLinear(nn.Linear):
+    r"""The hyper path of :class:`HyperLinear`: :math:`s_W \odot (V x) + s_b \odot c` with per-unit scales.
+
+    A ``nn.Linear`` (same parameters, initialisation and ``state_dict``) whose forward takes the scales, so that
+    :math:`V` and :math:`c` are only read inside its own forward.
+
+    Example:
+        >>> path = GatedLinear(3, 2)
+        >>> x, s_w, s_b = torch.randn(4, 3), torch.rand(4, 2), torch.rand(4, 2)
+        >>> torch.allclose(path(x, s_w, s_b), s_w * (x @ path.weight.T) + s_b * path.bias)
+        True
+    """
+
+    def forward(self, x: Tensor, s_w: Tensor, s_b: Tensor) -> Tensor:  # type: ignore[override]
+        out = s_w * F.linear(x, self.weight)
+        if self.bias is not None:
+            out = out + s_b * self.bias
+        return out
+
+
+class GatedConv2d(nn.Conv2d):
+    r"""The hyper path of :class:`HyperConv2d`: :math:`s_W \odot (V * x) + s_b \odot c`, scales per channel.
+
+    A ``nn.Conv2d`` (same parameters and ``state_dict``) whose forward takes the scales, already shaped to broadcast
+    over ``(N, C, H, W)``.
+
+    Example:
+        >>> path = GatedConv2d(1, 2, 3, padding=1)
+        >>> x, s = torch.randn(2, 1, 5, 5), torch.rand(2, 2, 1, 1)
+        >>> ref = s * F.conv2d(x, path.weight, None, padding=1) + s * path.bias.reshape(-1, 1, 1)
+        >>> torch.allclose(path(x, s, s), ref)
+        True
+    """
+
+    def forward(self, x: Tensor, s_w: Tensor, s_b: Tensor) -> Tensor:  # type: ignore[override]
+        out = s_w * self._conv_forward(x, self.weight, None)
+        if self.bias is not None:
+            out = out + s_b * self.bias.reshape(-1, 1, 1)
+        return out
+
+
 class _HyperLayer(nn.Module):
     """Shared machinery: the gate ``G`` (hyperparameters → per-unit scales) and the stored condition."""
 
@@ -196,7 +241,7 @@ class _HyperLayer(nn.Module):
                 f"The condition holds {h.shape[0]} rows but the input batch has {x.shape[0]} examples; "
                 "condition on one row per example or on a single vector."
             )
-        s = self.gate(h.to(dtype=self.gate.weight.dtype))
+        s = self.gate(h.to(dtype=x.dtype) if x.is_floating_point() else h)
         s_w, s_b = s[..., :out_units], s[..., out_units:]
         return s_w, s_b
 
@@ -230,7 +275,7 @@ class HyperLinear(_HyperLayer):
     ) -> None:
         super().__init__()
         self.elementwise = nn.Linear(in_features, out_features, bias=bias)
-        self.hyper = nn.Linear(in_features, out_features, bias=bias)
+        self.hyper = GatedLinear(in_features, out_features, bias=bias)
         self.out_features = out_features
         self._init_gate(num_hyperparameters, out_features, gate_init_std)
 
@@ -239,10 +284,7 @@ class HyperLinear(_HyperLayer):
         if s_w.ndim == 2 and x.ndim > 2:  # (N, ..., in): broadcast the per-example scales over the middle dims
             shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (self.out_features,)
             s_w, s_b = s_w.reshape(shape), s_b.reshape(shape)
-        out = self.elementwise(x) + s_w * F.linear(x, self.hyper.weight)
-        if self.hyper.bias is not None:
-            out = out + s_b * self.hyper.bias
-        return out
+        return self.elementwise(x) + self.hyper(x, s_w, s_b)
 
 
 class HyperConv2d(_HyperLayer):
@@ -279,7 +321,7 @@ class HyperConv2d(_HyperLayer):
     ) -> None:
         super().__init__()
         self.elementwise = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
-        self.hyper = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+        self.hyper = GatedConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
         self.out_channels = out_channels
         self._init_gate(num_hyperparameters, out_channels, gate_init_std)
 
@@ -287,11 +329,7 @@ class HyperConv2d(_HyperLayer):
         s_w, s_b = self._scales(x, condition, self.out_channels)
         shape = (-1, self.out_channels, 1, 1) if s_w.ndim == 2 else (self.out_channels, 1, 1)
         s_w, s_b = s_w.reshape(shape), s_b.reshape(shape)
-        hyper = F.conv2d(x, self.hyper.weight, None, self.hyper.stride, self.hyper.padding)
-        out = self.elementwise(x) + s_w * hyper
-        if self.hyper.bias is not None:
-            out = out + s_b * self.hyper.bias.reshape(-1, 1, 1)
-        return out
+        return self.elementwise(x) + self.hyper(x, s_w, s_b)
 
 
 def hyper_layers(module: nn.Module) -> Iterator[_HyperLayer]:
@@ -357,7 +395,8 @@ class PerturbedHyperparameters(nn.Module):
         unknown = per - set(self.names)
         if unknown:
             raise ValueError(f"`per_example` names {sorted(unknown)} are not tuned hyperparameters {self.names}.")
-        self.register_buffer("per_example_mask", torch.tensor([n in per for n in self.names]), persistent=False)
+        self._per_example = [n in per for n in self.names]  # read on every draw: kept on the host, no sync
+        self.register_buffer("per_example_mask", torch.tensor(self._per_example), persistent=False)
         u0 = [t.inverse(float(initial[n])) for n, t in zip(self.names, self.transforms)]
         self.unconstrained = nn.Parameter(torch.tensor(u0, dtype=torch.float32))
         self.scale_raw = nn.Parameter(torch.full((len(self.names),), _inverse_softplus(perturb_scale)))
@@ -383,7 +422,7 @@ class PerturbedHyperparameters(nn.Module):
         else:
             shared = torch.randn(1, k, generator=generator)  # drawn first: identical whatever the batch size
             eps = torch.randn(rows, k, generator=generator)
-            eps = torch.where(self.per_example_mask.cpu(), eps, shared.expand_as(eps)).to(u.device)
+            eps = torch.where(torch.tensor(self._per_example), eps, shared.expand_as(eps)).to(u.device)
             out = u + self.scale() * eps
         return out[0] if batch_size is None else out
 
@@ -399,7 +438,7 @@ class PerturbedHyperparameters(nn.Module):
         out: dict[str, Tensor] = {}
         for j, (name, transform) in enumerate(zip(self.names, self.transforms)):
             column = u[..., j]
-            if column.ndim == 1 and not bool(self.per_example_mask[j]):
+            if column.ndim == 1 and not self._per_example[j]:
                 column = column[0]
             out[name] = transform(column)
         return out

@@ -14,6 +14,7 @@ through τ.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,14 @@ def _check_bounds(tau_min: float, tau_max: float) -> None:
             f"TempNet needs 0 < tau_min < tau_max < inf, got tau_min={tau_min} and tau_max={tau_max}. "
             "Pass tau_min below tau_max (e.g. 0.5 and 5.0 for a GPT-2-style LM)."
         )
+
+
+def _load_scalar_as_vector(state_dict: dict[str, Any], prefix: str) -> None:
+    """Reshape a 0-dim ``log_pool_scale`` saved by earlier versions to the current shape ``(1,)`` before loading."""
+    key = prefix + "log_pool_scale"
+    value = state_dict.get(key)
+    if isinstance(value, Tensor) and value.ndim == 0:
+        state_dict[key] = value.reshape(1)
 
 
 def _bounded(raw: Tensor, tau_min: float, tau_max: float) -> Tensor:
@@ -95,10 +104,15 @@ class TempNet(nn.Module):
         self.proj = nn.Sequential(
             nn.Linear(vocab_size, hidden_dim), nn.Sigmoid(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
         )
-        self.log_pool_scale = nn.Parameter(torch.zeros(()))
+        # shape (1,), not 0-dim: FSDP and DeepSpeed flatten, shard and broadcast parameters, and fail on 0-dim ones
+        self.log_pool_scale = nn.Parameter(torch.zeros(1))
         self.head = nn.Linear(hidden_dim, 1)
         nn.init.ones_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        _load_scalar_as_vector(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -204,7 +218,7 @@ class ContrastiveTempNet(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embed_dim), dim=1))
-        self.log_pool_scale = nn.Parameter(torch.tensor(math.log(0.01)))
+        self.log_pool_scale = nn.Parameter(torch.full((1,), math.log(0.01)))  # (1,): see TempNet
         self.head = nn.Linear(num_prototypes, 1)
         nn.init.ones_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -224,6 +238,10 @@ class ContrastiveTempNet(nn.Module):
         picks = torch.arange(self.num_prototypes, device=rows.device) % rows.shape[0]
         self.prototypes.copy_(F.normalize(rows[picks], dim=1))
         self.prototypes_initialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        _load_scalar_as_vector(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         if embeddings.shape[-1] != self.embed_dim:

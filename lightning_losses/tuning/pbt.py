@@ -358,19 +358,19 @@ class PBTResult:
     """What a PBT run found.
 
     Attributes:
-        best_trial: Id of the best trial of the last generation.
-        best_score: Its score.
+        best_trial: Id of the best trial of the last generation (``None`` when no trial reported).
+        best_score: Its score (NaN when no trial reported).
         best_config: Its last configuration.
-        best_checkpoint: Path of its last checkpoint.
+        best_checkpoint: Path of its last checkpoint (``None`` when it has none on disk).
         schedules: Per trial, its lineage ``[(start_epoch, config), ...]`` (the discovered schedule).
         table: One row per trial and generation: generation, trial, score, config, donor, restored_from,
-            observed (the values in effect after restore), checkpoint.
+            observed (the values in effect after restore), checkpoint. On Ray Tune: one row per report.
     """
 
-    best_trial: int
+    best_trial: int | None
     best_score: float
     best_config: dict[str, float]
-    best_checkpoint: str
+    best_checkpoint: str | None
     schedules: dict[int, list[tuple[int, dict[str, float]]]]
     table: list[dict[str, Any]] = field(default_factory=list)
 

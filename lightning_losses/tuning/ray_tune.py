@@ -19,6 +19,13 @@ module, the loops and the optimizer param groups, so neither the checkpoint nor 
 ``weight_decay`` override the mutated values. Each checkpoint carries the lineage ``[(start_epoch, config), ...]``
 of its trial, returned as the discovered schedules.
 
+The result table is built from the library's own record, not from Ray's per-trial ``result.json`` (whose rows can be
+lost across a trial's pause and restore): every report is first appended, as one JSON line, to
+``<storage_path>/<experiment>_reports/<trial_id>.jsonl``; the table holds every line, each trial's final score is
+that of its last report (in time, not the highest epoch: an exploiting trial may restart from an earlier epoch),
+and a missing report or checkpoint gives a warning, never a crash. On a cluster ``storage_path`` must be a shared
+file system path (it already must be for PBT's checkpoints).
+
 Ray is imported lazily (extra ``tune``). PB2 needs scikit-learn in recent Ray releases (GPy in old ones); without
 it :func:`tune_population_based_training` raises an ImportError naming the package.
 
@@ -33,9 +40,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,10 +58,11 @@ from typing_extensions import override
 from lightning_losses._utils import require
 from lightning_losses.tuning.pbt import ApplyHyperparameters, PBTResult, SearchDimension, segment_trainer
 
-__all__ = ["ClipToBounds", "TuneReportCheckpoint", "tune_population_based_training"]
+__all__ = ["ClipToBounds", "TuneReportCheckpoint", "read_reports", "tune_population_based_training"]
 
 MODEL_FILE = "model.ckpt"
 LINEAGE_FILE = "lineage.json"
+TRIAL_DIR_PREFIX = "trial_"
 
 
 class ClipToBounds:
@@ -86,6 +97,10 @@ class TuneReportCheckpoint(Callback):
     none), ``hp/<name>`` (the configuration applied) and ``observed/<name>`` (the values read back at the first
     training batch: what was in effect after restore).
 
+    With ``record``, every report is first appended to that JSON-lines file as
+    ``{"trial_id", "report", "time", "metrics", "lineage"}`` (``report`` counts the trial's reports, across its
+    restarts), flushed to disk before Ray sees it; ``lineage.json`` in the checkpoint holds the same ``report``.
+
     Args:
         metric: The metric PBT ranks by; a clear error is raised when it was not logged.
         apply: The callback applying the trial's configuration.
@@ -93,6 +108,7 @@ class TuneReportCheckpoint(Callback):
         trial_id: The Ray trial id of this run.
         donor: The trial whose checkpoint this run restored, if another one.
         restored_epoch: Epochs completed in the restored checkpoint (0 for a fresh start).
+        record: JSON-lines file this trial appends its reports to (``None``: no record).
 
     Example:
         >>> cb = TuneReportCheckpoint("val_loss", ApplyHyperparameters({"lr": 0.1}), [(0, {"lr": 0.1})], "t0")
@@ -108,12 +124,34 @@ class TuneReportCheckpoint(Callback):
         trial_id: str,
         donor: str | None = None,
         restored_epoch: int = 0,
+        record: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.metric, self.apply = metric, apply
         self.lineage = [(int(e), dict(c)) for e, c in lineage]
         self.trial_id, self.donor, self.restored_epoch = trial_id, donor or "none", restored_epoch
         self.start_step = 0
+        self.record = None if record is None else Path(record)
+        self.reports = len(read_reports(self.record)) if self.record is not None else 0
+
+    def _append(self, metrics: Mapping[str, Any]) -> int:
+        """Append one report to the record (flushed and synced); return its index among the trial's reports."""
+        index = self.reports
+        self.reports += 1
+        if self.record is not None:
+            row = {
+                "trial_id": self.trial_id,
+                "report": index,
+                "time": time.time(),
+                "metrics": dict(metrics),
+                "lineage": [[e, c] for e, c in self.lineage],
+            }
+            self.record.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return index
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -147,9 +185,10 @@ class TuneReportCheckpoint(Callback):
             return
         tune = require("ray.tune", "tune")
         metrics = self._metrics(trainer)
+        index = self._append(metrics)  # before Ray sees the report: the record keeps it whatever Ray does next
         with tempfile.TemporaryDirectory() as folder:
             trainer.save_checkpoint(str(Path(folder) / MODEL_FILE))
-            state = {"trial_id": self.trial_id, "epoch": metrics["epoch"], "lineage": self.lineage}
+            state = {"trial_id": self.trial_id, "epoch": metrics["epoch"], "lineage": self.lineage, "report": index}
             (Path(folder) / LINEAGE_FILE).write_text(json.dumps(state))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
@@ -167,10 +206,12 @@ class _TrialSetup:
         derived: Mapping[str, Callable[[Mapping[str, float]], float]],
         seed: int,
         num_threads: int,
+        records: str | None = None,
     ) -> None:
         self.module_factory, self.datamodule_factory = module_factory, datamodule_factory
         self.metric, self.max_epochs, self.trainer_kwargs = metric, max_epochs, dict(trainer_kwargs)
         self.derived, self.seed, self.num_threads = dict(derived), seed, num_threads
+        self.records = records
 
     def derive(self, config: Mapping[str, Any]) -> dict[str, float]:
         out = {str(k): float(v) for k, v in config.items()}
@@ -204,11 +245,17 @@ def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
         pl.seed_everything(setup.seed + restored_epoch, verbose=False)
         module, datamodule = setup.module_factory(), setup.datamodule_factory()
         apply = ApplyHyperparameters(values)
-        report = TuneReportCheckpoint(setup.metric, apply, lineage, trial_id, donor, restored_epoch)
+        record = None if setup.records is None else Path(setup.records) / f"{trial_id}.jsonl"
+        report = TuneReportCheckpoint(setup.metric, apply, lineage, trial_id, donor, restored_epoch, record)
         trainer = segment_trainer(setup.trainer_kwargs, setup.max_epochs, [apply, report])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Ray Tune ``trial_dirname_creator``: the trial's directory is named after its id."""
+    return f"{TRIAL_DIR_PREFIX}{trial.trial_id}"
 
 
 def _domain(tune: Any, dim: SearchDimension) -> Any:
@@ -303,9 +350,11 @@ def tune_population_based_training(
 
     Returns:
         A :class:`~lightning_losses.tuning.pbt.PBTResult`: trial indices follow Ray's trial order; ``table`` has one
-        row per report (epoch, trial, score, config, donor, restored_epoch, start_step, global_step, observed,
-        trial_id, and ``metrics``: every number reported); ``schedules`` are the lineages read from every
-        trial's own last checkpoint.
+        row per report, from the library's own record (epoch, trial, score, config, donor, restored_epoch,
+        start_step, global_step, observed, trial_id, report, and ``metrics``: every number reported); the best
+        trial is the one whose last report scores best; ``schedules`` are the lineages of every trial's last report,
+        ``best_checkpoint`` the best trial's own newest checkpoint. Missing reports or checkpoints give warnings
+        (``best_trial`` and ``best_checkpoint`` are ``None`` when nothing was reported or saved).
 
     Raises:
         ValueError: On an empty search space, a population below 2, bad mode / fraction / intervals.
@@ -350,7 +399,10 @@ def tune_population_based_training(
             log_to_driver=False,
             configure_logging=False,
         )
-    setup = _TrialSetup(
+    storage = Path(storage_path) if storage_path is not None else Path(tempfile.mkdtemp(prefix="tune_pbt_"))
+    storage.mkdir(parents=True, exist_ok=True)
+    records = Path(tempfile.mkdtemp(prefix=f"pbt_{scheduler}_reports_", dir=storage)).resolve()
+    setup = _TrialSetup(  # shipped to the object store by `with_parameters`: complete before that
         module_factory,
         datamodule_factory,
         metric,
@@ -359,10 +411,10 @@ def tune_population_based_training(
         derived or {},
         seed,
         max(1, int(resources.get("cpu", 1))),
+        str(records),
     )
     trainable = tune.with_resources(tune.with_parameters(_train_trial, setup=setup), resources)
     points = [{n: space[n].clip(v) if n in space else float(v) for n, v in c.items()} for c in (initial_configs or [])]
-    storage = Path(storage_path) if storage_path is not None else Path(tempfile.mkdtemp(prefix="tune_pbt_"))
     tuner = tune.Tuner(
         trainable,
         param_space={name: _domain(tune, dim) for name, dim in space.items()},
@@ -371,6 +423,7 @@ def tune_population_based_training(
             num_samples=population_size,
             search_alg=search.BasicVariantGenerator(points_to_evaluate=points or None, random_state=seed),
             reuse_actors=True,  # no new worker process (and torch import) per exploit
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=f"pbt_{scheduler}",
@@ -385,60 +438,156 @@ def tune_population_based_training(
     grid = tuner.fit()
     if grid.errors:
         raise RuntimeError(f"{len(grid.errors)} trial(s) failed; the first error: {grid.errors[0]}")
-    return _collect(grid, metric, mode)
+    return _collect(grid, records, metric, mode)
 
 
-def _collect(grid: Any, metric: str, mode: str) -> PBTResult:
-    results = list(grid)
-    # a trial's own id from its reports: after an exploit Ray copies the donor's last result into the trial
-    frames = [r.metrics_dataframe for r in results]
-    index = {str(frame["trial_id"].iloc[0]): i for i, frame in enumerate(frames)}
+def read_reports(path: str | Path | None) -> list[dict[str, Any]]:
+    """The reports recorded in a JSON-lines file, in the order written; a line that does not parse is skipped (and
+    warned about), a missing file reads as no report."""
+    if path is None or not Path(path).exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"Skipping line {number} of {path}: it is not a complete JSON report.", stacklevel=2)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _trial_id(path: str | Path) -> str:
+    name = Path(str(path)).name
+    if name.startswith(TRIAL_DIR_PREFIX):
+        return name[len(TRIAL_DIR_PREFIX) :]
+    for lineage in sorted(Path(str(path)).glob(f"checkpoint_*/{LINEAGE_FILE}")):  # a directory named otherwise
+        try:
+            return str(json.loads(lineage.read_text())["trial_id"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return name
+
+
+def _collect(grid: Any, records: Path, metric: str, mode: str) -> PBTResult:
+    order: list[str] = []
+    trial_dirs: dict[str, Path | None] = {}
+    for result in grid:
+        trial_id = _trial_id(result.path)
+        order.append(trial_id)
+        trial_dirs[trial_id] = Path(result.path)
+    for path in sorted(Path(records).glob("*.jsonl")):  # a trial Ray did not return: still show its reports
+        if path.stem not in trial_dirs:
+            order.append(path.stem)
+            trial_dirs[path.stem] = None
+    reports = {trial_id: read_reports(Path(records) / f"{trial_id}.jsonl") for trial_id in order}
+    return _result_from_records(order, reports, trial_dirs, metric, mode)
+
+
+def _own_newest_checkpoint(trial_dir: Path | None, trial_id: str) -> tuple[str, int] | None:
+    """The newest checkpoint directory a trial wrote itself (by report index), with that index."""
+    if trial_dir is None:
+        return None
+    best: tuple[int, str] | None = None
+    for lineage in Path(trial_dir).glob(f"checkpoint_*/{LINEAGE_FILE}"):
+        try:
+            state = json.loads(lineage.read_text())
+        except (OSError, ValueError):
+            continue
+        if str(state.get("trial_id")) != trial_id or not (lineage.parent / MODEL_FILE).exists():
+            continue
+        key = (int(state.get("report", state.get("epoch", -1))), str(lineage.parent))
+        if best is None or key > best:
+            best = key
+    return None if best is None else (best[1], best[0])
+
+
+def _number(value: Any, default: float = math.nan) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _result_from_records(
+    order: Sequence[str],
+    reports: Mapping[str, Sequence[Mapping[str, Any]]],
+    trial_dirs: Mapping[str, Path | None],
+    metric: str,
+    mode: str,
+) -> PBTResult:
+    """Build the PBT result from the record of every trial's reports (trial ids in Ray's order)."""
+    index = {trial_id: i for i, trial_id in enumerate(order)}
     table: list[dict[str, Any]] = []
+    last: dict[int, dict[str, Any]] = {}
     schedules: dict[int, list[tuple[int, dict[str, float]]]] = {}
-    checkpoints: dict[int, str] = {}
-    tune = require("ray.tune", "tune")
-    for i, (result, frame) in enumerate(zip(results, frames)):
-        for _, row in frame.iterrows():
-            donor = row.get("donor")
-            table.append(
-                {
-                    "epoch": int(row["epoch"]),
-                    "trial": i,
-                    "trial_id": str(row["trial_id"]),
-                    "score": float(row[metric]),
-                    "config": {k[3:]: float(v) for k, v in row.items() if str(k).startswith("hp/")},
-                    "observed": {k[9:]: float(v) for k, v in row.items() if str(k).startswith("observed/")},
-                    "donor": index.get(str(donor)) if isinstance(donor, str) else None,
-                    "restored_epoch": int(row["restored_epoch"]),
-                    "start_step": int(row["start_step"]),
-                    "global_step": int(row["global_step"]),
-                    "metrics": {
-                        str(k): float(v)
-                        for k, v in row.items()
-                        if isinstance(v, (int, float)) and not str(k).startswith(("hp/", "observed/", "config/"))
-                    },
-                }
-            )
-        # the trial's own newest checkpoint (``result.checkpoint`` may still be the donor's after an exploit)
-        own = tune.Checkpoint(f"{result.path}/{frame['checkpoint_dir_name'].iloc[-1]}", result.filesystem)
-        checkpoints[i] = own.path
-        with own.as_directory() as folder:
-            state = json.loads((Path(folder) / LINEAGE_FILE).read_text())
-        schedules[i] = [(int(e), {k: float(v) for k, v in c.items()}) for e, c in state["lineage"]]
+    silent = []
+    for i, trial_id in enumerate(order):
+        rows = sorted(reports.get(trial_id, ()), key=lambda r: (_number(r.get("report"), -1.0), _number(r.get("time"))))
+        if not rows:
+            silent.append(trial_id)
+            continue
+        for row in rows:
+            m = dict(row.get("metrics", {}))
+            donor = m.get("donor")
+            entry = {
+                "epoch": int(_number(m.get("epoch"), -1)),
+                "trial": i,
+                "trial_id": trial_id,
+                "report": int(_number(row.get("report"), -1)),
+                "score": _number(m.get(metric)),
+                "config": {k[3:]: _number(v) for k, v in m.items() if str(k).startswith("hp/")},
+                "observed": {k[9:]: _number(v) for k, v in m.items() if str(k).startswith("observed/")},
+                "donor": index.get(str(donor)) if isinstance(donor, str) else None,
+                "restored_epoch": int(_number(m.get("restored_epoch"), 0)),
+                "start_step": int(_number(m.get("start_step"), 0)),
+                "global_step": int(_number(m.get("global_step"), 0)),
+                "metrics": {
+                    str(k): float(v)
+                    for k, v in m.items()
+                    if isinstance(v, (int, float)) and not str(k).startswith(("hp/", "observed/", "config/"))
+                },
+            }
+            table.append(entry)
+            last[i] = entry
+        lineage = rows[-1].get("lineage") or []
+        schedules[i] = [(int(e), {k: float(v) for k, v in c.items()}) for e, c in lineage]
+    if silent:
+        warnings.warn(
+            f"{len(silent)} of {len(order)} trial(s) left no report ({', '.join(silent)}): the table shows the "
+            f"{len(table)} report(s) of the others.",
+            stacklevel=3,
+        )
+    if not last:
+        warnings.warn("No trial reported: the PBT result is empty (no best trial, no checkpoint).", stacklevel=3)
+        return PBTResult(None, math.nan, {}, None, schedules, table)
     sign = 1.0 if mode == "max" else -1.0
-
-    last = {i: max((r for r in table if r["trial"] == i), key=lambda r: r["epoch"]) for i in range(len(results))}
 
     def final(i: int) -> float:
         score = float(last[i]["score"])
         return sign * score if math.isfinite(score) else -math.inf
 
-    best = max(range(len(results)), key=final)
+    best = max(last, key=final)
+    own = _own_newest_checkpoint(trial_dirs.get(order[best]), order[best])
+    checkpoint = None
+    if own is None:
+        warnings.warn(f"The best trial {order[best]} has no checkpoint of its own on disk.", stacklevel=3)
+    else:
+        checkpoint = f"{own[0]}/{MODEL_FILE}"
+        if own[1] != last[best]["report"]:
+            warnings.warn(
+                f"The best trial's newest checkpoint is from its report {own[1]}, its last report is "
+                f"{last[best]['report']}: the checkpoint lags the reported score.",
+                stacklevel=3,
+            )
     return PBTResult(
         best_trial=best,
         best_score=float(last[best]["score"]),
         best_config=dict(last[best]["config"]),
-        best_checkpoint=f"{checkpoints[best]}/{MODEL_FILE}",
+        best_checkpoint=checkpoint,
         schedules=schedules,
         table=table,
     )
