@@ -314,3 +314,32 @@ def test_post_hoc_calibration_ddp_same_temperature_as_single_process(tmp_path: P
     # the single-process fit on the final weights (returned by ddp_spawn) over the whole validation set
     reference = TemperatureScaler().fit(_logits(model, val.dataset), val.dataset.tensors[1])  # type: ignore[attr-defined]
     assert ranks[0]["temperature"] == pytest.approx(reference.temperature, rel=1e-5)
+
+
+def test_calibration_monitor_reads_the_named_submodule_without_a_second_forward(tmp_path: Path) -> None:
+    calls = {"net": 0}
+
+    class NoForward(_Net):
+        forward = pl.LightningModule.forward  # type: ignore[assignment]
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            return F.cross_entropy(self.lin(batch[0]), batch[1])
+
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            calls["net"] += 1
+            self.log("val_loss", F.cross_entropy(self.lin(batch[0]), batch[1]))  # no logits returned
+
+    train, val = _loaders()
+    model = NoForward()
+    monitor = CalibrationMonitor(metrics=("ece", "nll"), diagram=False, module="lin")
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=0)
+    model.lin.register_forward_hook(lambda m, a, o: calls.__setitem__("lin", calls.get("lin", 0) + 1))
+    trainer.fit(model, train, val)
+    assert calls["lin"] == len(train) + calls["net"]  # one forward per validation batch: no recomputation
+    with torch.no_grad():
+        logits, y = model.lin(val.dataset.tensors[0]), val.dataset.tensors[1]  # type: ignore[attr-defined]
+    expected = float(expected_calibration_error(logits, y, 15, input_type="logits"))
+    assert float(trainer.callback_metrics["calibration/ece"]) == pytest.approx(expected, abs=1e-5)
+    assert float(trainer.callback_metrics["calibration/nll"]) == pytest.approx(
+        float(negative_log_likelihood(logits, y, "logits")), abs=1e-5
+    )

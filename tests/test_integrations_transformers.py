@@ -234,6 +234,13 @@ def test_bad_calls_raise_clear_errors():
     headless = Headless(model.config).eval()
     with pytest.raises(ValueError, match="called its output head 0 times, expected once"):
         causal_lm_hidden_states(headless, ids)
+    model.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    handle = forbid_head(model)  # refused before anything runs
+    try:
+        with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3"):
+            causal_lm_hidden_states(model, ids)
+    finally:
+        handle.remove()
 
 
 # ------------------------------------------------------------------------------------------------- FSDP2, one process

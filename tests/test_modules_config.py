@@ -32,7 +32,9 @@ def _build(cls, overrides):
     return cls(nn.Linear(4, 10), num_classes=10, **overrides)
 
 
-@pytest.mark.parametrize(("cls", "overrides", "error", "message"), CASES, ids=[f"{c.__name__}-{o}" for c, o, _, _ in CASES])
+@pytest.mark.parametrize(
+    ("cls", "overrides", "error", "message"), CASES, ids=[f"{c.__name__}-{o}" for c, o, _, _ in CASES]
+)
 def test_invalid_configuration_is_refused(cls, overrides, error, message):
     with pytest.raises(error, match=message):
         _build(cls, overrides)

@@ -306,17 +306,19 @@ def _state(module: pl.LightningModule, callbacks: list) -> dict[str, Tensor]:
     return state
 
 
-def _fit(family: str, strategy: Any = "auto", devices: int = 1) -> tuple[pl.LightningModule, list, pl.Trainer]:
+def _fit(
+    family: str, strategy: Any = "auto", devices: int = 1, root: str | None = None
+) -> tuple[pl.LightningModule, list, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     module, data, callbacks = FAMILIES[family]()
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=devices,
             strategy=strategy,
             max_steps=STEPS,
             callbacks=callbacks,
-            default_root_dir=root,
+            default_root_dir=root or tmp,
             limit_val_batches=0,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
@@ -325,10 +327,28 @@ def _fit(family: str, strategy: Any = "auto", devices: int = 1) -> tuple[pl.Ligh
             enable_progress_bar=False,
             enable_model_summary=False,
         )
+        if isinstance(module, UnlearningModule):
+            module.adapter_dir = os.path.join(trainer.default_root_dir, "adapter")
         trainer.fit(module, datamodule=data)
     if strategy != "ddp_spawn":  # the launching process of ddp_spawn does not run the loops
         assert trainer.global_step == STEPS
     return module, callbacks, trainer
+
+
+def _run(family: str, strategy: Any = "auto", devices: int = 1) -> dict[str, Tensor]:
+    """What a run of ``family`` produced; for unlearning, the adapter it saved is checked against the trained one."""
+    with tempfile.TemporaryDirectory() as root:
+        module, callbacks, trainer = _fit(family, strategy, devices, root)
+        state = _state(module, callbacks)
+        if isinstance(module, UnlearningModule) and (strategy == "ddp_spawn" or trainer.is_global_zero):
+            from safetensors.torch import load_file
+
+            saved = load_file(os.path.join(root, "adapter", "adapter_model.safetensors"))
+            trained = {k.removeprefix("model.").replace(".default.", "."): v for k, v in state.items() if "lora_" in k}
+            assert set(saved) == set(trained), (sorted(saved), sorted(trained))
+            for name, value in trained.items():
+                torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
+    return state
 
 
 _SINGLE: dict[str, dict[str, Tensor]] = {}
@@ -339,8 +359,7 @@ def single_process(family: str) -> dict[str, Tensor]:
     """The single-process result of ``family`` (computed once per test session)."""
     family = _SAME_SINGLE_RUN.get(family, family)
     if family not in _SINGLE:
-        module, callbacks, _ = _fit(family)
-        _SINGLE[family] = _state(module, callbacks)
+        _SINGLE[family] = _run(family)
     return _SINGLE[family]
 
 
@@ -428,11 +447,12 @@ def _fsdp2_families(rank: int, world: int, families: list[str]) -> dict[str, Any
     results: dict[str, Any] = {}
     for family in families:
         try:
-            module, callbacks, trainer = _fit(family, _fsdp2(), world)
-            assert trainer.world_size == world and isinstance(trainer.strategy, type(_fsdp2()))
-            results[family] = _state(module, callbacks)
-            if family == "dkd":
+            if family == "dkd":  # the sharded teacher, checked after training
+                module, callbacks, _ = _fit(family, _fsdp2(), world)
                 results["teacher_check"] = _teacher_check(module, rank)  # type: ignore[arg-type]
+                results[family] = _state(module, callbacks)
+            else:
+                results[family] = _run(family, _fsdp2(), world)
         except Exception as error:  # reported by the family's cell, the other families still run
             results[family] = f"{type(error).__name__}: {error}"
     return results
@@ -528,8 +548,7 @@ _SPAWN_SLOW = {"dkd", "tempnet", "schedule"}
     ],
 )
 def test_ddp_spawn_results_come_back_equal_to_one_process(family: str) -> None:
-    module, callbacks, _ = _fit(family, "ddp_spawn", WORLD)
-    assert_same_run(_state(module, callbacks), family)
+    assert_same_run(_run(family, "ddp_spawn", WORLD), family)
 
 
 # ---------------------------------------------------------------------------------------------------- GPU only

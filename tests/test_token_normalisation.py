@@ -145,7 +145,7 @@ def test_tokens_per_step_refuses_bad_settings(kwargs, error, message):
 
 
 def test_tokens_per_step_explains_what_it_cannot_count():
-    with pytest.raises(ValueError, match="has none. Pass `count=`"):
+    with pytest.raises(ValueError, match=r"has none\. Pass `count=`"):
         list(iter(TokensPerStep(DataLoader([{"input_ids": MANY["input_ids"]}], batch_size=None))))
     tuples = DataLoader([(MANY["input_ids"], MANY["labels"])], batch_size=None)
     with pytest.raises(TypeError, match="writes the token count into dict batches"):

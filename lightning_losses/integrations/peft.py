@@ -159,10 +159,30 @@ def lora_model(
 
 
 def save_adapter(model: nn.Module, directory: str | Path, **kwargs: Any) -> Path:
-    """Save the adapter(s) of a PEFT model with ``save_pretrained`` (only the adapter weights and config)."""
+    """Save the adapter(s) of a PEFT model with ``save_pretrained`` (only the adapter weights and config).
+
+    Under a process group every process must call it: a model sharded by FSDP2 (``fully_shard``) is gathered whole
+    first (a collective), and process 0 alone writes. On one process it simply writes.
+    """
     if not is_peft_model(model):
         raise TypeError(f"`save_adapter` needs a PEFT model, got {type(model).__name__}.")
     path = Path(directory)
+    if "state_dict" not in kwargs and _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on process 0 only
+        kwargs["state_dict"] = get_model_state_dict(model, options=options)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return path
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), **kwargs)  # type: ignore[operator]
     return path
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a DTensor (FSDP2 / tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())

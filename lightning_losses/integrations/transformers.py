@@ -152,9 +152,9 @@ def causal_lm_hidden_states(
 
     Raises:
         ValueError: when the head cannot be used directly (see :func:`output_head`), has its own ``fully_shard``
-            group, is still sharded or partitioned after the forward while it needs a gradient (FSDP2
-            ``reshard_after_forward=True`` on the root, DeepSpeed ZeRO-3), or the model's forward does not call its
-            head exactly once. Callers that can,
+            group, is partitioned by DeepSpeed ZeRO-3, is still sharded after the forward while it needs a gradient
+            (FSDP2 ``reshard_after_forward=True`` on the root), or the model's forward does not call its head exactly
+            once. Callers that can,
             fall back to the model's logits on this error.
 
     Example:
@@ -179,6 +179,12 @@ def causal_lm_hidden_states(
             f"The output head of {type(base).__name__} has its own `fully_shard` group, so its weight is resharded "
             "right after its forward and cannot be read whole. Leave the head in the root's group (call "
             "`fully_shard` on the blocks and on the whole model, not on the head)."
+        )
+    if hasattr(head.weight, "ds_id"):
+        raise ValueError(
+            f"The output head of {type(base).__name__} is partitioned by DeepSpeed ZeRO-3, so its weight is gathered "
+            "only during the head's own forward and cannot be read whole afterwards. Use the model's logits (or ZeRO "
+            "stage 1 or 2)."
         )
     parent, attribute = _parent_of(base, head)
     stand_in = _CapturingHead()

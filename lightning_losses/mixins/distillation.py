@@ -32,7 +32,7 @@ def _unwrapped(loss: nn.Module) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=256)
-def _keywords_of(cls: type) -> dict[str, bool]:
+def _keywords_of(cls: Any) -> dict[str, bool]:
     parameters = inspect.signature(cls.forward).parameters
     return {
         name: parameters[name].default is inspect.Parameter.empty for name in _CALL_KEYWORDS if name in parameters
@@ -41,12 +41,13 @@ def _keywords_of(cls: type) -> dict[str, bool]:
 
 def _accepted_keywords(loss: nn.Module) -> dict[str, bool]:
     """The distillation call keywords ``loss.forward`` declares, each mapped to whether it is required."""
-    return _keywords_of(type(_unwrapped(loss)))
+    cls: Any = type(_unwrapped(loss))
+    return _keywords_of(cls)
 
 
 def _changes_dtype(module: nn.Module, fn: Any) -> bool:
     """Whether ``Module._apply(fn)`` would change the dtype of ``module``'s floating tensors."""
-    probe = next((p for p in module.parameters() if p.is_floating_point()), None)
+    probe: Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
     if probe is None:
         probe = next((b for b in module.buffers() if b.is_floating_point()), None)
     if probe is None:
@@ -458,7 +459,7 @@ class DistillationMixin(HyperparameterMixin):
         with torch.no_grad():
             self.teacher.eval()
             teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
-        ignore_index = _unwrapped(loss).ignore_index
+        ignore_index = int(_unwrapped(loss).ignore_index)  # type: ignore[arg-type]
         if labels is not None:
             shifted = labels[:, 1:]
         elif attention_mask is not None:

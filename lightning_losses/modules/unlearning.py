@@ -126,5 +126,5 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.adapter_dir is not None and self.trainer.is_global_zero:
+        if self.adapter_dir is not None:  # on every process: a sharded adapter is gathered first, process 0 writes
             self.save_adapter(Path(self.adapter_dir))
