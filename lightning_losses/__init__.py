@@ -6,6 +6,7 @@ Everything public is importable from here (losses, nn blocks, metrics, mixins, c
 
 from lightning_losses.callbacks import *
 from lightning_losses.hyperparameters import (
+    expose_hyperparameter,
     get_hyperparameter,
     named_hyperparameters,
     register_hyperparameter,

@@ -1,7 +1,9 @@
 """The ``lightning-losses`` command: one subcommand per family, each running that family's main job.
 
-``lightning-losses distill --quick`` trains a teacher and compares distillation methods on MNIST 5k, and so on.
-Each subcommand lives in :mod:`lightning_losses.jobs` and is imported only when it is called.
+``lightning-losses distill --quick`` trains a teacher and compares distillation methods on MNIST 5k, and so on;
+``lightning-losses lightning fit --config examples/distillation/config.yaml`` runs LightningCLI. Each subcommand
+lives in :mod:`lightning_losses.jobs` and is imported only when it is called: ``lightning-losses --help`` and the
+other subcommands never import it. ``python -m lightning_losses`` is the same command.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["LIGHTNING_HELP", "SUBCOMMANDS", "build_parser", "lightning_cli", "main"]
 
 # subcommand -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -20,11 +25,55 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "unlearn": ("lightning_losses.jobs.unlearn", "forget a Shakespeare play: GA, GradDiff, NPO, SimNPO, FLAT via LoRA"),
 }
 
-
 LIGHTNING_HELP = (
     "LightningCLI over any LightningModule and DataModule (fit/validate/test/predict), "
-    "e.g. `lightning-losses lightning fit --config examples/distill.yaml`"
+    "e.g. `lightning-losses lightning fit --config examples/distillation/config.yaml`"
 )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lightning-losses")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from lightning_losses import __version__
+
+        return __version__
+
+
+class _LazySubcommands(argparse._SubParsersAction):
+    """Sub-parsers whose options are added by the job's ``add_arguments`` only when that subcommand is chosen."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loaded: set[str] = set()
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        name = values[0] if values else None
+        if name in SUBCOMMANDS and name not in self.loaded:
+            importlib.import_module(SUBCOMMANDS[name][0]).add_arguments(self.choices[name])
+            self.loaded.add(name)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: every subcommand is listed, and a job's module is imported once its subcommand is
+    parsed (so ``--help`` and the other subcommands do not import it)."""
+    parser = argparse.ArgumentParser(prog="lightning-losses", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.register("action", "lazy_parsers", _LazySubcommands)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action="lazy_parsers")
+    sub.add_parser("lightning", help=LIGHTNING_HELP, add_help=False)
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    return parser
 
 
 def lightning_cli(args: Sequence[str]) -> int:
@@ -43,19 +92,8 @@ def lightning_cli(args: Sequence[str]) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="lightning-losses", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("lightning", help=LIGHTNING_HELP, add_help=False)
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(sub_parser)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script and of ``python -m lightning_losses``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lightning"]:
         return lightning_cli(argv[1:])

@@ -12,9 +12,14 @@ change as **persistent buffers** registered through :func:`register_hyperparamet
   ``load_state_dict``), whichever driver (a schedule, PBT, STN, user code) changed it;
 * moved to the right device with the module and broadcast from rank 0 by DDP like any buffer.
 
-Plain float attributes of standard modules (``nn.Dropout.p``) are reachable by the same names, so one mechanism
-drives dropout rates too; those are not buffers and are therefore not checkpointed. The names ``"lr"`` and
-``"weight_decay"`` belong to the optimizers: :func:`apply_hyperparameters` writes them into every param group.
+Only what a module registers is discovered. A float attribute of a module the library does not own (the rate ``p``
+of an ``nn.Dropout``, anywhere in a user's network or inside a TempNet) becomes a hyperparameter when it is exposed
+by name, :func:`expose_hyperparameter` (``module.expose_hyperparameter("student.drop.p")`` on a LightningModule);
+it is then read and written by the same names, range-checked, but not checkpointed (it is not a buffer). So PBT over
+:func:`named_hyperparameters` tunes the losses' hyperparameters, not a submodule's internals;
+``named_hyperparameters(module, include_attributes=True)`` also lists the dropout rates that are not exposed. The
+names ``"lr"`` and ``"weight_decay"`` belong to the optimizers: :func:`apply_hyperparameters` writes them into every
+param group.
 
 Example:
     >>> import torch
@@ -26,6 +31,9 @@ Example:
     >>> model = nn.Module()
     >>> model.kd = Loss()
     >>> model.drop = nn.Dropout(0.1)
+    >>> sorted(named_hyperparameters(model))  # a dropout rate is not discovered on its own
+    ['kd.temperature']
+    >>> expose_hyperparameter(model, "drop.p")  # opt in: range [0, 1] for a dropout rate
     >>> sorted(named_hyperparameters(model))
     ['drop.p', 'kd.temperature']
     >>> set_hyperparameter(model, "kd.temperature", torch.tensor([2.0, 3.0]))  # one value per sample
@@ -41,6 +49,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +63,14 @@ __all__ = [
     "OPTIMIZER_HYPERPARAMETERS",
     "HyperparameterSpec",
     "apply_hyperparameters",
+    "expose_hyperparameter",
     "get_hyperparameter",
     "hyperparameter_buffer_name",
     "hyperparameter_spec",
     "named_hyperparameters",
     "read_hyperparameters",
     "register_hyperparameter",
+    "require_hyperparameters",
     "set_hyperparameter",
 ]
 
@@ -67,10 +78,13 @@ __all__ = [
 OPTIMIZER_HYPERPARAMETERS = ("lr", "weight_decay")
 
 _REGISTRY_ATTR = "_loss_hyperparameters"
+# Float attributes of modules the library does not own, exposed by name (`expose_hyperparameter`): name -> range.
+_EXPOSED_ATTR = "_exposed_hyperparameters"
 _HOOK_ATTR = "_loss_hyperparameters_load_hook"
 # A compiled module (``torch.compile(module)``) holds the module it compiles under this child name.
 _COMPILED_CHILD = "_orig_mod"
-# Float attributes of standard torch modules that behave as hyperparameters.
+# Float attributes of standard torch modules that look like hyperparameters: listed only on request
+# (``include_attributes=True``), exposed with the range [0, 1] by default.
 _FLOAT_ATTRIBUTES: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Dropout: ("p",),
     nn.Dropout1d: ("p",),
@@ -210,25 +224,50 @@ def _walk(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         stack.extend(reversed(children))
 
 
-def named_hyperparameters(module: nn.Module) -> dict[str, Tensor]:
+def _exposed(module: nn.Module) -> dict[str, HyperparameterSpec]:
+    return module.__dict__.get(_EXPOSED_ATTR, {})
+
+
+def _standard_attributes(module: nn.Module) -> tuple[str, ...]:
+    """The float attributes of a standard torch module that look like hyperparameters (``nn.Dropout.p``)."""
+    return _FLOAT_ATTRIBUTES.get(type(module), ())
+
+
+def named_hyperparameters(module: nn.Module, *, include_attributes: bool = False) -> dict[str, Tensor]:
     """Return every hyperparameter reachable from ``module``, by dotted name.
 
-    Compiled submodules are seen through: ``torch.compile(KDLoss())`` stored as ``kd`` gives ``"kd.temperature"``.
-    Frozen teachers held outside the module tree are not visited (they have no loss hyperparameters).
+    These are the registered ones (:func:`register_hyperparameter`) and the float attributes exposed by name
+    (:func:`expose_hyperparameter`). Compiled submodules are seen through: ``torch.compile(KDLoss())`` stored as
+    ``kd`` gives ``"kd.temperature"``. Frozen teachers held outside the module tree are not visited.
+
+    Args:
+        module: The module to search, with its submodules.
+        include_attributes: Also list the rate ``p`` of every standard dropout module (``nn.Dropout``,
+            ``nn.Dropout1d/2d/3d``, ``nn.AlphaDropout``) that is not exposed, for inspection. Those are a network's
+            internals (a TempNet's dropout, say): reading or writing one by name needs :func:`expose_hyperparameter`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+        >>> named_hyperparameters(net), sorted(named_hyperparameters(net, include_attributes=True))
+        ({}, ['1.p'])
     """
     found: dict[str, Tensor] = {}
     for prefix, sub in _walk(module):
         dot = f"{prefix}." if prefix else ""
         for name in sub.__dict__.get(_REGISTRY_ATTR, {}):
             found[dot + name] = sub._buffers[name]  # type: ignore[assignment]
-        for cls, attrs in _FLOAT_ATTRIBUTES.items():
-            if type(sub) is cls:
-                for attr in attrs:
+        exposed = _exposed(sub)
+        for attr in exposed:
+            found[dot + attr] = torch.tensor(float(getattr(sub, attr)))
+        if include_attributes:
+            for attr in _standard_attributes(sub):
+                if attr not in exposed:
                     found[dot + attr] = torch.tensor(float(getattr(sub, attr)))
     return found
 
 
-def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """The submodule at the dotted path of ``name`` (``None`` when there is none) and the attribute name."""
     owner_path, _, attr = name.rpartition(".")
     compiled = _compiled_type()
     owner: nn.Module | None = _unwrap(module, compiled)
@@ -236,37 +275,160 @@ def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
     for part in [p for p in owner_path.split(".") if p and p != _COMPILED_CHILD]:
         child = owner._modules.get(part) if owner is not None else None
         owner = None if child is None else _unwrap(child, compiled)
-    if owner is not None:
-        if attr in owner.__dict__.get(_REGISTRY_ATTR, {}):
-            return owner, attr
-        if attr in _FLOAT_ATTRIBUTES.get(type(owner), ()):
-            return owner, attr
-    available = ", ".join(sorted(named_hyperparameters(module))) or "none"
-    hint = (
-        f" {name!r} is an optimizer hyperparameter: `apply_hyperparameters(module, {{{name!r}: value}}, trainer)` "
-        "writes it into the param groups."
-        if name in OPTIMIZER_HYPERPARAMETERS
-        else ""
+    return owner, attr
+
+
+def _expose_hint(module: nn.Module, name: str) -> str:
+    return (
+        f"Expose it first: `expose_hyperparameter(module, {name!r})` from lightning_losses.hyperparameters, or "
+        f"`self.expose_hyperparameter({name!r})` in the `__init__` of a LightningModule with HyperparameterMixin "
+        "(every fresh module a factory builds then has it). A dropout rate gets the range [0, 1]; pass `low=` / "
+        "`high=` to narrow it."
     )
+
+
+def _resolve(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, attr = _owner(module, name)
+    if owner is not None and (attr in owner.__dict__.get(_REGISTRY_ATTR, {}) or attr in _exposed(owner)):
+        return owner, attr
+    available = ", ".join(sorted(named_hyperparameters(module))) or "none"
+    if name in OPTIMIZER_HYPERPARAMETERS:
+        hint = (
+            f" {name!r} is an optimizer hyperparameter: `apply_hyperparameters(module, {{{name!r}: value}}, trainer)` "
+            "writes it into the param groups."
+        )
+    elif owner is not None and attr in _standard_attributes(owner):
+        hint = (
+            f" {name!r} is the rate of the {type(owner).__name__} at {name.rpartition('.')[0]!r}, which is not a "
+            "hyperparameter until it is exposed (the attributes of modules the library does not own are not "
+            f"discovered automatically). {_expose_hint(module, name)}"
+        )
+    elif owner is not None and isinstance(owner.__dict__.get(attr), (int, float)):
+        hint = f" {name!r} is a plain attribute of a {type(owner).__name__}. {_expose_hint(module, name)}"
+    else:
+        hint = ""
     raise KeyError(
         f"No hyperparameter named {name!r} on {type(module).__name__}. Available: {available}. "
         "Loss modules register theirs with `register_hyperparameter`; use the dotted path of the submodule." + hint
     )
 
 
+def expose_hyperparameter(
+    module: nn.Module,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Make the float attribute ``name`` (a dotted path, e.g. ``"student.drop.p"``) a named hyperparameter.
+
+    For attributes of modules the library does not own, which are never discovered on their own: a dropout rate of
+    the user's network, say. Afterwards :func:`get_hyperparameter` / :func:`set_hyperparameter`, schedules, PBT and
+    STN reach it by ``name``, and :func:`named_hyperparameters` lists it; writes are range-checked and take a
+    scalar. The value stays a plain Python attribute: it is not saved in checkpoints (expose it again in the
+    module's ``__init__``, so every freshly built or restored module has it). The exposure travels with the module
+    when it is pickled or copied (spawn strategies, Ray workers).
+
+    Args:
+        module: The enclosing module.
+        name: Dotted path of the attribute.
+        low: Lower bound; ``None`` gives 0 for the rate of a standard dropout module, else unbounded.
+        high: Upper bound; ``None`` gives 1 for the rate of a standard dropout module, else unbounded.
+        low_inclusive: Whether ``low`` is admissible.
+        high_inclusive: Whether ``high`` is admissible.
+
+    Raises:
+        KeyError: When the path names no submodule or the submodule has no such attribute.
+        ValueError: When the attribute is a registered hyperparameter, a buffer, a parameter, a submodule or not a
+            real number, or its current value is outside the bounds.
+
+    Example:
+        >>> net = nn.Module()
+        >>> net.drop = nn.Dropout(0.1)
+        >>> expose_hyperparameter(net, "drop.p", high=0.5)
+        >>> set_hyperparameter(net, "drop.p", 0.3)
+        >>> net.drop.p, hyperparameter_spec(net, "drop.p").describe()
+        (0.3, '[0, 0.5]')
+    """
+    owner, attr = _owner(module, name)
+    if owner is None or not attr:
+        raise KeyError(
+            f"Cannot expose {name!r}: {type(module).__name__} has no submodule at {name.rpartition('.')[0]!r}. "
+            "Give the dotted path of the attribute, e.g. 'student.drop.p'."
+        )
+    if attr in owner.__dict__.get(_REGISTRY_ATTR, {}):
+        raise ValueError(f"{name!r} is already a registered hyperparameter; it needs no exposing.")
+    if attr in owner._buffers or attr in owner._parameters or attr in owner._modules:
+        raise ValueError(
+            f"Cannot expose {name!r}: it is a buffer, parameter or submodule of {type(owner).__name__}, not a float "
+            "attribute. Register a tensor hyperparameter with `register_hyperparameter` instead."
+        )
+    if attr not in owner.__dict__:
+        raise KeyError(f"Cannot expose {name!r}: {type(owner).__name__} has no attribute {attr!r}.")
+    value = owner.__dict__[attr]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"Cannot expose {name!r}: only a real-number attribute can be a hyperparameter, got "
+            f"{type(value).__name__}."
+        )
+    if attr in _standard_attributes(owner):  # a dropout rate: [0, 1] unless narrowed
+        low = 0.0 if low is None else low
+        high = 1.0 if high is None else high
+    spec = HyperparameterSpec(low, high, low_inclusive, high_inclusive)
+    spec.check(name, torch.tensor(float(value)))
+    owner.__dict__.setdefault(_EXPOSED_ATTR, {})[attr] = spec
+
+
+def require_hyperparameters(module: nn.Module, names: Sequence[str], *, user: str = "This driver") -> None:
+    """Check that every name is a hyperparameter of ``module`` (or an optimizer name) before a driver uses it.
+
+    Schedules, PBT and STN call this when they start. A name that only automatic discovery used to reach (the rate
+    of a standard dropout module that is not exposed) is exposed here, with a ``DeprecationWarning``: that
+    discovery is deprecated, expose the rate in the module instead (:func:`expose_hyperparameter`).
+
+    Args:
+        module: The module the driver writes to.
+        names: The driver's names (dotted; ``"lr"`` / ``"weight_decay"`` are skipped).
+        user: The driver's name, for the messages.
+
+    Raises:
+        KeyError: For a name that is not a hyperparameter, listing the available ones (and how to expose one).
+    """
+    for name in names:
+        if name in OPTIMIZER_HYPERPARAMETERS:
+            continue
+        owner, attr = _owner(module, name)
+        if (
+            owner is not None
+            and attr in _standard_attributes(owner)
+            and attr not in _exposed(owner)
+            and attr not in owner.__dict__.get(_REGISTRY_ATTR, {})
+        ):
+            warnings.warn(
+                f"{user} reaches {name!r}, the rate of a {type(owner).__name__}, through automatic discovery, which "
+                f"is deprecated: expose it in the module, `self.expose_hyperparameter({name!r})` (or "
+                f"`expose_hyperparameter(module, {name!r})`). It is exposed now with the range [0, 1].",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            expose_hyperparameter(module, name)
+        _resolve(module, name)  # KeyError listing the available names
+
+
 def hyperparameter_spec(module: nn.Module, name: str) -> HyperparameterSpec:
     """Return the admissible range of the hyperparameter ``name`` (dotted) of ``module``."""
     owner, attr = _resolve(module, name)
-    if attr in owner.__dict__.get(_REGISTRY_ATTR, {}):
-        return owner.__dict__[_REGISTRY_ATTR][attr]
-    return HyperparameterSpec(0.0, 1.0)  # dropout probabilities
+    registry = owner.__dict__.get(_REGISTRY_ATTR, {})
+    return registry[attr] if attr in registry else _exposed(owner)[attr]
 
 
 def hyperparameter_buffer_name(module: nn.Module, name: str) -> str | None:
     """The ``state_dict`` key (as ``module.named_buffers()`` spells it) of the hyperparameter ``name``.
 
     It differs from ``name`` under compiled submodules (``"kd._orig_mod.temperature"`` for ``"kd.temperature"``);
-    ``None`` for a plain float attribute (``nn.Dropout.p``), which is not a buffer.
+    ``None`` for an exposed float attribute (``nn.Dropout.p``), which is not a buffer.
 
     Raises:
         KeyError: When ``name`` is unknown.
@@ -284,7 +446,8 @@ def get_hyperparameter(module: nn.Module, name: str) -> Tensor:
     """Return the current value of the hyperparameter ``name`` (dotted path) of ``module``.
 
     Raises:
-        KeyError: With the list of available names, when ``name`` is unknown.
+        KeyError: With the list of available names, when ``name`` is unknown (and how to expose a dropout rate,
+            when it names one).
     """
     owner, attr = _resolve(module, name)
     if attr in owner._buffers:
@@ -296,10 +459,10 @@ def set_hyperparameter(module: nn.Module, name: str, value: float | Tensor) -> N
     """Set the hyperparameter ``name`` (dotted path) of ``module`` in place, after checking its range.
 
     A buffer keeps its device and dtype; its shape follows ``value`` (a scalar may become per-sample and back), and
-    a checkpoint taken in either shape loads into a fresh module.
+    a checkpoint taken in either shape loads into a fresh module. An exposed float attribute takes a scalar.
 
     Raises:
-        KeyError: When ``name`` is unknown.
+        KeyError: When ``name`` is unknown (and how to expose a dropout rate, when it names one).
         ValueError: When ``value`` is non-finite or outside the registered range.
     """
     owner, attr = _resolve(module, name)
@@ -316,7 +479,7 @@ def set_hyperparameter(module: nn.Module, name: str, value: float | Tensor) -> N
         return
     if tensor.numel() != 1:
         raise ValueError(f"Hyperparameter {name!r} is a plain float attribute; it takes a scalar, got {tensor.shape}.")
-    value_f = float(tensor)
+    value_f = float(value) if isinstance(value, (int, float)) else float(tensor)  # a Python number keeps its digits
     if not math.isfinite(value_f):  # pragma: no cover - checked above
         raise ValueError(f"Hyperparameter {name!r} must be finite.")
     setattr(owner, attr, value_f)

@@ -172,3 +172,19 @@ def test_teacher_cache_hits_everything_in_epoch_two_under_a_shuffling_sampler():
     )
     trainer.fit(module, DataLoader(data, batch_size=4, shuffle=True))  # Lightning's shuffling DistributedSampler
     assert float(trainer.callback_metrics["teacher_calls"]) == 0.0
+
+
+def test_causal_lm_path_falls_back_to_the_logits_where_sharding_hides_the_head(monkeypatch):
+    from lightning_losses.integrations import transformers as integration
+
+    module = LMStudent()
+    ids = torch.randint(0, 23, (2, 7))
+    expected = module.causal_lm_distillation_loss(module.student, ids)
+
+    def refuse(*args, **kwargs):
+        raise integration.HiddenStatesUnavailable("the head is partitioned by DeepSpeed ZeRO-3")
+
+    monkeypatch.setattr(integration, "causal_lm_hidden_states", refuse)
+    with pytest.warns(UserWarning, match="falls back to the full logits: the head is partitioned"):
+        fallback = module.causal_lm_distillation_loss(module.student, ids)
+    torch.testing.assert_close(fallback, expected, rtol=1e-5, atol=1e-6)

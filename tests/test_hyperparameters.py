@@ -155,6 +155,96 @@ def test_mixin_register_passes_the_inclusive_flags():
     m.set_hyperparameter("weight", 0.999)
 
 
+# --------------------------------------------------------------------------------- opt-in attribute discovery
+class WithInternals(HyperparameterMixin, pl.LightningModule):
+    """A loss hyperparameter beside two dropout rates: the student's own and one inside a TempNet."""
+
+    def __init__(self, expose: bool = False) -> None:
+        super().__init__()
+        from lightning_losses.nn import TempNet
+
+        self.student = nn.Module()
+        self.student.drop = nn.Dropout(0.1)
+        self.tempnet = TempNet(8)
+        self.kd = KDLoss(temperature=4.0)
+        if expose:
+            self.expose_hyperparameter("student.drop.p", high=0.5)
+
+
+def test_dropout_rates_are_not_discovered_unless_exposed():
+    model = WithInternals()
+    assert sorted(model.named_hyperparameters()) == ["kd.temperature", "kd.weight"]  # no TempNet internals
+    everything = model.named_hyperparameters(include_attributes=True)
+    assert {"student.drop.p", "tempnet.proj.2.p"} <= set(everything)
+    assert float(everything["student.drop.p"]) == pytest.approx(0.1)
+    for access in (
+        lambda: model.get_hyperparameter("student.drop.p"),
+        lambda: model.set_hyperparameter("student.drop.p", 0.2),
+    ):
+        with pytest.raises(
+            KeyError,
+            match=r"rate of the Dropout at 'student\.drop'.*expose_hyperparameter\(module, 'student\.drop\.p'\)",
+        ):
+            access()
+    assert model.student.drop.p == 0.1
+    with pytest.raises(KeyError, match=r"Available: kd\.temperature, kd\.weight\."):
+        hp.hyperparameter_spec(model, "tempnet.proj.2.p")
+
+
+def test_an_exposed_dropout_rate_is_named_range_checked_and_travels_with_the_module():
+    import copy
+    import pickle
+
+    model = WithInternals(expose=True)
+    assert sorted(model.named_hyperparameters()) == ["kd.temperature", "kd.weight", "student.drop.p"]
+    model.set_hyperparameter("student.drop.p", 0.3)
+    assert model.student.drop.p == 0.3 and float(model.get_hyperparameter("student.drop.p")) == pytest.approx(0.3)
+    assert hp.hyperparameter_spec(model, "student.drop.p") == hp.HyperparameterSpec(0.0, 0.5)
+    assert hp.hyperparameter_buffer_name(model, "student.drop.p") is None
+    assert not any("drop" in k for k in model.state_dict())  # a plain attribute: not checkpointed
+    with pytest.raises(ValueError, match=r"'student\.drop\.p' must lie in \[0, 0\.5\]"):
+        model.set_hyperparameter("student.drop.p", 0.7)
+    with pytest.raises(ValueError, match="takes a scalar"):
+        model.set_hyperparameter("student.drop.p", torch.tensor([0.1, 0.2]))
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # spawn strategies, Ray workers
+        clone.set_hyperparameter("student.drop.p", 0.4)
+        assert clone.student.drop.p == 0.4
+    assert "tempnet.proj.2.p" not in model.named_hyperparameters()  # exposing one rate exposes no other
+
+
+def test_expose_any_float_attribute_and_bad_exposures():
+    model = nn.Module()
+    model.act = nn.LeakyReLU(0.01)
+    model.ls = Smoothing()
+    with pytest.raises(
+        KeyError, match=r"plain attribute of a LeakyReLU.*expose_hyperparameter\(module, 'act\.negative_slope'\)"
+    ):
+        hp.get_hyperparameter(model, "act.negative_slope")
+    hp.expose_hyperparameter(model, "act.negative_slope", low=0.0, low_inclusive=False)
+    hp.set_hyperparameter(model, "act.negative_slope", 0.2)
+    assert model.act.negative_slope == 0.2
+    with pytest.raises(ValueError, match=r"must lie in \(0, inf\)"):
+        hp.set_hyperparameter(model, "act.negative_slope", 0.0)
+    model.drop = nn.Dropout(0.6)
+    cases = [
+        ("ls.amount", ValueError, "already a registered hyperparameter"),
+        ("net.drop.p", KeyError, "no submodule at 'net.drop'"),
+        ("act.slope", KeyError, "has no attribute 'slope'"),
+        ("act.inplace", ValueError, "only a real-number attribute"),
+        ("drop.p", None, None),
+    ]
+    for name, error, match in cases:
+        if error is None:
+            with pytest.raises(ValueError, match=r"'drop\.p' must lie in \[0, 0\.5\]"):
+                hp.expose_hyperparameter(model, name, high=0.5)  # the current value is checked
+            continue
+        with pytest.raises(error, match=match):
+            hp.expose_hyperparameter(model, name)
+    model.register_buffer("scale", torch.ones(()))
+    with pytest.raises(ValueError, match="buffer, parameter or submodule"):
+        hp.expose_hyperparameter(model, "scale")
+
+
 # ----------------------------------------------------------------------------------------- optimizer names
 def test_optimizer_names_belong_to_the_registry_and_stay_importable_from_schedules():
     assert hp.OPTIMIZER_HYPERPARAMETERS == ("lr", "weight_decay")

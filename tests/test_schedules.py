@@ -40,10 +40,12 @@ class Smoothing(LossModule):
 class Recorder(HyperparameterMixin, pl.LightningModule):
     """Records, inside each training step, the values in effect (loss buffer, dropout rate, optimizer lr)."""
 
-    def __init__(self, dropout: float = 0.1) -> None:
+    def __init__(self, dropout: float = 0.1, expose_dropout: bool = True) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 3))
         self.ls = Smoothing(0.1)
+        if expose_dropout:
+            self.expose_hyperparameter("net.2.p")  # a dropout rate is a hyperparameter once exposed
         self.seen: list[tuple[int, float, float, float]] = []
 
     def forward(self, x):
@@ -185,6 +187,17 @@ def test_exact_values_at_every_step():
         assert amount == pytest.approx(schedules["ls.amount"](step), abs=1e-7)
         assert p == pytest.approx(schedules["net.2.p"](step))
         assert lr == pytest.approx(schedules["lr"](step))
+
+
+def test_dropout_rate_found_by_the_deprecated_discovery_still_follows_its_schedule():
+    model = Recorder(expose_dropout=False)
+    with pytest.raises(KeyError, match=r"expose_hyperparameter\('net\.2\.p'\)"):
+        model.set_hyperparameter("net.2.p", 0.2)  # direct access needs the opt-in
+    schedules = {"net.2.p": StepSchedule(0.4, milestones=[3], gamma=0.5)}
+    with pytest.warns(DeprecationWarning, match=r"HyperparameterSchedule reaches 'net\.2\.p'.*expose_hyperparameter"):
+        _trainer(max_steps=6, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
+    assert [s[2] for s in model.seen] == pytest.approx([schedules["net.2.p"](t) for t in range(6)])
+    assert "net.2.p" in model.named_hyperparameters()  # exposed from then on
 
 
 def test_epoch_interval_and_logging():

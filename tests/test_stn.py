@@ -209,6 +209,7 @@ class HyperClassifier(HyperparameterMixin, pl.LightningModule):
             HyperLinear(4, 16, k, gate_init_std=0.1), nn.ReLU(), nn.Dropout(dropout), HyperLinear(16, 3, k)
         )
         self.ls = Smoothing(0.1)
+        self.expose_hyperparameter("net.2.p")  # the dropout rate is tuned too
         self.seen: list[tuple[torch.Tensor, float]] = []
 
     def forward(self, x):

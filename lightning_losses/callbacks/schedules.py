@@ -296,7 +296,8 @@ class HyperparameterSchedule(Callback):
     .. math:: \lambda_{\text{name}} \leftarrow s_{\text{name}}(t), \qquad t = \text{global step or epoch}
 
     Args:
-        schedules: Mapping from a dotted hyperparameter name (``"kd.temperature"``, ``"drop.p"``, ``"lr"``) to a
+        schedules: Mapping from a dotted hyperparameter name (``"kd.temperature"``, ``"lr"``, or an exposed
+            dropout rate such as ``"drop.p"``: ``pl_module.expose_hyperparameter("drop.p")``) to a
             :class:`Schedule` or any callable ``t -> float``.
         interval: ``"step"`` or ``"epoch"``.
         log: Whether to log the applied values.
@@ -377,9 +378,8 @@ class HyperparameterSchedule(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for name in self.schedules:
-            if name not in OPTIMIZER_HYPERPARAMETERS:
-                _hp.hyperparameter_spec(pl_module, name)  # raises KeyError listing the available names
+        # raises KeyError listing the available names (and how to expose a dropout rate)
+        _hp.require_hyperparameters(pl_module, list(self.schedules), user=type(self).__name__)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -186,8 +186,9 @@ class SelfTuning(Callback):
         \big[\mathcal L_{\text{val}}(w_\phi(\hat\lambda)) - \tau H\big]
 
     Args:
-        hyperparameters: Mapping from a dotted name (``"kd.temperature"``, ``"ls.amount"``, ``"drop.p"``) to a
-            :class:`TunedHyperparameter` (or ``None`` for the defaults: current value, registered bounds).
+        hyperparameters: Mapping from a dotted name (``"kd.temperature"``, ``"ls.amount"``, an exposed dropout
+            rate ``"drop.p"``) to a :class:`TunedHyperparameter` (or ``None`` for the defaults: current value,
+            registered bounds).
         warmup_steps: Training steps before the first hyper-step (weights still see perturbed hyperparameters).
         train_steps: Training steps between two rounds of hyper-steps.
         valid_steps: Hyper-steps per round.
@@ -320,6 +321,8 @@ class SelfTuning(Callback):
         if stage != "fit":
             return
         self.rank = int(trainer.global_rank)
+        # KeyError listing the available names (and how to expose a dropout rate)
+        _hp.require_hyperparameters(pl_module, [*self.names, *self.derived], user=type(self).__name__)
         self._keep_out_of_buffer_broadcast(pl_module)
         if self.hyperparameters is not None:
             return

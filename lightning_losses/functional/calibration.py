@@ -29,15 +29,21 @@ gradient equals the single-process gradient of that penalty. The functions defau
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import as_float32, hyperparameter_tensor
+from lightning_losses.utilities.checks import (
+    DeferredChecks,
+    check_choice,
+    check_hyperparameter,
+    check_targets,
+    finite_error,
+)
+from lightning_losses.utilities.distributed import all_gather_rows, all_reduce, rank_and_world_size
+from lightning_losses.utilities.numerics import as_float32, hyperparameter_tensor
 
 __all__ = [
     "adaptive_focal_loss",
@@ -68,79 +74,6 @@ _SUM_TOL = 1e-3
 def _sum_tolerance(dtype: torch.dtype) -> float:
     """Tolerance of a probability row's sum: ``1e-3``, or twice the machine epsilon of a half-precision input."""
     return max(_SUM_TOL, 2 * torch.finfo(dtype).eps)
-
-
-def _check_finite(x: Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"`{name}` holds {bad} non-finite values (NaN or inf). Pass finite logits or probabilities.")
-
-
-def _check_target_type(target: object, batch: int, name: str = "target") -> None:
-    """Shape and dtype of integer class indices (no value read, no device synchronisation)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"`{name}` must be a tensor of class indices, got {type(target).__name__}.")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(
-            f"`{name}` must be a 1-D integer tensor of {batch} class indices, got dtype {target.dtype}. "
-            "Pass integer labels (torch.long), not probabilities, booleans or one-hot rows."
-        )
-    if target.ndim != 1 or target.shape[0] != batch:
-        raise ValueError(
-            f"`{name}` must be a 1-D integer tensor of {batch} class indices, got dtype {target.dtype} and shape "
-            f"{tuple(target.shape)}."
-        )
-
-
-def _check_target_range(target: Tensor, num_classes: int, name: str = "target") -> None:
-    if target.numel():
-        low, high = (int(v) for v in torch.aminmax(target))
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"`{name}` holds class indices outside [0, {num_classes}): min {low}, max {high}. "
-                f"Pass labels in 0 .. {num_classes - 1}."
-            )
-
-
-def _check_targets(target: object, num_classes: int, batch: int, validate: bool = True, name: str = "target") -> None:
-    _check_target_type(target, batch, name)
-    if validate:
-        assert isinstance(target, Tensor)
-        _check_target_range(target, num_classes, name)
-
-
-def _check_number(value: float | Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    """Range check of a Python-number hyperparameter (tensors are checked on device by the caller)."""
-    if isinstance(value, Tensor):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number or a tensor, got {type(value).__name__}.")
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-        bound = f"be >= {low:g}" if not low_open and not math.isfinite(high) else f"lie in {interval}"
-        raise ValueError(f"`{name}` must {bound} and be finite, got {value!r}.")
-
-
-def _check_values(checks: Sequence[tuple[Tensor, str]]) -> None:
-    """Raise the message of the first check whose boolean ``bad`` tensor is true, with one device synchronisation."""
-    if not checks:
-        return
-    flags = torch.stack([bad.reshape(()) for bad, _ in checks]).tolist()
-    for flag, (_, message) in zip(flags, checks):
-        if flag:
-            raise ValueError(message)
-
-
-def _tensor_range_check(
-    t: Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False
-) -> tuple[Tensor, str]:
-    inside = (t > low) if low_open else (t >= low)
-    if math.isfinite(high):
-        inside = inside & (t <= high)
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
-    bound = f"be >= {low:g}" if not low_open and not math.isfinite(high) else f"lie in {interval}"
-    return ~inside.all(), f"`{name}` must {bound} and be finite (a tensor value was outside or NaN)."
 
 
 def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: bool = True) -> Tensor:
@@ -187,7 +120,9 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
     else:
         low, high = 0.0, 1.0
     if not (math.isfinite(low) and math.isfinite(high)):
-        _check_finite(x, "probs")
+        error = finite_error(x, "probs")
+        if error is not None:
+            raise error
     if input_type == "logits":
         if x.ndim == 1:
             p = torch.sigmoid(x)
@@ -217,7 +152,7 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
 
 def _prepare(probs: Tensor, target: Tensor, input_type: InputType, validate: bool = True) -> Tensor:
     p = to_probabilities(probs, input_type, validate)
-    _check_targets(target, p.shape[1], p.shape[0], validate)
+    check_targets(target, p.shape[1], p.shape[0], validate=validate)
     return p
 
 
@@ -226,15 +161,10 @@ def _check_bins(n_bins: int) -> None:
         raise ValueError(f"`n_bins` must be a positive integer, got {n_bins!r}.")
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-
-
 def _check_options(n_bins: int, norm: str = "l1", binning: str = "uniform") -> None:
     _check_bins(n_bins)
-    _check_choice("norm", norm, ("l1", "l2", "max"))
-    _check_choice("binning", binning, ("uniform", "quantile"))
+    check_choice("norm", norm, ("l1", "l2", "max"))
+    check_choice("binning", binning, ("uniform", "quantile"))
 
 
 def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
@@ -289,7 +219,7 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
 
     Empty bins contribute nothing. Returns float64 (one value per leading row).
     """
-    _check_choice("norm", norm, ("l1", "l2", "max"))
+    check_choice("norm", norm, ("l1", "l2", "max"))
     for name, t in (("count", count), ("conf_sum", conf_sum), ("acc_sum", acc_sum)):
         if not isinstance(t, Tensor) or t.ndim == 0:
             raise ValueError(f"`{name}` must be a tensor of per-bin sums (bins in the last dimension), got {t!r}.")
@@ -533,12 +463,12 @@ def negative_log_likelihood(
         >>> round(float(negative_log_likelihood(torch.tensor([[0.0, 0.0]]), torch.tensor([1]), "logits")), 4)
         0.6931
     """
-    _check_number(eps, "eps", 0.0, 1.0)
+    check_hyperparameter(eps, "eps", low=0.0, high=1.0)
     if input_type == "logits":
         to_probabilities(probs, "logits", validate_args)  # validation only
         (x,) = as_float32(probs)
         logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], dim=1) if x.ndim == 1 else F.log_softmax(x, dim=1)
-        _check_targets(target, logp.shape[1], logp.shape[0], validate_args)
+        check_targets(target, logp.shape[1], logp.shape[0], validate=validate_args)
     else:
         p = _prepare(probs, target, input_type, validate_args)
         logp = p.clamp_min(eps).log() if eps > 0 else p.log()
@@ -557,23 +487,20 @@ def _check_loss_inputs(logits: Tensor, target: Tensor) -> None:
         raise ValueError(f"`logits` must be a floating-point tensor of shape (N, C), got dtype {logits.dtype}.")
     if logits.ndim != 2 or logits.shape[1] < 1:
         raise ValueError(f"`logits` must have shape (N, C), got {tuple(logits.shape)}.")
-    _check_target_type(target, logits.shape[0])
+    check_targets(target, logits.shape[1], logits.shape[0], validate=False)
 
 
 def _logits_and_target(
-    logits: Tensor, target: Tensor, validate_args: bool = True, extra: Sequence[tuple[Tensor, str]] = ()
+    logits: Tensor, target: Tensor, validate_args: bool = True, checks: DeferredChecks | None = None
 ) -> Tensor:
-    """Check ``(N, C)`` logits and ``(N,)`` targets; with ``validate_args`` also the values (one synchronisation)."""
+    """Check ``(N, C)`` logits and ``(N,)`` targets; with ``validate_args`` also the values: targets in range and
+    finite logits, after the checks already queued on ``checks`` (one synchronisation for all)."""
     _check_loss_inputs(logits, target)
+    checks = checks if checks is not None else DeferredChecks()
     if validate_args:
-        num_classes = logits.shape[1]
-        checks: list[tuple[Tensor, str]] = list(extra)
-        if target.numel():
-            out_of_range = ((target < 0) | (target >= num_classes)).any()
-            message = f"`target` holds class indices outside [0, {num_classes}). Pass labels in 0 .. {num_classes - 1}."
-            checks.append((out_of_range, message))
-            checks.append((~torch.isfinite(logits).all(), "`logits` holds non-finite values (NaN or inf)."))
-        _check_values(checks)
+        check_targets(target, logits.shape[1], logits.shape[0], checks=checks)
+        checks.require_finite(logits, "logits")
+    checks.run()
     (x,) = as_float32(logits)
     return x
 
@@ -583,14 +510,18 @@ def _empty_loss(x: Tensor) -> Tensor:
     return x.sum() * 0.0
 
 
-def _hyper(value: float | Tensor, like: Tensor, name: str, low: float, high: float = math.inf, low_open: bool = False,
-           checks: list[tuple[Tensor, str]] | None = None) -> Tensor:  # fmt: skip
-    """Turn a hyperparameter into a tensor; Python numbers are checked here, tensors queued in ``checks``."""
-    _check_number(value, name, low, high, low_open)
-    t = hyperparameter_tensor(value, like, name)
-    if checks is not None and isinstance(value, Tensor):
-        checks.append(_tensor_range_check(t, name, low, high, low_open))
-    return t
+def _hyper(
+    value: float | Tensor,
+    like: Tensor,
+    name: str,
+    checks: DeferredChecks,
+    validate: bool,
+    *,
+    low: float = 0.0,
+    high: float | None = None,
+) -> Tensor:
+    """A hyperparameter in ``[low, high]`` as a scalar or per-sample tensor; a tensor's values queued on ``checks``."""
+    return hyperparameter_tensor(value, like, name, low=low, high=high, checks=checks, validate=validate)
 
 
 def _focal(x: Tensor, target: Tensor, g: Tensor) -> Tensor:
@@ -622,9 +553,9 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float | Tensor = 3.0, vali
         True
     """
     _check_loss_inputs(logits, target)
-    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
-    g = _hyper(gamma, logits[:, 0], "gamma", 0.0, checks=checks)
-    x = _logits_and_target(logits, target, validate_args, checks or ())
+    checks = DeferredChecks()
+    g = _hyper(gamma, logits[:, 0], "gamma", checks, validate_args)
+    x = _logits_and_target(logits, target, validate_args, checks)
     return _focal(x, target, g.to(x.dtype))
 
 
@@ -650,12 +581,11 @@ def adaptive_focal_loss(
         True
     """
     _check_loss_inputs(logits, target)
-    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
-    like = logits[:, 0]
-    low = _hyper(gamma_low, like, "gamma_low", 0.0, checks=checks)
-    high = _hyper(gamma_high, like, "gamma_high", 0.0, checks=checks)
-    t = _hyper(threshold, like, "threshold", 0.0, 1.0, checks=checks)
-    x = _logits_and_target(logits, target, validate_args, checks or ())
+    checks, like = DeferredChecks(), logits[:, 0]
+    low = _hyper(gamma_low, like, "gamma_low", checks, validate_args)
+    high = _hyper(gamma_high, like, "gamma_high", checks, validate_args)
+    t = _hyper(threshold, like, "threshold", checks, validate_args, high=1.0)
+    x = _logits_and_target(logits, target, validate_args, checks)
     return _adaptive_focal(x, target, low.to(x.dtype), high.to(x.dtype), t.to(x.dtype))
 
 
@@ -685,9 +615,9 @@ def label_smoothing_loss(
         True
     """
     _check_loss_inputs(logits, target)
-    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
-    eps = _hyper(smoothing, logits[:, 0], "smoothing", 0.0, 1.0, checks=checks)
-    x = _logits_and_target(logits, target, validate_args, checks or ())
+    checks = DeferredChecks()
+    eps = _hyper(smoothing, logits[:, 0], "smoothing", checks, validate_args, high=1.0)
+    x = _logits_and_target(logits, target, validate_args, checks)
     return _label_smoothing(x, target, eps.to(x.dtype))
 
 
@@ -702,41 +632,14 @@ def _label_smoothing(x: Tensor, target: Tensor, eps: Tensor) -> Tensor:
 # ----------------------------------------------------------------- batch-level penalties, optionally global
 
 
-def _sync_world(sync_dist: bool) -> int:
-    if sync_dist and dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+def _world_size(sync_dist: bool) -> int:
+    return rank_and_world_size()[1] if sync_dist else 1
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum over processes, differentiable (the backward sums the gradients of every process)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def _all_gather_rows(t: Tensor, world_size: int) -> Tensor:
-    """Concatenate every process's rows (any number per process, rank order), differentiable."""
-    from torch.distributed.nn.functional import all_gather
-
-    size = torch.tensor([t.shape[0]], device=t.device, dtype=torch.long)
-    sizes = [torch.empty_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    counts = [int(c) for c in torch.cat(sizes).tolist()]
-    rows = max(counts)
-    padded = F.pad(t, (0, 0) * (t.ndim - 1) + (0, rows - t.shape[0])) if rows > t.shape[0] else t
-    parts = all_gather(padded.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
-
-
-def _check_bandwidth(bandwidth: float | Tensor, checks: list[tuple[Tensor, str]] | None) -> None:
-    if isinstance(bandwidth, Tensor):
-        if bandwidth.ndim != 0:
-            raise ValueError(f"`bandwidth` must be a positive scalar, got a tensor of shape {tuple(bandwidth.shape)}.")
-        if checks is not None:
-            checks.append(_tensor_range_check(bandwidth, "bandwidth", 0.0, low_open=True))
-    else:
-        _check_number(bandwidth, "bandwidth", 0.0, low_open=True)
+def _check_bandwidth(bandwidth: float | Tensor, checks: DeferredChecks, validate: bool) -> None:
+    if isinstance(bandwidth, Tensor) and bandwidth.ndim != 0:
+        raise ValueError(f"`bandwidth` must be a positive scalar, got a tensor of shape {tuple(bandwidth.shape)}.")
+    check_hyperparameter(bandwidth, "bandwidth", low=0.0, low_inclusive=False, checks=checks, validate=validate)
 
 
 def mmce_loss(
@@ -771,9 +674,9 @@ def mmce_loss(
         >>> float(mmce_loss(torch.tensor([[10.0, -10.0]]), torch.tensor([0]))) < 1e-4
         True
     """
-    checks: list[tuple[Tensor, str]] | None = [] if validate_args else None
-    _check_bandwidth(bandwidth, checks)
-    x = _logits_and_target(logits, target, validate_args, checks or ())
+    checks = DeferredChecks()
+    _check_bandwidth(bandwidth, checks, validate_args)
+    x = _logits_and_target(logits, target, validate_args, checks)
     return _mmce(x, target, bandwidth, sync_dist)
 
 
@@ -781,9 +684,8 @@ def _mmce(x: Tensor, target: Tensor, bandwidth: float | Tensor, sync_dist: bool)
     p = F.softmax(x, dim=1)
     r, prediction = p.max(dim=1)
     c = (prediction == target).to(p.dtype)
-    world = _sync_world(sync_dist)
-    if world > 1:
-        both = _all_gather_rows(torch.stack([r, c], dim=1), world)
+    if _world_size(sync_dist) > 1:
+        both = all_gather_rows(torch.stack([r, c], dim=1), grad=True)
         r, c = both[:, 0], both[:, 1]
     if r.shape[0] == 0:
         return _empty_loss(x)
@@ -819,8 +721,8 @@ def _mdca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     sums = torch.cat(
         [p.sum(dim=0), F.one_hot(target, c).to(p.dtype).sum(dim=0), p.new_full((1,), float(p.shape[0]))]
     )
-    if _sync_world(sync_dist) > 1:
-        sums = _all_reduce_sum(sums)
+    if _world_size(sync_dist) > 1:
+        sums = all_reduce(sums, grad=True)
     # an empty (global) batch has zero sums: the clamp gives a zero connected to the graph, without a sync
     return ((sums[:c] - sums[c : 2 * c]) / sums[-1].clamp_min(1)).abs().mean()
 
@@ -847,6 +749,6 @@ def _dca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     p = F.softmax(x, dim=1)
     r, prediction = p.max(dim=1)
     sums = torch.stack([(prediction == target).to(p.dtype).sum(), r.sum(), p.new_tensor(float(p.shape[0]))])
-    if _sync_world(sync_dist) > 1:
-        sums = _all_reduce_sum(sums)
+    if _world_size(sync_dist) > 1:
+        sums = all_reduce(sums, grad=True)
     return ((sums[0] - sums[1]) / sums[2].clamp_min(1)).abs()

@@ -35,14 +35,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import (
+from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
-    check_hyperparameter,
     check_int,
     check_num_items,
+    check_reduction,
     check_tensor,
+)
+from lightning_losses.utilities.numerics import (
+    autocast_disabled,
+    autocast_dtype,
+    compute_dtype,
     divide_by_items,
+    hyperparameter_tensor,
+    kl_from_log_probs,
 )
 
 __all__ = [
@@ -95,10 +102,6 @@ class _HeadSpec:
     row_loss_and_grad: RowLossAndGrad | None = None
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _chunk_extras(extras: Sequence[Tensor], n_rows: int, start: int, stop: int) -> list[Tensor]:
     """Slice per-row extras (leading dimension ``n_rows``); 0-d extras are shared by every row."""
     return [e if e.ndim == 0 else e[start:stop] for e in extras]
@@ -133,11 +136,11 @@ def _chunk_loss_and_grads(
     Returns ``(loss, grad_logits, grad_extras)`` where ``grad_logits`` is the gradient with respect to the raw
     (pre-softcap) logits, in the accumulation dtype.
     """
-    acc = _accumulation_dtype(hidden.dtype)
+    acc = compute_dtype(hidden.dtype)
     # Everything here works on detached tensors: no autograd history may outlive the chunk (a history reaching the
     # gradient buffers would keep every chunk's logits alive).
     extras = [e.detach() for e in extras]
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+    with torch.no_grad(), autocast_disabled(hidden):
         raw = F.linear(hidden.detach(), weight.detach(), None if bias is None else bias.detach()).to(acc)
         if row_grad is None:
             logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
@@ -145,7 +148,7 @@ def _chunk_loss_and_grads(
         if spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad):
             loss, grad_raw = spec.row_loss_and_grad(raw, extras, row_grad)
             return loss, grad_raw, [None] * len(extras)
-    with torch.autocast(hidden.device.type, enabled=False), torch.enable_grad():
+    with autocast_disabled(hidden), torch.enable_grad():
         raw.requires_grad_(True)
         logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
         leaves = [e.requires_grad_(True) if need else e for e, need in zip(extras, extras_need_grad)]
@@ -165,7 +168,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         ctx: Any, spec: _HeadSpec, hidden: Tensor, weight: Tensor, bias: Tensor | None, *extras: Tensor
     ) -> Tensor:
         n = hidden.shape[0]
-        acc = _accumulation_dtype(hidden.dtype)
+        acc = compute_dtype(hidden.dtype)
         needs = [bool(x) and spec.grad_enabled for x in ctx.needs_input_grad[1:]]
         need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
         need_x = needs[3:]
@@ -234,7 +237,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         hidden, weight, bias, *extras = ctx.saved_tensors
         need_h, need_w, need_b, need_x = ctx.needs
         n = hidden.shape[0]
-        acc = _accumulation_dtype(hidden.dtype)
+        acc = compute_dtype(hidden.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
@@ -329,7 +332,7 @@ def _check_head(
             f"`{b}` must have shape (V,) = ({weight.shape[0]},) to match `{w}`, got shape {tuple(bias.shape)}."
         )
     dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-    if len(dtypes) > 1 and not _autocast_dtype(hidden.device.type):
+    if len(dtypes) > 1 and not autocast_dtype(hidden.device.type):
         raise ValueError(
             f"`{h}`, `{w}` and `{b}` must share one dtype, got {sorted(str(d) for d in dtypes)}. Cast them to the "
             "same dtype (or run under torch.autocast, which casts them to the autocast dtype)."
@@ -340,15 +343,9 @@ def _check_head(
             checks.require_finite(bias, b)
 
 
-def _autocast_dtype(device: str) -> torch.dtype | None:
-    if device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return None
-
-
 def _autocast_head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Under autocast, cast the matrix-product operands as ``F.linear`` would (the loss itself stays float32)."""
-    dtype = _autocast_dtype(hidden.device.type)
+    dtype = autocast_dtype(hidden.device.type)
     if dtype is not None:
         return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
     return hidden, weight, bias
@@ -404,16 +401,6 @@ def _check_labels(
     return valid
 
 
-def _check_reduction(reduction: str, num_items_in_batch: NumItems = None) -> None:
-    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
-    check_num_items(num_items_in_batch, validate=False)
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(
-            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}."
-        )
-
-
 def _check_chunk_size(chunk_size: int | None) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be a positive integer or None (automatic), got {chunk_size!r}.")
@@ -421,9 +408,9 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 
 def _per_row(
     value: float | Tensor,
-    lead_shape: torch.Size,
     like: Tensor,
     name: str,
+    lead_shape: torch.Size,
     *,
     low: float | None = None,
     low_inclusive: bool = False,
@@ -431,35 +418,24 @@ def _per_row(
     checks: DeferredChecks | None = None,
     validate: bool = True,
 ) -> Tensor:
-    """A hyperparameter as a 0-d tensor or one value per row (flattened over ``lead_shape``), keeping its graph.
+    """A hyperparameter as a 0-d tensor or one value per row of ``lead_shape`` (flattened), keeping its graph.
 
-    Accepted: a Python number, a 0-d tensor, one value per sample (``lead_shape[0]`` values, shared by the sample's
-    tokens) or one value per row (shape ``lead_shape``). A Python number becomes a tensor of the accumulation dtype
-    of ``like`` (float64 for float64 inputs), so it is not rounded to float32. The value must be finite and within
-    the bounds (``> low`` by default, ``>= low`` when ``low_inclusive``); a tensor is checked when ``validate``
-    (queued on ``checks`` when given).
+    A Python number (or an integer tensor) becomes a tensor of the accumulation dtype of ``like`` (float64 for float64
+    inputs), so it is not rounded to float32; a floating tensor keeps its dtype.
     """
-    check_hyperparameter(
-        value, name, low=low, high=high, low_inclusive=low_inclusive, checks=checks, validate=validate
-    )
-    if isinstance(value, Tensor):
-        t = value.to(like.device)
-        if not t.is_floating_point():
-            t = t.to(_accumulation_dtype(like.dtype))
-    else:
-        t = torch.tensor(float(value), device=like.device, dtype=_accumulation_dtype(like.dtype))
-    if t.ndim == 0:
-        return t
-    if t.shape == lead_shape:
-        return t.reshape(-1)
-    if t.ndim == 1 and t.shape[0] == lead_shape[0]:
-        rest = 1
-        for s in lead_shape[1:]:
-            rest *= s
-        return t.repeat_interleave(rest)
-    raise ValueError(
-        f"`{name}` must be a number, a 0-d tensor, one value per sample (shape ({lead_shape[0]},)) or one value per "
-        f"token (shape {tuple(lead_shape)}), got shape {tuple(t.shape)}."
+    return hyperparameter_tensor(
+        value,
+        like,
+        name,
+        low=low,
+        low_inclusive=low_inclusive,
+        high=high,
+        dtype=compute_dtype(like.dtype),
+        keep_tensor_dtype=True,
+        layout="row",
+        lead_shape=lead_shape,
+        checks=checks,
+        validate=validate,
     )
 
 
@@ -539,7 +515,7 @@ def _ce_like(
     """Shared body: returns ``(row_values_or_scalar, valid_index, n_valid)``."""
     checks = DeferredChecks() if validate_args else None
     _check_head(hidden, weight, bias, checks=checks)
-    _check_reduction(reduction, num_items_in_batch)
+    check_reduction(reduction, num_items_in_batch=num_items_in_batch)
     _check_chunk_size(chunk_size)
     _check_softcap(softcap)
     lead = hidden.shape[:-1]
@@ -547,11 +523,11 @@ def _ce_like(
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     hyper = []
     if temperature is not None:
-        hyper.append(_per_row(temperature, lead, hidden, "temperature", low=0.0, checks=checks, validate=validate_args))
+        hyper.append(_per_row(temperature, hidden, "temperature", lead, low=0.0, checks=checks, validate=validate_args))
     use_z = not (isinstance(z_loss, (int, float)) and not isinstance(z_loss, bool) and z_loss == 0)
     if use_z:
         hyper.append(
-            _per_row(z_loss, lead, hidden, "z_loss", low=0.0, low_inclusive=True, checks=checks, validate=validate_args)
+            _per_row(z_loss, hidden, "z_loss", lead, low=0.0, low_inclusive=True, checks=checks, validate=validate_args)
         )
     hidden, weight, bias = _autocast_head(hidden, weight, bias)
     index = valid.reshape(-1).nonzero().squeeze(1)
@@ -775,11 +751,6 @@ def linear_sequence_log_probs(
 _Mode = Literal["forward", "reverse", "mixture", "mixed"]
 
 
-def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ_j p_j (log p_j − log q_j) per row."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
 def _distillation_rows(
     mode: _Mode,
     teacher_weight: Tensor,
@@ -799,19 +770,20 @@ def _distillation_rows(
         log_s = torch.log_softmax(student, dim=-1)
         log_t = torch.log_softmax(teacher, dim=-1)
         if mode == "forward":
-            return _kl_rows(log_t, log_s)
+            return kl_from_log_probs(log_t, log_s)
         if mode == "reverse":
-            return _kl_rows(log_s, log_t)
+            return kl_from_log_probs(log_s, log_t)
         b = beta.to(student.dtype)
         b = b if b.ndim == 0 else b.unsqueeze(1)
         # log m = log((1 − β)·p_s + β·p_t); clamping only protects the β ∈ {0, 1} rows that torch.where discards.
         b_in = b.clamp(1e-12, 1 - 1e-12) if mode == "mixed" else b
         log_m = torch.logaddexp(log_s + torch.log1p(-b_in), log_t + torch.log(b_in))
-        mix = b.squeeze(-1) * _kl_rows(log_t, log_m) + (1 - b.squeeze(-1)) * _kl_rows(log_s, log_m)
+        mix = b.squeeze(-1) * kl_from_log_probs(log_t, log_m) + (1 - b.squeeze(-1)) * kl_from_log_probs(log_s, log_m)
         if mode == "mixture":
             return mix
         b_row = b.squeeze(-1).expand_as(mix)
-        return torch.where(b_row == 0, _kl_rows(log_t, log_s), torch.where(b_row == 1, _kl_rows(log_s, log_t), mix))
+        reverse = torch.where(b_row == 1, kl_from_log_probs(log_s, log_t), mix)
+        return torch.where(b_row == 0, kl_from_log_probs(log_t, log_s), reverse)
 
     return row_loss
 
@@ -856,7 +828,7 @@ def _distillation_rows_and_grad(
         b = beta.to(logits.dtype)
         b = b if b.ndim == 0 else b.unsqueeze(1)
         log_m = torch.logaddexp(log_s + torch.log1p(-b), log_t + torch.log(b))
-        teacher_term = (log_t.exp() * (log_t - log_m)).sum(-1)
+        teacher_term = kl_from_log_probs(log_t, log_m)
         r = log_s.sub_(log_m)
         student_term = (p * r).sum(-1)
         loss = b.squeeze(-1) * teacher_term + (1 - b.squeeze(-1)) * student_term
@@ -946,7 +918,7 @@ def linear_distillation_loss(
     checks = DeferredChecks() if validate_args else None
     _check_head(student_hidden, student_weight, student_bias, "student_", checks)
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_", checks)
-    _check_reduction(reduction, num_items_in_batch)
+    check_reduction(reduction, num_items_in_batch=num_items_in_batch)
     _check_chunk_size(chunk_size)
     _check_softcap(student_softcap, "student_softcap")
     _check_softcap(teacher_softcap, "teacher_softcap")
@@ -968,12 +940,12 @@ def linear_distillation_loss(
     else:
         valid = _check_labels(labels, lead, vs, ignore_index, "labels", checks, validate_args)
     beta_t = _per_row(
-        beta, lead, student_hidden, "beta", low=0.0, low_inclusive=True, high=1.0, checks=checks, validate=True
+        beta, student_hidden, "beta", lead, low=0.0, low_inclusive=True, high=1.0, checks=checks, validate=True
     )
     temperature_t = None
     if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 1):
         temperature_t = _per_row(
-            temperature, lead, student_hidden, "temperature", low=0.0, checks=checks, validate=validate_args
+            temperature, student_hidden, "temperature", lead, low=0.0, checks=checks, validate=validate_args
         )
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     b_detached = beta_t.detach()  # its range is always checked: the choice of branch below reads it anyway

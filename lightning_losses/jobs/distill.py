@@ -16,15 +16,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lightning_losses.jobs.common import (
-    ClassifierModule,
-    ConvNet,
-    ResultsTable,
-    Timer,
-    make_trainer,
-    mean_std,
-    pick_image_datamodule,
-)
+from lightning_losses.demos import ConvNet, image_datamodule
+from lightning_losses.jobs.common import MeanStd, ResultsTable, Timer, make_trainer, quiet_lightning, report
+from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.modules.distillation import DISTILLATION_DEFAULTS, DistillationModule
 from lightning_losses.nn.distillation import DualHeadClassifier
 
@@ -60,6 +54,11 @@ def _test_accuracy(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
 
 
 def run(args: argparse.Namespace) -> int:
+    with quiet_lightning():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (2 if args.quick else 10)
     teacher_epochs = args.teacher_epochs or (3 if args.quick else 8)
@@ -71,14 +70,15 @@ def run(args: argparse.Namespace) -> int:
     warmup = max(1, epochs // 4)
 
     pl.seed_everything(0, verbose=False)
-    datamodule = pick_image_datamodule(args.data, args.batch_size)
+    datamodule = image_datamodule(args.data, args.batch_size)
     teacher = ConvNet(width=TEACHER_WIDTH)
     with Timer() as teacher_time:
         trainer = make_trainer(teacher_epochs, progress=progress)
-        trainer.fit(ClassifierModule(teacher), datamodule=datamodule)
-    teacher_acc = _test_accuracy(trainer, ClassifierModule(teacher), datamodule)
+        trainer.fit(ClassificationModule(teacher), datamodule=datamodule)
+    teacher_acc = _test_accuracy(trainer, ClassificationModule(teacher), datamodule)
     Path(args.output).mkdir(parents=True, exist_ok=True)
-    torch.save(teacher.state_dict(), Path(args.output) / "teacher.pt")  # read by examples/distill.yaml
+    teacher_path = Path(args.output) / "teacher.pt"
+    torch.save(teacher.state_dict(), teacher_path)  # read by examples/distillation/config.yaml
     print(
         f"teacher: test accuracy {100 * teacher_acc:.2f} % after {teacher_epochs} epochs ({teacher_time.seconds:.1f} s)"
     )
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     table = ResultsTable(
         "Distillation on " + type(datamodule).__name__.replace("DataModule", ""),
         ["method", "student acc % (mean ± std)", "teacher acc %", "seeds", "epochs", "s / run"],
+        formats={"teacher acc %": ".2f", "s / run": ".1f"},
     )
     for method in methods:
         accuracies: list[float] = []
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             pl.seed_everything(seed, verbose=False)
             module: pl.LightningModule
             if method == "ce":
-                module = ClassifierModule(_student(method))
+                module = ClassificationModule(_student(method))
             else:
                 options: dict[str, Any] = {}
                 if DISTILLATION_DEFAULTS[method].get("warmup_epochs", 0):
@@ -118,11 +119,11 @@ def run(args: argparse.Namespace) -> int:
         table.add(
             **{
                 "method": method,
-                "student acc % (mean ± std)": mean_std(accuracies),
-                "teacher acc %": f"{100 * teacher_acc:.2f}",
+                "student acc % (mean ± std)": MeanStd.of(accuracies, scale=100.0),
+                "teacher acc %": 100 * teacher_acc,
                 "seeds": seeds,
                 "epochs": epochs,
-                "s / run": f"{statistics.fmean(times):.1f}",
+                "s / run": statistics.fmean(times),
             }
         )
     preamble = (
@@ -131,9 +132,6 @@ def run(args: argparse.Namespace) -> int:
         f"parameters); SGD 0.05 with cosine decay and gradient-norm clipping at {GRADIENT_CLIP:g}; paper loss "
         f"weights; warm-up shortened to {warmup} epoch(s) for the short schedule; teacher outputs cached by index."
     )
-    print()
-    print(preamble)
-    print(table.markdown())
     path = table.write(args.output, "distill" + ("_quick" if args.quick else ""), preamble)
-    print(f"\nwritten to {path}")
+    report(table, preamble, [path, path.with_suffix(".json"), teacher_path])
     return 0

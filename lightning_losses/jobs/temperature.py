@@ -20,38 +20,39 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from lightning_losses.jobs.common import ConvNet, ResultsTable, make_trainer
+from lightning_losses.demos import ConvNet, symmetric_label_noise
+from lightning_losses.jobs.common import ResultsTable, make_trainer, quiet_lightning, report
 from lightning_losses.losses.temperature import ALDRKLLoss, LDRKLLoss
+from lightning_losses.modules.classification import ClassificationModule
+from lightning_losses.utilities.checks import check_choice
 
 __all__ = ["NoisyLabelClassifier", "add_arguments", "run", "symmetric_label_noise"]
 
 LossName = Literal["ce", "ldr_kl", "aldr_kl"]
 
 
-def symmetric_label_noise(targets: Tensor, rate: float, num_classes: int, seed: int = 0) -> Tensor:
-    """Return a copy of ``targets`` where a fraction ``rate`` of the labels is replaced by a different class.
-
-    Example:
-        >>> y = torch.arange(10).repeat(10)
-        >>> noisy = symmetric_label_noise(y, 0.2, 10)
-        >>> int((noisy != y).sum())
-        20
-    """
-    if not 0 <= rate < 1:
-        raise ValueError(f"`rate` must lie in [0, 1), got {rate}.")
-    gen = torch.Generator().manual_seed(seed)
-    noisy = targets.clone()
-    flip = torch.randperm(len(targets), generator=gen)[: round(rate * len(targets))]
-    shift = torch.randint(1, num_classes, (len(flip),), generator=gen)
-    noisy[flip] = (targets[flip] + shift) % num_classes
-    return noisy
+def _robust_loss(loss: LossName, num_samples: int, lam: float, lam0: float, alpha: float, margin: float) -> Any:
+    check_choice("loss", loss, ("ce", "ldr_kl", "aldr_kl"))
+    if loss == "ldr_kl":
+        return LDRKLLoss(lam=lam, margin=margin)
+    if loss == "aldr_kl":
+        return ALDRKLLoss(num_samples, lam0=lam0, alpha=alpha, margin=margin)
+    return None  # cross-entropy
 
 
-class NoisyLabelClassifier(pl.LightningModule):
-    """A classifier trained with CE, LDR-KL or ALDR-KL (per-sample λ stored by dataset index).
+def _num_outputs(model: torch.nn.Module) -> int:
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError("Cannot infer the number of classes of a model without an nn.Linear: pass `num_classes`.")
+    return linears[-1].out_features
+
+
+class NoisyLabelClassifier(ClassificationModule):
+    """:class:`~lightning_losses.ClassificationModule` with CE, LDR-KL or ALDR-KL (per-sample λ by dataset index)
+    and Adam at a constant learning rate: the classifier of the noisy-label part of the job.
+
+    ``num_classes`` defaults to the width of the model's last linear layer.
 
     Example:
         >>> module = NoisyLabelClassifier(torch.nn.Linear(4, 3), loss="aldr_kl", num_samples=10)
@@ -70,26 +71,25 @@ class NoisyLabelClassifier(pl.LightningModule):
         lam0: float = 10.0,
         alpha: float = 2.0,
         margin: float = 0.1,
+        num_classes: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model, self.loss_name, self.lr = model, loss, lr
-        self.ldr = LDRKLLoss(lam=lam, margin=margin)
-        self.aldr = ALDRKLLoss(num_samples, lam0=lam0, alpha=alpha, margin=margin)
+        super().__init__(
+            model,
+            loss=_robust_loss(loss, num_samples, lam, lam0, alpha, margin),
+            num_classes=_num_outputs(model) if num_classes is None else num_classes,
+            optimizer="adam",
+            lr=lr,
+            weight_decay=0.0,
+            scheduler="none",
+        )
+        self.loss_name = loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y, index = batch
-        logits = self.model(x)
-        if self.loss_name == "ce":
-            loss = F.cross_entropy(logits, y)
-        elif self.loss_name == "ldr_kl":
-            loss = self.ldr(logits, y)
-        else:
-            loss = self.aldr(logits, y, index)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+    @property
+    def aldr(self) -> ALDRKLLoss:
+        """The ALDR-KL loss (with its per-sample λ) of a ``loss="aldr_kl"`` classifier."""
+        if not isinstance(self.loss, ALDRKLLoss):
+            raise AttributeError(f"This classifier trains with {self.loss_name!r}, not 'aldr_kl'.")
+        return self.loss
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def _accuracy(model: torch.nn.Module, loader: Any) -> float:
 
 def _lm_part(args: argparse.Namespace, out: Path) -> ResultsTable:
     from lightning_losses.data.shakespeare import ShakespeareDataModule
-    from lightning_losses.jobs.language import CausalLMModule, build_gpt2
+    from lightning_losses.demos import CausalLMModule, build_gpt2
     from lightning_losses.modules.temperature import TempNetModule
 
     quick = args.quick
@@ -130,6 +130,14 @@ def _lm_part(args: argparse.Namespace, out: Path) -> ResultsTable:
     table = ResultsTable(
         "Shakespeare LM: fixed temperature vs TempNet + KL-DRO",
         ["method", "steps", "val ppl (τ=1)", "val ppl (TempNet τ)", "τ mean", "τ min", "τ max", "s/step"],
+        formats={
+            "val ppl (τ=1)": ".2f",
+            "val ppl (TempNet τ)": ".2f",
+            "τ mean": ".3f",
+            "τ min": ".3f",
+            "τ max": ".3f",
+            "s/step": ".3f",
+        },
     )
 
     def fit(module: pl.LightningModule, n_steps: int) -> tuple[dict[str, float], float]:
@@ -145,19 +153,16 @@ def _lm_part(args: argparse.Namespace, out: Path) -> ResultsTable:
         return {k: float(v) for k, v in evaluator.callback_metrics.items()}, per_step
 
     def row(name: str, n_steps: int, metrics: dict[str, float], per_step: float) -> None:
-        def fmt(key: str, digits: int = 2) -> str:
-            return f"{metrics[key]:.{digits}f}" if key in metrics else "n/a"
-
         table.add(
             method=name,
             steps=n_steps,
             **{
-                "val ppl (τ=1)": fmt("val/ppl"),
-                "val ppl (TempNet τ)": fmt("val/ppl_tempnet"),
-                "τ mean": fmt("val/tau_mean", 3),
-                "τ min": fmt("val/tau_min", 3),
-                "τ max": fmt("val/tau_max", 3),
-                "s/step": f"{per_step:.3f}",
+                "val ppl (τ=1)": metrics.get("val/ppl"),
+                "val ppl (TempNet τ)": metrics.get("val/ppl_tempnet"),
+                "τ mean": metrics.get("val/tau_mean"),
+                "τ min": metrics.get("val/tau_min"),
+                "τ max": metrics.get("val/tau_max"),
+                "s/step": per_step,
             },
         )
 
@@ -196,9 +201,11 @@ def _mnist_part(args: argparse.Namespace) -> ResultsTable:
     table = ResultsTable(
         "MNIST 5k with symmetric label noise: clean test accuracy (%)",
         ["loss", *[f"{int(100 * r)} % noise" for r in rates]],
+        formats={f"{int(100 * r)} % noise": ".2f" for r in rates},
     )
-    results: dict[str, dict[str, str]] = {name: {} for name in ("ce", "ldr_kl", "aldr_kl")}
-    lambda_stats: dict[str, str] = {}
+    results: dict[str, dict[str, float]] = {name: {} for name in ("ce", "ldr_kl", "aldr_kl")}
+    lambda_mean: dict[str, float] = {}
+    lambda_min: dict[str, float] = {}
     for rate in rates:
         train.targets = symmetric_label_noise(clean, rate, 10, seed=args.seed)
         for name in results:
@@ -208,15 +215,16 @@ def _mnist_part(args: argparse.Namespace) -> ResultsTable:
             make_trainer(epochs, progress=False, num_sanity_val_steps=0, limit_val_batches=0).fit(
                 module, dm.train_dataloader()
             )
-            results[name][f"{int(100 * rate)} % noise"] = f"{100 * _accuracy(net, dm.test_dataloader()):.2f}"
+            results[name][f"{int(100 * rate)} % noise"] = 100 * _accuracy(net, dm.test_dataloader())
             if name == "aldr_kl":  # the per-sample λ after training, on the samples seen (λ0 = never updated)
-                lambdas = module.aldr.lambdas
-                lambda_stats[f"{int(100 * rate)} % noise"] = f"{float(lambdas.mean()):.3f} / {float(lambdas.min()):.3f}"
+                lambda_mean[f"{int(100 * rate)} % noise"] = float(module.aldr.lambdas.mean())
+                lambda_min[f"{int(100 * rate)} % noise"] = float(module.aldr.lambdas.min())
     train.targets = clean
     labels = {"ce": "cross-entropy", "ldr_kl": "LDR-KL (λ=1)", "aldr_kl": "ALDR-KL (λ0=10, α=2)"}
     for name, row in results.items():
         table.add(loss=labels[name], **row)
-    table.add(loss="ALDR-KL: final per-sample λ, mean / min (range [5, 10])", **lambda_stats)
+    table.add(loss="ALDR-KL: final per-sample λ, mean (range [5, 10])", **lambda_mean)
+    table.add(loss="ALDR-KL: final per-sample λ, min", **lambda_min)
     return table
 
 
@@ -252,14 +260,15 @@ def run(args: argparse.Namespace) -> int:
     """Run the job and write ``lm.md`` / ``mnist.md`` (and JSON) under ``--output``."""
     out = Path(args.output)
     torch.set_float32_matmul_precision("high")
-    if not args.skip_lm:
-        table = _lm_part(args, out)
-        print(table.markdown(), flush=True)
-        table.write(
-            out, "lm", preamble="Validation = held-out tails of the plays; ppl (TempNet τ) divides logits by τ."
-        )
-    if not args.skip_mnist:
-        table = _mnist_part(args)
-        print(table.markdown(), flush=True)
-        table.write(out, "mnist", preamble="Training labels corrupted; test labels clean.")
+    parts: list[tuple[ResultsTable, str, str]] = []
+    with quiet_lightning():
+        if not args.skip_lm:
+            note = "Validation = held-out tails of the plays; ppl (TempNet τ) divides logits by τ."
+            parts.append((_lm_part(args, out), "lm", note))
+        if not args.skip_mnist:
+            parts.append((_mnist_part(args), "mnist", "Training labels corrupted; test labels clean."))
+    for i, (table, stem, note) in enumerate(parts):
+        path = table.write(out, stem, preamble=note)
+        print(f"\n## {table.title}" if i else f"## {table.title}")
+        report(table, note, [path, path.with_suffix(".json")])
     return 0

@@ -22,50 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_losses._utils import require
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter
-from lightning_losses.jobs.common import ClassifierModule, ConvNet, ResultsTable, Timer, make_trainer
-from lightning_losses.nn.stn import HyperConv2d, HyperLinear
+from lightning_losses.demos import ConvNet, HyperConvNet
+from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
+from lightning_losses.modules.classification import ClassificationModule
 
 __all__ = ["HyperConvNet", "add_arguments", "run"]
 
 TEACHER_WIDTH, STUDENT_WIDTH = 32, 4
 DEFAULT_T, DEFAULT_ALPHA = 4.0, 0.9
 GRID = [(t, a) for t in (2.0, 8.0) for a in (0.5, 0.9)]
-
-
-class HyperConvNet(nn.Module):
-    """The jobs' ConvNet with STN hyper-layers: both convolutions and both linear layers are gated by the
-    hyperparameters (the batch norms, pooling and activations are unchanged).
-
-    Example:
-        >>> import torch
-        >>> from lightning_losses.nn.stn import condition_hyper_layers
-        >>> net = HyperConvNet(width=4, num_hyperparameters=2)
-        >>> condition_hyper_layers(net, torch.zeros(2))
-        4
-        >>> tuple(net(torch.zeros(5, 1, 28, 28)).shape)
-        (5, 10)
-    """
-
-    def __init__(self, width: int = 4, num_hyperparameters: int = 2, num_classes: int = 10) -> None:
-        super().__init__()
-        k = num_hyperparameters
-        self.conv1 = HyperConv2d(1, width, 3, k, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = HyperConv2d(width, 2 * width, 3, k, padding=1)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.embed = HyperLinear(18 * width, 4 * width, k)
-        self.fc = HyperLinear(4 * width, num_classes, k)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.adaptive_avg_pool2d(x, 3).flatten(1)
-        return self.fc(F.relu(self.embed(x)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +123,11 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -
 
 
 def run(args: argparse.Namespace) -> int:
+    with quiet_lightning():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (2 if args.quick else 6)
     teacher_epochs = args.teacher_epochs or (2 if args.quick else 6)
     subset = args.train_subset
@@ -168,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     pl.seed_everything(0, verbose=False)
     teacher = ConvNet(width=TEACHER_WIDTH)
     with Timer() as teacher_time:
-        teacher_module = ClassifierModule(teacher)
+        teacher_module = ClassificationModule(teacher)
         trainer = make_trainer(teacher_epochs, progress=False)
         trainer.fit(teacher_module, datamodule=data_factory())
     (teacher_metrics,) = trainer.test(teacher_module, datamodule=data_factory(), verbose=False)
@@ -178,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     table = ResultsTable(
         "Tuning the KD temperature and weight on MNIST 5k",
         ["method", "student test acc %", "val acc %", "compute (student epochs)", "wall s", "final T", "final α"],
+        formats={"student test acc %": ".2f", "val acc %": ".2f", "wall s": ".1f", "final T": ".2f", "final α": ".2f"},
     )
     curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
 
@@ -185,12 +160,12 @@ def run(args: argparse.Namespace) -> int:
         table.add(
             **{
                 "method": method,
-                "student test acc %": f"{100 * test:.2f}",
-                "val acc %": f"{100 * val:.2f}",
+                "student test acc %": 100 * test,
+                "val acc %": 100 * val,
                 "compute (student epochs)": compute,
-                "wall s": f"{seconds:.1f}",
-                "final T": f"{t:.2f}",
-                "final α": f"{a:.2f}",
+                "wall s": seconds,
+                "final T": t,
+                "final α": a,
             }
         )
         print(f"{method}: test accuracy {100 * test:.2f} % (T {t:.2f}, α {a:.2f}, {seconds:.1f} s)")
@@ -330,18 +305,16 @@ def run(args: argparse.Namespace) -> int:
         "α ∈ [0.05, 0.95]. STN: the student's convolutions and classifier are hyper-layers conditioned on (T, α); "
         "2 training steps per hyper-step after half an epoch of warm-up, hyper Adam 0.02."
     )
-    print()
-    print(preamble)
-    print(table.markdown())
     stem = "tune" + ("_quick" if args.quick else "")
     path = table.write(output, stem, preamble)
+    written: list[Path] = [path, path.with_suffix(".json")]
     if curves:
         try:
             _plot(curves, output / f"{stem}_schedules.png")
-            print(f"schedules plotted to {output / f'{stem}_schedules.png'}")
+            written.append(output / f"{stem}_schedules.png")
         except ImportError as err:
             print(f"no plot: {err}")
-    print(f"written to {path}")
+    report(table, preamble, written)
     return 0
 
 

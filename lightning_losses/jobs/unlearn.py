@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
-from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer
+from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
 
 METHODS = ("ga", "graddiff", "npo", "npo_rt", "simnpo", "flat")
 
@@ -130,7 +130,7 @@ class _PeakRSS:
 def _train_lm(model: nn.Module, loader: DataLoader, epochs: int, seed: int, progress: bool) -> None:
     import lightning.pytorch as pl
 
-    from lightning_losses.jobs.language import CausalLMModule
+    from lightning_losses.demos import CausalLMModule
 
     pl.seed_everything(seed, verbose=False)
     module = CausalLMModule(model, lr=3e-3, weight_decay=0.01)
@@ -150,7 +150,7 @@ def _cached_model(
     path: Path, cfg: dict[str, Any], label: str, train: Any = None, start: nn.Module | None = None
 ) -> nn.Module:
     """The model cached at ``path``, else ``start`` (or a fresh model) trained by ``train(model)``, then saved."""
-    from lightning_losses.jobs.language import build_gpt2
+    from lightning_losses.demos import build_gpt2
 
     model = build_gpt2(cfg["vocab"], cfg["layers"], cfg["width"], cfg["heads"], cfg["block"], seed=cfg["seed"])
     if path.exists():
@@ -233,20 +233,35 @@ def _evaluate(module: Any, val: list[DataLoader], reference: Tensor | None, prog
 
 
 def _row(table: ResultsTable, name: str, r: dict[str, Any], seconds: float, peak: float) -> None:
-    fq = r.get("forget_quality")
     table.add(
         method=name,
-        forget_nll=f"{r['forget_nll']:.3f}",
-        retain_nll=f"{r['retain_nll']:.3f}",
-        heldout_nll=f"{r['heldout_nll']:.3f}",
-        mia_auc=f"{r.get('mia_auc_min_k_plus_plus', float('nan')):.3f}",
-        forget_quality="n/a" if fq is None else f"{fq:.2e}",
-        time_s="-" if seconds != seconds else f"{seconds:.1f}",
-        peak_mib="-" if peak != peak else f"{peak:.0f}",
+        forget_nll=float(r["forget_nll"]),
+        retain_nll=float(r["retain_nll"]),
+        heldout_nll=float(r["heldout_nll"]),
+        mia_auc=float(r.get("mia_auc_min_k_plus_plus", float("nan"))),
+        forget_quality=None if r.get("forget_quality") is None else float(r["forget_quality"]),
+        time_s=seconds,
+        peak_mib=peak,
     )
 
 
+FORMATS = {
+    "forget_nll": ".3f",
+    "retain_nll": ".3f",
+    "heldout_nll": ".3f",
+    "mia_auc": ".3f",
+    "forget_quality": ".2e",
+    "time_s": ".1f",
+    "peak_mib": ".0f",
+}
+
+
 def run(args: argparse.Namespace) -> int:
+    with quiet_lightning():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
     from lightning_losses.data.unlearning import UnlearningDataModule
@@ -283,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
     table = ResultsTable(
         f"Unlearning '{cfg['play']}' from a {cfg['layers']}-layer, {cfg['width']}-wide GPT-2 (LoRA r={args.lora_rank})",
         ["method", "forget_nll", "retain_nll", "heldout_nll", "mia_auc", "forget_quality", "time_s", "peak_mib"],
+        formats=FORMATS,
     )
     retain_eval = _evaluate(UnlearningModule(retain_model, method="ga"), val, None, progress)
     reference = retain_eval.pop("_forget_loss")
@@ -302,7 +318,11 @@ def run(args: argparse.Namespace) -> int:
             trainer.fit(module, train_dataloaders=dm.train_dataloader())
         result = _evaluate(module, val, reference, progress)
         _row(table, method, result, timer.seconds, peak.peak_mib)
-        print(f"[unlearn] {method}: {table.rows[-1]}")
+        row = table.rows[-1]
+        print(
+            f"[unlearn] {method}: forget NLL {row['forget_nll']:.3f}, retain NLL {row['retain_nll']:.3f} "
+            f"({timer.seconds:.1f} s)"
+        )
     preamble = (
         f"Forget set: {len(forget)} blocks of {cfg['play']} ({cfg['block']} tokens each); retain: {len(retain)} blocks "
         f"of the other plays; evaluation on {cfg['eval']} blocks per split. Original model: pretrained on the retain "
@@ -321,6 +341,5 @@ def run(args: argparse.Namespace) -> int:
         "run (peak resident memory above the start on CPU)."
     )
     path = table.write(out, "unlearn-quick" if args.quick else "unlearn", preamble)
-    print(table.markdown())
-    print(f"[unlearn] table written to {path}")
+    report(table, preamble, [path, path.with_suffix(".json"), cache])
     return 0

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_losses._utils import hyperparameter_tensor
 from lightning_losses.functional.calibration import (
     _adaptive_focal,
     _dca,
@@ -39,6 +37,7 @@ from lightning_losses.functional.calibration import (
     _mmce,
 )
 from lightning_losses.losses.base import LossModule
+from lightning_losses.utilities.numerics import as_float32, hyperparameter_tensor
 
 __all__ = [
     "CALIBRATION_LOSSES",
@@ -172,7 +171,7 @@ class CalibrationPenaltyLoss(LossModule):
         """The base term: the injected loss, or cross-entropy in float32 (zero for an empty batch)."""
         if self.base is not None:
             return self.base(logits, target)
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        (x,) = as_float32(logits)
         return F.cross_entropy(x, target) if x.shape[0] else _empty_loss(x)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from lightning_losses._utils import NumItems, check_hyperparameter, check_int, check_tensor
 from lightning_losses.functional.temperature import (
     aldr_kl_lambda,
     aldr_kl_loss,
@@ -22,34 +20,24 @@ from lightning_losses.functional.temperature import (
     ldr_kl_loss,
 )
 from lightning_losses.losses.base import LossModule
+from lightning_losses.utilities.checks import NumItems, check_hyperparameter, check_int, check_tensor
+from lightning_losses.utilities.distributed import all_gather_rows, all_gather_sizes, rank_and_world_size
+from lightning_losses.utilities.numerics import autocast_disabled, hyperparameter_tensor
 
 __all__ = ["ALDRKLLoss", "DROTemperatureLoss", "LDRKLLoss", "RobustContrastiveLoss"]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_no_grad(tensor: Tensor, world_size: int) -> Tensor:
-    """Concatenate equal-shaped ``tensor`` of every rank along dim 0 (rank order), without gradient."""
+def _check_equal_local_batches(size: int, world_size: int, device: torch.device) -> list[int]:
+    """Every rank's local batch size (one all-gather), which must be the same everywhere."""
     if world_size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size)]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
-
-
-def _check_equal_local_batches(size: int, world_size: int, device: torch.device) -> None:
-    if world_size == 1:
-        return
-    sizes = _gather_no_grad(torch.tensor([size], device=device), world_size)
-    if bool((sizes != size).any()):
+        return [size]
+    sizes = all_gather_sizes(size, device)
+    if any(s != size for s in sizes):
         raise ValueError(
-            f"Every rank must give the same local batch size to gather features, got {sizes.tolist()}. "
+            f"Every rank must give the same local batch size to gather features, got {sizes}. "
             "Use `drop_last=True` in the training DataLoader (or a DistributedSampler with drop_last=True)."
         )
+    return sizes
 
 
 def _check_settings(**values: object) -> None:
@@ -210,10 +198,10 @@ class ALDRKLLoss(LossModule):
 
     @torch.no_grad()
     def _store(self, index: Tensor, lam: Tensor) -> None:
-        _, world_size = _world()
-        _check_equal_local_batches(index.shape[0], world_size, index.device)
-        all_index = _gather_no_grad(index.to(self.lambdas.device), world_size)
-        all_lam = _gather_no_grad(lam.to(self.lambdas), world_size)
+        _, world_size = rank_and_world_size()
+        sizes = _check_equal_local_batches(index.shape[0], world_size, index.device)
+        all_index = all_gather_rows(index.to(self.lambdas.device), sizes=sizes)
+        all_lam = all_gather_rows(lam.to(self.lambdas), sizes=sizes)
         self.lambdas[all_index] = all_lam
 
 
@@ -291,14 +279,9 @@ class RobustContrastiveLoss(LossModule):
         x, t = image_features.float(), text_features.float()
         local = x.shape[0]
         _check_index(index, self.num_samples, local)
-        rank, world_size = _world()
-        _check_equal_local_batches(local, world_size, x.device)
-        if world_size > 1:
-            from torch.distributed.nn.functional import all_gather
-
-            x_all, t_all = torch.cat(all_gather(x)), torch.cat(all_gather(t))
-        else:
-            x_all, t_all = x, t
+        rank, world_size = rank_and_world_size()
+        sizes = _check_equal_local_batches(local, world_size, x.device)
+        x_all, t_all = all_gather_rows(x, grad=True, sizes=sizes), all_gather_rows(t, grad=True, sizes=sizes)
         total = x_all.shape[0]
         m = total - 1
         rho = self.rho.to(x)
@@ -312,8 +295,7 @@ class RobustContrastiveLoss(LossModule):
         positive = (x * t).sum(1)
         taus = []
         for tau, name in ((tau_image, "tau_image"), (tau_text, "tau_text")):
-            check_hyperparameter(tau, name, low=0.0, low_inclusive=False)
-            tau_t = torch.as_tensor(tau, device=x.device, dtype=torch.float32)
+            tau_t = hyperparameter_tensor(tau, x, name, positive=True, dtype=torch.float32, layout="any")
             if tau_t.ndim != 0 and tau_t.shape != (local,):
                 raise ValueError(
                     f"`{name}` must be a number or one temperature per local sample (shape ({local},)), got shape "
@@ -321,11 +303,11 @@ class RobustContrastiveLoss(LossModule):
                 )
             taus.append(tau_t.expand(local) if tau_t.ndim == 0 else tau_t.float())
         terms = []
-        with torch.autocast(x.device.type, enabled=False):  # similarities in float32 under any autocast
+        with autocast_disabled(x):  # similarities in float32 under any autocast
             sims = (x @ t_all.T, t @ x_all.T)
         for side, sim, tau_t in (("image", sims[0], taus[0]), ("text", sims[1], taus[1])):
             margins = sim - positive[:, None]
-            terms.append(self._anchor_terms(side, margins, tau_t, index, own, rho, m, world_size))
+            terms.append(self._anchor_terms(side, margins, tau_t, index, own, rho, m, sizes))
         return terms[0].mean() + terms[1].mean()
 
     def _anchor_terms(
@@ -337,7 +319,7 @@ class RobustContrastiveLoss(LossModule):
         own: Tensor,
         rho: Tensor,
         m: int,
-        world_size: int,
+        sizes: list[int],
     ) -> Tensor:
         s_buf, b_buf = getattr(self, f"{side}_s"), getattr(self, f"{side}_b")
         tau_d = tau.detach()
@@ -356,7 +338,7 @@ class RobustContrastiveLoss(LossModule):
                 g = torch.exp(scaled - b_new[:, None]).sum(dim=1)
                 carried = torch.where(seen, decay * torch.exp(b_old - b_new), torch.zeros_like(g))
                 s_new = carried + torch.where(seen, gamma, torch.ones_like(gamma)) * g
-                self._store(side, index, s_new, b_new, world_size)
+                self._store(side, index, s_new, b_new, sizes)
             else:
                 b_new = batch_max
                 s_new = torch.exp(scaled - b_new[:, None]).sum(dim=1)
@@ -370,8 +352,8 @@ class RobustContrastiveLoss(LossModule):
         return value + surrogate - surrogate.detach()
 
     @torch.no_grad()
-    def _store(self, side: str, index: Tensor, s_new: Tensor, b_new: Tensor, world_size: int) -> None:
+    def _store(self, side: str, index: Tensor, s_new: Tensor, b_new: Tensor, sizes: list[int]) -> None:
         s_buf, b_buf = getattr(self, f"{side}_s"), getattr(self, f"{side}_b")
-        all_index = _gather_no_grad(index.to(s_buf.device), world_size)
-        s_buf[all_index] = _gather_no_grad(s_new.to(s_buf), world_size)
-        b_buf[all_index] = _gather_no_grad(b_new.to(b_buf), world_size)
+        all_index = all_gather_rows(index.to(s_buf.device), sizes=sizes)
+        s_buf[all_index] = all_gather_rows(s_new.to(s_buf), sizes=sizes)
+        b_buf[all_index] = all_gather_rows(b_new.to(b_buf), sizes=sizes)

@@ -30,14 +30,14 @@ from lightning_losses.functional.calibration import (
     _ace_from_bins,
     _binned_sums,
     _check_bins,
-    _check_choice,
-    _check_number,
     _debiased_from_bins,
     _equal_mass_error,
     _ks_from_samples,
     _prepare,
     calibration_error_from_bins,
 )
+from lightning_losses.utilities.checks import check_choice, check_hyperparameter
+from lightning_losses.utilities.numerics import as_float32
 
 __all__ = [
     "AverageCalibrationError",
@@ -73,8 +73,8 @@ class _BinnedMetric(Metric):
     ) -> None:
         super().__init__(**kwargs)
         _check_bins(n_bins)
-        _check_choice("binning", binning, ("uniform", "quantile"))
-        _check_choice("input_type", input_type, ("probs", "logits"))
+        check_choice("binning", binning, ("uniform", "quantile"))
+        check_choice("input_type", input_type, ("probs", "logits"))
         self.n_bins, self.binning, self.input_type = n_bins, binning, input_type
         self.validate_args = validate_args
         if binning == "uniform":
@@ -145,7 +145,7 @@ class CalibrationError(_BinnedMetric):
         **kwargs: Any,
     ) -> None:
         super().__init__(n_bins, binning, input_type, validate_args, **kwargs)
-        _check_choice("norm", norm, ("l1", "l2", "max"))
+        check_choice("norm", norm, ("l1", "l2", "max"))
         self.norm: Norm = norm
 
     def compute(self) -> Tensor:
@@ -266,8 +266,8 @@ class ClasswiseCalibrationError(Metric):
         self.validate_args = validate_args
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
-        _check_choice("norm", norm, ("l1", "l2", "max"))
-        _check_choice("input_type", input_type, ("probs", "logits"))
+        check_choice("norm", norm, ("l1", "l2", "max"))
+        check_choice("input_type", input_type, ("probs", "logits"))
         self.num_classes, self.n_bins, self.norm, self.input_type = num_classes, n_bins, norm, input_type
         for name in ("count", "confidence_sum", "correct_sum"):
             self.add_state(name, torch.zeros(num_classes, n_bins, dtype=torch.float64), dist_reduce_fx="sum")
@@ -297,7 +297,7 @@ class _MeanScore(Metric):
 
     def __init__(self, input_type: InputType = "probs", validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_choice("input_type", input_type, ("probs", "logits"))
+        check_choice("input_type", input_type, ("probs", "logits"))
         self.input_type, self.validate_args = input_type, validate_args
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -349,13 +349,13 @@ class NegativeLogLikelihood(_MeanScore):
         self, input_type: InputType = "probs", eps: float = 0.0, validate_args: bool = True, **kwargs: Any
     ) -> None:
         super().__init__(input_type, validate_args, **kwargs)
-        _check_number(eps, "eps", 0.0, 1.0)
+        check_hyperparameter(eps, "eps", low=0.0, high=1.0)
         self.eps = eps
 
     def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
         if self.input_type == "logits":
             _prepare(preds, target, "logits", self.validate_args)
-            x = preds.float() if preds.dtype in (torch.float16, torch.bfloat16) else preds
+            (x,) = as_float32(preds)
             logp = torch.stack([F.logsigmoid(-x), F.logsigmoid(x)], 1) if x.ndim == 1 else F.log_softmax(x, 1)
         else:
             p = _prepare(preds, target, "probs", self.validate_args)

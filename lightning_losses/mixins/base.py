@@ -15,10 +15,13 @@ class HyperparameterMixin:
     ``get_hyperparameter("kd.temperature")`` reads the buffer ``temperature`` of the submodule ``kd``;
     ``set_hyperparameter`` writes it in place after a range check. The values are buffers, so they are saved in
     checkpoints and restored with the module, whatever shape they had when saved. Compiled submodules keep their
-    names. Schedules, PBT and STN use only these two methods.
+    names. Schedules, PBT and STN use only these two methods. A float attribute of a module the library does not own
+    (a dropout rate of the network) is a hyperparameter only once exposed: ``self.expose_hyperparameter("net.2.p")``
+    in ``__init__``.
 
     Example:
         >>> import lightning.pytorch as pl
+        >>> import torch
         >>> from lightning_losses.losses.base import LossModule
         >>> class Smooth(LossModule):
         ...     def __init__(self):
@@ -34,6 +37,11 @@ class HyperparameterMixin:
         0.2
         >>> list(m.named_hyperparameters())
         ['ls.amount']
+        >>> m.drop = torch.nn.Dropout(0.1)
+        >>> m.expose_hyperparameter("drop.p", high=0.5)
+        >>> m.set_hyperparameter("drop.p", 0.2)
+        >>> sorted(m.named_hyperparameters()), m.drop.p
+        (['drop.p', 'ls.amount'], 0.2)
     """
 
     def get_hyperparameter(self, name: str) -> Tensor:
@@ -46,10 +54,33 @@ class HyperparameterMixin:
         assert isinstance(self, nn.Module)
         _hp.set_hyperparameter(self, name, value)
 
-    def named_hyperparameters(self) -> dict[str, Tensor]:
-        """Return every hyperparameter of this module and its submodules by dotted name."""
+    def named_hyperparameters(self, *, include_attributes: bool = False) -> dict[str, Tensor]:
+        """Return every hyperparameter of this module and its submodules by dotted name.
+
+        The registered ones and the exposed attributes; ``include_attributes=True`` also lists the dropout rates
+        that are not exposed (see :func:`lightning_losses.hyperparameters.named_hyperparameters`).
+        """
         assert isinstance(self, nn.Module)
-        return _hp.named_hyperparameters(self)
+        return _hp.named_hyperparameters(self, include_attributes=include_attributes)
+
+    def expose_hyperparameter(
+        self,
+        name: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        low_inclusive: bool = True,
+        high_inclusive: bool = True,
+    ) -> None:
+        """Make the float attribute ``name`` of a submodule (``"student.drop.p"``) a named hyperparameter.
+
+        Call it in ``__init__``. See :func:`lightning_losses.hyperparameters.expose_hyperparameter` (a dropout rate
+        gets the range [0, 1] unless bounds are given).
+        """
+        assert isinstance(self, nn.Module)
+        _hp.expose_hyperparameter(
+            self, name, low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
+        )
 
     def register_hyperparameter(
         self,

@@ -243,8 +243,9 @@ class DistillationMixin(HyperparameterMixin):
         for a teacher larger than one device). Each teacher becomes its own FSDP root on ``mesh`` (default: the
         ``"data_parallel"`` dimension of ``self.device_mesh``, or the whole mesh), with ``reshard_after_forward=True``
         so its parameters are gathered only while :meth:`teacher_forward` runs it (under ``no_grad``, in eval mode).
-        The teachers stay frozen and out of the module tree, hence out of the optimizer and the checkpoint. Shard a
-        teacher's blocks yourself first (``fully_shard(block, mesh=...)``) to gather one block at a time. Every
+        The teachers stay frozen and out of the module tree, hence out of the optimizer and the checkpoint; they are
+        sharded in place, as ``fully_shard`` does (no second copy of a large teacher). Shard a teacher's blocks
+        yourself first (``fully_shard(block, mesh=...)``) to gather one block at a time. Every
         process must call :meth:`teacher_forward` the same number of times (each call is collective). With no mesh
         (one process) this does nothing, so one ``configure_model`` serves both.
 
@@ -443,7 +444,7 @@ class DistillationMixin(HyperparameterMixin):
             num_items_in_batch: Token count to divide by instead of this micro-batch's (see
                 :func:`~lightning_losses.utilities.tokens.step_num_items`).
         """
-        from lightning_losses.integrations.transformers import causal_lm_hidden_states
+        from lightning_losses.integrations.transformers import HiddenStatesUnavailable, causal_lm_hidden_states
 
         loss = self.kd
         from_hidden = getattr(_unwrapped(loss), "from_hidden", None)
@@ -455,10 +456,6 @@ class DistillationMixin(HyperparameterMixin):
             )
         if len(self.teachers) != 1:
             raise ValueError("causal_lm_distillation_loss supports a single teacher LM.")
-        student_hidden, student_head = causal_lm_hidden_states(student, input_ids, attention_mask)
-        with torch.no_grad():
-            self.teacher.eval()
-            teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
         ignore_index = int(_unwrapped(loss).ignore_index)  # type: ignore[arg-type]
         if labels is not None:
             shifted = labels[:, 1:]
@@ -466,6 +463,20 @@ class DistillationMixin(HyperparameterMixin):
             shifted = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, ignore_index)
         else:
             shifted = None
+        try:
+            student_hidden, student_head = causal_lm_hidden_states(student, input_ids, attention_mask)
+            with torch.no_grad():
+                self.teacher.eval()
+                teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
+        except HiddenStatesUnavailable as err:  # e.g. a head partitioned by DeepSpeed ZeRO-3: use the full logits
+            warnings.warn(f"causal_lm_distillation_loss falls back to the full logits: {err}", stacklevel=2)
+            student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            with torch.no_grad():
+                self.teacher.eval()
+                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            return self.distillation_loss(
+                student_logits, teacher_logits, shifted, num_items_in_batch=num_items_in_batch
+            )
         return from_hidden(
             student_hidden[:, :-1],
             student_head.weight,

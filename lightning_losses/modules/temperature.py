@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_losses._utils import unpack_batch
-from lightning_losses.integrations.transformers import causal_lm_hidden_states, output_head
+from lightning_losses.integrations.transformers import HiddenStatesUnavailable, causal_lm_hidden_states, output_head
 from lightning_losses.mixins.temperature import TempNetMixin
 from lightning_losses.utilities.checks import check_number
 from lightning_losses.utilities.tokens import step_num_items
@@ -123,8 +124,9 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
             labels = maybe_labels
         head: dict[str, Any] = {}
         with torch.set_grad_enabled(torch.is_grad_enabled() and self._tempnet_settings["train_base"]):
-            if self._linear_head:
-                hidden, out = causal_lm_hidden_states(self.model, inputs)
+            pair = self._hidden_states(inputs) if self._linear_head else None
+            if pair is not None:
+                hidden, out = pair
                 logits = F.linear(hidden, out.weight, out.bias)
                 head = {"features": hidden[:, :-1], "head_weight": out.weight, "head_bias": out.bias}
             else:
@@ -132,6 +134,15 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
         if self.task == "causal_lm":
             return logits[:, :-1], labels[:, 1:], head
         return logits, labels, head
+
+    def _hidden_states(self, inputs: Tensor) -> tuple[Tensor, Any] | None:
+        """The LM's hidden states and head, or ``None`` (and the logits path from then on) where sharding hides them."""
+        try:
+            return causal_lm_hidden_states(self.model, inputs)
+        except HiddenStatesUnavailable as err:
+            self._linear_head = False
+            warnings.warn(f"TempNet reads the full logits instead of the factorised head path: {err}", stacklevel=2)
+            return None
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits, target, head = self._logits_and_targets(batch)

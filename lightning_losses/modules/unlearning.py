@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_losses.losses.unlearning import UnlearningLoss
-from lightning_losses.mixins.unlearning import ReferenceMode, RetainLoss, UnlearningMethod, UnlearningMixin
+from lightning_losses.losses.unlearning import RetainLoss
+from lightning_losses.mixins.unlearning import ReferenceMode, UnlearningMethod, UnlearningMixin
 from lightning_losses.utilities.checks import check_number
 from lightning_losses.utilities.tokens import step_num_items
 
@@ -29,8 +29,11 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         model: the causal LM; wrap it with a fresh LoRA adapter
             (:func:`lightning_losses.integrations.peft.lora_model`) to keep the base weights untouched.
         method: ``"ga"``, ``"graddiff"``, ``"graddiff_kl"``, ``"npo"``, ``"npo_rt"``, ``"npo_kl"``, ``"simnpo"``,
-            ``"flat"`` or ``"idkdpo"``, with paper defaults.
-        loss: optional loss module replacing the method's default (e.g. ``NPOLoss(beta=0.05)``).
+            ``"flat"`` or ``"idkdpo"``, with paper defaults (:data:`~lightning_losses.UNLEARNING_PRESETS`);
+            ``None``: ``loss`` as it is, or ``"npo"`` without one.
+        loss: the loss, called as ``loss(scores)`` (:class:`~lightning_losses.UnlearningScores`): the method's class
+            with other settings (``NPOLoss(beta=0.05)``), a subclass of it, or, without ``method``, your own
+            ``nn.Module`` declaring the scores it reads in ``needs``.
         retain_loss: override of the method's retain term (``"nll"``, ``"kl"``, ``None``); ``"default"`` keeps it.
         reference: reference mode; ``"auto"`` picks the cheapest correct one.
         reference_adapter: name of the reference adapter for ``"named_adapter"``.
@@ -54,8 +57,8 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        method: UnlearningMethod = "npo",
-        loss: UnlearningLoss | None = None,
+        method: UnlearningMethod | None = None,
+        loss: nn.Module | None = None,
         retain_loss: RetainLoss | str | None = "default",
         reference: ReferenceMode = "auto",
         reference_adapter: str = "reference",

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_losses._utils import as_float32, require
-from lightning_losses.functional.calibration import _check_targets
+from lightning_losses.utilities.checks import check_targets
+from lightning_losses.utilities.imports import require
+from lightning_losses.utilities.numerics import as_float32
 
 __all__ = [
     "Calibrator",
@@ -78,7 +79,7 @@ def _as_logits(logits: Tensor, name: str = "logits", validate: bool = True) -> t
 
 def _check_fit_logits(logits: Tensor, target: Tensor) -> tuple[Tensor, bool]:
     x, binary = _as_logits(logits)
-    _check_targets(target, x.shape[1], x.shape[0])
+    check_targets(target, x.shape[1], x.shape[0])
     if x.shape[0] == 0:
         raise ValueError("`logits` holds zero samples: cannot fit a calibrator. Pass held-out validation logits.")
     if x.ndim == 2 and bool(((x >= 0) & (x <= 1)).all()) and bool(((x.sum(1) - 1).abs() < 1e-3).all()):

@@ -1,62 +1,56 @@
-r"""Population Based Training (Jaderberg et al., 2017) of a LightningModule's loss hyperparameters on Ray.
+r"""Deprecated: the Ray-task PBT engine. Population Based Training runs on Ray Tune's schedulers.
 
-A population of trials trains in segments of ``perturbation_interval`` epochs, each segment a plain Lightning
-``fit`` (one per trial, run in parallel as Ray tasks on a local Ray or a cluster, or in-process in sequence). After
-each segment the trials are ranked by ``metric``; each trial of the bottom quantile copies (exploits) the checkpoint
-and configuration of a random trial of the top quantile and perturbs (explores) the configuration:
+:func:`~lightning_losses.tuning.ray_tune.tune_population_based_training` (also ``lightning_losses.tuning``) runs
+Ray Tune's :class:`~ray.tune.schedulers.PopulationBasedTraining` or :class:`~ray.tune.schedulers.pb2.PB2`; its
+``synch=True`` gives the generations of this module's loop. :class:`PopulationBasedTraining` now warns and runs on
+it; the explore / exploit functions here (``pbt_quantiles``, ``pbt_exploit``, ``pbt_explore``, ``pb2_explore``,
+``TrialRecord``, ``ExploitDecision``) are no longer used by any engine, warn, and will be removed.
 
-.. math::
-    \lambda' = \operatorname{clip}_{[a, b]}\big(\lambda \cdot f\big),\ f \in \{1.2, 0.8\}
-    \quad\text{or, with probability } p_{\text{resample}},\quad \lambda' \sim \mathcal U[a, b].
+======================================  ==================================================================
+``PopulationBasedTraining(...)``        ``tune_population_based_training(...)``
+======================================  ==================================================================
+``space``                               ``search_space``
+``generations``                         ``max_epochs = generations * perturbation_interval``
+``explore="pbt"`` / ``"pb2"``           ``scheduler="pbt"`` / ``"pb2"``
+``resources``                           ``resources_per_trial``
+the generation loop                     ``synch=True``
+``use_ray=False`` (in sequence)         a local Ray sized to one trial: ``ray.init(num_cpus=1)`` first
+``.fit()``                              the call itself returns the :class:`PBTResult`
+======================================  ==================================================================
 
-It avoids the known pitfalls of PBT with Lightning checkpoints:
-
-* the (mutated) configuration is applied in ``on_train_start``, *after* Lightning has restored the module, the
-  optimizers and the loops, and written into the optimizer param groups (``"lr"``, ``"weight_decay"``), so the
-  restored checkpoint never overrides it;
-* a donor that has no checkpoint is never exploited (the trial keeps its own weights);
-* checkpoints are kept per generation and never deleted while a trial may still restore them;
-* explored values are clipped to the bounds of the search space.
-
-The result holds the best configuration and checkpoint and each trial's discovered schedule (its lineage of
-configurations); :func:`replay_schedule` turns a schedule into a :class:`HyperparameterSchedule` callback that
-re-runs it in one plain Lightning run.
-
-Ray is imported lazily (extra ``tune``); the explore / exploit functions are plain Python.
+What Ray Tune lacks (bounded explore, the Lightning restore glue, the result table, schedule replay) lives in
+:mod:`lightning_losses.tuning.common` and is re-exported here unchanged: :class:`SearchDimension`,
+:class:`ApplyHyperparameters`, :class:`PBTResult`, :func:`replay_schedule`, :func:`segment_trainer`.
 
 Example:
-    >>> import random
-    >>> space = {"kd.temperature": SearchDimension(1.0, 8.0), "lr": SearchDimension(1e-3, 1e-1, log=True)}
-    >>> table = [TrialRecord(0, {"kd.temperature": 4.0, "lr": 0.01}, 0.9, "a.ckpt"),
-    ...          TrialRecord(1, {"kd.temperature": 2.0, "lr": 0.05}, 0.5, "b.ckpt")]
-    >>> decisions = pbt_exploit(table, space, mode="max", quantile_fraction=0.5, rng=random.Random(0),
-    ...                         resample_probability=0.0)
-    >>> decisions[1].donor, decisions[1].checkpoint
-    (0, 'a.ckpt')
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     _ = PopulationBasedTraining(None, None, {"kd.temperature": SearchDimension(1.0, 8.0)})
+    >>> "tune_population_based_training" in str(caught[0].message)
+    True
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
 
 from lightning_losses._utils import require
-from lightning_losses.callbacks.schedules import (
-    HyperparameterSchedule,
-    PiecewiseSchedule,
-    apply_hyperparameters,
-    read_hyperparameters,
+from lightning_losses.tuning.common import (
+    ApplyHyperparameters,
+    PBTResult,
+    SearchDimension,
+    replay_schedule,
+    segment_trainer,
 )
 
 __all__ = [
@@ -71,61 +65,47 @@ __all__ = [
     "pbt_explore",
     "pbt_quantiles",
     "replay_schedule",
+    "segment_trainer",
 ]
 
+_ENGINE = (
+    "Ray Tune's PopulationBasedTraining / PB2 schedulers decide the exploits and explores in "
+    "`tune_population_based_training` (lightning_losses.tuning)"
+)
 
-@dataclass(frozen=True)
-class SearchDimension:
-    """Bounds of one hyperparameter in the search space.
 
-    Args:
-        low: Lower bound (inclusive).
-        high: Upper bound (inclusive).
-        log: Sample (resample) uniformly in log space.
-        integer: Round values to integers.
-    """
-
-    low: float
-    high: float
-    log: bool = False
-    integer: bool = False
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-            raise ValueError(f"A search dimension needs finite low < high, got low={self.low}, high={self.high}.")
-        if self.log and self.low <= 0:
-            raise ValueError(f"A log-scale search dimension needs low > 0, got {self.low}.")
-
-    def clip(self, value: float) -> float:
-        """Clip (and round, for integers) ``value`` into the bounds."""
-        value = min(max(float(value), self.low), self.high)
-        return float(round(value)) if self.integer else value
-
-    def sample(self, rng: random.Random) -> float:
-        """A uniform (or log-uniform) draw inside the bounds."""
-        if self.log:
-            return self.clip(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
-        return self.clip(rng.uniform(self.low, self.high))
+def _deprecated(name: str) -> None:
+    warnings.warn(
+        f"`lightning_losses.tuning.pbt.{name}` is deprecated and will be removed: {_ENGINE}.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass
 class TrialRecord:
-    """One row of the population table: a trial's configuration, its last score and its last checkpoint."""
+    """Deprecated. One row of the population table: a trial's configuration, its last score and its checkpoint."""
 
     trial_id: int
     config: dict[str, float]
     score: float | None
     checkpoint: str | None
 
+    def __post_init__(self) -> None:
+        _deprecated("TrialRecord")
+
 
 @dataclass(frozen=True)
 class ExploitDecision:
-    """Trial ``trial_id`` restarts from ``donor``'s ``checkpoint`` with the explored ``config``."""
+    """Deprecated. Trial ``trial_id`` restarts from ``donor``'s ``checkpoint`` with the explored ``config``."""
 
     trial_id: int
     donor: int
     checkpoint: str
     config: dict[str, float]
+
+    def __post_init__(self) -> None:
+        _deprecated("ExploitDecision")
 
 
 def _check_pbt_args(mode: str, quantile_fraction: float) -> None:
@@ -138,11 +118,18 @@ def _check_pbt_args(mode: str, quantile_fraction: float) -> None:
 def pbt_quantiles(
     table: Sequence[TrialRecord], mode: Literal["min", "max"], quantile_fraction: float = 0.25
 ) -> tuple[list[int], list[int]]:
-    """The bottom and top quantiles of the population, as trial ids (worst first, best last).
+    """Deprecated. The bottom and top quantiles of the population, as trial ids (worst first, best last).
 
     Each quantile holds ``ceil(n · quantile_fraction)`` trials, at most ``n // 2``. Trials without a score rank
     below every scored trial. Ties keep the table order.
     """
+    _deprecated("pbt_quantiles")
+    return _quantiles(table, mode, quantile_fraction)
+
+
+def _quantiles(
+    table: Sequence[TrialRecord], mode: Literal["min", "max"], quantile_fraction: float
+) -> tuple[list[int], list[int]]:
     _check_pbt_args(mode, quantile_fraction)
     n = len(table)
     k = min(math.ceil(n * quantile_fraction), n // 2)
@@ -166,10 +153,23 @@ def pbt_explore(
     resample_probability: float = 0.25,
     perturbation_factors: tuple[float, float] = (1.2, 0.8),
 ) -> dict[str, float]:
-    """Perturb every searched value: resample with ``resample_probability``, else multiply by a random factor.
+    """Deprecated. Perturb every searched value: resample with ``resample_probability``, else multiply by a factor.
 
-    Values outside ``space`` are copied unchanged; results are clipped to the bounds (integers rounded).
+    Values outside ``space`` are copied unchanged; results are clipped to the bounds (integers rounded). Ray Tune's
+    explore, followed by :class:`~lightning_losses.tuning.common.ClipToBounds`, does this in
+    ``tune_population_based_training``.
     """
+    _deprecated("pbt_explore")
+    return _explore(config, space, rng, resample_probability, perturbation_factors)
+
+
+def _explore(
+    config: Mapping[str, float],
+    space: Mapping[str, SearchDimension],
+    rng: random.Random,
+    resample_probability: float,
+    perturbation_factors: tuple[float, float],
+) -> dict[str, float]:
     if not 0 <= resample_probability <= 1:
         raise ValueError(f"`resample_probability` must be in [0, 1], got {resample_probability}.")
     out = dict(config)
@@ -191,12 +191,13 @@ def pbt_exploit(
     perturbation_factors: tuple[float, float] = (1.2, 0.8),
     explore: Callable[[Mapping[str, float]], dict[str, float]] | None = None,
 ) -> dict[int, ExploitDecision]:
-    """Decide which bottom-quantile trials copy which top-quantile donor, and their explored configurations.
+    """Deprecated. Which bottom-quantile trials copy which top-quantile donor, and their explored configurations.
 
     Donors without a checkpoint are skipped; when no donor of the top quantile has one, nothing is exploited.
     ``explore`` replaces the PBT perturbation (``config -> new config``), e.g. by :func:`pb2_explore`.
     """
-    bottom, top = pbt_quantiles(table, mode, quantile_fraction)
+    _deprecated("pbt_exploit")
+    bottom, top = _quantiles(table, mode, quantile_fraction)
     by_id = {r.trial_id: r for r in table}
     donors = [t for t in top if by_id[t].checkpoint is not None]
     decisions: dict[int, ExploitDecision] = {}
@@ -209,8 +210,10 @@ def pbt_exploit(
         if explore is not None:
             config = {**record.config, **explore(record.config)}
         else:
-            config = pbt_explore(record.config, space, rng, resample_probability, perturbation_factors)
-        decisions[trial_id] = ExploitDecision(trial_id, donor, record.checkpoint, config)
+            config = _explore(record.config, space, rng, resample_probability, perturbation_factors)
+        with warnings.catch_warnings():  # warned about once, above
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decisions[trial_id] = ExploitDecision(trial_id, donor, record.checkpoint, config)
     return decisions
 
 
@@ -234,7 +237,9 @@ def pb2_explore(
     num_candidates: int = 512,
     kappa: float = 2.0,
 ) -> dict[str, float]:
-    r"""PB2-style explore (Parker-Holder et al., 2020): a GP-bandit over the bounds instead of random perturbation.
+    r"""Deprecated (Ray Tune's ``PB2``: ``scheduler="pb2"``). PB2-style explore (Parker-Holder et al., 2020).
+
+    A GP-bandit over the bounds instead of random perturbation.
 
     A Gaussian process (RBF + white noise, scikit-learn) is fitted to the observed *improvements* of the metric over
     one interval, as a function of the time and the (unit-scaled, log where asked) configuration; the new
@@ -245,6 +250,7 @@ def pb2_explore(
     With fewer than 3 observations the configuration is resampled uniformly (as PB2 starts). Observations are
     ``(time, config, improvement)`` with larger improvements better.
     """
+    _deprecated("pb2_explore")
     names = list(space)
     if len(observations) < 3:
         return {n: space[n].sample(rng) for n in names}
@@ -270,156 +276,39 @@ def pb2_explore(
     return {n: _from_unit(space[n], float(u)) for n, u in zip(names, best)}
 
 
-class ApplyHyperparameters(Callback):
-    """Apply a configuration in ``on_train_start`` (after checkpoint restore) and record what is in effect.
-
-    Names go through ``set_hyperparameter``; ``"lr"`` and ``"weight_decay"`` into every optimizer param group.
-    ``observed`` holds the values read back at the first training batch. Use it in a Ray Tune function trainable
-    too, with the trial's ``config``.
-
-    Example:
-        >>> ApplyHyperparameters({"kd.temperature": 2.0, "lr": 0.01}).config
-        {'kd.temperature': 2.0, 'lr': 0.01}
-    """
-
-    def __init__(self, config: Mapping[str, float]) -> None:
-        super().__init__()
-        self.config = dict(config)
-        self.observed: dict[str, float] | None = None
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        apply_hyperparameters(pl_module, self.config, trainer)
-
-    @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.observed is None:
-            self.observed = read_hyperparameters(pl_module, list(self.config), trainer)
-
-
-def segment_trainer(trainer_kwargs: Mapping[str, Any], max_epochs: int, callbacks: Sequence[Callback]) -> pl.Trainer:
-    """A quiet single-device Trainer for one trial segment; ``callbacks`` run before the user's own."""
-    options: dict[str, Any] = dict(
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    options.update(trainer_kwargs)
-    options["max_epochs"] = max_epochs
-    options["callbacks"] = [*callbacks, *options.get("callbacks", [])]
-    return pl.Trainer(**options)
-
-
-def _run_segment(
-    module_factory: Callable[[], pl.LightningModule],
-    datamodule_factory: Callable[[], pl.LightningDataModule],
-    config: dict[str, float],
-    restore_from: str | None,
-    save_to: str,
-    max_epochs: int,
-    metric: str,
-    trainer_kwargs: dict[str, Any],
-    seed: int,
-    num_threads: int | None,
-) -> dict[str, Any]:
-    """Train one trial for one segment; runs in a Ray worker or in-process."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    pl.seed_everything(seed, verbose=False)
-    module, datamodule = module_factory(), datamodule_factory()
-    apply = ApplyHyperparameters(config)
-    trainer = segment_trainer(trainer_kwargs, max_epochs, [apply])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=restore_from)
-    if metric not in trainer.callback_metrics:
-        available = ", ".join(sorted(trainer.callback_metrics)) or "none"
-        raise KeyError(
-            f"The metric {metric!r} was not logged during validation (logged: {available}). Log it with "
-            "`self.log(...)` in `validation_step` or pass the right `metric=`."
-        )
-    score = float(trainer.callback_metrics[metric])
-    Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-    trainer.save_checkpoint(save_to)
-    return {
-        "score": score,
-        "checkpoint": save_to,
-        "observed": apply.observed or {},
-        "global_step": int(trainer.global_step),
-        "restored_from": restore_from,
-    }
-
-
-@dataclass
-class PBTResult:
-    """What a PBT run found.
-
-    Attributes:
-        best_trial: Id of the best trial of the last generation (``None`` when no trial reported).
-        best_score: Its score (NaN when no trial reported).
-        best_config: Its last configuration.
-        best_checkpoint: Path of its last checkpoint (``None`` when it has none on disk).
-        schedules: Per trial, its lineage ``[(start_epoch, config), ...]`` (the discovered schedule).
-        table: One row per trial and generation: generation, trial, score, config, donor, restored_from,
-            observed (the values in effect after restore), checkpoint. On Ray Tune: one row per report.
-    """
-
-    best_trial: int | None
-    best_score: float
-    best_config: dict[str, float]
-    best_checkpoint: str | None
-    schedules: dict[int, list[tuple[int, dict[str, float]]]]
-    table: list[dict[str, Any]] = field(default_factory=list)
-
-
-def replay_schedule(schedule: Sequence[tuple[int, Mapping[str, float]]], *, log: bool = True) -> HyperparameterSchedule:
-    """A per-epoch :class:`HyperparameterSchedule` that re-runs a discovered PBT schedule in one Lightning run.
-
-    Example:
-        >>> cb = replay_schedule([(0, {"kd.temperature": 4.0}), (2, {"kd.temperature": 4.8})])
-        >>> [cb.value_at(e)["kd.temperature"] for e in (0, 1, 2, 5)]
-        [4.0, 4.0, 4.8, 4.8]
-    """
-    if not schedule:
-        raise ValueError("The schedule is empty; pass a trial's `[(start_epoch, config), ...]` from PBTResult.")
-    names = list(schedule[0][1])
-    curves = {
-        name: PiecewiseSchedule([(float(epoch), float(cfg[name])) for epoch, cfg in schedule], "constant")
-        for name in names
-    }
-    return HyperparameterSchedule(curves, interval="epoch", log=log)
-
-
 class PopulationBasedTraining:
-    """Run PBT over the named hyperparameters of a LightningModule, on Ray (local or a cluster) or in-process.
+    """Deprecated: :func:`~lightning_losses.tuning.ray_tune.tune_population_based_training` with ``synch=True``.
+
+    Kept so existing code runs: the constructor warns (``DeprecationWarning``) and checks its arguments as before;
+    :meth:`fit` runs the population on Ray Tune's synchronous ``PopulationBasedTraining`` (``explore="pb2"``:
+    ``PB2``) through ``tune_population_based_training`` and returns its :class:`PBTResult`, keeping one table row
+    per trial and generation (the report at the generation's last epoch), as this class did. The names map as in
+    the table of this module; ``use_ray=False`` starts a local Ray sized to one trial (when Ray is not running yet),
+    so the trials run one at a time (Ray Tune pauses each at every perturbation and runs the next) instead of
+    in-process, and shuts it down afterwards.
 
     Args:
-        module_factory: ``() -> LightningModule``; every trial and segment builds a fresh module (weights then come
-            from the restored checkpoint).
-        datamodule_factory: ``() -> LightningDataModule``.
-        space: Search space: dotted hyperparameter names (``"kd.temperature"``) and ``"lr"`` / ``"weight_decay"``
-            mapped to their bounds.
+        module_factory: ``() -> LightningModule`` (picklable); weights of a restored trial come from the checkpoint.
+        datamodule_factory: ``() -> LightningDataModule`` (picklable).
+        space: ``search_space``: dotted hyperparameter names and ``"lr"`` / ``"weight_decay"`` with their bounds.
         population_size: Number of trials.
         metric: Validation metric logged by the module (``self.log(metric, ...)``).
         mode: ``"max"`` or ``"min"``.
-        perturbation_interval: Epochs per segment (between two exploit/explore rounds).
-        generations: Number of segments; every trial trains ``generations · perturbation_interval`` epochs.
+        perturbation_interval: Epochs per generation.
+        generations: Number of generations: ``max_epochs = generations * perturbation_interval``.
         quantile_fraction: Fraction of the population in the bottom / top quantile.
         resample_probability: Probability of resampling a value instead of perturbing it.
         perturbation_factors: Multiplicative factors of the perturbation.
-        initial_configs: Starting configurations (default: sampled from ``space``).
-        resources: Per trial, ``{"cpu": 1, "gpu": 0}``.
-        storage_path: Directory of the checkpoints (shared storage on a cluster).
-        trainer_kwargs: Extra ``pl.Trainer`` arguments of every segment (``limit_train_batches`` ...).
-        use_ray: Run the trials of a generation as parallel Ray tasks; ``False`` runs them in sequence here.
-        ray_address: Address of a Ray cluster (``"auto"``); ``None`` starts a local Ray.
-        derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``.
-        explore: ``"pbt"`` (random perturbation / resampling) or ``"pb2"`` (GP-bandit over the bounds, fitted to
-            the metric's improvement per interval; needs scikit-learn).
-        seed: Seed of the random decisions and of each segment.
+        initial_configs: Starting configurations, one per trial (default: sampled from ``space``).
+        resources: ``resources_per_trial``: ``{"cpu": 1, "gpu": 0}``.
+        storage_path: Where Ray Tune writes trials and checkpoints (shared storage on a cluster).
+        trainer_kwargs: Extra ``pl.Trainer`` arguments (``limit_train_batches`` ...).
+        use_ray: ``False``: one trial at a time on a local Ray sized to one trial (see above).
+        ray_address: Address of a Ray cluster (``"auto"``); ``None`` starts (or reuses) a local Ray.
+        derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``
+            (picklable functions).
+        explore: ``scheduler``: ``"pbt"`` or ``"pb2"`` (Ray Tune's PB2, needs scikit-learn).
+        seed: Seed of the initial sampling, Ray's explore and the Lightning runs.
     """
 
     def __init__(
@@ -446,6 +335,16 @@ class PopulationBasedTraining:
         explore: Literal["pbt", "pb2"] = "pbt",
         seed: int = 0,
     ) -> None:
+        warnings.warn(
+            "`PopulationBasedTraining` is deprecated and will be removed: call `tune_population_based_training("
+            "module_factory, datamodule_factory, search_space, metric=..., mode=..., synch=True)` from "
+            "lightning_losses.tuning (Ray Tune's PopulationBasedTraining / PB2 schedulers), which this class now "
+            "runs. Names: space -> search_space, generations -> max_epochs = generations * perturbation_interval, "
+            "explore -> scheduler, resources -> resources_per_trial, use_ray=False -> ray.init(num_cpus=1) before "
+            "the call (one trial at a time), .fit() -> the call's result.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         if not space:
             raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
         if population_size < 2:
@@ -471,129 +370,61 @@ class PopulationBasedTraining:
         self.perturbation_interval, self.generations = perturbation_interval, generations
         self.quantile_fraction, self.resample_probability = quantile_fraction, resample_probability
         self.perturbation_factors = perturbation_factors
-        self.rng = random.Random(seed)
-        self.seed = seed
-        if initial_configs is None:
-            self.initial_configs = [
-                {n: d.sample(self.rng) for n, d in self.space.items()} for _ in range(population_size)
-            ]
-        else:
-            self.initial_configs = [
-                {n: self.space[n].clip(v) if n in self.space else float(v) for n, v in c.items()}
-                for c in initial_configs
-            ]
+        self.initial_configs = None if initial_configs is None else [dict(c) for c in initial_configs]
         self.resources = {"cpu": 1.0, "gpu": 0.0, **(resources or {})}
         self.storage_path = Path(storage_path)
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.use_ray, self.ray_address = use_ray, ray_address
         self.derived = dict(derived or {})
         self.explore = explore
+        self.seed = seed
 
-    def _derive(self, config: Mapping[str, float]) -> dict[str, float]:
-        out = dict(config)
-        for name, fn in self.derived.items():
-            out[name] = float(fn(out))
-        return out
-
-    def _run_generation(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        common: dict[str, Any] = dict(
+    def tune_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of ``tune_population_based_training`` this configuration maps to."""
+        resources = {k: v for k, v in self.resources.items() if k == "cpu" or v}
+        return dict(
+            search_space=self.space,
             metric=self.metric,
+            mode=self.mode,
+            population_size=self.population_size,
+            perturbation_interval=self.perturbation_interval,
+            max_epochs=self.generations * self.perturbation_interval,
+            scheduler=self.explore,
+            quantile_fraction=self.quantile_fraction,
+            resample_probability=self.resample_probability,
+            perturbation_factors=tuple(self.perturbation_factors),
+            resources_per_trial=resources,
+            storage_path=self.storage_path,
+            ray_address=self.ray_address,
+            seed=self.seed,
             trainer_kwargs=self.trainer_kwargs,
-            num_threads=max(1, int(self.resources["cpu"])),
+            initial_configs=self.initial_configs,
+            derived=self.derived,
+            synch=True,
         )
-        if not self.use_ray:
-            return [_run_segment(self.module_factory, self.datamodule_factory, **job, **common) for job in jobs]
+
+    def fit(self) -> PBTResult:
+        """Run the population on Ray Tune (synchronous generations); return the best trial and every schedule."""
+        from lightning_losses.tuning.ray_tune import tune_population_based_training
+
         ray = require("ray", "tune")
-        if not ray.is_initialized():
-            ray.init(
-                address=self.ray_address,
+        started = False
+        if not self.use_ray and self.ray_address is None and not ray.is_initialized():
+            ray.init(  # room for one trial: the population runs one trial at a time
+                num_cpus=max(1, math.ceil(self.resources["cpu"])),
+                num_gpus=math.ceil(self.resources["gpu"]),
                 include_dashboard=False,
-                ignore_reinit_error=True,
                 log_to_driver=False,
                 configure_logging=False,
             )
-        remote = ray.remote(num_cpus=self.resources["cpu"], num_gpus=self.resources["gpu"])(_run_segment)
-        refs = [remote.remote(self.module_factory, self.datamodule_factory, **job, **common) for job in jobs]
-        return list(ray.get(refs))
-
-    def fit(self) -> PBTResult:
-        """Run every generation; return the best trial and every trial's schedule."""
-        configs = [self._derive(c) for c in self.initial_configs]
-        restore: list[str | None] = [None] * self.population_size
-        schedules: dict[int, list[tuple[int, dict[str, float]]]] = {
-            i: [(0, dict(configs[i]))] for i in range(self.population_size)
-        }
-        donors: list[int | None] = [None] * self.population_size
-        rows: list[dict[str, Any]] = []
-        results: list[dict[str, Any]] = []
-        previous: list[float | None] = [None] * self.population_size  # score each trial's weights started from
-        observations: list[tuple[float, dict[str, float], float]] = []
-        sign = 1.0 if self.mode == "max" else -1.0
-        for generation in range(self.generations):
-            end_epoch = (generation + 1) * self.perturbation_interval
-            jobs = [
-                dict(
-                    config=configs[i],
-                    restore_from=restore[i],
-                    save_to=str(self.storage_path / f"generation{generation:03d}" / f"trial{i:03d}.ckpt"),
-                    max_epochs=end_epoch,
-                    seed=self.seed + 1000 * generation + i,
-                )
-                for i in range(self.population_size)
-            ]
-            results = self._run_generation(jobs)
-            table = []
-            for i, res in enumerate(results):
-                rows.append(
-                    {
-                        "generation": generation,
-                        "trial": i,
-                        "score": res["score"],
-                        "config": dict(configs[i]),
-                        "donor": donors[i],
-                        "restored_from": res["restored_from"],
-                        "observed": res["observed"],
-                        "checkpoint": res["checkpoint"],
-                    }
-                )
-                table.append(TrialRecord(i, dict(configs[i]), res["score"], res["checkpoint"]))
-            restore = [res["checkpoint"] for res in results]
-            for i, res in enumerate(results):
-                if previous[i] is not None and math.isfinite(res["score"]):
-                    observations.append((float(end_epoch), dict(configs[i]), sign * (res["score"] - previous[i])))
-            previous = [res["score"] for res in results]
-            donors = [None] * self.population_size
-            if generation == self.generations - 1:
-                break
-            pb2: Callable[[Mapping[str, float]], dict[str, float]] | None = None
-            if self.explore == "pb2":
-
-                def pb2(config: Mapping[str, float], now: float = float(end_epoch)) -> dict[str, float]:
-                    return pb2_explore(observations, self.space, now, self.rng)
-
-            decisions = pbt_exploit(
-                table,
-                self.space,
-                self.mode,
-                self.quantile_fraction,
-                self.rng,
-                self.resample_probability,
-                self.perturbation_factors,
-                explore=pb2,
+            started = True
+        try:
+            result = tune_population_based_training(
+                self.module_factory, self.datamodule_factory, **self.tune_arguments()
             )
-            lineage = copy.deepcopy(schedules)
-            for trial_id, decision in decisions.items():
-                configs[trial_id] = self._derive(decision.config)
-                restore[trial_id] = decision.checkpoint
-                donors[trial_id] = decision.donor
-                previous[trial_id] = results[decision.donor]["score"]
-                schedules[trial_id] = [*lineage[decision.donor], (end_epoch, dict(configs[trial_id]))]
-        best = max(range(self.population_size), key=lambda i: sign * results[i]["score"])
-        return PBTResult(
-            best_trial=best,
-            best_score=results[best]["score"],
-            best_config=dict(configs[best]),
-            best_checkpoint=results[best]["checkpoint"],
-            schedules=schedules,
-            table=rows,
-        )
+        finally:
+            if started:
+                ray.shutdown()
+        # this class's table: one row per trial and generation, the report at the generation's last epoch
+        rows = [r for r in result.table if r["epoch"] > 0 and r["epoch"] % self.perturbation_interval == 0]
+        return dataclasses.replace(result, table=rows)

@@ -14,7 +14,7 @@ a top-quantile donor with an explored configuration:
 ``custom_explore_fn`` (:class:`ClipToBounds`) clips them; Ray skips donors that have not reported a checkpoint yet.
 
 The restored trial resumes through Lightning's ``ckpt_path`` and the trial's configuration is applied in
-``on_train_start`` (:class:`~lightning_losses.tuning.pbt.ApplyHyperparameters`), after Lightning has restored the
+``on_train_start`` (:class:`~lightning_losses.tuning.common.ApplyHyperparameters`), after Lightning has restored the
 module, the loops and the optimizer param groups, so neither the checkpoint nor the restored ``lr`` /
 ``weight_decay`` override the mutated values. Each checkpoint carries the lineage ``[(start_epoch, config), ...]``
 of its trial, returned as the discovered schedules.
@@ -24,13 +24,18 @@ lost across a trial's pause and restore): every report is first appended, as one
 ``<storage_path>/<experiment>_reports/<trial_id>.jsonl``; the table holds every line, each trial's final score is
 that of its last report (in time, not the highest epoch: an exploiting trial may restart from an earlier epoch),
 and a missing report or checkpoint gives a warning, never a crash. On a cluster ``storage_path`` must be a shared
-file system path (it already must be for PBT's checkpoints).
+file system path (it already must be for PBT's checkpoints). With ``synch=True`` the population advances in
+generations of ``perturbation_interval`` epochs (every trial waits for the others at each perturbation); the table
+numbers them.
+
+With fewer resources than trials, Ray Tune pauses trials at every perturbation and runs the others, so a local Ray
+sized to one trial (``ray.init(num_cpus=1)`` before the call) trains the population one trial at a time.
 
 Ray is imported lazily (extra ``tune``). PB2 needs scikit-learn in recent Ray releases (GPy in old ones); without
 it :func:`tune_population_based_training` raises an ImportError naming the package.
 
 Example:
-    >>> from lightning_losses.tuning.pbt import SearchDimension
+    >>> from lightning_losses.tuning.common import SearchDimension
     >>> clip = ClipToBounds({"kd.temperature": SearchDimension(1.0, 8.0)})
     >>> clip({"kd.temperature": 9.6, "other": 3.0})
     {'kd.temperature': 8.0, 'other': 3.0}
@@ -56,35 +61,19 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_losses._utils import require
-from lightning_losses.tuning.pbt import ApplyHyperparameters, PBTResult, SearchDimension, segment_trainer
+from lightning_losses.tuning.common import (
+    ApplyHyperparameters,
+    ClipToBounds,
+    PBTResult,
+    SearchDimension,
+    segment_trainer,
+)
 
 __all__ = ["ClipToBounds", "TuneReportCheckpoint", "read_reports", "tune_population_based_training"]
 
 MODEL_FILE = "model.ckpt"
 LINEAGE_FILE = "lineage.json"
 TRIAL_DIR_PREFIX = "trial_"
-
-
-class ClipToBounds:
-    """Ray Tune ``custom_explore_fn``: clip (and round integer) values of the search space into their bounds.
-
-    Ray's PBT multiplies by a perturbation factor without clipping; this runs after it. Names outside the search
-    space are left alone.
-
-    Example:
-        >>> from lightning_losses.tuning.pbt import SearchDimension
-        >>> ClipToBounds({"n": SearchDimension(1, 4, integer=True)})({"n": 4.8})
-        {'n': 4.0}
-    """
-
-    def __init__(self, space: Mapping[str, SearchDimension]) -> None:
-        self.space = dict(space)
-
-    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        for name, dim in self.space.items():
-            if name in config:
-                config[name] = dim.clip(float(config[name]))
-        return config
 
 
 class TuneReportCheckpoint(Callback):
@@ -98,8 +87,10 @@ class TuneReportCheckpoint(Callback):
     training batch: what was in effect after restore).
 
     With ``record``, every report is first appended to that JSON-lines file as
-    ``{"trial_id", "report", "time", "metrics", "lineage"}`` (``report`` counts the trial's reports, across its
-    restarts), flushed to disk before Ray sees it; ``lineage.json`` in the checkpoint holds the same ``report``.
+    ``{"trial_id", "report", "time", "metrics", "lineage", "restored_from"}`` (``report`` counts the trial's
+    reports, across its restarts; ``restored_from`` names the checkpoint this run restored, as the trial and report
+    that wrote it), flushed to disk before Ray sees it; ``lineage.json`` in the checkpoint holds the same
+    ``report``.
 
     Args:
         metric: The metric PBT ranks by; a clear error is raised when it was not logged.
@@ -109,6 +100,7 @@ class TuneReportCheckpoint(Callback):
         donor: The trial whose checkpoint this run restored, if another one.
         restored_epoch: Epochs completed in the restored checkpoint (0 for a fresh start).
         record: JSON-lines file this trial appends its reports to (``None``: no record).
+        restored: ``(trial_id, report)`` of the checkpoint this run restored, ``None`` for a fresh start.
 
     Example:
         >>> cb = TuneReportCheckpoint("val_loss", ApplyHyperparameters({"lr": 0.1}), [(0, {"lr": 0.1})], "t0")
@@ -125,6 +117,7 @@ class TuneReportCheckpoint(Callback):
         donor: str | None = None,
         restored_epoch: int = 0,
         record: str | Path | None = None,
+        restored: tuple[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.metric, self.apply = metric, apply
@@ -132,6 +125,7 @@ class TuneReportCheckpoint(Callback):
         self.trial_id, self.donor, self.restored_epoch = trial_id, donor or "none", restored_epoch
         self.start_step = 0
         self.record = None if record is None else Path(record)
+        self.restored = None if restored is None else (str(restored[0]), int(restored[1]))
         self.reports = len(read_reports(self.record)) if self.record is not None else 0
 
     def _append(self, metrics: Mapping[str, Any]) -> int:
@@ -145,6 +139,9 @@ class TuneReportCheckpoint(Callback):
                 "time": time.time(),
                 "metrics": dict(metrics),
                 "lineage": [[e, c] for e, c in self.lineage],
+                "restored_from": None
+                if self.restored is None
+                else {"trial_id": self.restored[0], "report": self.restored[1]},
             }
             self.record.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record, "a", encoding="utf-8") as f:
@@ -228,6 +225,7 @@ def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
     values = setup.derive(config)
     lineage: list[tuple[int, dict[str, float]]] = [(0, dict(values))]
     donor, restored_epoch, ckpt_path = None, 0, None
+    restored: tuple[str, int] | None = None
     local = Path(tempfile.mkdtemp(prefix="pbt_restore_"))
     try:
         checkpoint = tune.get_checkpoint()
@@ -237,6 +235,8 @@ def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
                 state = json.loads((Path(folder) / LINEAGE_FILE).read_text())
             ckpt_path = str(local / MODEL_FILE)
             restored_epoch = int(state["epoch"])
+            if "report" in state:
+                restored = (str(state["trial_id"]), int(state["report"]))
             lineage = [(int(e), {k: float(v) for k, v in c.items()}) for e, c in state["lineage"]]
             if state["trial_id"] != trial_id:
                 donor = str(state["trial_id"])
@@ -246,7 +246,9 @@ def _train_trial(config: dict[str, Any], setup: _TrialSetup) -> None:
         module, datamodule = setup.module_factory(), setup.datamodule_factory()
         apply = ApplyHyperparameters(values)
         record = None if setup.records is None else Path(setup.records) / f"{trial_id}.jsonl"
-        report = TuneReportCheckpoint(setup.metric, apply, lineage, trial_id, donor, restored_epoch, record)
+        report = TuneReportCheckpoint(
+            setup.metric, apply, lineage, trial_id, donor, restored_epoch, record, restored=restored
+        )
         trainer = segment_trainer(setup.trainer_kwargs, setup.max_epochs, [apply, report])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
@@ -271,6 +273,7 @@ def _make_scheduler(
     quantile_fraction: float,
     resample_probability: float,
     synch: bool,
+    perturbation_factors: tuple[float, float] = (1.2, 0.8),
 ) -> Any:
     tune = require("ray.tune", "tune")
     common: dict[str, Any] = dict(
@@ -287,6 +290,7 @@ def _make_scheduler(
         return schedulers.PopulationBasedTraining(
             hyperparam_mutations={name: _domain(tune, dim) for name, dim in space.items()},
             resample_probability=resample_probability,
+            perturbation_factors=tuple(perturbation_factors),
             **common,
         )
     pb2 = require("ray.tune.schedulers.pb2", "tune")
@@ -313,6 +317,7 @@ def tune_population_based_training(
     scheduler: Literal["pbt", "pb2"] = "pbt",
     quantile_fraction: float = 0.25,
     resample_probability: float = 0.25,
+    perturbation_factors: tuple[float, float] = (1.2, 0.8),
     resources_per_trial: Mapping[str, float] | None = None,
     storage_path: str | Path | None = None,
     ray_address: str | None = None,
@@ -337,6 +342,7 @@ def tune_population_based_training(
         scheduler: ``"pbt"`` (Ray's PopulationBasedTraining) or ``"pb2"`` (Ray's PB2, needs scikit-learn).
         quantile_fraction: Fraction of the population in the bottom / top quantile (0 < q ≤ 0.5).
         resample_probability: Probability of resampling a value instead of perturbing it (PBT only).
+        perturbation_factors: The factors a perturbed value is multiplied by, one drawn at random (PBT only).
         resources_per_trial: ``{"cpu": 1}`` by default; ``"gpu"`` to give each trial GPUs.
         storage_path: Where Ray Tune writes trials and checkpoints (shared storage on a cluster); a temporary
             folder by default (the best checkpoint then lives until the interpreter exits).
@@ -346,19 +352,32 @@ def tune_population_based_training(
         initial_configs: Starting configurations of the first trials (the rest sampled).
         derived: Names computed from every configuration, e.g. ``{"ce_weight": lambda c: 1 - c["kd.weight"]}``
             (picklable functions).
-        synch: Ray's synchronous PBT: wait for the whole population at every perturbation.
+        synch: Ray's synchronous PBT: wait for the whole population at every perturbation, so the population
+            advances in generations of ``perturbation_interval`` epochs.
 
     Returns:
         A :class:`~lightning_losses.tuning.pbt.PBTResult`: trial indices follow Ray's trial order; ``table`` has one
-        row per report, from the library's own record (epoch, trial, score, config, donor, restored_epoch,
-        start_step, global_step, observed, trial_id, report, and ``metrics``: every number reported); the best
+        row per report, from the library's own record (epoch, generation, trial, score, config, donor,
+        restored_epoch, restored_from and checkpoint (paths of the Lightning checkpoints restored and written,
+        ``None`` where none is on disk), start_step, global_step, observed, trial_id, report, and ``metrics``:
+        every number reported); the best
         trial is the one whose last report scores best; ``schedules`` are the lineages of every trial's last report,
         ``best_checkpoint`` the best trial's own newest checkpoint. Missing reports or checkpoints give warnings
         (``best_trial`` and ``best_checkpoint`` are ``None`` when nothing was reported or saved).
 
     Raises:
-        ValueError: On an empty search space, a population below 2, bad mode / fraction / intervals.
+        ValueError: On an empty search space, a population below 2, bad mode / fraction / intervals / factors.
         ImportError: Without Ray Tune, or for PB2 without its Gaussian-process package.
+        Exception: The error of the first failed trial, re-raised as it was raised in the trial (a ``KeyError``
+            when the metric was not logged, say), with a note naming how many trials failed.
+
+    Example:
+        >>> tune_population_based_training(  # checked before Ray starts
+        ...     None, None, {"lr": SearchDimension(1e-3, 1e-1, log=True)}, metric="val/acc", mode="max",
+        ...     perturbation_factors=(1.2, -1.0))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `perturbation_factors` must be positive numbers, got (1.2, -1.0)...
     """
     if not search_space:
         raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
@@ -376,6 +395,10 @@ def tune_population_based_training(
         raise ValueError(f"`resample_probability` must be in [0, 1], got {resample_probability}.")
     if scheduler not in ("pbt", "pb2"):
         raise ValueError(f"`scheduler` must be 'pbt' or 'pb2', got {scheduler!r}.")
+    if not perturbation_factors or not all(math.isfinite(f) and f > 0 for f in perturbation_factors):
+        raise ValueError(
+            f"`perturbation_factors` must be positive numbers, got {tuple(perturbation_factors)}; e.g. (1.2, 0.8)."
+        )
     if initial_configs is not None and len(initial_configs) > population_size:
         raise ValueError(
             f"`initial_configs` holds {len(initial_configs)} configurations for a population of {population_size}."
@@ -389,7 +412,15 @@ def tune_population_based_training(
     tune = require("ray.tune", "tune")
     search = require("ray.tune.search", "tune")
     sched = _make_scheduler(
-        scheduler, space, metric, mode, perturbation_interval, quantile_fraction, resample_probability, synch
+        scheduler,
+        space,
+        metric,
+        mode,
+        perturbation_interval,
+        quantile_fraction,
+        resample_probability,
+        synch,
+        tuple(perturbation_factors),  # type: ignore[arg-type]
     )
     if not ray.is_initialized():
         ray.init(
@@ -437,8 +468,21 @@ def tune_population_based_training(
     random.seed(seed)
     grid = tuner.fit()
     if grid.errors:
-        raise RuntimeError(f"{len(grid.errors)} trial(s) failed; the first error: {grid.errors[0]}")
-    return _collect(grid, records, metric, mode)
+        raise _trial_error(grid.errors, population_size)
+    return _collect(grid, records, metric, mode, perturbation_interval)
+
+
+def _trial_error(errors: Sequence[BaseException], population_size: int) -> BaseException:
+    """The first trial's own exception (unwrapped from Ray's task error), noting how many trials failed."""
+    error = errors[0]
+    while isinstance(getattr(error, "cause", None), BaseException):  # ray.exceptions.RayTaskError(cause)
+        error = error.cause  # type: ignore[attr-defined]
+    note = f"{len(errors)} of {population_size} trial(s) failed; this is the first error, raised in the trial."
+    if type(error).__module__.split(".")[0] == "ray":
+        return RuntimeError(f"{note} {error}")
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    return error
 
 
 def read_reports(path: str | Path | None) -> list[dict[str, Any]]:
@@ -472,7 +516,7 @@ def _trial_id(path: str | Path) -> str:
     return name
 
 
-def _collect(grid: Any, records: Path, metric: str, mode: str) -> PBTResult:
+def _collect(grid: Any, records: Path, metric: str, mode: str, perturbation_interval: int = 1) -> PBTResult:
     order: list[str] = []
     trial_dirs: dict[str, Path | None] = {}
     for result in grid:
@@ -484,7 +528,25 @@ def _collect(grid: Any, records: Path, metric: str, mode: str) -> PBTResult:
             order.append(path.stem)
             trial_dirs[path.stem] = None
     reports = {trial_id: read_reports(Path(records) / f"{trial_id}.jsonl") for trial_id in order}
-    return _result_from_records(order, reports, trial_dirs, metric, mode)
+    return _result_from_records(order, reports, trial_dirs, metric, mode, perturbation_interval)
+
+
+def _checkpoints(trial_dirs: Mapping[str, Path | None]) -> dict[tuple[str, int], str]:
+    """Every Lightning checkpoint on disk, by the ``(trial_id, report)`` that wrote it (a donor's lives in its own
+    trial directory)."""
+    found: dict[tuple[str, int], str] = {}
+    for trial_dir in trial_dirs.values():
+        if trial_dir is None:
+            continue
+        for lineage in Path(trial_dir).glob(f"checkpoint_*/{LINEAGE_FILE}"):
+            try:
+                state = json.loads(lineage.read_text())
+                key = (str(state["trial_id"]), int(state["report"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if (lineage.parent / MODEL_FILE).exists():
+                found[key] = f"{lineage.parent}/{MODEL_FILE}"
+    return found
 
 
 def _own_newest_checkpoint(trial_dir: Path | None, trial_id: str) -> tuple[str, int] | None:
@@ -518,9 +580,11 @@ def _result_from_records(
     trial_dirs: Mapping[str, Path | None],
     metric: str,
     mode: str,
+    perturbation_interval: int = 1,
 ) -> PBTResult:
     """Build the PBT result from the record of every trial's reports (trial ids in Ray's order)."""
     index = {trial_id: i for i, trial_id in enumerate(order)}
+    on_disk = _checkpoints(trial_dirs)
     table: list[dict[str, Any]] = []
     last: dict[int, dict[str, Any]] = {}
     schedules: dict[int, list[tuple[int, dict[str, float]]]] = {}
@@ -533,16 +597,25 @@ def _result_from_records(
         for row in rows:
             m = dict(row.get("metrics", {}))
             donor = m.get("donor")
+            epoch = int(_number(m.get("epoch"), -1))
+            report = int(_number(row.get("report"), -1))
+            restored = row.get("restored_from")
+            restored_key = None
+            if isinstance(restored, dict):
+                restored_key = (str(restored.get("trial_id")), int(_number(restored.get("report"), -1)))
             entry = {
-                "epoch": int(_number(m.get("epoch"), -1)),
+                "epoch": epoch,
+                "generation": (epoch - 1) // perturbation_interval if epoch > 0 else -1,
                 "trial": i,
                 "trial_id": trial_id,
-                "report": int(_number(row.get("report"), -1)),
+                "report": report,
                 "score": _number(m.get(metric)),
                 "config": {k[3:]: _number(v) for k, v in m.items() if str(k).startswith("hp/")},
                 "observed": {k[9:]: _number(v) for k, v in m.items() if str(k).startswith("observed/")},
                 "donor": index.get(str(donor)) if isinstance(donor, str) else None,
                 "restored_epoch": int(_number(m.get("restored_epoch"), 0)),
+                "restored_from": None if restored_key is None else on_disk.get(restored_key),
+                "checkpoint": on_disk.get((trial_id, report)),
                 "start_step": int(_number(m.get("start_step"), 0)),
                 "global_step": int(_number(m.get("global_step"), 0)),
                 "metrics": {
