@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lightning_losses import DistillationMixin, DistillationModule, KDLoss
-from lightning_losses.jobs.common import ConvNet, ResultsTable, make_trainer, pick_image_datamodule
+from lightning_losses.demos import ConvNet
+from lightning_losses.demos import image_datamodule as pick_image_datamodule
+from lightning_losses.jobs.common import ResultsTable, make_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

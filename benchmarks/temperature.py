@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lightning_losses.demos import build_gpt2
 from lightning_losses.functional import dro_temperature_loss
 from lightning_losses.integrations.transformers import causal_lm_hidden_states
 from lightning_losses.jobs.common import ResultsTable
-from lightning_losses.jobs.language import build_gpt2
 from lightning_losses.modules import TempNetModule
 from lightning_losses.nn import TempNet
 

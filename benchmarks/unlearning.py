@@ -52,8 +52,8 @@ def worker(mode: str, layers: int, width: int, vocab: int, batch: int, seq: int,
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lightning_losses.data.unlearning import UnlearningBatchCollator
+    from lightning_losses.demos import build_gpt2
     from lightning_losses.integrations.peft import lora_model
-    from lightning_losses.jobs.language import build_gpt2
     from lightning_losses.modules.unlearning import UnlearningModule
 
     torch.set_num_threads(1)  # one thread: less interference from other processes on a shared machine

@@ -43,8 +43,8 @@ def test_invalid_configuration_is_refused(cls, overrides, error, message):
 def test_unlearning_module_refuses_a_non_positive_lr():
     pytest.importorskip("peft")
     from lightning_losses import UnlearningModule
+    from lightning_losses.demos import build_gpt2
     from lightning_losses.integrations.peft import lora_model
-    from lightning_losses.jobs.language import build_gpt2
 
     model = lora_model(build_gpt2(32, n_layer=1, n_embd=16, n_head=2, block_size=8), r=2)
     with pytest.raises(ValueError, match=r"`lr` must lie in \(0, inf\)"):

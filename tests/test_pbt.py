@@ -1,6 +1,7 @@
-"""Population Based Training: explore / exploit on fake trial tables, replay, and end-to-end runs (in-process and on
-a local Ray) proving that an exploiting trial restores its donor's checkpoint with its own new hyperparameters in
-effect, optimizer learning rate included."""
+"""The deprecated Ray-task PBT engine: its explore / exploit functions on fake trial tables still work and warn,
+``PopulationBasedTraining`` maps onto ``tune_population_based_training`` (Ray Tune, synchronous), replay, and
+end-to-end runs through it (slow: Ray) proving that an exploiting trial restores its donor's checkpoint with its own
+new hyperparameters in effect, optimizer learning rate included."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.tuning import common
 from lightning_losses.tuning.pbt import (
+    ExploitDecision,
+    PBTResult,
     PopulationBasedTraining,
     SearchDimension,
     TrialRecord,
@@ -127,6 +131,96 @@ def test_bad_arguments(factory, match):
         factory()
 
 
+# ------------------------------------------------------------------------------------------ deprecations
+def test_every_engine_name_warns_and_points_to_the_ray_tune_entry_point():
+    calls = {
+        "pbt_quantiles": lambda: pbt_quantiles(_table([0.1, 0.2]), "max", 0.5),
+        "pbt_explore": lambda: pbt_explore({"lr": 0.1}, SPACE, random.Random(0)),
+        "pb2_explore": lambda: pb2_explore([], SPACE, now=1.0, rng=random.Random(0)),
+        "TrialRecord": lambda: TrialRecord(0, {}, 0.1, None),
+        "ExploitDecision": lambda: ExploitDecision(0, 1, "c.ckpt", {}),
+    }
+    for name, call in calls.items():
+        with pytest.warns(
+            DeprecationWarning, match=rf"tuning\.pbt\.{name}` is deprecated.*tune_population_based_training"
+        ):
+            call()
+    table = _table([0.2, 0.9])
+    with pytest.warns(DeprecationWarning, match="pbt_exploit") as caught:
+        pbt_exploit(table, SPACE, "max", 0.5, random.Random(0))
+    assert len(caught) == 1  # one warning per call, not one per helper it uses
+    with pytest.warns(DeprecationWarning, match=r"space -> search_space, generations -> max_epochs"):
+        PopulationBasedTraining(_module, _datamodule, SPACE)
+
+
+def test_the_shared_parts_stay_importable_from_the_old_module_without_warning():
+    import warnings
+
+    from lightning_losses import tuning
+    from lightning_losses.tuning import pbt, ray_tune
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("SearchDimension", "ApplyHyperparameters", "PBTResult", "replay_schedule", "segment_trainer"):
+            assert getattr(pbt, name) is getattr(common, name)
+        for name in ("SearchDimension", "ClipToBounds", "ApplyHyperparameters", "PBTResult", "replay_schedule"):
+            assert getattr(tuning, name) is getattr(common, name)
+        assert ray_tune.ClipToBounds is common.ClipToBounds
+        assert tuning.tune_population_based_training is ray_tune.tune_population_based_training
+
+
+def test_population_based_training_runs_on_ray_tune_with_the_mapped_names(monkeypatch, tmp_path):
+    from lightning_losses.tuning import ray_tune
+
+    seen = {}
+
+    def fake_tune(module_factory, datamodule_factory, **kwargs):
+        seen.update(kwargs, factories=(module_factory, datamodule_factory))
+        rows = [{"epoch": e, "trial": t} for t in (0, 1) for e in (1, 2, 3, 4)]
+        return PBTResult(0, 0.5, {"lr": 0.1}, None, {0: [(0, {"lr": 0.1})]}, rows)
+
+    monkeypatch.setattr(ray_tune, "tune_population_based_training", fake_tune)
+    pbt = PopulationBasedTraining(
+        _module,
+        _datamodule,
+        SPACE,
+        population_size=2,
+        perturbation_interval=2,
+        generations=2,
+        explore="pb2",
+        resources={"cpu": 2},
+        perturbation_factors=(1.5, 0.5),
+        storage_path=tmp_path,
+        ray_address="auto",  # a cluster: nothing is started here
+        seed=3,
+    )
+    result = pbt.fit()
+    assert seen["factories"] == (_module, _datamodule)
+    assert seen["search_space"] == SPACE and seen["max_epochs"] == 4 and seen["scheduler"] == "pb2"
+    assert seen["synch"] is True and seen["resources_per_trial"] == {"cpu": 2} and seen["seed"] == 3
+    assert seen["perturbation_factors"] == (1.5, 0.5) and seen["ray_address"] == "auto"
+    # one row per trial and generation, as the old engine's table had: the generation's last epoch
+    assert [(r["trial"], r["epoch"]) for r in result.table] == [(0, 2), (0, 4), (1, 2), (1, 4)]
+
+
+def test_sequential_population_starts_a_local_ray_sized_to_one_trial(monkeypatch, tmp_path):
+    ray = pytest.importorskip("ray")
+    from lightning_losses.tuning import ray_tune
+
+    events = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: events.append(("init", kw["num_cpus"], kw["num_gpus"])))
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append(("shutdown",)))
+
+    def fake_tune(*args, **kwargs):
+        events.append(("tune", kwargs["resources_per_trial"]))
+        return PBTResult(None, math.nan, {}, None, {}, [])
+
+    monkeypatch.setattr(ray_tune, "tune_population_based_training", fake_tune)
+    PopulationBasedTraining(_module, _datamodule, SPACE, use_ray=False, storage_path=tmp_path).fit()
+    assert events == [("init", 1, 0), ("tune", {"cpu": 1.0}), ("shutdown",)]
+
+
 def test_replay_schedule_is_piecewise_constant_per_epoch():
     cb = replay_schedule([(0, {"ls.amount": 0.1, "lr": 0.1}), (2, {"ls.amount": 0.2, "lr": 0.08})])
     assert [cb.value_at(e) for e in (0, 1, 2, 3)] == [
@@ -222,6 +316,15 @@ def _check_exploit(result, population):
     assert result.best_score == max(r["score"] for r in gen1.values())
 
 
+@pytest.fixture
+def workers_see_this_module():
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _pbt(tmp_path, use_ray, population=2):
     configs = [{"ls.amount": 0.05 + 0.1 * i, "lr": 0.05 * (i + 1)} for i in range(population)]
     return PopulationBasedTraining(
@@ -242,7 +345,8 @@ def _pbt(tmp_path, use_ray, population=2):
     )
 
 
-def test_pbt_in_process_exploits_with_new_hyperparameters_after_restore(tmp_path):
+@pytest.mark.slow  # Ray's start-up and 3 trials of 2 epochs, one at a time
+def test_pbt_in_sequence_exploits_with_new_hyperparameters_after_restore(tmp_path, workers_see_this_module):
     result = _pbt(tmp_path, use_ray=False, population=3).fit()
     _check_exploit(result, 3)
     # the discovered schedule replays in one plain run through HyperparameterSchedule
@@ -262,21 +366,18 @@ def test_pbt_in_process_exploits_with_new_hyperparameters_after_restore(tmp_path
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(last["lr"])
 
 
-def test_missing_metric_names_the_logged_ones(tmp_path):
+@pytest.mark.slow  # Ray's start-up
+def test_missing_metric_names_the_logged_ones(tmp_path, workers_see_this_module):
     pbt = _pbt(tmp_path, use_ray=False)
     pbt.metric = "val_loss"
     with pytest.raises(KeyError, match="val_acc"):
         pbt.fit()
 
 
-def test_pbt_on_local_ray(tmp_path):
-    ray = pytest.importorskip("ray")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        result = _pbt(tmp_path, use_ray=True).fit()
-    finally:
-        ray.shutdown()
+@pytest.mark.slow  # Ray's start-up and 2 trials of 2 epochs
+def test_pbt_on_local_ray(tmp_path, workers_see_this_module):
+    workers_see_this_module.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    result = _pbt(tmp_path, use_ray=True).fit()
     _check_exploit(result, 2)
 
 
@@ -298,7 +399,8 @@ def test_pb2_starts_uniform_then_follows_the_improvement_surface():
         assert 1e-3 <= p["lr"] <= 1e-1
 
 
-def test_pbt_with_pb2_explore_runs_in_process(tmp_path):
+@pytest.mark.slow  # Ray's start-up and 3 trials of 4 epochs, one at a time
+def test_pbt_with_pb2_explore_runs_in_sequence(tmp_path, workers_see_this_module):
     pbt = _pbt(tmp_path, use_ray=False, population=3)
     pbt.generations, pbt.explore = 4, "pb2"
     result = pbt.fit()

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
-from lightning_losses.tuning.pbt import SearchDimension
+from lightning_losses.tuning.common import SearchDimension
 from lightning_losses.tuning.ray_tune import ClipToBounds, tune_population_based_training
 
 SPACE = {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(1e-3, 1.0, log=True)}
@@ -58,6 +58,7 @@ def test_ray_explore_then_clip_stays_in_bounds():
         ({"scheduler": "asha"}, "scheduler"),
         ({"resources_per_trial": {"tpu": 1}}, "resources_per_trial"),
         ({"max_epochs": 0}, "max_epochs"),
+        ({"perturbation_factors": (1.2, 0.0)}, "perturbation_factors"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -141,7 +142,7 @@ def test_an_empty_or_partial_record_warns_and_never_crashes(tmp_path):
 
 
 def test_reports_are_appended_to_the_record_and_collected_by_trial_directory(tmp_path):
-    from lightning_losses.tuning.pbt import ApplyHyperparameters
+    from lightning_losses.tuning.common import ApplyHyperparameters
     from lightning_losses.tuning.ray_tune import TuneReportCheckpoint, _collect, read_reports
 
     records = tmp_path / "records"
@@ -171,6 +172,60 @@ def test_reports_are_appended_to_the_record_and_collected_by_trial_directory(tmp
         ("t1", 0, 0.6),
     ]
     assert result.best_trial == 0 and result.best_checkpoint.endswith("trial_t0/checkpoint_000001/model.ckpt")
+
+
+def test_rows_name_the_checkpoints_written_and_restored_and_their_generation(tmp_path):
+    from lightning_losses.tuning.ray_tune import _result_from_records
+
+    reports = {
+        "a": [_report("a", 0, 1, 0.3), _report("a", 1, 2, 0.2)],
+        "b": [_report("b", 0, 1, 0.9), _report("b", 1, 2, 0.4, donor="a", restored_epoch=1)],
+    }
+    reports["a"][1]["restored_from"] = {"trial_id": "a", "report": 0}  # resumed from its own checkpoint
+    reports["b"][1]["restored_from"] = {"trial_id": "a", "report": 0}  # exploited a's
+    reports["b"][0]["restored_from"] = None
+    dirs = {"a": tmp_path / "trial_a", "b": tmp_path / "trial_b"}
+    a0 = _checkpoint(dirs["a"], "checkpoint_000000", "a", 0)
+    a1 = _checkpoint(dirs["a"], "checkpoint_000001", "a", 1)
+    b1 = _checkpoint(dirs["b"], "checkpoint_000001", "b", 1)  # b's first report left no checkpoint on disk
+    result = _result_from_records(["a", "b"], reports, dirs, "val_loss", "min", perturbation_interval=2)
+    rows = {(r["trial_id"], r["report"]): r for r in result.table}
+    assert rows["a", 0]["checkpoint"] == f"{a0}/model.ckpt" and rows["a", 0]["restored_from"] is None
+    assert rows["a", 1]["checkpoint"] == f"{a1}/model.ckpt" and rows["a", 1]["restored_from"] == f"{a0}/model.ckpt"
+    assert rows["b", 0]["checkpoint"] is None
+    assert rows["b", 1]["checkpoint"] == f"{b1}/model.ckpt" and rows["b", 1]["restored_from"] == f"{a0}/model.ckpt"
+    assert {r["generation"] for r in result.table} == {0}  # epochs 1 and 2 end in the first interval of 2
+    spread = _result_from_records(["a", "b"], reports, dirs, "val_loss", "min", perturbation_interval=1)
+    assert sorted((r["epoch"], r["generation"]) for r in spread.table) == [(1, 0), (1, 0), (2, 1), (2, 1)]
+
+
+def test_the_record_names_the_restored_checkpoint(tmp_path):
+    from lightning_losses.tuning.common import ApplyHyperparameters
+    from lightning_losses.tuning.ray_tune import TuneReportCheckpoint, read_reports
+
+    record = tmp_path / "t1.jsonl"
+    cb = TuneReportCheckpoint(
+        "val_loss", ApplyHyperparameters({}), [(0, {})], "t1", "t0", 1, record, restored=("t0", 3)
+    )
+    cb._append({"val_loss": 0.1})
+    TuneReportCheckpoint("val_loss", ApplyHyperparameters({}), [(0, {})], "t1", record=record)._append({})
+    assert [r["restored_from"] for r in read_reports(record)] == [{"trial_id": "t0", "report": 3}, None]
+
+
+def test_a_failed_trial_raises_its_own_error():
+    from lightning_losses.tuning.ray_tune import _trial_error
+
+    class TaskError(Exception):  # how Ray wraps the trial's exception
+        def __init__(self, cause):
+            super().__init__("task failed")
+            self.cause = cause
+
+    error = _trial_error([TaskError(KeyError("The metric 'val_acc' was not logged")), TaskError(ValueError())], 4)
+    assert isinstance(error, KeyError) and "val_acc" in str(error)
+    assert any("2 of 4 trial(s) failed" in note for note in getattr(error, "__notes__", []))
+    ray_internal = type("TuneError", (Exception,), {"__module__": "ray.tune.error"})("the controller died")
+    wrapped = _trial_error([ray_internal], 2)
+    assert isinstance(wrapped, RuntimeError) and "the controller died" in str(wrapped)
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -310,6 +365,9 @@ def test_pb2_scheduler_gets_the_bounds_and_the_clipping_explore():
     assert isinstance(sched._custom_explore_fn, ClipToBounds) and sched._time_attr == "epoch"
     pbt = _make_scheduler("pbt", SPACE, "val_loss", "min", 1, 0.25, 0.1, True)
     assert set(pbt._hyperparam_mutations) == set(SPACE) and pbt._resample_probability == 0.1 and pbt._synch
+    assert tuple(pbt._perturbation_factors) == (1.2, 0.8)
+    wide = _make_scheduler("pbt", SPACE, "val_loss", "min", 1, 0.25, 0.1, True, perturbation_factors=(1.5, 0.5))
+    assert tuple(wide._perturbation_factors) == (1.5, 0.5)
 
 
 def test_pb2_without_its_gaussian_process_package_names_it(monkeypatch):

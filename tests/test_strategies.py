@@ -163,7 +163,7 @@ class LMDistillation(DistillationMixin, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         from lightning_losses import GeneralizedJSDLoss
-        from lightning_losses.jobs.language import build_gpt2
+        from lightning_losses.demos import build_gpt2
 
         self.student = build_gpt2(VOCAB, n_layer=1, n_embd=32, n_head=2, block_size=LENGTH, seed=5)
         teacher = build_gpt2(VOCAB, n_layer=2, n_embd=48, n_head=2, block_size=LENGTH, seed=6)
@@ -244,7 +244,7 @@ def _token_data(seed: int) -> Dataset:
 
 
 def _tempnet_lm() -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
-    from lightning_losses.jobs.language import build_gpt2
+    from lightning_losses.demos import build_gpt2
 
     torch.manual_seed(0)
     lm = build_gpt2(VOCAB, n_layer=1, n_embd=32, n_head=2, block_size=LENGTH, seed=7)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
+from lightning_losses.demos import build_gpt2
 from lightning_losses.integrations.generation import TempNetCausalLM, TempNetLogitsProcessor, apply_tempnet
-from lightning_losses.jobs.language import build_gpt2
 from lightning_losses.nn import TempNet
 
 VOCAB = 48

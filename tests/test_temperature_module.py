@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses import TempNetMixin, TempNetModule
+from lightning_losses.demos import build_gpt2
 from lightning_losses.functional import dro_temperature_loss
-from lightning_losses.jobs.language import build_gpt2
 
 VOCAB = 64
 

@@ -7,9 +7,9 @@ import torch
 
 from lightning_losses.data.shakespeare import shakespeare_tokenizer
 from lightning_losses.data.unlearning import UnlearningDataModule
+from lightning_losses.demos import build_gpt2
 from lightning_losses.integrations.peft import adapter_is_fresh, disabled_adapter, eval_mode, lora_model, named_adapter
 from lightning_losses.integrations.tokenization import prompt_token_count, tokenize_prompt_answer
-from lightning_losses.jobs.language import build_gpt2
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from lightning_losses import NPOLoss, UnlearningEvaluation, UnlearningModule
 from lightning_losses.data.unlearning import UnlearningBatchCollator
+from lightning_losses.demos import build_gpt2
 from lightning_losses.functional.unlearning import npo_loss, sequence_log_probs
 from lightning_losses.integrations.peft import adapter_is_fresh, lora_model
-from lightning_losses.jobs.language import build_gpt2
 
 V, T = 48, 12
 METHODS = ["ga", "graddiff", "graddiff_kl", "npo", "npo_rt", "npo_kl", "simnpo", "flat", "idkdpo"]

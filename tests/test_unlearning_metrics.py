@@ -38,6 +38,20 @@ def test_auc_matches_sklearn_with_ties():
     assert auc_score(torch.tensor([0.0, 3.0]), torch.tensor([True, False])).item() == 0.0
 
 
+def test_auc_is_torchmetrics_auroc_and_keeps_large_scores_apart():
+    from torchmetrics.functional.classification import binary_auroc
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(200, generator=g)
+    members = torch.rand(200, generator=g) < 0.5
+    assert auc_score(probs, members).item() == pytest.approx(binary_auroc(probs, members.long()).item(), abs=1e-6)
+    # large scores: a sigmoid (what binary_auroc applies to values outside [0, 1]) merges them all into 1.0
+    large = 70.0 - 10.0 * torch.arange(6.0)
+    who = torch.tensor([True, True, True, False, False, False])
+    assert binary_auroc(large, who.long()).item() == 0.5
+    assert auc_score(large, who).item() == 1.0 == auc_score(-large, ~who).item()
+
+
 def test_ks_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     g = torch.Generator().manual_seed(1)

@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
     datamodule = image_datamodule("digits" if args.quick else "mnist", batch_size=64)
     # SGD without weight decay at a constant rate: a setting that leaves plain cross-entropy over-confident
-    module = ClassificationModule(ConvNet(width=8), loss=LOSSES[args.loss](), lr=0.1, weight_decay=0.0, scheduler="none")
+    module = ClassificationModule(
+        ConvNet(width=8), loss=LOSSES[args.loss](), lr=0.1, weight_decay=0.0, scheduler="none"
+    )
     calibration = PostHocCalibration("temperature")
     trainer = pl.Trainer(
         max_epochs=2 if args.quick else 10,

@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     gamma = float(module.get_hyperparameter("loss.gamma"))
     lr = float(trainer.optimizers[0].param_groups[0]["lr"])
     accuracy = float(trainer.callback_metrics["val/acc"])
-    print(f"after {trainer.global_step} steps: focal γ = {gamma:.3f}, lr = {lr:.4f}, val accuracy {100 * accuracy:.2f} %")
+    print(
+        f"after {trainer.global_step} steps: focal γ = {gamma:.3f}, lr = {lr:.4f}, val accuracy {100 * accuracy:.2f} %"
+    )
     return {"gamma": gamma, "lr": lr, "steps": float(trainer.global_step), "total_steps": float(steps)}
 
 

@@ -17,10 +17,9 @@ from lightning.fabric.utilities.cloud_io import _atomic_save, _load, get_filesys
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 from typing_extensions import override
 
-from lightning_losses._utils import require, unpack_batch
 from lightning_losses.functional.calibration import expected_calibration_error, negative_log_likelihood
 from lightning_losses.metrics.calibration import (
     AverageCalibrationError,
@@ -41,6 +40,9 @@ from lightning_losses.nn.calibration import (
     TemperatureScaler,
     VectorScaler,
 )
+from lightning_losses.utilities.batches import unpack_batch
+from lightning_losses.utilities.distributed import all_reduce, gather_shards, shard_dataloader
+from lightning_losses.utilities.imports import require
 
 __all__ = ["CALIBRATORS", "CalibrationMonitor", "PostHocCalibration", "reliability_diagram"]
 
@@ -94,18 +96,6 @@ def _strategy_forward(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Ca
         return redirect(wrapper, pl_module, name, torch.zeros(()))
     finally:
         object.__delattr__(pl_module, name)
-
-
-def _gather_in_order(trainer: pl.Trainer, local: Tensor, total: int) -> Tensor:
-    """All-gather per-rank rows ``r, r + W, r + 2W, ...`` and return them in the original order (``total`` rows)."""
-    world = trainer.world_size
-    if world == 1:
-        return local
-    rows = -(-total // world)
-    padded = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local[:rows]
-    gathered = trainer.strategy.all_gather(padded)  # (W, rows, ...)
-    return gathered.transpose(0, 1).reshape(rows * world, *local.shape[1:])[:total]
 
 
 _NOT_FITTED_WARNING = (
@@ -284,11 +274,7 @@ class PostHocCalibration(Callback):
         total = len(dataset)  # type: ignore[arg-type]
         if total == 0:
             raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
-        rows = -(-total // world)
-        indices = list(range(rank, total, world))
-        indices += [indices[-1] if indices else 0] * (rows - len(indices))
-        share = Subset(dataset, indices)
-        return DataLoader(share, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn), total
+        return shard_dataloader(loader, rank, world, pad=True), total
 
     def _logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         if self.logits_fn is not None:
@@ -358,10 +344,10 @@ class PostHocCalibration(Callback):
         loader, total = self._shard(trainer, loader)
         logits, target, copies = self._collect(trainer, pl_module, loader)
         if total >= 0:
-            logits = _gather_in_order(trainer, logits, total)
-            target = _gather_in_order(trainer, target, total)
+            logits = gather_shards(logits, total, trainer)
+            target = gather_shards(target, total, trainer)
             if copies is not None:
-                copies = _gather_in_order(trainer, copies.transpose(0, 1).contiguous(), total).transpose(0, 1)
+                copies = gather_shards(copies.transpose(0, 1).contiguous(), total, trainer).transpose(0, 1)
         elif trainer.world_size > 1:
             raise RuntimeError(
                 "PostHocCalibration under several processes needs a map-style data set (with __len__) to split "
@@ -855,7 +841,7 @@ class CalibrationMonitor(Callback):
             return
         count, conf_sum, acc_sum = (t.clone() for t in self._bins.bins())
         if trainer.world_size > 1:
-            count, conf_sum, acc_sum = (trainer.strategy.reduce(t, reduce_op="sum") for t in (count, conf_sum, acc_sum))
+            count, conf_sum, acc_sum = (all_reduce(t, trainer=trainer) for t in (count, conf_sum, acc_sum))
         if float(count.sum()) == 0:
             return
         for name, m in self._metrics.items():

@@ -8,10 +8,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
-from lightning_losses._utils import unpack_batch
 from lightning_losses.mixins.distillation import DistillationMixin
+from lightning_losses.utilities.batches import unpack_batch
+from lightning_losses.utilities.distributed import all_reduce, shard_dataloader
 
 __all__ = ["TeacherClassMeans"]
 
@@ -84,9 +85,7 @@ class TeacherClassMeans(Callback):
                 "TeacherClassMeans needs a torch DataLoader; pass `dataloader=` when the training data is a "
                 f"{type(loader).__name__}."
             )
-        dataset: Any = loader.dataset
-        indices = list(range(trainer.global_rank, len(dataset), trainer.world_size))
-        return DataLoader(Subset(dataset, indices), batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn)
+        return shard_dataloader(loader, trainer.global_rank, trainer.world_size)
 
     @torch.no_grad()
     def compute(self, trainer: pl.Trainer, pl_module: DistillationMixin) -> tuple[Tensor, int]:
@@ -108,8 +107,8 @@ class TeacherClassMeans(Callback):
             counts += torch.bincount(y, minlength=counts.numel()).to(counts)
         if sums is None or counts is None:
             raise ValueError("The training data is empty: cannot compute teacher class means.")
-        sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        sums = all_reduce(sums, trainer=trainer)
+        counts = all_reduce(counts, trainer=trainer)
         if bool((counts == 0).any()):
             missing = torch.nonzero(counts == 0).flatten().tolist()
             raise ValueError(f"Classes {missing} have no training sample: their teacher class means are undefined.")

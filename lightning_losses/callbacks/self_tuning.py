@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_losses import hyperparameters as _hp
-from lightning_losses._utils import unpack_batch
 from lightning_losses.callbacks.schedules import _require_picklable
 from lightning_losses.hyperparameters import OPTIMIZER_HYPERPARAMETERS, apply_hyperparameters
 from lightning_losses.nn.stn import (
@@ -56,6 +55,7 @@ from lightning_losses.nn.stn import (
     condition_hyper_layers,
     hyper_layers,
 )
+from lightning_losses.utilities.batches import unpack_batch
 
 __all__ = ["SelfTuning", "TunedHyperparameter", "best_response_step", "classification_validation_loss"]
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_losses._utils import require
+from lightning_losses.utilities.imports import require
 
 __all__ = ["LMBlockDataset", "ShakespeareDataModule", "load_plays", "plays_directory", "shakespeare_tokenizer"]
 

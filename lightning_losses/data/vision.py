@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_losses._utils import require
+from lightning_losses.utilities.imports import require
 
 __all__ = ["DigitsDataModule", "IndexedTensorDataset", "MNIST5kDataModule", "load_image_dataset"]
 

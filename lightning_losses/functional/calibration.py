@@ -76,6 +76,18 @@ def _sum_tolerance(dtype: torch.dtype) -> float:
     return max(_SUM_TOL, 2 * torch.finfo(dtype).eps)
 
 
+def _check_predictions(x: object, label: str) -> None:
+    """Type, dtype and shape of multiclass ``(N, C)`` or binary ``(N,)`` predictions (``label`` names them)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{label} must be a floating-point tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise ValueError(f"{label} must be a floating-point tensor, got dtype {x.dtype}.")
+    if x.ndim not in (1, 2) or (x.ndim == 2 and x.shape[1] < 2):
+        raise ValueError(
+            f"{label} must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(x.shape)}."
+        )
+
+
 def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: bool = True) -> Tensor:
     """Validate predictions and return class probabilities of shape ``(N, C)`` in float32 (or float64).
 
@@ -97,15 +109,7 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
     """
     if input_type not in ("probs", "logits"):
         raise ValueError(f"`input_type` must be 'probs' or 'logits', got {input_type!r}.")
-    if not isinstance(probs, Tensor):
-        raise TypeError(f"`probs` (the predictions) must be a floating-point tensor, got {type(probs).__name__}.")
-    if not probs.is_floating_point():
-        raise ValueError(f"`probs` (the predictions) must be a floating-point tensor, got dtype {probs.dtype}.")
-    if probs.ndim not in (1, 2) or (probs.ndim == 2 and probs.shape[1] < 2):
-        raise ValueError(
-            f"`probs` (the predictions) must have shape (N, C) with C >= 2, or (N,) for a binary problem, got "
-            f"{tuple(probs.shape)}."
-        )
+    _check_predictions(probs, "`probs` (the predictions)")
     tol = _sum_tolerance(probs.dtype)
     (x,) = as_float32(probs)
     if not validate:

@@ -34,6 +34,7 @@ from lightning_losses.utilities.checks import (
     NumItems,
     check_hyperparameter,
     check_int,
+    check_labels,
     check_num_items,
     check_reduction,
     check_same_shape,
@@ -520,17 +521,7 @@ def _jsd_arg_validation(
         check_hyperparameter(beta, "beta", low=0.0, high=1.0, checks=checks, validate=validate_args)
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args and labels is not None:
-        vocab = student_logits.shape[-1]
-        counted = labels != ignore_index
-        out_of_range = counted & ((labels < 0) | (labels >= vocab))
-
-        def error() -> Exception:
-            return ValueError(
-                f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
-                f"{labels[out_of_range][:8].tolist()}. Mask prompt and padding positions with ignore_index."
-            )
-
-        checks.require(~out_of_range.any(), error)
+        check_labels(labels, student_logits.shape[-1], ignore_index, checks)
     return student_logits, teacher_logits, checks
 
 

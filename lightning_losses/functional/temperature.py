@@ -24,6 +24,7 @@ from lightning_losses.utilities.checks import (
     NumItems,
     check_hyperparameter,
     check_int,
+    check_labels,
     check_num_items,
     check_reduction,
     check_targets,
@@ -206,16 +207,8 @@ def dro_temperature_loss(
     _rho_check(rho, vocab, checks, validate_args)
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args:
-        counted = target != ignore_index
-        outside = counted & ((target < 0) | (target >= vocab))
-
-        def target_error() -> Exception:
-            return ValueError(
-                f"`target` holds class indices outside [0, {vocab}) that are not ignore_index={ignore_index}: "
-                f"{target[outside][:8].tolist()}. Mark positions that do not count with ignore_index."
-            )
-
-        checks.require(~outside.any(), target_error)
+        hint = "Mark positions that do not count with ignore_index."
+        check_labels(target, vocab, ignore_index, checks, "target", kind="class indices", hint=hint)
     (z,) = as_float32(logits)
     shape = target.shape
     dtype = compute_dtype(z.dtype)

@@ -28,6 +28,7 @@ from lightning_losses.utilities.checks import (
     DeferredChecks,
     check_hyperparameter,
     check_int,
+    check_labels,
     check_num_items,
     check_tensor,
     start_checks,
@@ -129,15 +130,7 @@ def token_log_probs(
     vocab = logits.shape[-1]
     checks = start_checks(validate_args, (logits, "logits"))
     if validate_args:
-        bad = mask & ((labels < 0) | (labels >= vocab))
-
-        def error() -> Exception:
-            return ValueError(
-                f"`labels` holds token ids outside [0, {vocab}) that are not ignore_index={ignore_index}: "
-                f"{labels[bad][:8].tolist()}. Mask prompt and padding positions with ignore_index."
-            )
-
-        checks.require(~bad.any(), error)
+        check_labels(labels, vocab, ignore_index, checks)
     checks.run()
     safe = labels.masked_fill(~mask, 0)
     dtype = compute_dtype(logits.dtype)

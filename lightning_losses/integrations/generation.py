@@ -88,7 +88,7 @@ class TempNetCausalLM(nn.Module):
         tempnet: The trained temperature network on its vocabulary.
 
     Example:
-        >>> from lightning_losses.jobs.language import build_gpt2
+        >>> from lightning_losses.demos import build_gpt2
         >>> from lightning_losses.nn import TempNet
         >>> lm = build_gpt2(32, n_layer=1, n_embd=16, n_head=2, block_size=16)
         >>> wrapped = TempNetCausalLM(lm, TempNet(vocab_size=32, hidden_dim=8)).eval()

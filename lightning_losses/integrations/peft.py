@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_losses._utils import require
+from lightning_losses.utilities.distributed import rank_and_world_size
+from lightning_losses.utilities.imports import require
 
 __all__ = [
     "active_adapter_name",
@@ -172,7 +173,7 @@ def save_adapter(model: nn.Module, directory: str | Path, **kwargs: Any) -> Path
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on process 0 only
         kwargs["state_dict"] = get_model_state_dict(model, options=options)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if rank_and_world_size()[0] != 0:
         return path
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(path), **kwargs)  # type: ignore[operator]

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_losses._utils import require
+from lightning_losses.utilities.imports import require
 
 __all__ = ["HiddenStatesUnavailable", "OutputHead", "backbone_of", "causal_lm_hidden_states", "output_head"]
 

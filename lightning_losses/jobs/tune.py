@@ -4,8 +4,8 @@ A teacher CNN is trained once; the same small student is then distilled (Hinton 
 
 * fixed hyperparameters (the paper defaults T = 4, α = 0.9),
 * a small grid (T ∈ {2, 8} × α ∈ {0.5, 0.9}, the best by validation accuracy),
-* Population Based Training (population 4 on a local Ray, one exploit / explore round per epoch; ``--backend tune``
-  runs Ray Tune's PBT scheduler, ``--backend tasks`` the synchronous loop of Ray tasks),
+* Population Based Training (population 4 on a local Ray, one exploit / explore round per epoch, on Ray Tune's PBT
+  scheduler; ``--backend tasks`` makes it synchronous, in generations),
 * a Self-Tuning Network (the student built from STN hyper-layers conditioned on T and α).
 
 The table reports the final student test accuracy, the compute (student epochs), the wall time and the final
@@ -47,11 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("tune", "tasks"),
         default="tune",
-        help="PBT on Ray Tune's PopulationBasedTraining scheduler (tune) or the synchronous generation loop of Ray "
-        "tasks (tasks)",
+        help="PBT on Ray Tune's PopulationBasedTraining scheduler, asynchronous (tune) or in synchronous "
+        "generations (tasks)",
     )
     parser.add_argument(
-        "--no-ray", action="store_true", help="run the PBT population in sequence, without Ray (implies tasks)"
+        "--no-ray",
+        action="store_true",
+        help="run the PBT population one trial at a time, on a local Ray of 1 CPU (implies tasks)",
     )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--train-subset", type=int, default=None, help="train on this many images (smoke runs)")
@@ -195,49 +197,32 @@ def _run(args: argparse.Namespace) -> int:
         }
 
     if "pbt" in methods:
-        from lightning_losses.tuning.pbt import PopulationBasedTraining, SearchDimension
+        from lightning_losses.tuning import SearchDimension, tune_population_based_training
 
         space = {"kd.temperature": SearchDimension(1.0, 10.0), "kd.weight": SearchDimension(0.05, 0.95)}
         on_tune = args.backend == "tune" and not args.no_ray
         with tempfile.TemporaryDirectory() as storage, Timer() as timer:
-            if on_tune:
-                from lightning_losses.tuning.ray_tune import tune_population_based_training
-
-                result = tune_population_based_training(
-                    _StudentFactory(teacher),
-                    data_factory,
-                    space,
-                    metric="val/acc",
-                    mode="max",
-                    population_size=args.population,
-                    perturbation_interval=1,
-                    max_epochs=epochs,
-                    quantile_fraction=0.25,
-                    storage_path=storage,
-                    trainer_kwargs={"num_sanity_val_steps": 0},
-                    initial_configs=_initial_configs(args.population),
-                    derived={"ce_weight": _ce_weight},
-                    seed=0,
+            if args.no_ray:  # room for one trial: Ray Tune runs the population one trial at a time
+                require("ray", "tune").init(
+                    num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
                 )
-            else:
-                pbt = PopulationBasedTraining(
-                    _StudentFactory(teacher),
-                    data_factory,
-                    space,
-                    population_size=args.population,
-                    metric="val/acc",
-                    mode="max",
-                    perturbation_interval=1,
-                    generations=epochs,
-                    quantile_fraction=0.25,
-                    storage_path=storage,
-                    trainer_kwargs={"num_sanity_val_steps": 0},
-                    use_ray=not args.no_ray,
-                    initial_configs=_initial_configs(args.population),
-                    derived={"ce_weight": _ce_weight},
-                    seed=0,
-                )
-                result = pbt.fit()
+            result = tune_population_based_training(
+                _StudentFactory(teacher),
+                data_factory,
+                space,
+                metric="val/acc",
+                mode="max",
+                population_size=args.population,
+                perturbation_interval=1,
+                max_epochs=epochs,
+                quantile_fraction=0.25,
+                storage_path=storage,
+                trainer_kwargs={"num_sanity_val_steps": 0},
+                initial_configs=_initial_configs(args.population),
+                derived={"ce_weight": _ce_weight},
+                seed=0,
+                synch=not on_tune,  # generations
+            )
             test_acc = math.nan  # without a checkpoint of the best trial (warned about) there is nothing to test
             if result.best_checkpoint is not None:
                 module = _StudentFactory(teacher)()
@@ -246,8 +231,7 @@ def _run(args: argparse.Namespace) -> int:
                     module, datamodule=data_factory(), ckpt_path=result.best_checkpoint, verbose=False
                 )
                 test_acc = float(metrics["test/acc"])
-        if not args.no_ray:
-            require("ray", "tune").shutdown()
+        require("ray", "tune").shutdown()
         if result.best_trial is None:
             print("PBT: no trial reported a result (see the warnings above); the table has no PBT row.")
         else:
@@ -255,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
             final = schedule[-1][1]
             add(
                 f"PBT (population {args.population}, {'Ray local' if not args.no_ray else 'sequential'})"
-                + (" on Ray Tune" if on_tune else " on Ray tasks" if not args.no_ray else ""),
+                + (" on Ray Tune" if on_tune else " in generations on Ray Tune" if not args.no_ray else ""),
                 test_acc,
                 result.best_score,
                 epochs * args.population,

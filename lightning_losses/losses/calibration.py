@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch  # noqa: F401 - used by the doctests
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -14,14 +14,6 @@ from typing import Literal
 
 from torch import Tensor
 
-from lightning_losses._utils import (
-    NumItems,
-    check_hyperparameter,
-    check_int,
-    check_num_items,
-    divide_by_items,
-    hyperparameter_tensor,
-)
 from lightning_losses.functional.distillation import (
     binary_kl_loss,
     dkd_loss,
@@ -30,6 +22,14 @@ from lightning_losses.functional.distillation import (
     nd_loss,
 )
 from lightning_losses.losses.base import LossModule
+from lightning_losses.utilities.checks import (
+    NumItems,
+    check_hyperparameter,
+    check_int,
+    check_num_items,
+    check_reduction,
+)
+from lightning_losses.utilities.numerics import hyperparameter_tensor, reduce_loss
 
 __all__ = [
     "BinaryKLLoss",
@@ -42,11 +42,6 @@ __all__ = [
 
 SampleReduction = Literal["batchmean", "sum", "none"]
 MeanReduction = Literal["mean", "sum", "none"]
-
-
-def _reduction_validation(reduction: str, allowed: tuple[str, ...]) -> None:
-    if not isinstance(reduction, str) or reduction not in allowed:
-        raise ValueError(f"`reduction` must be one of {allowed}, got {reduction!r}.")
 
 
 def _number_validation(
@@ -126,14 +121,9 @@ class DistillationLoss(LossModule):
         the caller), when given, replaces that divisor.
         """
         weighted = unreduced * hyperparameter_tensor(self.weight, unreduced, "weight", validate=False)
-        if reduction == "none":
-            return weighted
-        total = weighted.sum()
-        if reduction == "sum":
-            return total
-        if count is None:
+        if count is None and reduction != "none":
             count = weighted.new_tensor(float(unreduced.shape[0]))
-        return divide_by_items(total, count, num_items_in_batch)
+        return reduce_loss(weighted, reduction, count=count, num_items_in_batch=num_items_in_batch)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -176,7 +166,7 @@ class KDLoss(DistillationLoss):
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
         _number_validation("temperature", temperature, low=0.0, strict=True)
-        _reduction_validation(reduction, ("batchmean", "sum", "none"))
+        check_reduction(reduction, ("batchmean", "sum", "none"))
         self.reduction = reduction
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
 
@@ -230,7 +220,7 @@ class DKDLoss(DistillationLoss):
         _number_validation("alpha", alpha, low=0.0, strict=False)
         _number_validation("beta", beta, low=0.0, strict=False)
         _number_validation("temperature", temperature, low=0.0, strict=True)
-        _reduction_validation(reduction, ("batchmean", "sum", "none"))
+        check_reduction(reduction, ("batchmean", "sum", "none"))
         self.reduction = reduction
         self.register_hyperparameter("alpha", alpha, low=0.0)
         self.register_hyperparameter("beta", beta, low=0.0)
@@ -278,7 +268,7 @@ class BinaryKLLoss(DistillationLoss):
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=0)
         _number_validation("temperature", temperature, low=0.0, strict=True)
-        _reduction_validation(reduction, ("batchmean", "sum", "none"))
+        check_reduction(reduction, ("batchmean", "sum", "none"))
         self.reduction = reduction
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
 
@@ -312,7 +302,7 @@ class NDLoss(DistillationLoss):
 
     def __init__(self, weight: float | Tensor = 1.0, reduction: MeanReduction = "mean") -> None:
         super().__init__(weight=weight, warmup_epochs=0)
-        _reduction_validation(reduction, ("mean", "sum", "none"))
+        check_reduction(reduction, ("mean", "sum", "none"))
         self.reduction = reduction
 
     def forward(
@@ -373,7 +363,7 @@ class GeneralizedJSDLoss(DistillationLoss):
                 f"`vocab_mismatch` must be 'error' or 'slice', got {vocab_mismatch!r}. Use 'slice' only when the "
                 "extra vocabulary entries are padding."
             )
-        _reduction_validation(reduction, ("mean", "sum", "none"))
+        check_reduction(reduction, ("mean", "sum", "none"))
         check_int(ignore_index, "ignore_index")
         self.ignore_index = ignore_index
         self.vocab_mismatch: Literal["error", "slice"] = vocab_mismatch

@@ -338,7 +338,7 @@ class NPOLoss(UnlearningLoss):
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         return npo_loss(scores.policy_logps, scores.reference_logps, self.beta)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         policy_logps: Tensor | UnlearningScores,
         reference_logps: Tensor | None = None,
@@ -389,7 +389,7 @@ class SimNPOLoss(UnlearningLoss):
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         return simnpo_loss(scores.policy_logps, scores.lengths, self.beta, self.delta)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, policy_logps: Tensor | UnlearningScores, lengths: Tensor | None = None, retain_loss: Tensor | None = None
     ) -> Tensor:
         if isinstance(policy_logps, UnlearningScores):
@@ -421,7 +421,7 @@ class GradientAscentLoss(UnlearningLoss):
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         return gradient_ascent_loss(scores.policy_logps, scores.lengths)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         forget_logps: Tensor | UnlearningScores,
         lengths: Tensor | None = None,
@@ -465,7 +465,7 @@ class FLATLoss(UnlearningLoss):
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         return flat_loss(scores.mean_token_probs, scores.template_mean_token_probs, self.divergence)
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         forget_probs: Tensor | UnlearningScores,
         template_probs: Tensor | None = None,
@@ -512,7 +512,7 @@ class IdkDPOLoss(UnlearningLoss):
             self.beta,
         )
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         policy_idk_logps: Tensor | UnlearningScores,
         reference_idk_logps: Tensor | None = None,

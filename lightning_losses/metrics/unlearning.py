@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
 
 from lightning_losses.functional.unlearning import membership_scores, truth_ratio
 
@@ -38,29 +39,27 @@ def auc_score(scores: Tensor, members: Tensor) -> Tensor:
         \mathrm{AUC} = \frac{1}{n_1 n_0} \sum_{i \in M} \sum_{j \notin M}
             \big(\mathbb{1}[s_i > s_j] + \tfrac12 \mathbb{1}[s_i = s_j]\big)
 
-    computed from average ranks (Mann–Whitney U) in :math:`O(n \log n)`.
+    Computed by torchmetrics' ``binary_auroc`` (the exact ROC curve, trapezoidal, in float64) on the scores' ranks
+    scaled to [0, 1]: ``binary_auroc`` reads values outside [0, 1] as logits and applies a sigmoid, which merges
+    distinct scores of large magnitude into ties (the sigmoids of 20 and of 30 are both 1 in float32, those of
+    -110 and -120 both 0); the ranks keep the order and the ties of the scores, so the AUC is theirs.
+
+    Raises:
+        ValueError: When there are no members or no non-members.
 
     Example:
         >>> auc_score(torch.tensor([0.9, 0.8, 0.1, 0.8]), torch.tensor([True, True, False, False])).item()
         0.875
     """
     members = members.bool().flatten()
-    scores = scores.flatten().double()
+    scores = scores.flatten()
     n1 = int(members.sum())
     n0 = members.numel() - n1
     if n1 == 0 or n0 == 0:
         raise ValueError(f"AUC needs both members and non-members, got {n1} members and {n0} non-members.")
-    order = torch.argsort(scores)
-    sorted_scores = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64, device=scores.device)
-    # average the ranks of ties
-    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    mean_rank = ends - (counts.double() - 1) / 2
-    ranks[order] = mean_rank[inverse]
-    u = ranks[members].sum() - n1 * (n1 + 1) / 2
-    return (u / (n1 * n0)).float()
+    _, ranks = torch.unique(scores, sorted=True, return_inverse=True)  # dense ranks: equal scores, equal ranks
+    unit = ranks.double() / max(int(ranks.max()), 1)
+    return binary_auroc(unit, members.long(), validate_args=False).float()
 
 
 def ks_statistic(a: Tensor, b: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lightning_losses.losses.distillation import KDLoss
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.utilities.checkpoints import follow_saved_shapes
+from lightning_losses.utilities.distributed import all_gather_rows, all_gather_sizes
 
 __all__ = ["DistillationMixin"]
 
@@ -553,28 +554,25 @@ class DistillationMixin(HyperparameterMixin):
         pending, state.pending = state.pending, []
         device = self.device  # type: ignore[attr-defined]
         keys = ["logits", *state.teacher_feature_names]
-        local = torch.tensor([sum(int(i.numel()) for i, _ in pending)], device=device)
-        counts = self.all_gather(local).reshape(-1)  # type: ignore[attr-defined]
-        total = int(counts.max())
-        if total == 0:
+        sizes = all_gather_sizes(sum(int(i.numel()) for i, _ in pending), device, trainer)
+        if max(sizes) == 0:
             return
         if not state.cache:
             raise RuntimeError(
                 "cache_teacher_outputs: this rank computed no teacher output in a whole epoch, so it cannot take part "
                 "in sharing the cache; give every rank at least one training batch."
             )
-        shapes = {key: state.cache[key].shape[1:] for key in keys}
-        index = torch.full((total,), -1, dtype=torch.long, device=device)
-        padded = {key: torch.zeros((total, *shapes[key]), dtype=state.cache[key].dtype, device=device) for key in keys}
-        if pending:
-            n = int(local)
-            index[:n] = torch.cat([i.to(device) for i, _ in pending])
-            for key in keys:
-                padded[key][:n] = torch.cat([v[key].to(device) for _, v in pending])
-        gathered_index = self.all_gather(index).reshape(-1)  # type: ignore[attr-defined]
-        keep = gathered_index >= 0
-        gathered = {key: self.all_gather(padded[key]).flatten(0, 1)[keep] for key in keys}  # type: ignore[attr-defined]
-        self._cache_write(state, gathered_index[keep], gathered)
+        index = torch.cat([torch.empty(0, dtype=torch.long, device=device)] + [i.to(device) for i, _ in pending])
+        local = {
+            key: torch.cat(
+                [state.cache[key].new_empty((0, *state.cache[key].shape[1:])).to(device)]
+                + [v[key].to(device=device, dtype=state.cache[key].dtype) for _, v in pending]
+            )
+            for key in keys
+        }
+        gathered_index = all_gather_rows(index, sizes=sizes, trainer=trainer)
+        gathered = {key: all_gather_rows(local[key], sizes=sizes, trainer=trainer) for key in keys}
+        self._cache_write(state, gathered_index, gathered)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]

@@ -24,6 +24,11 @@ from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.mixins.unlearning_reference import (
     REFERENCE_KEY,
     REFERENCE_MASK_KEY,
+    DisabledAdapterReference,
+    ModelReference,
+    NamedAdapterReference,
+    NoReference,
+    PrecomputedReference,
     ReferenceMode,
     ReferenceStrategy,
     ReferenceTable,
@@ -42,7 +47,20 @@ from lightning_losses.mixins.unlearning_scoring import (
 from lightning_losses.utilities.checkpoints import follow_saved_shapes
 from lightning_losses.utilities.tokens import count_label_tokens
 
-__all__ = ["UNLEARNING_METHODS", "ReferenceMode", "UnlearningMethod", "UnlearningMixin"]
+__all__ = [
+    "UNLEARNING_METHODS",
+    "CausalLMScorer",
+    "DisabledAdapterReference",
+    "ModelReference",
+    "NamedAdapterReference",
+    "NoReference",
+    "PrecomputedReference",
+    "ReferenceMode",
+    "ReferenceStrategy",
+    "ReferenceTable",
+    "UnlearningMethod",
+    "UnlearningMixin",
+]
 
 #: The unlearning methods by name: :data:`~lightning_losses.losses.unlearning.UNLEARNING_PRESETS` (one registry).
 UNLEARNING_METHODS = UNLEARNING_PRESETS
@@ -94,7 +112,7 @@ class UnlearningMixin(HyperparameterMixin):
 
     Example:
         >>> import lightning.pytorch as pl
-        >>> from lightning_losses.jobs.language import build_gpt2
+        >>> from lightning_losses.demos import build_gpt2
         >>> class Unlearner(UnlearningMixin, pl.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
@@ -243,6 +261,7 @@ class UnlearningMixin(HyperparameterMixin):
         Returns:
             The number of examples stored.
         """
+        assert isinstance(self, nn.Module)
         state = self._unlearning_state()
         batches = (self._as_batch(raw, "forget") for raw in dataloader)
         device = next(iter(state.model.parameters())).device

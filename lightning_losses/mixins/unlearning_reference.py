@@ -323,7 +323,8 @@ class PrecomputedReference(ReferenceStrategy):
     per_step = False
 
     def __init__(self, model: nn.Module, table: ReferenceTable) -> None:
-        self.policy, self.table = model, table
+        self.policy = model
+        self.table: ReferenceTable = table
 
     def model(self) -> AbstractContextManager[nn.Module]:
         return frozen(self.policy)

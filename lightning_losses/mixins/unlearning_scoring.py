@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 Path = Literal["hidden", "logits"]
-_HELPER_MODULE = "lightning_losses.integrations.transformers"
 _BATCH_KEYS = ("input_ids", "labels")
 
 
@@ -184,16 +183,6 @@ class LMOutput:
         return z if self.head.softcap is None else self.head.softcap * torch.tanh(z / self.head.softcap)
 
 
-def _refused_by_helper(error: BaseException) -> bool:
-    """Whether ``error`` was raised by the hidden-state helper itself (a refusal), not inside the model's forward."""
-    tb = error.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return bool(tb.tb_frame.f_globals.get("__name__") == _HELPER_MODULE)
-
-
 class CausalLMScorer:
     """Answer-token scores of causal LMs, on the hidden-state (chunked) or the logits path chosen once per model.
 
@@ -219,6 +208,14 @@ class CausalLMScorer:
         self._paths: weakref.WeakKeyDictionary[nn.Module, dict[bool, Path]] = weakref.WeakKeyDictionary()
         self.fallback_reasons: dict[str, str] = {}
         """Why a model (by class name) is scored from its logits although ``use_hidden_states`` is set."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the paths are keyed by model object: a copy (pickled to spawned processes, deep-copied) decides anew
+        return {k: v for k, v in self.__dict__.items() if k != "_paths"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._paths = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ the path
     def path(self, model: nn.Module) -> Path | None:
@@ -246,11 +243,11 @@ class CausalLMScorer:
         if path is None:
             path = self._static_path(model)
             if path == "hidden":
+                from lightning_losses.integrations.transformers import HiddenStatesUnavailable
+
                 try:
                     out = self._hidden(model, ids, mask)
-                except ValueError as error:
-                    if not _refused_by_helper(error):
-                        raise
+                except HiddenStatesUnavailable as error:  # the helper's own refusal; the model's errors propagate
                     self.fallback_reasons[type(model).__name__] = str(error)
                     from lightning.pytorch.utilities import rank_zero_warn
 

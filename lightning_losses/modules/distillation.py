@@ -12,13 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_losses._utils import check_targets, unpack_batch
 from lightning_losses.callbacks.distillation import TeacherClassMeans
 from lightning_losses.functional.distillation import project_conflicting_gradient
 from lightning_losses.losses.distillation import BinaryKLLoss, DKDLoss, KDLoss, NDLoss
 from lightning_losses.mixins.distillation import DistillationMixin
 from lightning_losses.nn.distillation import DualHeadClassifier, FeatureProjector
-from lightning_losses.utilities.checks import check_choice, check_number
+from lightning_losses.utilities.batches import unpack_batch
+from lightning_losses.utilities.checks import check_choice, check_number, check_targets
 
 __all__ = ["DISTILLATION_DEFAULTS", "DistillationMethod", "DistillationModule"]
 

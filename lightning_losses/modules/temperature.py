@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_losses._utils import unpack_batch
 from lightning_losses.integrations.transformers import HiddenStatesUnavailable, causal_lm_hidden_states, output_head
 from lightning_losses.mixins.temperature import TempNetMixin
+from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_number
 from lightning_losses.utilities.tokens import step_num_items
 

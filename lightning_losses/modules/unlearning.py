@@ -47,7 +47,7 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         adapter_dir: when set, the adapter is saved there with ``save_pretrained`` at the end of training.
 
     Example:
-        >>> from lightning_losses.jobs.language import build_gpt2
+        >>> from lightning_losses.demos import build_gpt2
         >>> from lightning_losses.integrations.peft import lora_model
         >>> module = UnlearningModule(lora_model(build_gpt2(64, n_layer=1, n_embd=16, n_head=2, block_size=8), r=2))
         >>> module.reference_mode, round(float(module.get_hyperparameter("npo.beta")), 6)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_losses.functional.calibration import _check_predictions
 from lightning_losses.utilities.checks import check_targets
 from lightning_losses.utilities.imports import require
 from lightning_losses.utilities.numerics import as_float32
@@ -61,14 +62,7 @@ def _check_float(name: str, value: object, low: float = 0.0, low_open: bool = Tr
 def _as_logits(logits: Tensor, name: str = "logits", validate: bool = True) -> tuple[Tensor, bool]:
     """Validate logits and return them as ``(N, C)`` (half precision upcast to float32) plus whether the input was
     binary ``(N,)``."""
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"`{name}` must be a floating-point tensor, got {type(logits).__name__}.")
-    if not logits.is_floating_point():
-        raise ValueError(f"`{name}` must be a floating-point tensor, got dtype {logits.dtype}.")
-    if logits.ndim not in (1, 2) or (logits.ndim == 2 and logits.shape[1] < 2):
-        raise ValueError(
-            f"`{name}` must have shape (N, C) with C >= 2, or (N,) for a binary problem, got {tuple(logits.shape)}."
-        )
+    _check_predictions(logits, f"`{name}`")
     if validate and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"`{name}` holds non-finite values (NaN or inf). Calibrators need finite logits.")
     (x,) = as_float32(logits.detach())

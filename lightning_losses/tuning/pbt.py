@@ -44,7 +44,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 
-from lightning_losses._utils import require
 from lightning_losses.tuning.common import (
     ApplyHyperparameters,
     PBTResult,
@@ -52,6 +51,7 @@ from lightning_losses.tuning.common import (
     replay_schedule,
     segment_trainer,
 )
+from lightning_losses.utilities.imports import require
 
 __all__ = [
     "ApplyHyperparameters",

@@ -60,7 +60,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_losses._utils import require
 from lightning_losses.tuning.common import (
     ApplyHyperparameters,
     ClipToBounds,
@@ -68,6 +67,7 @@ from lightning_losses.tuning.common import (
     SearchDimension,
     segment_trainer,
 )
+from lightning_losses.utilities.imports import require
 
 __all__ = ["ClipToBounds", "TuneReportCheckpoint", "read_reports", "tune_population_based_training"]
 
@@ -356,7 +356,7 @@ def tune_population_based_training(
             advances in generations of ``perturbation_interval`` epochs.
 
     Returns:
-        A :class:`~lightning_losses.tuning.pbt.PBTResult`: trial indices follow Ray's trial order; ``table`` has one
+        A :class:`~lightning_losses.tuning.common.PBTResult`: trial indices follow Ray's trial order; ``table`` has one
         row per report, from the library's own record (epoch, generation, trial, score, config, donor,
         restored_epoch, restored_from and checkpoint (paths of the Lightning checkpoints restored and written,
         ``None`` where none is on disk), start_step, global_step, observed, trial_id, report, and ``metrics``:

@@ -18,12 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_losses.utilities.numerics import NumItems, compute_dtype
+
 __all__ = [
     "DeferredChecks",
     "NumItems",
     "check_choice",
     "check_hyperparameter",
     "check_int",
+    "check_labels",
     "check_num_items",
     "check_reduction",
     "check_same_shape",
@@ -33,10 +36,6 @@ __all__ = [
     "finite_flag",
     "start_checks",
 ]
-
-NumItems = int | float | Tensor | None
-"""Type of ``num_items_in_batch``: the number of items (tokens, sequences) the mean of a whole batch runs over."""
-
 
 def check_tensor(value: object, name: str, *, floating: bool = True) -> None:
     """Raise a TypeError naming ``name`` unless ``value`` is a tensor (a floating-point one when ``floating``)."""
@@ -56,8 +55,7 @@ def finite_flag(tensor: Tensor) -> Tensor:
     """
     if tensor.numel() == 0:
         return torch.ones((), dtype=torch.bool, device=tensor.device)
-    acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    return torch.isfinite(tensor.detach().sum(dtype=acc))
+    return torch.isfinite(tensor.detach().sum(dtype=compute_dtype(tensor.dtype)))
 
 
 def finite_error(tensor: Tensor, name: str) -> ValueError | None:
@@ -239,6 +237,38 @@ def check_targets(
         checks.require(ok, error)
     elif not bool(ok):
         raise error()
+
+
+def check_labels(
+    labels: Tensor,
+    size: int,
+    ignore_index: int,
+    checks: DeferredChecks,
+    name: str = "labels",
+    *,
+    kind: str = "token ids",
+    hint: str = "Mask prompt and padding positions with ignore_index.",
+) -> None:
+    """Queue on ``checks`` the check that every entry of ``labels`` but ``ignore_index`` lies in ``[0, size)``.
+
+    Example:
+        >>> checks = DeferredChecks()
+        >>> check_labels(torch.tensor([[1, -100, 7]]), 5, -100, checks)
+        >>> checks.run()
+        Traceback (most recent call last):
+        ...
+        ValueError: `labels` holds token ids outside [0, 5) that are not ignore_index=-100: [7]. Mask prompt and \
+padding positions with ignore_index.
+    """
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= size))
+
+    def error() -> Exception:
+        return ValueError(
+            f"`{name}` holds {kind} outside [0, {size}) that are not ignore_index={ignore_index}: "
+            f"{labels[outside][:8].tolist()}. {hint}"
+        )
+
+    checks.require(~outside.any(), error)
 
 
 def check_int(value: object, name: str, *, low: int | None = None) -> None:

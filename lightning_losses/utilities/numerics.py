@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_losses.utilities.checks import DeferredChecks, NumItems, check_hyperparameter
+if TYPE_CHECKING:
+    from lightning_losses.utilities.checks import DeferredChecks
 
 __all__ = [
     "NumItems",
@@ -53,6 +54,9 @@ __all__ = [
     "kl_from_log_probs",
     "reduce_loss",
 ]
+
+NumItems = int | float | Tensor | None
+"""Type of ``num_items_in_batch``: the number of items (tokens, sequences) the mean of a whole batch runs over."""
 
 Reduction = Literal["mean", "batchmean", "sum", "none"]
 
@@ -166,6 +170,8 @@ def hyperparameter_tensor(
             ...
         ValueError: `temperature` must be > 0 and finite, got -1.0. Pass a value in that range.
     """
+    from lightning_losses.utilities.checks import check_hyperparameter  # checks imports this module
+
     if positive:
         low, low_inclusive = 0.0, False
     check_hyperparameter(

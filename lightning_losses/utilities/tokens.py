@@ -43,6 +43,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 
+from lightning_losses.utilities.distributed import all_reduce
+
 __all__ = ["NUM_ITEMS_KEY", "TokensPerStep", "count_label_tokens", "step_num_items"]
 
 #: Key under which :class:`TokensPerStep` stores a step's local token count in each batch.
@@ -182,6 +184,5 @@ def step_num_items(
                 stacklevel=2,
             )
     total = torch.as_tensor(window, dtype=torch.float64, device=module.device)
-    if trainer.world_size > 1:
-        total = trainer.strategy.reduce(total, reduce_op="sum")
+    total = all_reduce(total, trainer=trainer)
     return total / (k * trainer.world_size)
