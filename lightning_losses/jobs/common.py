@@ -46,6 +46,7 @@ _QUIET_WARNINGS = (
     ".*The number of training batches.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*`training_step` returned `None`.*",
+    ".*You defined a `validation_step` but have no `val_dataloader`.*",
 )
 
 
