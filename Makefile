@@ -28,7 +28,7 @@ bench: $(STAMP)
 	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lightning_losses tests benchmarks
+	$(VENV)/bin/ruff check lightning_losses tests benchmarks examples
 	$(VENV)/bin/mypy
 
 clean:

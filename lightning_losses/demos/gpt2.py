@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from lightning_losses._utils import require
 from lightning_losses.demos.language import gpt2_config
+from lightning_losses.utilities.imports import require
 
 __all__ = ["TinyGPT2"]
 

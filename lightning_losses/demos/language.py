@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from lightning_losses._utils import require
 from lightning_losses.utilities.checks import check_number
+from lightning_losses.utilities.imports import require
 
 __all__ = ["CausalLMModule", "build_gpt2", "causal_lm_logits", "gpt2_config"]
 

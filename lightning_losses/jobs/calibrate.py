@@ -19,7 +19,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_losses._utils import unpack_batch
 from lightning_losses.callbacks.calibration import CALIBRATORS, PostHocCalibration, reliability_diagram
 from lightning_losses.demos import ConvNet, image_datamodule
 from lightning_losses.functional.calibration import (
@@ -33,6 +32,7 @@ from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quie
 from lightning_losses.losses.calibration import CALIBRATION_LOSSES
 from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.nn.calibration import Calibrator, CorrectnessAwareCalibrator, PlattScaler, TemperatureScaler
+from lightning_losses.utilities.batches import unpack_batch
 
 POST_HOC = tuple(name for name in CALIBRATORS if name != "platt")  # Platt scaling is for binary problems
 LOSSES = tuple(CALIBRATION_LOSSES)

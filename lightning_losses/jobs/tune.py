@@ -24,11 +24,11 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
-from lightning_losses._utils import require
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter
 from lightning_losses.demos import ConvNet, HyperConvNet
 from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
 from lightning_losses.modules.classification import ClassificationModule
+from lightning_losses.utilities.imports import require
 
 __all__ = ["HyperConvNet", "add_arguments", "run"]
 

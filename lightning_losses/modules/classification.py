@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_losses._utils import check_targets, unpack_batch
 from lightning_losses.mixins.base import HyperparameterMixin
-from lightning_losses.utilities.checks import check_choice, check_number
+from lightning_losses.utilities.batches import unpack_batch
+from lightning_losses.utilities.checks import check_choice, check_number, check_targets
 
 __all__ = ["ClassificationModule"]
 
