@@ -23,7 +23,8 @@ from lightning_losses.functional.calibration import (
 )
 from lightning_losses.metrics.calibration import CalibrationError, ClasswiseCalibrationError, NegativeLogLikelihood
 from lightning_losses.nn.calibration import CorrectnessAwareCalibrator, TemperatureScaler
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
+from tests.helpers.trainer import cpu_trainer
 
 
 def _data(n: int = 240, seed: int = 0) -> TensorDataset:
@@ -65,18 +66,7 @@ class _Net(pl.LightningModule):
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
-    options = dict(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return cpu_trainer(tmp_path, callbacks=callbacks, **{"max_epochs": 3, **kwargs})
 
 
 def _loaders() -> tuple[DataLoader, DataLoader]:

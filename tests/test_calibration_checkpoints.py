@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.callbacks.calibration import PostHocCalibration
+from tests.helpers.trainer import cpu_trainer
 
 
 def _data(n: int, seed: int) -> TensorDataset:
@@ -69,18 +70,10 @@ class _StepsBypassForward(_Net):
 
 
 def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:  # type: ignore[no-untyped-def]
-    options = dict(
-        max_epochs=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    return cpu_trainer(
+        tmp_path, callbacks=callbacks, **{"max_epochs": 3, "enable_checkpointing": checkpointing, **kwargs}
     )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
 
 
 _TRAIN, _VAL, _TEST = _data(160, 0), _data(90, 1), _data(60, 2)

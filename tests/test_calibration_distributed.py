@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from lightning_losses.functional.calibration import dca_loss, mdca_loss, mmce_loss
 from lightning_losses.losses.calibration import DCALoss, MDCALoss, MMCELoss
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 _PENALTIES = {
     "mmce": lambda z, y, sync: mmce_loss(z, y, 0.4, sync_dist=sync),

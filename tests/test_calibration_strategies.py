@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses.callbacks.calibration import CalibrationMonitor, PostHocCalibration
 from lightning_losses.functional.calibration import brier_score, expected_calibration_error, negative_log_likelihood
 from lightning_losses.nn.calibration import TemperatureScaler
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
+from tests.helpers.trainer import cpu_trainer
 
 
 def _data(n: int, seed: int) -> TensorDataset:
@@ -63,10 +64,7 @@ _TRAIN, _VAL = _data(64, 0), _data(51, 1)  # 51 = 26 + 25: the sampler pads rank
 def _fit(strategy: object, model: pl.LightningModule) -> tuple[PostHocCalibration, pl.Trainer]:
     calibration = PostHocCalibration("temperature")
     monitor = CalibrationMonitor(metrics=("ece", "nll", "brier"), diagram=False)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, callbacks=[calibration, monitor],  # type: ignore[arg-type]
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+    trainer = cpu_trainer(devices=2, strategy=strategy, max_epochs=1, callbacks=[calibration, monitor])
     # validation batches of 25: shares of 26 and 25 samples read in 2 and 1 batches unless padded
     trainer.fit(model, DataLoader(_TRAIN, batch_size=16), DataLoader(_VAL, batch_size=25))
     return calibration, trainer

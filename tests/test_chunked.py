@@ -14,14 +14,9 @@ from lightning_losses.functional.chunked import (
     linear_distillation_loss,
     linear_sequence_log_probs,
 )
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
+from tests.helpers.tolerances import assert_close, tolerance
 
-# dtype → (rtol, atol) for values and gradients against the naive computation.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.bfloat16: (2e-2, 2e-2),
-}
 # Odd sizes: rows not a multiple of the chunk, vocabulary not a power of two.
 N, D, V, CHUNK = 37, 13, 101, 8
 
@@ -100,11 +95,6 @@ def make_head(dtype=torch.float64, n=N, d=D, v=V, bias=True, seed=0):
 
 def grads(out, inputs):
     return torch.autograd.grad(out.sum(), [x for x in inputs if x is not None])
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -556,7 +546,7 @@ def test_ddp_gradients_equal_single_process():
     expected = {n: p.grad for n, p in model.named_parameters()}
     for result in run_distributed(_ddp_worker):
         for name, grad in result.items():
-            torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(grad, expected[name], **tolerance(torch.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------------

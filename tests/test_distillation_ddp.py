@@ -8,6 +8,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_losses import DistillationModule
+from tests.helpers.tolerances import tolerance
+from tests.helpers.trainer import cpu_trainer
 from tests.test_distillation_lightning import TinyNet, make_data
 
 
@@ -41,15 +43,10 @@ class OrderedShards(pl.LightningDataModule):
 
 
 def _fit(module: DistillationModule, devices: int, batch_size: int) -> None:
-    pl.Trainer(
-        accelerator="cpu",
+    cpu_trainer(
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
     ).fit(module, datamodule=OrderedShards(batch_size))
 
@@ -63,4 +60,4 @@ def test_ddp_distillation_equals_single_process():
     _fit(distributed, devices=2, batch_size=8)  # 2 ranks × 8 = the same global batch of 16
     torch.testing.assert_close(distributed.teacher_class_means, single.teacher_class_means)
     for (name, a), b in zip(distributed.named_parameters(), single.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, **tolerance(torch.float32), msg=name)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_losses import DistillationMixin, DistillationModule, DKDLoss, KDLoss, TeacherClassMeans
 from lightning_losses.data import IndexedTensorDataset
 from lightning_losses.nn import DualHeadClassifier
+from tests.helpers.trainer import cpu_trainer
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -47,18 +48,7 @@ def loader(ds: IndexedTensorDataset, batch_size: int = 8) -> DataLoader:
 
 
 def trainer(tmp_path, max_epochs: int = 1, **kw) -> pl.Trainer:
-    opts = dict(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    opts.update(kw)
-    return pl.Trainer(**opts)
+    return cpu_trainer(tmp_path, max_epochs=max_epochs, **kw)
 
 
 class UserModule(DistillationMixin, pl.LightningModule):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_losses import DistillationMixin, GeneralizedJSDLoss, KDLoss
+from tests.helpers.tolerances import tolerance
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,7 +40,7 @@ def test_causal_lm_distillation_equals_full_logits_loss(beta):
         teacher_logits = module.teacher(ids).logits[:, :-1]
     full = module.kd(student_logits, teacher_logits, labels=labels[:, 1:])
     (grad_full,) = torch.autograd.grad(full, module.student.transformer.h[0].mlp.c_fc.weight)
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked, full, **tolerance(torch.float32))
     torch.testing.assert_close(grad_chunked, grad_full, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in module.teacher.parameters())
 

@@ -16,6 +16,7 @@ from lightning_losses.functional import kd_loss
 from lightning_losses.losses import KDLoss
 from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
+from tests.helpers.trainer import cpu_trainer
 
 
 class Smoothing(LossModule):
@@ -54,18 +55,6 @@ def _loader(n: int = 16, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 4, generator=g)
     return DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=batch_size)
-
-
-def _trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 # -------------------------------------------------------------------------------------- shapes in checkpoints
@@ -108,7 +97,7 @@ class _Restored(pl.Callback):
 
 def test_lightning_checkpoint_of_a_per_sample_value_resumes(tmp_path):
     first = PerSample()
-    trainer = _trainer(max_steps=3)
+    trainer = cpu_trainer(max_steps=3)
     trainer.fit(first, _loader())
     ckpt = tmp_path / "per_sample.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -117,7 +106,7 @@ def test_lightning_checkpoint_of_a_per_sample_value_resumes(tmp_path):
 
     probe = _Restored()
     resumed = PerSample()  # fresh: a scalar amount
-    _trainer(max_steps=5, callbacks=[probe]).fit(resumed, _loader(), ckpt_path=ckpt)
+    cpu_trainer(max_steps=5, callbacks=[probe]).fit(resumed, _loader(), ckpt_path=ckpt)
     assert torch.equal(probe.amount, saved)  # restored exactly, strict load
     assert torch.equal(resumed.ls.amount, per_sample_amount(8, 4))
     # and a plain load of the checkpoint file
@@ -133,7 +122,7 @@ class _SpawnPerSample(PerSample):
 @pytest.mark.ddp
 def test_ddp_spawn_returns_a_per_sample_value_to_the_main_process():
     model = _SpawnPerSample()
-    trainer = _trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+    trainer = cpu_trainer(max_steps=2, strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
     trainer.fit(model, _loader())
     # the workers' weights come back (Lightning loads them into this process's module): the per-sample shape too
     assert torch.equal(model.ls.amount, per_sample_amount(8, 1))
@@ -308,7 +297,7 @@ class CompiledKD(HyperparameterMixin, pl.LightningModule):
 def test_schedule_drives_a_compiled_loss_by_its_plain_name():
     model = CompiledKD()
     schedule = LinearSchedule(4.0, 1.0, duration=3)
-    _trainer(max_steps=4, callbacks=[HyperparameterSchedule({"kd.temperature": schedule})]).fit(model, _loader())
+    cpu_trainer(max_steps=4, callbacks=[HyperparameterSchedule({"kd.temperature": schedule})]).fit(model, _loader())
     assert [t for t, _, _ in model.seen] == pytest.approx([schedule(step) for step in range(4)])
     for _, loss, reference in model.seen:  # the compiled loss used the scheduled value
         assert loss == pytest.approx(reference, rel=1e-6)

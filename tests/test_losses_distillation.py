@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -18,7 +20,13 @@ from lightning_losses.losses import (
     NDLoss,
 )
 from lightning_losses.mixins.base import HyperparameterMixin
-from tests._references import ref_binary_kl, ref_dkd_parts, ref_jsd_tokens, ref_kd, ref_nd
+from tests.helpers.loss_tester import (
+    assert_module_equals_functional,
+    assert_per_sample_equals_scalar_loop,
+    assert_value_and_gradient,
+)
+from tests.helpers.references import ref_binary_kl, ref_dkd_parts, ref_jsd_tokens, ref_kd, ref_nd
+from tests.helpers.tolerances import TOLERANCES
 
 N, C = 7, 13
 
@@ -107,43 +115,51 @@ def test_forward_is_weight_times_warmup_times_functional() -> None:
     s, t = torch.randn(N, C), torch.randn(N, C)
     y = torch.randint(0, C, (N,))
     kd = KDLoss(temperature=3.0, weight=0.5, warmup_epochs=4)
-    torch.testing.assert_close(kd(s, t, epoch=1), 0.5 * 0.5 * kd_loss(s, t, 3.0))
-    torch.testing.assert_close(kd(s, t), 0.5 * kd_loss(s, t, 3.0))
+    assert_module_equals_functional(kd, lambda s, t: 0.5 * 0.5 * kd_loss(s, t, 3.0), s, t, epoch=1)
+    assert_module_equals_functional(kd, lambda s, t: 0.5 * kd_loss(s, t, 3.0), s, t)
     dkd = DKDLoss(alpha=2.0, beta=4.0, temperature=2.0, weight=3.0)
-    torch.testing.assert_close(dkd(s, t, y, epoch=4), 3.0 * 5 / 20 * dkd_loss(s, t, y, 2.0, 4.0, 2.0))
-    torch.testing.assert_close(BinaryKLLoss(1.5, weight=2.0)(s, t), 2.0 * binary_kl_loss(s, t, 1.5))
+    assert_module_equals_functional(
+        dkd, lambda s, t, y: 3.0 * 5 / 20 * dkd_loss(s, t, y, 2.0, 4.0, 2.0), s, t, y, epoch=4
+    )
+    assert_module_equals_functional(BinaryKLLoss(1.5, weight=2.0), lambda s, t: 2.0 * binary_kl_loss(s, t, 1.5), s, t)
     fs, ft, means = torch.randn(N, 6), torch.randn(N, 6), torch.randn(4, 6)
     ys = torch.randint(0, 4, (N,))
-    torch.testing.assert_close(NDLoss(weight=0.25)(fs, ft, means, ys), 0.25 * nd_loss(fs, ft, means, ys))
+    assert_module_equals_functional(NDLoss(weight=0.25), lambda *a: 0.25 * nd_loss(*a), fs, ft, means, ys)
     st, tt = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
     labels = torch.randint(0, 11, (3, 5))
     labels[1, :3] = -100
     jsd = GeneralizedJSDLoss(beta=0.3, temperature=1.2, weight=2.0)
-    torch.testing.assert_close(jsd(st, tt, labels), 2.0 * generalized_jsd_loss(st, tt, 0.3, 1.2, labels))
-    torch.testing.assert_close(jsd(st, tt), 2.0 * generalized_jsd_loss(st, tt, 0.3, 1.2))
+    assert_module_equals_functional(
+        jsd, lambda s, t, lab: 2.0 * generalized_jsd_loss(s, t, 0.3, 1.2, lab), st, tt, labels
+    )
+    assert_module_equals_functional(jsd, lambda s, t: 2.0 * generalized_jsd_loss(s, t, 0.3, 1.2), st, tt)
 
 
-def test_modules_against_naive_references_with_gradients() -> None:
-    s, t = torch.randn(N, C, dtype=torch.float64) * 3, torch.randn(N, C, dtype=torch.float64) * 3
+def _reference_cases() -> list[tuple[nn.Module, tuple[Tensor, ...], Callable[..., Tensor]]]:
+    t = torch.randn(N, C, dtype=torch.float64) * 3
     y = torch.randint(0, C, (N,))
-    cases: list[tuple[nn.Module, tuple[Tensor, ...], object]] = [
-        (KDLoss(temperature=2.0, weight=0.75), (t,), lambda x: 0.75 * ref_kd(x, t, 2.0).mean()),
+    return [
+        (KDLoss(temperature=2.0, weight=0.75), (t,), lambda x, t: 0.75 * ref_kd(x, t, 2.0).mean()),
         (
             DKDLoss(alpha=1.5, beta=3.0, temperature=2.0, warmup_epochs=0),
             (t, y),
-            lambda x: (1.5 * ref_dkd_parts(x, t, y, 2.0)[0] + 3.0 * ref_dkd_parts(x, t, y, 2.0)[1]).mean(),
+            lambda x, t, y: (1.5 * ref_dkd_parts(x, t, y, 2.0)[0] + 3.0 * ref_dkd_parts(x, t, y, 2.0)[1]).mean(),
         ),
-        (BinaryKLLoss(temperature=2.0, weight=0.5), (t,), lambda x: 0.5 * ref_binary_kl(x, t, 2.0).mean()),
+        (BinaryKLLoss(temperature=2.0, weight=0.5), (t,), lambda x, t: 0.5 * ref_binary_kl(x, t, 2.0).mean()),
     ]
-    for module, rest, ref in cases:
-        x = s.clone().requires_grad_(True)
-        out = module(x, *rest)
-        (grad,) = torch.autograd.grad(out, x)
-        x_ref = s.clone().requires_grad_(True)
-        expected = ref(x_ref)  # type: ignore[operator]
-        (grad_ref,) = torch.autograd.grad(expected, x_ref)
-        torch.testing.assert_close(out, expected, atol=1e-10, rtol=1e-9)
-        torch.testing.assert_close(grad, grad_ref, atol=1e-10, rtol=1e-9)
+
+
+def test_modules_against_naive_references_with_gradients() -> None:
+    s = torch.randn(N, C, dtype=torch.float64) * 3
+    for module, rest, ref in _reference_cases():
+        assert_value_and_gradient(module, ref, s, *rest, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+def test_modules_against_naive_references_in_each_dtype(dtype: torch.dtype) -> None:
+    s = torch.randn(N, C, dtype=torch.float64) * 3
+    for module, rest, ref in _reference_cases():
+        assert_value_and_gradient(module, ref, s, *rest, dtype=dtype)
 
 
 def test_per_sample_hyperparameter_tensors_equal_loops() -> None:
@@ -177,6 +193,14 @@ def test_per_sample_hyperparameter_tensors_equal_loops() -> None:
     bkl = BinaryKLLoss(reduction="sum")
     set_hyperparameter(bkl, "temperature", temps)
     torch.testing.assert_close(bkl(s, t), ref_binary_kl(s, t, temps).sum())
+
+    # the same tensors against the scalar value applied to each sample alone
+    assert_per_sample_equals_scalar_loop(KDLoss, {"weight": weights, "temperature": temps}, s, t)
+    assert_per_sample_equals_scalar_loop(
+        lambda: DKDLoss(warmup_epochs=0), {"alpha": alphas, "beta": betas, "temperature": temps}, s, t, y
+    )
+    assert_per_sample_equals_scalar_loop(NDLoss, {"weight": weights}, fs, ft, means.double(), ys, shared={2})
+    assert_per_sample_equals_scalar_loop(BinaryKLLoss, {"temperature": temps, "weight": weights}, s, t)
 
 
 def test_jsd_module_per_sample_beta_and_weight_with_masking() -> None:

@@ -24,6 +24,8 @@ from lightning_losses.callbacks.schedules import (
 )
 from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
+from tests.helpers.resume import crash_and_resume
+from tests.helpers.trainer import cpu_trainer
 
 
 class Smoothing(LossModule):
@@ -66,18 +68,6 @@ def _loader(n: int = 32, batch_size: int = 4) -> DataLoader:
     x = torch.randn(n, 4, generator=g)
     y = torch.randint(0, 3, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def _trainer(**kwargs) -> pl.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    opts.update(kwargs)
-    return pl.Trainer(**opts)
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -161,7 +151,7 @@ def test_non_callable_schedule_is_a_type_error():
 def test_unknown_name_lists_available_names():
     cb = HyperparameterSchedule({"ls.amnt": ConstantSchedule(0.1)})
     with pytest.raises(KeyError, match=r"ls\.amount"):
-        _trainer(max_steps=1, callbacks=[cb]).fit(Recorder(), _loader())
+        cpu_trainer(max_steps=1, callbacks=[cb]).fit(Recorder(), _loader())
 
 
 def test_optimizer_hyperparameter_needs_an_optimizer():
@@ -181,7 +171,7 @@ def _schedules():
 def test_exact_values_at_every_step():
     model = Recorder()
     schedules = _schedules()
-    _trainer(max_steps=12, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
+    cpu_trainer(max_steps=12, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
     assert [s[0] for s in model.seen] == list(range(12))
     for step, amount, p, lr in model.seen:
         assert amount == pytest.approx(schedules["ls.amount"](step), abs=1e-7)
@@ -195,7 +185,7 @@ def test_dropout_rate_found_by_the_deprecated_discovery_still_follows_its_schedu
         model.set_hyperparameter("net.2.p", 0.2)  # direct access needs the opt-in
     schedules = {"net.2.p": StepSchedule(0.4, milestones=[3], gamma=0.5)}
     with pytest.warns(DeprecationWarning, match=r"HyperparameterSchedule reaches 'net\.2\.p'.*expose_hyperparameter"):
-        _trainer(max_steps=6, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
+        cpu_trainer(max_steps=6, callbacks=[HyperparameterSchedule(schedules)]).fit(model, _loader())
     assert [s[2] for s in model.seen] == pytest.approx([schedules["net.2.p"](t) for t in range(6)])
     assert "net.2.p" in model.named_hyperparameters()  # exposed from then on
 
@@ -203,7 +193,7 @@ def test_dropout_rate_found_by_the_deprecated_discovery_still_follows_its_schedu
 def test_epoch_interval_and_logging():
     model = Recorder()
     cb = HyperparameterSchedule({"ls.amount": PiecewiseSchedule([(0, 0.1), (1, 0.3), (2, 0.2)], "constant")}, "epoch")
-    trainer = _trainer(max_epochs=3, callbacks=[cb])
+    trainer = cpu_trainer(max_epochs=3, callbacks=[cb])
     trainer.fit(model, _loader())  # 8 steps per epoch
     per_epoch = [model.seen[i][1] for i in (0, 7, 8, 15, 16, 23)]
     assert per_epoch == pytest.approx([0.1, 0.1, 0.3, 0.3, 0.2, 0.2])
@@ -215,7 +205,7 @@ def test_several_schedule_callbacks_coexist_with_distinct_state_keys():
     b = HyperparameterSchedule({"lr": ConstantSchedule(0.01)})
     assert a.state_key != b.state_key
     model = Recorder()
-    _trainer(max_steps=3, callbacks=[a, b]).fit(model, _loader())
+    cpu_trainer(max_steps=3, callbacks=[a, b]).fit(model, _loader())
     assert all(s[1] == pytest.approx(0.2) and s[3] == pytest.approx(0.01) for s in model.seen)
 
 
@@ -225,22 +215,22 @@ def test_crash_and_resume_continues_exactly(tmp_path):
         return {"ls.amount": LinearSchedule(0.0, 0.5, duration=10), "lr": CosineSchedule(0.2, 0.0, duration=12)}
 
     torch.manual_seed(0)
-    full = Recorder(dropout=0.0)
-    init = {k: v.clone() for k, v in full.state_dict().items()}
-    _trainer(max_steps=12, callbacks=[HyperparameterSchedule(schedules())]).fit(full, _loader(n=4))
+    init = {k: v.clone() for k, v in Recorder(dropout=0.0).state_dict().items()}
 
-    first = Recorder(dropout=0.0)
-    first.load_state_dict(init)
-    # one batch per epoch: the data order of a resumed run is then the uninterrupted one whatever Lightning replays
-    trainer = _trainer(max_steps=8, callbacks=[HyperparameterSchedule(schedules())])
-    trainer.fit(first, _loader(n=4))
-    ckpt = tmp_path / "crash.ckpt"
-    trainer.save_checkpoint(ckpt)
+    def fit(steps, ckpt):
+        model = Recorder(dropout=0.0)
+        if ckpt is None:
+            model.load_state_dict(init)
+        else:  # fresh process: different initial values everywhere
+            model.set_hyperparameter("ls.amount", 0.9)
+        cb = HyperparameterSchedule(schedules())
+        trainer = cpu_trainer(max_steps=steps, callbacks=[cb])
+        # one batch per epoch: the data order of a resumed run is then the uninterrupted one whatever Lightning replays
+        trainer.fit(model, _loader(n=4), ckpt_path=ckpt)
+        return (model, cb), trainer
 
-    resumed = Recorder(dropout=0.0)  # fresh process: different initial values everywhere
-    resumed.set_hyperparameter("ls.amount", 0.9)
-    cb = HyperparameterSchedule(schedules())
-    _trainer(max_steps=12, callbacks=[cb]).fit(resumed, _loader(n=4), ckpt_path=ckpt)
+    runs = crash_and_resume(fit, crash_step=8, total_steps=12, tmp_path=tmp_path)
+    (full, _), (resumed, cb) = runs.full, runs.resumed
 
     assert [s[0] for s in resumed.seen] == list(range(8, 12))
     for got, want in zip(resumed.seen, full.seen[8:]):
@@ -254,7 +244,7 @@ def test_crash_and_resume_continues_exactly(tmp_path):
 
 def test_schedule_state_is_checkpointed(tmp_path):
     cb = HyperparameterSchedule({"ls.amount": LinearSchedule(0.0, 0.5, duration=10)})
-    trainer = _trainer(max_steps=5, callbacks=[cb])
+    trainer = cpu_trainer(max_steps=5, callbacks=[cb])
     trainer.fit(Recorder(), _loader())
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     state = torch.load(tmp_path / "a.ckpt", weights_only=False)["callbacks"][cb.state_key]
@@ -288,6 +278,6 @@ def test_picklable_schedule_forms_round_trip():
 
 def test_lambda_schedule_under_ddp_spawn_names_the_picklable_forms():
     cb = HyperparameterSchedule({"ls.amount": LambdaSchedule(lambda t: 0.1 * t)})
-    trainer = _trainer(max_steps=1, strategy="ddp_spawn", devices=2, callbacks=[cb])
+    trainer = cpu_trainer(max_steps=1, strategy="ddp_spawn", devices=2, callbacks=[cb])
     with pytest.raises(TypeError, match=r"'ls\.amount'.*ConstantSchedule, LinearSchedule.*functools\.partial"):
         trainer.fit(Recorder(), _loader())  # raised in this process, before any worker starts

@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from _distributed import run_distributed
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,6 +25,9 @@ from lightning_losses.nn.stn import (
     PositiveTransform,
     condition_hyper_layers,
 )
+from tests.helpers.distributed import run_distributed
+from tests.helpers.resume import crash_and_resume
+from tests.helpers.trainer import cpu_trainer
 
 
 # ------------------------------------------------------------------------------------------- hyper-layers
@@ -270,32 +272,20 @@ def test_self_tuning_alternates_steps_and_keeps_hyperparameters_in_bounds():
 
 def test_self_tuning_crash_and_resume(tmp_path):
     # label smoothing only: random dropout masks are not part of a checkpoint, so weights would differ
-    def run(steps, ckpt=None, model=None):
-        model = model or HyperClassifier(k=1, dropout=0.0)
-        cb = _tuning(with_dropout=False, train_steps=1)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[cb],
-            limit_val_batches=0,
-        )
-        trainer.fit(model, DataLoader(_data(16, 0), batch_size=16), ckpt_path=ckpt)  # one batch per epoch
-        return model, cb, trainer
-
     torch.manual_seed(0)
     init = HyperClassifier(k=1, dropout=0.0).state_dict()
-    full_model = HyperClassifier(k=1, dropout=0.0)
-    full_model.load_state_dict(init)
-    _, full, _ = run(8, model=full_model)
-    first_model = HyperClassifier(k=1, dropout=0.0)
-    first_model.load_state_dict(init)
-    _, _, trainer = run(5, model=first_model)
-    trainer.save_checkpoint(tmp_path / "crash.ckpt")
-    resumed_model, resumed, _ = run(8, ckpt=tmp_path / "crash.ckpt")
+
+    def fit(steps, ckpt):
+        model = HyperClassifier(k=1, dropout=0.0)
+        if ckpt is None:
+            model.load_state_dict(init)
+        cb = _tuning(with_dropout=False, train_steps=1)
+        trainer = cpu_trainer(max_steps=steps, callbacks=[cb], limit_val_batches=0)
+        trainer.fit(model, DataLoader(_data(16, 0), batch_size=16), ckpt_path=ckpt)  # one batch per epoch
+        return (model, cb), trainer
+
+    runs = crash_and_resume(fit, crash_step=5, total_steps=8, tmp_path=tmp_path)
+    (full_model, full), (resumed_model, resumed) = runs.full, runs.resumed
     assert resumed.steps == full.steps == 8 and resumed.hyper_steps == full.hyper_steps == 6
     assert len(resumed.history) == len(full.history)
     for got, want in zip(resumed.history, full.history):

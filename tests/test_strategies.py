@@ -40,6 +40,7 @@ from lightning_losses import (
     UnlearningModule,
 )
 from lightning_losses.callbacks.schedules import LinearSchedule
+from tests.helpers.trainer import cpu_trainer
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 N = GLOBAL_BATCH * STEPS
@@ -311,20 +312,15 @@ def _fit(
     pl.seed_everything(0, verbose=False)
     module, data, callbacks = FAMILIES[family]()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(
-            accelerator="cpu",
+        trainer = cpu_trainer(
+            root or tmp,
             devices=devices,
             strategy=strategy,
             max_steps=STEPS,
             callbacks=callbacks,
-            default_root_dir=root or tmp,
             limit_val_batches=0,
             num_sanity_val_steps=0,
             use_distributed_sampler=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         if isinstance(module, UnlearningModule):
             module.adapter_dir = os.path.join(trainer.default_root_dir, "adapter")

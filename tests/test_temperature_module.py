@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses import TempNetMixin, TempNetModule
 from lightning_losses.demos import build_gpt2
 from lightning_losses.functional import dro_temperature_loss
+from tests.helpers.tolerances import tolerance
+from tests.helpers.trainer import cpu_trainer
 
 VOCAB = 64
 
@@ -23,20 +25,6 @@ def _tiny_lm():
 def _loader(n=16, seed=0):
     ids = torch.randint(0, VOCAB, (n, 16), generator=torch.Generator().manual_seed(seed))
     return DataLoader(TensorDataset(ids, ids.clone(), torch.arange(n)), batch_size=4, shuffle=False)
-
-
-def _trainer(tmp_path, **kwargs):
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def _module(**kwargs):
@@ -60,7 +48,7 @@ def test_joint_training_updates_both_with_their_own_learning_rates_and_logs_tau(
     groups = module.configure_optimizers().param_groups
     assert [g["name"] for g in groups] == ["base", "tempnet"] and [g["lr"] for g in groups] == [1e-3, 1e-2]
     base0, temp0 = _snapshot(module)
-    trainer = _trainer(tmp_path, max_epochs=1, limit_val_batches=2)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_val_batches=2)
     trainer.fit(module, _loader(), _loader(8, seed=1))
     base1, temp1 = _snapshot(module)
     assert _changed(base0, base1) and _changed(temp0, temp1)
@@ -75,7 +63,7 @@ def test_joint_training_updates_both_with_their_own_learning_rates_and_logs_tau(
 def test_frozen_base_trains_only_tempnet(tmp_path):
     module = _module(train_base=False)
     base0, temp0 = _snapshot(module)
-    _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _loader())
+    cpu_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _loader())
     base1, temp1 = _snapshot(module)
     assert not _changed(base0, base1) and _changed(temp0, temp1)
     assert [g["name"] for g in module.configure_optimizers().param_groups] == ["tempnet"]
@@ -87,7 +75,7 @@ def test_rho_must_stay_below_log_of_the_number_of_classes(tmp_path):
     module = _module()
     module.set_hyperparameter("tempnet_dro.rho", 4.5)  # a schedule may push it past log 64 = 4.16
     with pytest.raises(ValueError, match="rho must lie in"):
-        _trainer(tmp_path, max_steps=1).fit(module, _loader())
+        cpu_trainer(tmp_path, max_steps=1).fit(module, _loader())
     with pytest.raises(ValueError, match="tau_min < tau_max"):
         _module(tau_min=5.0, tau_max=0.5)
 
@@ -95,18 +83,18 @@ def test_rho_must_stay_below_log_of_the_number_of_classes(tmp_path):
 def test_resume_from_a_checkpoint_restores_tempnet_and_continues_identically(tmp_path):
     torch.manual_seed(0)
     uninterrupted = _module()
-    _trainer(tmp_path / "a", max_epochs=2, limit_val_batches=0).fit(uninterrupted, _loader())
+    cpu_trainer(tmp_path / "a", max_epochs=2, limit_val_batches=0).fit(uninterrupted, _loader())
 
     torch.manual_seed(0)
     first = _module()
-    trainer = _trainer(tmp_path / "b", max_epochs=1, limit_val_batches=0, enable_checkpointing=True)
+    trainer = cpu_trainer(tmp_path / "b", max_epochs=1, limit_val_batches=0, enable_checkpointing=True)
     trainer.fit(first, _loader())
     ckpt = trainer.checkpoint_callback.best_model_path or next((tmp_path / "b").rglob("*.ckpt"))
     torch.manual_seed(123)  # a different initialisation: everything must come from the checkpoint
     resumed = _module()
-    _trainer(tmp_path / "c", max_epochs=2, limit_val_batches=0).fit(resumed, _loader(), ckpt_path=str(ckpt))
+    cpu_trainer(tmp_path / "c", max_epochs=2, limit_val_batches=0).fit(resumed, _loader(), ckpt_path=str(ckpt))
     for key, value in uninterrupted.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed.state_dict()[key], value, **tolerance(torch.float32))
     assert float(resumed.get_hyperparameter("tempnet_dro.rho")) == 2.0
 
 
@@ -134,7 +122,7 @@ def test_contrastive_mixin_initialises_prototypes_tracks_state_and_trains_both_t
     module = _DualEncoder(n)
     first_texts = torch.nn.functional.normalize(module.text_encoder(data.tensors[1][:8]), dim=1).detach()
     image_net0 = {k: v.clone() for k, v in module.image_tempnet.state_dict().items()}
-    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer = cpu_trainer(tmp_path, max_epochs=2)
     trainer.fit(module, DataLoader(data, batch_size=8, shuffle=False))
     assert bool(module.image_tempnet.prototypes_initialized) and bool(module.text_tempnet.prototypes_initialized)
     # the image TempNet's prototypes started from the first batch of text embeddings (then trained a little)
@@ -181,7 +169,7 @@ def test_tau_histogram_goes_to_a_logger_with_add_histogram(tmp_path):
     module = _module()
     module._tempnet_settings["histogram_every_n_steps"] = 2
     logger = _RecordingLogger()
-    _trainer(tmp_path, max_steps=4, limit_val_batches=0, logger=logger).fit(module, _loader())
+    cpu_trainer(tmp_path, max_steps=4, limit_val_batches=0, logger=logger).fit(module, _loader())
     steps = [step for tag, _, step in logger.experiment.histograms]
     assert steps == [0, 2] and all(tag == "train/tau" for tag, _, _ in logger.experiment.histograms)
     values = logger.experiment.histograms[0][1]

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lightning_losses import TempNetModule
 from lightning_losses.utilities.tokens import NUM_ITEMS_KEY, TokensPerStep, count_label_tokens, step_num_items
+from tests.helpers.trainer import cpu_trainer
 
 V, L = 11, 6
 
@@ -63,16 +64,7 @@ MANY, FEW = _batch(1, 3, keep=L), _batch(2, 1, keep=2)  # 15 and 1 next-token la
 
 
 def _trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return cpu_trainer(**{"max_steps": 1, **kwargs})
 
 
 def _grads_of_one_batch() -> dict[str, torch.Tensor]:

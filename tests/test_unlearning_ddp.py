@@ -12,7 +12,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_losses import UnlearningModule
 from lightning_losses.data.unlearning import UnlearningBatchCollator
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 from tests.test_unlearning_lightning import items, tiny_lora
 from tests.test_unlearning_truth_ratio import lightning_ddp_env
 

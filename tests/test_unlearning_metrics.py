@@ -20,7 +20,7 @@ from lightning_losses.metrics.unlearning import (
     ks_statistic,
     zlib_length,
 )
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 
 def test_auc_matches_sklearn_with_ties():

@@ -24,7 +24,7 @@ from lightning_losses.utilities.numerics import (
     kl_from_log_probs,
     reduce_loss,
 )
-from tests._distributed import run_distributed
+from tests.helpers.distributed import run_distributed
 
 # ------------------------------------------------------------------------------------------------------------ numerics
 
