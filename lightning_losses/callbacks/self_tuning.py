@@ -35,7 +35,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.data import extract_batch_size
@@ -56,6 +55,7 @@ from lightning_losses.nn.stn import (
     hyper_layers,
 )
 from lightning_losses.utilities.batches import unpack_batch
+from lightning_losses.utilities.distributed import all_reduce
 
 __all__ = ["SelfTuning", "TunedHyperparameter", "best_response_step", "classification_validation_loss"]
 
@@ -114,13 +114,8 @@ def best_response_step(
     total = loss - entropy_weight * hyperparameters.entropy()
     params = [hyperparameters.unconstrained, hyperparameters.scale_raw]
     grads = torch.autograd.grad(total, params, allow_unused=True)
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     for p, g in zip(params, grads):
-        g = torch.zeros_like(p) if g is None else g.detach().clone()
-        if distributed:
-            dist.all_reduce(g)
-            g /= dist.get_world_size()
-        p.grad = g
+        p.grad = all_reduce(torch.zeros_like(p) if g is None else g.detach(), "mean")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.detach()
