@@ -391,11 +391,7 @@ class GeneralizedJSDLoss(DistillationLoss):
                 \mathrm{JSD}_{bk}` so that the micro-batch losses sum to the whole batch's token mean. ``None``
                 divides by this call's counted tokens.
         """
-        if num_items_in_batch is not None and self.reduction != "mean":
-            raise ValueError(
-                f"`num_items_in_batch` needs reduction='mean', but this loss was built with "
-                f"reduction={self.reduction!r}."
-            )
+        self._check_num_items(num_items_in_batch)
         per_token = generalized_jsd_loss(
             student_logits,
             teacher_logits,
@@ -406,12 +402,7 @@ class GeneralizedJSDLoss(DistillationLoss):
             reduction="none",
             vocab_mismatch=self.vocab_mismatch,
         )
-        check_num_items(num_items_in_batch)
-        if labels is None:
-            count = per_token.new_tensor(float(per_token.numel()))
-        else:
-            count = (labels != self.ignore_index).sum().to(per_token.dtype)
-        return self._weighted(per_token, self.reduction, count=count, num_items_in_batch=num_items_in_batch)
+        return self._token_mean(per_token, labels, num_items_in_batch)
 
     def from_hidden(
         self,
@@ -426,7 +417,7 @@ class GeneralizedJSDLoss(DistillationLoss):
         student_softcap: float | None = None,
         teacher_softcap: float | None = None,
         chunk_size: int | None = None,
-        num_items_in_batch: Tensor | float | None = None,
+        num_items_in_batch: NumItems = None,
     ) -> Tensor:
         """This loss from the two models' hidden states and heads, chunked: the full logits are never formed.
 
@@ -444,6 +435,7 @@ class GeneralizedJSDLoss(DistillationLoss):
         """
         from lightning_losses.functional.chunked import linear_distillation_loss
 
+        self._check_num_items(num_items_in_batch)
         per_token = linear_distillation_loss(
             student_hidden,
             student_weight,
@@ -460,12 +452,18 @@ class GeneralizedJSDLoss(DistillationLoss):
             student_softcap=student_softcap,
             teacher_softcap=teacher_softcap,
         )
+        return self._token_mean(per_token, labels, num_items_in_batch)
+
+    def _check_num_items(self, num_items_in_batch: NumItems) -> None:
         if num_items_in_batch is not None and self.reduction != "mean":
             raise ValueError(
                 f"`num_items_in_batch` needs reduction='mean', but this loss was built with "
                 f"reduction={self.reduction!r}."
             )
         check_num_items(num_items_in_batch)
+
+    def _token_mean(self, per_token: Tensor, labels: Tensor | None, num_items_in_batch: NumItems) -> Tensor:
+        """Weight and reduce per-token values; ``"mean"`` divides by the counted tokens or ``num_items_in_batch``."""
         if labels is None:
             count = per_token.new_tensor(float(per_token.numel()))
         else:

@@ -16,6 +16,7 @@ from lightning_losses.callbacks.distillation import TeacherClassMeans
 from lightning_losses.functional.distillation import project_conflicting_gradient
 from lightning_losses.losses.distillation import BinaryKLLoss, DKDLoss, KDLoss, NDLoss
 from lightning_losses.mixins.distillation import DistillationMixin
+from lightning_losses.modules._optimizers import optimizer_and_schedule
 from lightning_losses.nn.distillation import DualHeadClassifier, FeatureProjector
 from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_choice, check_number, check_targets
@@ -306,15 +307,4 @@ class DistillationModule(DistillationMixin, pl.LightningModule):
         return []
 
     def configure_optimizers(self) -> Any:
-        hp: Any = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return optimizer
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return optimizer_and_schedule(self)
