@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_losses.utilities.checkpoints import follow_saved_shapes
+from lightning_losses.utilities.checks import interval_text
 
 __all__ = [
     "OPTIMIZER_HYPERPARAMETERS",
@@ -112,11 +113,7 @@ class HyperparameterSpec:
 
     def describe(self) -> str:
         """Return the range in interval notation, e.g. ``(0, inf)``."""
-        left = "[" if self.low is not None and self.low_inclusive else "("
-        right = "]" if self.high is not None and self.high_inclusive else ")"
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{left}{low}, {high}{right}"
+        return interval_text(self.low, self.high, self.low_inclusive, self.high_inclusive)
 
     def admissible(self, value: Tensor) -> Tensor:
         """A 0-d bool tensor: every entry of ``value`` is finite and inside the range (no host synchronisation)."""

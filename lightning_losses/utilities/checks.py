@@ -34,6 +34,7 @@ __all__ = [
     "check_tensor",
     "finite_error",
     "finite_flag",
+    "interval_text",
     "start_checks",
 ]
 
@@ -338,10 +339,22 @@ def check_number(
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        left = "[" if low is not None and low_inclusive else "("
-        right = "]" if high is not None and high_inclusive else ")"
-        interval = f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
+        interval = interval_text(low, high, low_inclusive, high_inclusive)
         raise ValueError(f"`{name}` must lie in {interval}; got {value!r}.")
+
+
+def interval_text(
+    low: float | None, high: float | None, low_inclusive: bool = True, high_inclusive: bool = True
+) -> str:
+    """A range in interval notation: ``(0, inf)``, ``[0, 1)``; a missing bound is infinite (and open).
+
+    Example:
+        >>> interval_text(0.0, None, low_inclusive=False)
+        '(0, inf)'
+    """
+    left = "[" if low is not None and low_inclusive else "("
+    right = "]" if high is not None and high_inclusive else ")"
+    return f"{left}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{right}"
 
 
 def start_checks(validate_args: bool, *named: tuple[Tensor, str]) -> DeferredChecks:
