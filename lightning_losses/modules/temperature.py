@@ -16,7 +16,7 @@ from lightning_losses.integrations.transformers import HiddenStatesUnavailable, 
 from lightning_losses.mixins.temperature import TempNetMixin
 from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_number
-from lightning_losses.utilities.tokens import step_num_items
+from lightning_losses.utilities.tokens import count_label_tokens, step_num_items
 
 __all__ = ["TempNetModule"]
 
@@ -147,7 +147,7 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits, target, head = self._logits_and_targets(batch)
         # the DRO loss is a mean over counted positions: over the whole optimizer step (ranks, micro-batches)
-        count = (target != self.tempnet_dro.ignore_index).sum()
+        count = count_label_tokens(target, self.tempnet_dro.ignore_index, shift=False)  # targets are already shifted
         num_items = step_num_items(self, count, batch)
         loss = self.tempnet_loss(logits, target, stage="train", num_items_in_batch=num_items, **head)
         if self._trainer is not None:
