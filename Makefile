@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench quality lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: $(STAMP)
-	for script in benchmarks/[!_]*.py; do $(PY) $$script || exit 1; done
+	for script in benchmarks/[!_]*.py; do [ $$script = benchmarks/quality.py ] || $(PY) $$script || exit 1; done
+
+quality: $(STAMP)
+	$(PY) benchmarks/quality.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_losses tests benchmarks examples

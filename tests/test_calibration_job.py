@@ -36,10 +36,14 @@ def test_calibrate_job_writes_table_and_diagrams(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "calibrate.json").read_text())
     assert [r["kind"] for r in rows] == ["-", "post-hoc", "post-hoc", "train-time"]
     assert rows[0]["acc %"] == rows[1]["acc %"]  # temperature scaling keeps every prediction
+    assert rows[0]["Δ ECE vs uncalibrated, pp [95 % CI]"] is None
+    for row in rows[1:]:  # the change against the uncalibrated model, with its paired bootstrap interval
+        change = row["Δ ECE vs uncalibrated, pp [95 % CI]"]
+        assert change["low"] <= change["mean"] <= change["high"]
     for name in ("uncalibrated", "temperature", "histogram", "dca"):
         assert (tmp_path / f"reliability_{name}.png").stat().st_size > 1000
 
 
 def test_calibrate_job_rejects_unknown_methods(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="Unknown calibrators"):
-        main(["calibrate", "--calibrators", "beta", "--output", str(tmp_path)])
+        main(["calibrate", "--calibrators", "no-such-calibrator", "--output", str(tmp_path)])

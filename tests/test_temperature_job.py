@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -35,3 +37,6 @@ def test_quick_job_runs_end_to_end(tmp_path):
 
     assert main(["temperature", "--quick", "--output", str(tmp_path)]) == 0
     assert "TempNet" in (tmp_path / "lm.md").read_text() and "ALDR-KL" in (tmp_path / "mnist.md").read_text()
+    assert "control: fixed τ" in (tmp_path / "lm.md").read_text()  # the fixed-τ DRO control row
+    spread = json.loads((tmp_path / "mnist_lambda.json").read_text())
+    assert [row["λ0"] for row in spread] == ["1"]

