@@ -266,8 +266,8 @@ def test_module_gradient_alignment_changes_the_update(tmp_path):
 def test_module_bad_inputs():
     with pytest.raises(TypeError, match="DualHeadClassifier"):
         DistillationModule(TinyNet(), TinyNet(), method="dhkd", num_classes=3)
-    with pytest.raises(ValueError, match="Unknown method 'fitnet'"):
-        DistillationModule(TinyNet(), TinyNet(), method="fitnet", num_classes=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown method 'fitnets'"):
+        DistillationModule(TinyNet(), TinyNet(), method="fitnets", num_classes=3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="must be > 0"):
         DistillationModule(TinyNet(), TinyNet(), num_classes=3, temperature=0.0)
     module = DistillationModule(TinyNet(classes=4), TinyNet(classes=3), num_classes=3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -31,3 +32,14 @@ def test_quick_unlearn_job_trains_caches_and_reuses_the_base_models(tmp_path, ca
     assert main([*args[:-1], "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("loaded the cached") >= 3 and "training the" not in out
+    # the β sweep (summed and per-token log-ratio) adds one row per β and the trade-off plot
+    sweep = [*args[:-1], "1", "--methods", "npo", "--npo-betas", "0.1", "--normalized-npo-betas", "3"]
+    assert main(sweep) == 0
+    rows = json.loads((tmp_path / "unlearn-quick.json").read_text())
+    assert [r["method"] for r in rows][2:] == [
+        "npo",
+        "NPO-RT, Σ log-ratio, β = 0.1",
+        "NPO-RT, mean log-ratio per token, β = 3",
+    ]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "trade_off-quick.png").stat().st_size > 1000

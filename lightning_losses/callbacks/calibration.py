@@ -7,6 +7,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,8 @@ from lightning_losses.metrics.calibration import (
     NegativeLogLikelihood,
 )
 from lightning_losses.nn.calibration import (
+    BBQCalibrator,
+    BetaCalibrator,
     Calibrator,
     CorrectnessAwareCalibrator,
     DirichletCalibrator,
@@ -46,7 +49,8 @@ from lightning_losses.utilities.imports import require
 
 __all__ = ["CALIBRATORS", "CalibrationMonitor", "PostHocCalibration", "reliability_diagram"]
 
-#: Calibrators by short name, for ``PostHocCalibration(calibrator="temperature")`` and the ``calibrate`` job.
+#: Calibrators by short name, for ``PostHocCalibration(calibrator="temperature")`` and the ``calibrate`` job: each
+#: name is a preset of a calibrator class (the class itself, or ``functools.partial`` of it with settings).
 CALIBRATORS: dict[str, Callable[[], Calibrator]] = {
     "temperature": TemperatureScaler,
     "vector": VectorScaler,
@@ -56,6 +60,10 @@ CALIBRATORS: dict[str, Callable[[], Calibrator]] = {
     "histogram": HistogramBinningCalibrator,
     "isotonic": IsotonicCalibrator,
     "ca": CorrectnessAwareCalibrator,
+    "ca_unweighted": partial(CorrectnessAwareCalibrator, weighting="none"),
+    "beta": BetaCalibrator,
+    "bbq": BBQCalibrator,
+    "bbq_paper": partial(BBQCalibrator, binning="quantile", score="bayesian"),
 }
 
 LogitsFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -104,7 +112,125 @@ _NOT_FITTED_WARNING = (
 )
 
 
-class PostHocCalibration(Callback):
+class _FitOnValidation(Callback):
+    """What the callbacks fitted on gathered validation outputs share: the data (the validation dataloader,
+    sharded without duplicates across processes), the logits of the named submodule inside the strategy's
+    forward, and the rewrite of this run's ``ModelCheckpoint`` files once fitted. Subclasses set ``split``,
+    ``logits_fn``, ``module`` and ``updated_checkpoints`` and define ``state_key`` and ``state_dict``."""
+
+    split: str
+    logits_fn: LogitsFn | None
+    module: str | None
+    updated_checkpoints: list[str]
+
+    def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.split == "test":
+            loader: Any = datamodule.test_dataloader() if datamodule is not None else trainer.test_dataloaders
+        else:
+            loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()), None)
+        if not isinstance(loader, DataLoader):
+            raise RuntimeError(
+                f"{type(self).__name__} found no {self.split} dataloader to fit on. Give the Trainer validation data "
+                "(a datamodule with val_dataloader(), or val_dataloaders=...), or call calibrate(..., dataloader=...)."
+            )
+        return loader
+
+    def _shard(self, trainer: pl.Trainer, loader: DataLoader) -> tuple[DataLoader, int]:
+        """This process's share ``r, r + W, ...``, padded (with repeats) to the same length on every process."""
+        dataset = loader.dataset
+        world, rank = trainer.world_size, trainer.global_rank
+        if isinstance(dataset, IterableDataset) or world == 1:
+            return loader, -1
+        replicas = getattr(trainer, "distributed_sampler_kwargs", None) or {}
+        if replicas.get("num_replicas", world) != world:
+            raise RuntimeError(
+                f"{type(self).__name__} gathers the validation logits over every process and needs every process to be "
+                f"a data-parallel replica; this strategy has {replicas.get('num_replicas')} replicas on {world} "
+                "processes (tensor parallelism). Calibrate with fit_on='manual' on logits you gather yourself."
+            )
+        total = len(dataset)  # type: ignore[arg-type]
+        if total == 0:
+            raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
+        return shard_dataloader(loader, rank, world, pad=True), total
+
+    def _logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        if self.logits_fn is not None:
+            fn = self.logits_fn
+            return _strategy_forward(trainer, pl_module, lambda: fn(pl_module, batch))
+        x, _, _ = unpack_batch(batch)
+        if self.module is None:
+            return _strategy_forward(trainer, pl_module, lambda: pl_module(x))
+        target = _find_module(pl_module, self.module, type(self).__name__)
+        if not _defines_forward(pl_module):
+            return _strategy_forward(trainer, pl_module, lambda: target(x))
+        captured: list[Tensor] = []
+        handle = target.register_forward_hook(lambda m, a, out: captured.append(out) if not captured else None)
+        try:
+            _strategy_forward(trainer, pl_module, lambda: pl_module(x))
+        finally:
+            handle.remove()
+        if not captured or not isinstance(captured[0], Tensor):
+            raise RuntimeError(
+                f"{type(self).__name__}(module={self.module!r}): the LightningModule's forward did not return a tensor "
+                f"from {self.module!r} on the validation inputs. Pass logits_fn=(module, batch) -> logits."
+            )
+        return captured[0]
+
+    # ------------------------------------------------------------------ checkpoint files of the run
+
+    @staticmethod
+    def _run_checkpoint_paths(trainer: pl.Trainer) -> list[str]:
+        paths: dict[str, str] = {}
+        for cb in trainer.checkpoint_callbacks:
+            if not isinstance(cb, ModelCheckpoint):
+                continue
+            for path in [cb.best_model_path, cb.last_model_path, *cb.best_k_models]:
+                if path:
+                    key = os.path.realpath(path) if "://" not in str(path) else str(path)
+                    paths.setdefault(key, str(path))
+        return sorted(paths.values())
+
+    def _update_checkpoints(self, trainer: pl.Trainer) -> None:
+        """Write the fitted state into this run's checkpoint files (rank 0), then wait for every process."""
+        paths = self._run_checkpoint_paths(trainer)
+        if not paths:
+            return
+        updated: list[str] = []
+        if trainer.is_global_zero:
+            state = self.state_dict()
+            for path in paths:
+                if self._rewrite(path, state):
+                    updated.append(path)
+        if trainer.world_size > 1:
+            updated = trainer.strategy.broadcast(updated, src=0)
+            trainer.strategy.barrier(f"{type(self).__name__}.update_checkpoints")
+        self.updated_checkpoints = updated
+
+    def _rewrite(self, path: str, state: dict[str, Any]) -> bool:
+        fs = get_filesystem(path)
+        if not fs.exists(path):
+            return False
+        target = path
+        if fs.isdir(path):  # a distributed checkpoint: the callbacks' states live in its metadata file
+            target = os.path.join(path, "meta.pt")
+            if not fs.exists(target):
+                rank_zero_warn(
+                    f"{type(self).__name__} could not update the checkpoint directory {path} (no meta.pt): it holds "
+                    "the state of before the fit at the end of training. Save a checkpoint after fit to keep it."
+                )
+                return False
+        checkpoint = _load(target, map_location="cpu", weights_only=False)
+        checkpoint.setdefault("callbacks", {})[self.state_key] = state
+        _atomic_save(checkpoint, target)
+        return True
+
+
+class PostHocCalibration(_FitOnValidation):
     r"""Fits a post-hoc calibrator on the validation logits after ``fit`` and applies it to ``test``/``predict``.
 
     * **Data.** The validation dataloader (of the datamodule, or the Trainer's), never the test set unless
@@ -149,8 +275,10 @@ class PostHocCalibration(Callback):
     ``strategy="ddp"``) to keep the calibrator in the launching process.
 
     Args:
-        calibrator: A :class:`~lightning_losses.nn.Calibrator` or one of ``"temperature"``, ``"vector"``,
-            ``"matrix"``, ``"dirichlet"``, ``"platt"``, ``"histogram"``, ``"isotonic"``, ``"ca"``.
+        calibrator: A :class:`~lightning_losses.nn.Calibrator` or one of the names of :data:`CALIBRATORS`:
+            ``"temperature"``, ``"vector"``, ``"matrix"``, ``"dirichlet"``, ``"platt"``, ``"histogram"``,
+            ``"isotonic"``, ``"ca"``, ``"ca_unweighted"`` (CA with ``weighting="none"``), ``"beta"``, ``"bbq"``
+            (netcal's BBQ) and ``"bbq_paper"`` (equal-frequency bins, Bayesian score).
         fit_on: ``"fit_end"`` (after ``trainer.fit``) or ``"manual"`` (call :meth:`calibrate` yourself).
         split: ``"val"`` (default) or ``"test"`` (discouraged; warns).
         logits_fn: ``(module, batch) -> logits``; defaults to the logits module's output on the inputs unpacked
@@ -241,64 +369,6 @@ class PostHocCalibration(Callback):
 
     # ------------------------------------------------------------------ fitting
 
-    def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        datamodule = getattr(trainer, "datamodule", None)
-        if self.split == "test":
-            loader: Any = datamodule.test_dataloader() if datamodule is not None else trainer.test_dataloaders
-        else:
-            loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()), None)
-        if not isinstance(loader, DataLoader):
-            raise RuntimeError(
-                f"PostHocCalibration found no {self.split} dataloader to fit on. Give the Trainer validation data "
-                "(a datamodule with val_dataloader(), or val_dataloaders=...), or call calibrate(..., dataloader=...)."
-            )
-        return loader
-
-    def _shard(self, trainer: pl.Trainer, loader: DataLoader) -> tuple[DataLoader, int]:
-        """This process's share ``r, r + W, ...``, padded (with repeats) to the same length on every process."""
-        dataset = loader.dataset
-        world, rank = trainer.world_size, trainer.global_rank
-        if isinstance(dataset, IterableDataset) or world == 1:
-            return loader, -1
-        replicas = getattr(trainer, "distributed_sampler_kwargs", None) or {}
-        if replicas.get("num_replicas", world) != world:
-            raise RuntimeError(
-                "PostHocCalibration gathers the validation logits over every process and needs every process to be "
-                f"a data-parallel replica; this strategy has {replicas.get('num_replicas')} replicas on {world} "
-                "processes (tensor parallelism). Calibrate with fit_on='manual' on logits you gather yourself."
-            )
-        total = len(dataset)  # type: ignore[arg-type]
-        if total == 0:
-            raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
-        return shard_dataloader(loader, rank, world, pad=True), total
-
-    def _logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        if self.logits_fn is not None:
-            fn = self.logits_fn
-            return _strategy_forward(trainer, pl_module, lambda: fn(pl_module, batch))
-        x, _, _ = unpack_batch(batch)
-        if self.module is None:
-            return _strategy_forward(trainer, pl_module, lambda: pl_module(x))
-        target = _find_module(pl_module, self.module, "PostHocCalibration")
-        if not _defines_forward(pl_module):
-            return _strategy_forward(trainer, pl_module, lambda: target(x))
-        captured: list[Tensor] = []
-        handle = target.register_forward_hook(lambda m, a, out: captured.append(out) if not captured else None)
-        try:
-            _strategy_forward(trainer, pl_module, lambda: pl_module(x))
-        finally:
-            handle.remove()
-        if not captured or not isinstance(captured[0], Tensor):
-            raise RuntimeError(
-                f"PostHocCalibration(module={self.module!r}): the LightningModule's forward did not return a tensor "
-                f"from {self.module!r} on the validation inputs. Pass logits_fn=(module, batch) -> logits."
-            )
-        return captured[0]
-
     def _transformed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         assert isinstance(self.calibrator, CorrectnessAwareCalibrator)
         calibrator = self.calibrator
@@ -387,54 +457,6 @@ class PostHocCalibration(Callback):
         if self.update_checkpoints:
             self._update_checkpoints(trainer)
         return self.metrics
-
-    # ------------------------------------------------------------------ checkpoint files of the run
-
-    @staticmethod
-    def _run_checkpoint_paths(trainer: pl.Trainer) -> list[str]:
-        paths: dict[str, str] = {}
-        for cb in trainer.checkpoint_callbacks:
-            if not isinstance(cb, ModelCheckpoint):
-                continue
-            for path in [cb.best_model_path, cb.last_model_path, *cb.best_k_models]:
-                if path:
-                    key = os.path.realpath(path) if "://" not in str(path) else str(path)
-                    paths.setdefault(key, str(path))
-        return sorted(paths.values())
-
-    def _update_checkpoints(self, trainer: pl.Trainer) -> None:
-        """Write the fitted state into this run's checkpoint files (rank 0), then wait for every process."""
-        paths = self._run_checkpoint_paths(trainer)
-        if not paths:
-            return
-        updated: list[str] = []
-        if trainer.is_global_zero:
-            state = self.state_dict()
-            for path in paths:
-                if self._rewrite(path, state):
-                    updated.append(path)
-        if trainer.world_size > 1:
-            updated = trainer.strategy.broadcast(updated, src=0)
-            trainer.strategy.barrier("PostHocCalibration.update_checkpoints")
-        self.updated_checkpoints = updated
-
-    def _rewrite(self, path: str, state: dict[str, Any]) -> bool:
-        fs = get_filesystem(path)
-        if not fs.exists(path):
-            return False
-        target = path
-        if fs.isdir(path):  # a distributed checkpoint: the callbacks' states live in its metadata file
-            target = os.path.join(path, "meta.pt")
-            if not fs.exists(target):
-                rank_zero_warn(
-                    f"PostHocCalibration could not update the checkpoint directory {path} (no meta.pt): it holds the "
-                    "calibrator of before the calibration. Save a checkpoint after fit to keep the fitted one."
-                )
-                return False
-        checkpoint = _load(target, map_location="cpu", weights_only=False)
-        checkpoint.setdefault("callbacks", {})[self.state_key] = state
-        _atomic_save(checkpoint, target)
-        return True
 
     # ------------------------------------------------------------------ applying
 

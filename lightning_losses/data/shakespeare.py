@@ -16,6 +16,11 @@ Splits, made per play so that nothing leaks between them:
 Batches are ``(input_ids, labels, index)`` with ``labels == input_ids`` (the model shifts them, as Hugging Face
 causal LMs do) and ``index`` the block's id, unique across all splits.
 
+For Hugging Face-style training the plays also come as examples in TRL's dataset formats
+(:func:`shakespeare_examples`: one exchange of two speeches per example, as text, prompt–completion, chat messages
+or preference pairs), and the local BPE as a Hugging Face tokenizer with a chat template
+(:func:`shakespeare_hf_tokenizer`).
+
 Example:
     >>> plays = load_plays()
     >>> len(plays) >= 30 and "Hamlet" in plays
@@ -24,7 +29,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import itertools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +42,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_losses.utilities.imports import require
 
-__all__ = ["LMBlockDataset", "ShakespeareDataModule", "load_plays", "plays_directory", "shakespeare_tokenizer"]
+__all__ = [
+    "LMBlockDataset",
+    "ShakespeareDataModule",
+    "load_plays",
+    "play_exchanges",
+    "plays_directory",
+    "shakespeare_examples",
+    "shakespeare_hf_tokenizer",
+    "shakespeare_tokenizer",
+]
 
 Split = Literal["train", "retain", "forget", "heldout"]
 
@@ -87,6 +103,145 @@ def shakespeare_tokenizer(vocab_size: int = 2048, cache_dir: str | Path = "resul
     bpe.save(str(tmp))
     tmp.replace(path)
     return tokenizers.Tokenizer.from_file(str(path))
+
+
+def shakespeare_hf_tokenizer(vocab_size: int = 2048, cache_dir: str | Path = "results/cache") -> Any:
+    """:func:`shakespeare_tokenizer` as a Hugging Face ``PreTrainedTokenizerFast``: ``<|endoftext|>`` as its EOS and
+    pad token, and :data:`~lightning_losses.data.text.SIMPLE_CHAT_TEMPLATE` as its chat template.
+
+    Example:
+        >>> tok = shakespeare_hf_tokenizer(512)
+        >>> len(tok), tok.eos_token, tok.pad_token_id == tok.eos_token_id
+        (512, '<|endoftext|>', True)
+    """
+    from lightning_losses.data.text import SIMPLE_CHAT_TEMPLATE
+    from lightning_losses.integrations.tokenization import as_pretrained_tokenizer
+
+    raw = shakespeare_tokenizer(vocab_size, cache_dir)
+    return as_pretrained_tokenizer(raw, eos_token="<|endoftext|>", chat_template=SIMPLE_CHAT_TEMPLATE)
+
+
+@functools.lru_cache(maxsize=4)
+def _exchanges(max_chars: int) -> tuple[tuple[str, str, str, str, str], ...]:
+    """``(play, speaker, speech, next speaker, next speech)`` of consecutive speeches within a scene."""
+    found: list[tuple[str, str, str, str, str]] = []
+    for title, text in load_plays().items():
+        scenes: list[list[tuple[str, list[str]]]] = [[]]
+        for raw_line in text.splitlines():
+            line = raw_line.strip()
+            if line.startswith("**") and line.endswith("**") and len(line) > 4:
+                scenes[-1].append((line.strip("*").strip(), []))
+            elif line.startswith("## ") or line.startswith("### "):
+                scenes.append([])
+            elif line and not line.startswith(("_", "#")) and scenes[-1]:
+                scenes[-1][-1][1].append(line)
+        for scene in scenes:
+            speeches = [(name, _clip(lines, max_chars)) for name, lines in scene if lines]
+            for (a, speech), (b, reply) in itertools.pairwise(speeches):
+                if a != b:
+                    found.append((title, a, speech, b, reply))
+    return tuple(found)
+
+
+def _clip(lines: list[str], max_chars: int) -> str:
+    """The speech's first lines, within ``max_chars`` (at least one line)."""
+    kept: list[str] = []
+    for line in lines:
+        if kept and sum(len(k) + 1 for k in kept) + len(line) > max_chars:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def play_exchanges(plays: list[str] | None = None, max_chars: int = 300) -> list[dict[str, str]]:
+    """Consecutive pairs of speeches (two speakers) within each scene of the plays.
+
+    Args:
+        plays: only these plays (titles or file names), or all.
+        max_chars: keep each speech's first lines within this many characters.
+
+    Returns:
+        ``{"play", "speaker", "speech", "reply_speaker", "reply"}`` dicts, in the order of the plays.
+
+    Example:
+        >>> first = play_exchanges(["Hamlet"])[0]
+        >>> first["play"], first["speaker"], first["reply_speaker"]
+        ('Hamlet', 'BERNARDO', 'FRANCISCO')
+    """
+    rows = _exchanges(max_chars)
+    if plays is not None:
+        titles = sorted({r[0] for r in rows})
+        wanted = {ShakespeareDataModule._match(name, titles) for name in plays}
+        rows = tuple(r for r in rows if r[0] in wanted)
+    keys = ("play", "speaker", "speech", "reply_speaker", "reply")
+    return [dict(zip(keys, r)) for r in rows]
+
+
+ExampleFormat = Literal["language_modeling", "prompt_completion", "conversational", "preference"]
+
+
+def shakespeare_examples(
+    format: ExampleFormat = "prompt_completion",
+    plays: list[str] | None = None,
+    max_examples: int | None = None,
+    max_chars: int = 300,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The plays as examples in one of TRL's dataset formats: one exchange of two speeches each.
+
+    * ``"language_modeling"``: ``{"text": "ROMEO: ...\\nJULIET: ...\\n"}``;
+    * ``"prompt_completion"``: ``{"prompt": "ROMEO: ...\\nJULIET:", "completion": " ...\\n"}``;
+    * ``"conversational"``: ``{"messages": [user: the first speech, assistant: the reply]}``;
+    * ``"preference"``: ``{"prompt", "chosen": the true reply, "rejected": a reply from elsewhere in the plays}``.
+
+    Every example also has ``"play"`` (its title: a column to split forget / retain data by) and ``"index"``
+    (its position in the list).
+
+    Args:
+        format: one of the four above.
+        plays: only these plays (titles or file names), or all.
+        max_examples: keep a fixed random subset of this many (in their order), or all.
+        max_chars: keep each speech within about this many characters.
+        seed: seed of the subset and of the rejected replies.
+
+    Example:
+        >>> example = shakespeare_examples("prompt_completion", plays=["Hamlet"])[0]
+        >>> example["prompt"].splitlines()[0], example["prompt"].endswith("FRANCISCO:")
+        ("BERNARDO: Who's there?", True)
+    """
+    rows = play_exchanges(plays, max_chars)
+    if not rows:
+        raise ValueError(f"No exchange found in the plays {plays}.")
+    generator = torch.Generator().manual_seed(seed)
+    if max_examples is not None and max_examples < len(rows):
+        keep = torch.randperm(len(rows), generator=generator)[:max_examples].sort().values.tolist()
+        rows = [rows[i] for i in keep]
+    shift = torch.randint(1, max(len(rows), 2), (1,), generator=generator).item() if len(rows) > 1 else 0
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(rows):
+        prompt = f"{r['speaker']}: {r['speech']}\n{r['reply_speaker']}:"
+        completion = f" {r['reply']}\n"
+        if format == "language_modeling":
+            example: dict[str, Any] = {"text": prompt + completion}
+        elif format == "prompt_completion":
+            example = {"prompt": prompt, "completion": completion}
+        elif format == "conversational":
+            example = {
+                "messages": [
+                    {"role": "user", "content": f"{r['speaker']}: {r['speech']}"},
+                    {"role": "assistant", "content": f"{r['reply_speaker']}: {r['reply']}"},
+                ]
+            }
+        elif format == "preference":
+            other = rows[(i + int(shift)) % len(rows)]
+            example = {"prompt": prompt, "chosen": completion, "rejected": f" {other['reply']}\n"}
+        else:
+            raise ValueError(
+                f"Unknown format {format!r}: expected 'language_modeling', 'prompt_completion', 'conversational' or "
+                "'preference'."
+            )
+        out.append({**example, "play": r["play"], "index": i})
+    return out
 
 
 def _slug(title: str) -> str:
@@ -194,6 +349,10 @@ class ShakespeareDataModule(pl.LightningDataModule):
         return None if self.forget_play is None else self._match(self.forget_play, titles)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            from lightning_losses.integrations.tokenization import check_trainer_vocabulary
+
+            check_trainer_vocabulary(self.trainer.lightning_module)  # the model has an embedding for every token id
         if self._splits:
             return
         ids = self._token_ids()

@@ -29,6 +29,8 @@ gradient equals the single-process gradient of that penalty. The functions defau
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -39,6 +41,7 @@ from lightning_losses.utilities.checks import (
     DeferredChecks,
     check_choice,
     check_hyperparameter,
+    check_int,
     check_targets,
     finite_error,
 )
@@ -52,6 +55,9 @@ __all__ = [
     "calibration_bins",
     "calibration_error_from_bins",
     "classwise_calibration_error",
+    "conformal_class_scores",
+    "conformal_quantile",
+    "conformal_scores",
     "dca_loss",
     "debiased_calibration_error",
     "expected_calibration_error",
@@ -61,6 +67,8 @@ __all__ = [
     "mdca_loss",
     "mmce_loss",
     "negative_log_likelihood",
+    "prediction_sets",
+    "smooth_calibration_error",
     "to_probabilities",
 ]
 
@@ -88,15 +96,18 @@ def _check_predictions(x: object, label: str) -> None:
         )
 
 
-def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: bool = True) -> Tensor:
+def to_probabilities(
+    probs: Tensor, input_type: InputType = "probs", validate_args: bool = True, *, validate: bool | None = None
+) -> Tensor:
     """Validate predictions and return class probabilities of shape ``(N, C)`` in float32 (or float64).
 
     Args:
         probs: ``(N, C)`` multiclass or ``(N,)`` binary predictions (probabilities or logits).
         input_type: ``"probs"`` or ``"logits"``.
-        validate: Check values (finite, in range, rows summing to 1, logits that are probabilities). Shapes and
-            dtypes are always checked; ``False`` saves the passes over the ``N × C`` values (streaming metrics
+        validate_args: Check values (finite, in range, rows summing to 1, logits that are probabilities). Shapes
+            and dtypes are always checked; ``False`` saves the passes over the ``N × C`` values (streaming metrics
             with ``validate_args=False``).
+        validate: Deprecated name of ``validate_args`` (warns).
 
     Raises:
         ValueError: On a wrong shape, non-finite values, probabilities outside [0, 1] or rows not summing to 1,
@@ -107,6 +118,14 @@ def to_probabilities(probs: Tensor, input_type: InputType = "probs", validate: b
         tensor([[0.8000, 0.2000],
                 [0.1000, 0.9000]])
     """
+    if validate is not None:
+        warnings.warn(
+            "to_probabilities(validate=...) is deprecated: pass validate_args=... instead.", DeprecationWarning, 2
+        )
+        validate_args = validate
+    if not isinstance(validate_args, bool):
+        raise TypeError(f"`validate_args` must be True or False, got {validate_args!r}.")
+    validate = validate_args
     if input_type not in ("probs", "logits"):
         raise ValueError(f"`input_type` must be 'probs' or 'logits', got {input_type!r}.")
     _check_predictions(probs, "`probs` (the predictions)")
@@ -218,10 +237,28 @@ def calibration_bins(
     return _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
 
 
-def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, norm: Norm = "l1") -> Tensor:
+def calibration_error_from_bins(
+    count: Tensor, conf_sum: Tensor, acc_sum: Tensor, norm: Norm = "l1", validate_args: bool = True
+) -> Tensor:
     r"""Calibration error from per-bin sums (last dimension = bins), as in :func:`expected_calibration_error`.
 
-    Empty bins contribute nothing. Returns float64 (one value per leading row).
+    .. math::
+        \mathrm{ECE} = \sum_b \frac{n_b}{N}\,\Big\lvert \frac{A_b}{n_b} - \frac{S_b}{n_b} \Big\rvert
+
+    with :math:`n_b` = ``count``, :math:`S_b` = ``conf_sum`` (sum of confidences) and :math:`A_b` = ``acc_sum``
+    (number of correct predictions) of bin ``b``. Empty bins contribute nothing. Returns float64 (one value per
+    leading row).
+
+    Args:
+        count, conf_sum, acc_sum: Per-bin sums of the same shape (:func:`calibration_bins`).
+        norm: ``"l1"``, ``"l2"`` or ``"max"``.
+        validate_args: Check the values: finite, ``count >= 0`` and ``0 <= conf_sum, acc_sum <= count`` (to a
+            relative tolerance of ``1e-6``). ``False`` skips that pass.
+
+    Example:
+        >>> count, conf, acc = torch.tensor([2.0, 0.0]), torch.tensor([1.8, 0.0]), torch.tensor([1.0, 0.0])
+        >>> round(float(calibration_error_from_bins(count, conf, acc)), 4)
+        0.4
     """
     check_choice("norm", norm, ("l1", "l2", "max"))
     for name, t in (("count", count), ("conf_sum", conf_sum), ("acc_sum", acc_sum)):
@@ -232,6 +269,8 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
             "`count`, `conf_sum` and `acc_sum` must have the same shape, got "
             f"{tuple(count.shape)}, {tuple(conf_sum.shape)} and {tuple(acc_sum.shape)}."
         )
+    if validate_args:
+        _check_bin_values(count, conf_sum, acc_sum)
     total = count.sum(dim=-1, keepdim=True).clamp_min(1)
     safe = count.clamp_min(1)
     gap = (acc_sum / safe - conf_sum / safe).abs()
@@ -244,6 +283,24 @@ def calibration_error_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor
         return torch.where(count > 0, gap, torch.zeros_like(gap)).amax(dim=-1)
 
 
+def _check_bin_values(count: Tensor, conf_sum: Tensor, acc_sum: Tensor) -> None:
+    """Value checks of per-bin sums (finite; ``0 <= sums <= count``)."""
+    for name, t in (("count", count), ("conf_sum", conf_sum), ("acc_sum", acc_sum)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"`{name}` holds non-finite values (NaN or inf). Per-bin sums must be finite.")
+    c = count.double()
+    if bool((c < 0).any()):
+        raise ValueError(f"`count` must be >= 0 in every bin, got a minimum of {float(c.min()):.4g}.")
+    slack = 1e-6 * c.clamp_min(1)
+    for name, t in (("conf_sum", conf_sum), ("acc_sum", acc_sum)):
+        d = t.double()
+        if bool(((d < -slack) | (d > c + slack)).any()):
+            raise ValueError(
+                f"`{name}` must lie in [0, count] in every bin (a sum of values in [0, 1] over the bin's samples). "
+                "Pass (count, conf_sum, acc_sum) in that order, as calibration_bins returns them."
+            )
+
+
 def _equal_mass_error(confidence: Tensor, correct: Tensor, n_bins: int, norm: Norm) -> Tensor:
     order = confidence.argsort(stable=True)
     conf_sorted, correct_sorted = confidence[order].double(), correct[order].double()
@@ -253,7 +310,7 @@ def _equal_mass_error(confidence: Tensor, correct: Tensor, n_bins: int, norm: No
     conf_sum, acc_sum = torch.zeros_like(count), torch.zeros_like(count)
     for b, (c, a) in enumerate(zip(conf_sorted.tensor_split(chunks), correct_sorted.tensor_split(chunks))):
         count[b], conf_sum[b], acc_sum[b] = c.numel(), c.sum(), a.sum()
-    return calibration_error_from_bins(count, conf_sum, acc_sum, norm)
+    return calibration_error_from_bins(count, conf_sum, acc_sum, norm, validate_args=False)
 
 
 def expected_calibration_error(
@@ -295,7 +352,7 @@ def expected_calibration_error(
     confidence, prediction = p.max(dim=1)
     correct = (prediction == target).to(p.dtype)
     if binning == "uniform":
-        err = calibration_error_from_bins(*_binned_sums(confidence, correct, n_bins), norm=norm)
+        err = calibration_error_from_bins(*_binned_sums(confidence, correct, n_bins), norm=norm, validate_args=False)
     elif binning == "quantile":
         err = _equal_mass_error(confidence, correct, n_bins, norm)
     else:
@@ -327,7 +384,9 @@ def classwise_calibration_error(
     p = _prepare(probs, target, input_type, validate_args)
     onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
     if binning == "uniform":
-        per_class = calibration_error_from_bins(*_binned_sums(p.t(), onehot.t(), n_bins), norm=norm)
+        per_class = calibration_error_from_bins(
+            *_binned_sums(p.t(), onehot.t(), n_bins), norm=norm, validate_args=False
+        )
     elif binning == "quantile":
         per_class = torch.stack([_equal_mass_error(p[:, k], onehot[:, k], n_bins, norm) for k in range(p.shape[1])])
     else:
@@ -756,3 +815,408 @@ def _dca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     if _world_size(sync_dist) > 1:
         sums = all_reduce(sums, grad=True)
     return ((sums[0] - sums[1]) / sums[2].clamp_min(1)).abs()
+
+
+# --------------------------------------------------------------------------- smooth ECE (kernel-smoothed)
+
+_SMECE_IMAGES = 4  # reflections 2m, |m| <= 4: exact to float64 for every bandwidth <= 1
+
+
+def _reflected_kernel(t: Tensor, f: Tensor, sigma: float) -> Tensor:
+    """Reflected Gaussian kernel on ``[0, 1]``, ``K(t_j, f_i)`` of shape ``(len(t), len(f))`` (float64).
+
+    :math:`K_\\sigma(t, f) = \\sum_{m} \\varphi_\\sigma(t - f - 2m) + \\varphi_\\sigma(t + f - 2m)`: the Gaussian
+    reflected at 0 and 1 infinitely often, so that :math:`\\int_0^1 K_\\sigma(t, f)\\,dt = 1` for every ``f``.
+    """
+    out = torch.zeros(t.shape[0], f.shape[0], dtype=torch.float64, device=t.device)
+    norm = 1.0 / (sigma * math.sqrt(2 * math.pi))
+    reach = 12.0 * sigma  # images farther than 12σ from [0, 1] weigh below exp(-72): left out
+    for m in range(-_SMECE_IMAGES, _SMECE_IMAGES + 1):
+        if 2 * abs(m) - 1 <= reach:  # |t - f - 2m| >= 2|m| - 1
+            out += torch.exp(-0.5 * ((t[:, None] - f[None, :] - 2 * m) / sigma) ** 2)
+        if min(abs(2 * m), abs(2 * m - 2)) <= reach:  # t + f - 2m lies within that distance of 0
+            out += torch.exp(-0.5 * ((t[:, None] + f[None, :] - 2 * m) / sigma) ** 2)
+    return out * norm
+
+
+def _trapezoid(values: Tensor) -> Tensor:
+    """Trapezoid rule on the uniform grid ``j / (G - 1)`` of ``[0, 1]`` (last dimension)."""
+    g = values.shape[-1]
+    return (values.sum(-1) - 0.5 * (values[..., 0] + values[..., -1])) / (g - 1)
+
+
+def _smooth_ece_samples(confidence: Tensor, residual: Tensor, sigma: float, grid_size: int) -> Tensor:
+    """smECE_σ of the samples themselves: ``∫ |(1/n) Σ_i K_σ(t, f_i) r_i| dt`` by the trapezoid rule."""
+    t = torch.linspace(0, 1, grid_size, dtype=torch.float64, device=confidence.device)
+    f, r = confidence.double(), residual.double()
+    total = torch.zeros(grid_size, dtype=torch.float64, device=confidence.device)
+    chunk = max(1, 2**22 // grid_size)  # at most 4M kernel values (32 MB) at a time
+    for start in range(0, f.shape[0], chunk):
+        total += _reflected_kernel(t, f[start : start + chunk], sigma) @ r[start : start + chunk]
+    return _trapezoid((total / max(f.shape[0], 1)).abs())
+
+
+def _smooth_ece_grid(weights: Tensor, count: float, sigma: float) -> Tensor:
+    """smECE_σ of residual masses ``weights`` sitting on the grid ``k / (G - 1)``, by FFT convolution.
+
+    ``S(t_j) = Σ_k w_k K_σ(t_j, g_k)``: the reflected kernel is a circular convolution of period 2 (``2(G - 1)``
+    grid steps) of the Gaussian periodised with period 2, applied to ``w`` plus its mirror image ``w_k`` at
+    ``-k``. Cost ``O(G log G)`` per bandwidth.
+    """
+    g = weights.shape[0]
+    length = 2 * (g - 1)
+    h = 1.0 / (g - 1)
+    mass = torch.zeros(length, dtype=torch.float64, device=weights.device)
+    mass[:g] += weights
+    mirror = (-torch.arange(g, device=weights.device)) % length
+    mass.index_add_(0, mirror, weights.double())
+    d = torch.arange(length, dtype=torch.float64, device=weights.device) * h
+    kernel = torch.zeros(length, dtype=torch.float64, device=weights.device)
+    for m in range(-_SMECE_IMAGES - 1, _SMECE_IMAGES + 2):
+        kernel += torch.exp(-0.5 * ((d - 2 * m) / sigma) ** 2)
+    kernel = kernel / (sigma * math.sqrt(2 * math.pi))
+    smoothed = torch.fft.irfft(torch.fft.rfft(mass) * torch.fft.rfft(kernel), n=length)[:g]
+    return _trapezoid((smoothed / max(count, 1.0)).abs())
+
+
+def _grid_weights(confidence: Tensor, residual: Tensor, grid_size: int) -> Tensor:
+    """Residuals split between the two nearest grid points ``k / (G - 1)`` by linear interpolation (float64)."""
+    x = confidence.double().clamp(0, 1) * (grid_size - 1)
+    low = x.floor().long().clamp_(0, grid_size - 2)
+    frac = x - low
+    r = residual.double()
+    w = torch.zeros(grid_size, dtype=torch.float64, device=confidence.device)
+    w.index_add_(0, low, (1 - frac) * r)
+    w.index_add_(0, low + 1, frac * r)
+    return w
+
+
+def _fixed_point_bandwidth(
+    smece: Callable[[float], Tensor], min_bandwidth: float, upper: float, tol: float = 1e-7
+) -> tuple[Tensor, float]:
+    """The bandwidth σ* with ``smECE_σ* = σ*``; returns ``(smECE_σ*, σ*)``, σ* clipped below at ``min_bandwidth``.
+
+    ``g(σ) = smECE_σ - σ`` is continuous and decreasing with slope at most -1, and ``smECE_σ <= upper`` (the mean
+    absolute residual, as ``∫ K_σ(t, f) dt = 1``), so σ* lies in ``[min_bandwidth, upper]`` and
+    ``|σ - σ*| <= |g(σ)|``. The bracket is found by halving σ from ``upper`` (the cost of an evaluation grows as
+    ``1/σ``, so the small σ are tried last), then closed by the Illinois variant of regula falsi until
+    ``|g| < tol``.
+    """
+    hi = min(1.0, upper)
+    if hi <= min_bandwidth:
+        return smece(min_bandwidth), min_bandwidth
+    value = smece(hi)
+    g_hi = float(value) - hi
+    if g_hi >= 0:
+        return value, hi
+    lo = hi
+    while True:
+        lo = max(lo / 2, min_bandwidth)
+        value = smece(lo)
+        g_lo = float(value) - lo
+        if g_lo > 0:
+            break
+        if lo <= min_bandwidth:
+            return value, min_bandwidth
+        hi, g_hi = lo, g_lo
+    sigma, side = lo, 0
+    for _ in range(100):
+        sigma = (lo * g_hi - hi * g_lo) / (g_hi - g_lo)
+        value = smece(sigma)
+        g = float(value) - sigma
+        if abs(g) < tol or hi - lo < tol:
+            break
+        if g > 0:
+            lo, g_lo = sigma, g
+            if side == 1:
+                g_hi /= 2
+            side = 1
+        else:
+            hi, g_hi = sigma, g
+            if side == -1:
+                g_lo /= 2
+            side = -1
+    return value, sigma
+
+
+def _smece_grid_size(sigma: float, grid_size: int) -> int:
+    return max(grid_size, math.ceil(10.0 / sigma) + 1)
+
+
+def smooth_calibration_error(
+    probs: Tensor,
+    target: Tensor,
+    bandwidth: float | None = None,
+    input_type: InputType = "probs",
+    grid_size: int = 1001,
+    min_bandwidth: float = 1e-3,
+    return_bandwidth: bool = False,
+    validate_args: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Smooth ECE (Błasiok & Nakkiran, 2023): the top-label calibration error of a kernel-smoothed reliability
+    diagram, with the bandwidth chosen as the fixed point of the paper.
+
+    With the top-label confidence :math:`f_i`, the correctness :math:`y_i` and the reflected Gaussian kernel
+    :math:`K_\sigma(t, f) = \sum_{m\in\mathbb{Z}} \varphi_\sigma(t - f - 2m) + \varphi_\sigma(t + f - 2m)` on
+    :math:`[0, 1]`,
+
+    .. math::
+        \mathrm{smECE}_\sigma = \int_0^1 \Big\lvert \frac{1}{n}\sum_{i=1}^n K_\sigma(t, f_i)\,(y_i - f_i)
+        \Big\rvert\,dt,\qquad \mathrm{smECE} = \mathrm{smECE}_{\sigma^*}\ \text{ where }\
+        \mathrm{smECE}_{\sigma^*} = \sigma^*
+
+    (the smoothed residual :math:`\hat r_\sigma(t)` weighted by the smoothed density :math:`\hat\delta_\sigma(t)`;
+    :math:`\sigma \mapsto \mathrm{smECE}_\sigma - \sigma` is decreasing, so σ* is found by bisection). The
+    integral over ``t`` is the trapezoid rule on ``max(grid_size, 10 / σ + 1)`` points; the samples themselves
+    are not discretised (cost ``O(n · grid)`` per bisection step; the streaming
+    :class:`~lightning_losses.metrics.SmoothCalibrationError` is ``O(G log G)`` on a histogram).
+
+    Source: the paper's definition and ``relplot/metrics.py`` (``smECE``) of apple/ml-calibration. relplot
+    discretises the samples onto a grid, truncates the kernel at ``±0.5`` and stops the bandwidth search after 10
+    halvings (σ to ``2^-10``); here the kernel is reflected exactly and σ* is found to ``1e-6``, so values agree
+    with relplot to about its discretisation. A binary ``(N,)`` input is taken as ``[1 - p, p]`` (top-label
+    confidence ``max(p, 1 - p)``, as every metric of this module), where relplot uses ``p`` and the label.
+
+    Args:
+        probs: ``(N, C)`` or binary ``(N,)`` probabilities (or logits with ``input_type="logits"``).
+        target: ``(N,)`` integer class indices.
+        bandwidth: A fixed σ instead of the fixed point.
+        input_type: ``"probs"`` or ``"logits"``.
+        grid_size: Minimum number of points of the ``t`` integral.
+        min_bandwidth: Lower end of the bandwidth search (relplot's ``eps``): a fixed point below it returns
+            ``smECE`` at this bandwidth.
+        return_bandwidth: Also return the bandwidth used.
+        validate_args: Check the values (see the module docstring).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> conf = 0.5 + 0.5 * torch.rand(1000, generator=g)
+        >>> target = torch.bernoulli(conf, generator=g).long()  # calibrated: P(correct) = confidence
+        >>> probs = torch.stack([conf, 1 - conf], dim=1)
+        >>> float(smooth_calibration_error(probs, 1 - target)) < 0.03
+        True
+        >>> float(smooth_calibration_error(probs ** 0.25 / (probs ** 0.25).sum(1, keepdim=True), 1 - target)) > 0.1
+        True
+    """
+    if bandwidth is not None:
+        check_hyperparameter(bandwidth, "bandwidth", low=0.0, high=1.0, low_inclusive=False)
+    check_int(grid_size, "grid_size", low=3)
+    check_hyperparameter(min_bandwidth, "min_bandwidth", low=0.0, high=1.0, low_inclusive=False)
+    p = _prepare(probs, target, input_type, validate_args)
+    confidence, prediction = p.max(dim=1)
+    residual = (prediction == target).double() - confidence.double()
+    if confidence.numel() == 0:
+        zero = confidence.new_zeros(())
+        return (zero, zero.clone()) if return_bandwidth else zero
+
+    def smece(sigma: float) -> Tensor:
+        return _smooth_ece_samples(confidence, residual, sigma, _smece_grid_size(sigma, grid_size))
+
+    if bandwidth is None:
+        value, sigma = _fixed_point_bandwidth(smece, float(min_bandwidth), float(residual.abs().mean()))
+    else:
+        sigma = float(bandwidth)
+        value = smece(sigma)
+    value = value.to(p.dtype)
+    return (value, torch.tensor(sigma, dtype=p.dtype)) if return_bandwidth else value
+
+
+# --------------------------------------------------------------------------- conformal prediction sets
+
+ConformalMethod = Literal["thr", "aps", "raps"]
+
+
+def _check_conformal_options(method: str, lam: float, k_reg: int) -> None:
+    check_choice("method", method, ("thr", "aps", "raps"))
+    check_hyperparameter(lam, "lam", low=0.0)
+    check_int(k_reg, "k_reg", low=0)
+
+
+def _uniforms(n: int, randomized: bool, u: Tensor | None, generator: torch.Generator | None, like: Tensor) -> Tensor:
+    if not randomized:
+        if u is not None:
+            raise ValueError("`u` is given but randomized=False: pass randomized=True to use it, or drop `u`.")
+        return torch.ones(n, dtype=like.dtype, device=like.device)
+    if u is None:
+        return torch.rand(n, generator=generator, dtype=like.dtype).to(like.device)
+    if not isinstance(u, Tensor) or u.shape != (n,) or not u.is_floating_point():
+        got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+        raise ValueError(f"`u` must be a floating-point tensor of shape (N,) = ({n},) of uniforms in [0, 1], got {got}")
+    if bool(((u < 0) | (u > 1)).any()):
+        raise ValueError("`u` must hold uniform draws in [0, 1].")
+    return u.to(like)
+
+
+def conformal_class_scores(
+    probs: Tensor,
+    method: ConformalMethod = "aps",
+    randomized: bool = True,
+    u: Tensor | None = None,
+    lam: float = 0.01,
+    k_reg: int = 5,
+    input_type: InputType = "probs",
+    generator: torch.Generator | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Conformity score of every class, ``(N, C)``: class ``k`` enters the prediction set when its score is at most
+    the calibrated threshold (:func:`conformal_quantile`).
+
+    With :math:`\pi_{(1)} \ge \pi_{(2)} \ge \dots` the sorted probabilities of a sample, :math:`o(k)` the rank of
+    class ``k`` (1-based) and :math:`u \sim U[0, 1]` one draw per sample (shared by its classes, so every set is a
+    prefix of the ranking and ``y`` is in the set exactly when its own score is below the threshold):
+
+    .. math::
+        s_{\mathrm{THR}}(x, k) = 1 - \pi_k(x),\qquad
+        s_{\mathrm{RAPS}}(x, k, u) = \sum_{j < o(k)} \big(\pi_{(j)} + \lambda\,\mathbb{1}[j > k_{reg}]\big)
+        + u\,\big(\pi_{(o(k))} + \lambda\,\mathbb{1}[o(k) > k_{reg}]\big)
+
+    APS is RAPS with :math:`\lambda = 0`; ``randomized=False`` takes :math:`u = 1` (the cumulative mass up to and
+    including ``k``). THR (also called LAC) has no randomised form (its score is continuous already).
+
+    Source: Angelopoulos et al., "Uncertainty sets for image classifiers using conformal prediction" (ICLR 2021),
+    aangelopoulos/conformal_classification ``conformal.py`` (``get_tau``/``giq`` for the scores, ``gcq`` for the
+    sets, which draws the randomisation at test time as the removal of the last class with the probability that
+    makes it equal in law to the shared ``u`` above). The official non-randomised sets add the first class that
+    crosses the threshold (never empty, more than ``1 - α`` coverage); here the set is exactly the classes whose
+    score is below it, which keeps the guarantee two-sided for continuous scores.
+
+    Args:
+        probs: ``(N, C)`` probabilities (or logits with ``input_type="logits"``).
+        method: ``"thr"``, ``"aps"`` or ``"raps"``.
+        randomized: Randomised scores (APS, RAPS).
+        u: ``(N,)`` uniforms to use instead of drawing them (``randomized=True`` only).
+        lam, k_reg: RAPS penalty and the rank from which it applies (the paper's :math:`\lambda`, :math:`k_{reg}`).
+        generator: Random generator of the uniforms.
+        validate_args: Check the values of ``probs``.
+
+    Example:
+        >>> probs = torch.tensor([[0.6, 0.3, 0.1]])
+        >>> conformal_class_scores(probs, "aps", randomized=False)
+        tensor([[0.6000, 0.9000, 1.0000]])
+        >>> conformal_class_scores(probs, "thr")
+        tensor([[0.4000, 0.7000, 0.9000]])
+    """
+    _check_conformal_options(method, lam, k_reg)
+    p = to_probabilities(probs, input_type, validate_args)
+    if probs.ndim != 2:
+        raise ValueError(f"`probs` must have shape (N, C) for prediction sets, got {tuple(probs.shape)}.")
+    if method == "thr":
+        if u is not None:
+            raise ValueError("`u` is given but method='thr' has no randomisation: drop `u`.")
+        return 1 - p
+    n, c = p.shape
+    uu = _uniforms(n, randomized, u, generator, p)
+    ordered, order = p.sort(dim=1, descending=True, stable=True)
+    if method == "raps":
+        penalty = lam * (torch.arange(c, device=p.device) >= k_reg).to(p.dtype)
+        ordered = ordered + penalty
+    before = ordered.cumsum(dim=1) - ordered
+    sorted_scores = before + uu[:, None] * ordered
+    return torch.empty_like(sorted_scores).scatter_(1, order, sorted_scores)
+
+
+def conformal_scores(
+    probs: Tensor,
+    target: Tensor,
+    method: ConformalMethod = "aps",
+    randomized: bool = True,
+    u: Tensor | None = None,
+    lam: float = 0.01,
+    k_reg: int = 5,
+    input_type: InputType = "probs",
+    generator: torch.Generator | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Conformity scores of the true classes, ``(N,)``: :func:`conformal_class_scores` read at ``target``.
+
+    .. math::
+        E_i = s(x_i, y_i, u_i)
+
+    Example:
+        >>> conformal_scores(torch.tensor([[0.6, 0.3, 0.1]]), torch.tensor([1]), "aps", randomized=False)
+        tensor([0.9000])
+    """
+    scores = conformal_class_scores(probs, method, randomized, u, lam, k_reg, input_type, generator, validate_args)
+    check_targets(target, scores.shape[1], scores.shape[0], validate=validate_args)
+    return scores.gather(1, target[:, None]).squeeze(1)
+
+
+def conformal_quantile(scores: Tensor, alpha: float, validate_args: bool = True) -> Tensor:
+    r"""The split-conformal threshold: the :math:`\lceil (n+1)(1-\alpha) \rceil`-th smallest calibration score.
+
+    .. math::
+        \hat q = E_{(\lceil (n+1)(1-\alpha) \rceil)},\qquad \hat q = +\infty \ \text{ if }\
+        \lceil (n+1)(1-\alpha) \rceil > n
+
+    (the empirical quantile at level :math:`\lceil (n+1)(1-\alpha)\rceil / n`). For exchangeable calibration and
+    test samples, :math:`P(y \in \mathcal{C}(x)) \ge 1 - \alpha`, and at most :math:`1 - \alpha + 1/(n+1)` when the
+    scores have no ties (Angelopoulos & Bates, "A gentle introduction to conformal prediction", Thm. 1 and
+    Thm. D.1). The official conformal_classification code takes ``np.quantile(E, 1 - alpha, "higher")``, i.e. the
+    level :math:`1-\alpha` without the finite-sample correction, which under-covers slightly for small ``n``.
+
+    Args:
+        scores: ``(n,)`` calibration scores (:func:`conformal_scores`).
+        alpha: Miscoverage level in ``(0, 1)``.
+        validate_args: Check that the scores are not NaN.
+
+    Example:
+        >>> conformal_quantile(torch.arange(1.0, 10.0), alpha=0.2)  # ceil(10 * 0.8) = 8th smallest
+        tensor(8.)
+        >>> conformal_quantile(torch.arange(1.0, 10.0), alpha=0.05)  # ceil(10 * 0.95) = 10 > 9
+        tensor(inf)
+    """
+    check_hyperparameter(alpha, "alpha", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
+    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.ndim != 1:
+        got = f"shape {tuple(scores.shape)}, dtype {scores.dtype}" if isinstance(scores, Tensor) else type(scores)
+        raise ValueError(f"`scores` must be a 1-d floating-point tensor of calibration scores, got {got}.")
+    n = scores.shape[0]
+    if n == 0:
+        raise ValueError("`scores` is empty: the conformal threshold needs at least one calibration score.")
+    if validate_args and bool(torch.isnan(scores).any()):
+        raise ValueError("`scores` holds NaN values; compute them from finite probabilities.")
+    rank = math.ceil((n + 1) * (1 - float(alpha)) - 1e-9)
+    if rank > n:
+        return scores.new_tensor(float("inf"))
+    return scores.sort().values[max(rank, 1) - 1]
+
+
+def prediction_sets(
+    probs: Tensor,
+    threshold: float | Tensor,
+    method: ConformalMethod = "aps",
+    randomized: bool = True,
+    u: Tensor | None = None,
+    lam: float = 0.01,
+    k_reg: int = 5,
+    input_type: InputType = "probs",
+    generator: torch.Generator | None = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Conformal prediction sets as a boolean ``(N, C)`` mask: :math:`\mathcal{C}(x) = \{k : s(x, k, u) \le \hat q\}`.
+
+    ``threshold`` is :math:`\hat q` from :func:`conformal_quantile` on calibration scores of the same ``method``,
+    ``randomized``, ``lam`` and ``k_reg``; the scores are those of :func:`conformal_class_scores` (whose docstring
+    gives the formulas and the source). A randomised set may be empty.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> logits = 3 * torch.randn(2000, 5, generator=g)
+        >>> y = torch.multinomial(logits.softmax(1), 1, generator=g).squeeze(1)
+        >>> q = conformal_quantile(conformal_scores(logits[:1000], y[:1000], input_type="logits", generator=g), 0.1)
+        >>> sets = prediction_sets(logits[1000:], q, input_type="logits", generator=g)
+        >>> coverage = sets.gather(1, y[1000:, None]).float().mean()
+        >>> bool(0.87 < coverage < 0.93), sets.dtype
+        (True, torch.bool)
+    """
+    if isinstance(threshold, Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"`threshold` must be a scalar, got shape {tuple(threshold.shape)}.")
+        q = float(threshold)
+    else:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"`threshold` must be a number or a scalar tensor, got {type(threshold).__name__}.")
+        q = float(threshold)
+    if math.isnan(q):
+        raise ValueError("`threshold` is NaN: fit it with conformal_quantile on finite calibration scores.")
+    scores = conformal_class_scores(probs, method, randomized, u, lam, k_reg, input_type, generator, validate_args)
+    return scores <= q

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
+    check_choice,
     check_hyperparameter,
     check_int,
     check_labels,
@@ -43,6 +44,8 @@ from lightning_losses.utilities.numerics import (
 __all__ = [
     "aldr_kl_lambda",
     "aldr_kl_loss",
+    "amcl_loss",
+    "amcl_temperature_penalty",
     "dro_temperature_loss",
     "ldr_kl_loss",
     "robust_contrastive_loss",
@@ -557,3 +560,246 @@ def aldr_kl_loss(
     dro = lam_t * (torch.logsumexp(margins / lam_t[:, None], dim=1) - math.log(k))
     penalty = alpha * math.log(k) / (2.0 * lam0) * (lam_t - lam0) ** 2
     return reduce_loss(dro - penalty, reduction)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AMCL: adaptive multi-head contrastive learning
+# --------------------------------------------------------------------------------------------------------------------
+AMCLNegatives = Literal["all", "cross"]
+AMCLAggregate = Literal["max", "logsumexp"]
+
+
+def amcl_temperature_penalty(tau: Tensor, dim: int) -> Tensor:
+    r"""AMCL's temperature regulariser :math:`\Omega(\tau) = \frac{d'}{2}\log\tau + \frac{1}{\tau}`, elementwise.
+
+    :math:`-\mathrm{sim}/\tau + \Omega(\tau)` is, up to a constant, the negative log-likelihood of a unit vector under
+    an isotropic Gaussian of variance :math:`\tau` around another (:math:`\|a - b\|^2 / 2 = 1 - \mathrm{sim}`), the
+    per-pair likelihood AMCL's loss is derived from. Minimised alone it has its minimum at :math:`\tau = 2/d'`.
+
+    Args:
+        tau: Temperatures > 0 (any shape).
+        dim: The projection width :math:`d'`, ``>= 1``.
+
+    Example:
+        >>> value = amcl_temperature_penalty(torch.tensor(0.5, dtype=torch.float64), dim=4)
+        >>> bool(torch.isclose(value, torch.tensor(2 * math.log(0.5) + 2, dtype=torch.float64)))
+        True
+    """
+    check_int(dim, "dim", low=1)
+    return 0.5 * dim * torch.log(tau) + torch.reciprocal(tau)
+
+
+def _amcl_layout(
+    a: Tensor, b: Tensor, negatives: str, offset: int = 0, local: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Anchors, candidates, positive column and excluded mask of the AMCL similarity rows.
+
+    ``a`` and ``b`` are the (global) ``(B, H, d)`` views; the anchors are the ``local`` rows starting at ``offset`` of
+    view ``a``, then the same rows of view ``b`` (every row by default). Returns anchors ``(H, R, d)`` with
+    ``R = 2 * local``, candidates ``(2, H, M, d)`` (the candidate set of the view-a rows, then of the view-b rows), the
+    positive's column of each row ``(R,)`` and the columns that are no candidates of each row (itself), ``(R, M)``.
+    """
+    batch = a.shape[0]
+    local = batch if local is None else local
+    rows = torch.arange(offset, offset + local, device=a.device)
+    anchors = torch.cat([a[rows], b[rows]]).transpose(0, 1)  # (H, 2L, d)
+    if negatives == "all":
+        everything = torch.cat([a, b]).transpose(0, 1)  # (H, 2B, d): the same candidates for every row
+        candidates = torch.stack([everything, everything])
+        own = torch.cat([rows, rows + batch])
+        positive = torch.cat([rows + batch, rows])
+    else:
+        candidates = torch.stack([b.transpose(0, 1), a.transpose(0, 1)])  # view-a rows see view b, and back
+        own = None
+        positive = torch.cat([rows, rows])
+    m = candidates.shape[2]
+    excluded = torch.zeros(2 * local, m, dtype=torch.bool, device=a.device)
+    if own is not None:
+        excluded[torch.arange(2 * local, device=a.device), own] = True
+    return anchors, candidates, positive, excluded
+
+
+def _amcl_similarities(anchors: Tensor, candidates: Tensor) -> Tensor:
+    """``(H, R, M)`` similarities: the first half of the rows against ``candidates[0]``, the second against ``[1]``."""
+    half = anchors.shape[1] // 2
+    return torch.cat(
+        [anchors[:, :half] @ candidates[0].transpose(1, 2), anchors[:, half:] @ candidates[1].transpose(1, 2)], dim=1
+    )
+
+
+def _amcl_rows(
+    sim: Tensor,
+    tau: Tensor,
+    positive: Tensor,
+    excluded: Tensor,
+    beta: Tensor,
+    dim: int,
+    aggregate: str,
+    include_positive: bool,
+    topk: int,
+) -> Tensor:
+    r"""Per head and anchor row: :math:`-\ell^+ + A_n \ell_n` with :math:`\ell = \mathrm{sim}/\tau - \beta\Omega(\tau)`.
+
+    ``sim`` and ``tau`` are ``(H, R, M)`` (``tau`` broadcastable); ``positive`` ``(R,)`` is each row's positive column;
+    ``excluded`` ``(R, M)`` marks the columns that are no candidates (the anchor itself). Returns ``(H, R)``.
+    """
+    heads, rows, m = sim.shape
+    tau = tau.expand(heads, rows, m)
+    logit = sim / tau - beta * amcl_temperature_penalty(tau, dim)
+    pos_index = positive.view(1, rows, 1).expand(heads, rows, 1)
+    pos_logit = logit.gather(-1, pos_index).squeeze(-1)
+    is_positive = torch.zeros_like(excluded)
+    is_positive[torch.arange(rows, device=sim.device), positive] = True
+    leave_out = excluded if include_positive else excluded | is_positive
+    if aggregate == "logsumexp":
+        agg = torch.logsumexp(logit.masked_fill(leave_out, float("-inf")), dim=-1)
+    else:  # the hardest candidates by similarity (the paper's max), with their own temperatures
+        hardest = sim.detach().masked_fill(leave_out, float("-inf")).topk(topk, dim=-1).indices
+        agg = logit.gather(-1, hardest).mean(-1)
+    return agg - pos_logit
+
+
+def _amcl_arg_validation(
+    a: object, b: object, negatives: object, aggregate: object, include_positive: object, topk: object
+) -> None:
+    check_tensor(a, "features_a")
+    check_tensor(b, "features_b")
+    assert isinstance(a, Tensor) and isinstance(b, Tensor)
+    if a.ndim != 3 or a.shape != b.shape:
+        raise ValueError(
+            "`features_a` and `features_b` must both have shape (B, H, d): B samples, H projection heads of width d "
+            f"(unsqueeze(1) a single head), got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    check_choice("negatives", negatives, ("all", "cross"))
+    check_choice("aggregate", aggregate, ("max", "logsumexp"))
+    if not isinstance(include_positive, bool):
+        raise TypeError(f"`include_positive` must be a bool, got {type(include_positive).__name__}.")
+    check_int(topk, "topk", low=1)
+
+
+def _amcl_candidates(batch: int, negatives: str, include_positive: bool) -> int:
+    """The number of candidates each anchor's aggregate runs over."""
+    m = 2 * batch - 1 if negatives == "all" else batch
+    return m if include_positive else m - 1
+
+
+def amcl_loss(
+    features_a: Tensor,
+    features_b: Tensor,
+    tau: float | Tensor,
+    beta: float | Tensor = 0.01,
+    negatives: AMCLNegatives = "all",
+    aggregate: AMCLAggregate = "max",
+    include_positive: bool = False,
+    topk: int = 1,
+    reduction: Reduction = "mean",
+    *,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Adaptive multi-head contrastive loss (AMCL, Wang et al., ECCV 2024) of two views through ``H`` heads.
+
+    For head :math:`c` and anchor :math:`i` (every sample of both views), with cosine similarities
+    :math:`s = \mathrm{sim}(z^c_i, \cdot)`, one temperature per pair and
+    :math:`\Omega(\tau) = \frac{d'}{2}\log\tau + \frac1\tau` (:func:`amcl_temperature_penalty`):
+
+    .. math::
+        \ell_{ci} = -\Big(\frac{s^+}{\tau^+} - \beta\,\Omega(\tau^+)\Big)
+        + \operatorname*{A}_{n}\Big(\frac{s_n}{\tau_n} - \beta\,\Omega(\tau_n)\Big), \qquad
+        L = \sum_{c=1}^{H} \frac{1}{2B}\sum_{i=1}^{2B} \ell_{ci}.
+
+    ``aggregate="max"`` is the paper's Eq. (2.1): the term of the hardest negative :math:`n^\star = \arg\max_n s_n`
+    (the mean over the ``topk`` hardest with ``topk > 1``, the official code's top-k approximation);
+    ``"logsumexp"`` is the log-posterior of the positive before that approximation
+    (:math:`\log\sum_n e^{\ell_n}`). ``include_positive=True`` lets the positive compete with the negatives (InfoNCE,
+    the paper's Eq. (2.4)); ``False`` takes negatives only (NT-Xent as the paper writes it, Eq. (2.1)). With one head
+    and one fixed temperature the regulariser cancels and ``"logsumexp"`` is exactly InfoNCE / NT-Xent.
+
+    Candidates: ``negatives="all"`` (SimCLR): the other ``2B - 1`` embeddings of both views;
+    ``"cross"`` (CLIP / MoCo style): the ``B`` embeddings of the other view.
+
+    ``tau`` layout: a number, one value per head ``(H,)``, or one per pair ``(H, 2B, M)``: rows are the anchors of
+    view ``a`` then of view ``b``; columns are ``[a; b]`` (``M = 2B``, ``"all"``) or the other view (``M = B``,
+    ``"cross"``). :class:`~lightning_losses.nn.PairTemperature` computes it with the paper's rule.
+
+    Source: paper arXiv:2310.05615 (Table 2); official code ``LeiWangR/cl``, ``amcl/losses.py``
+    (``AMCLNTXentLoss``). The code differs from the paper in its negative regulariser: it subtracts
+    :math:`\beta\sum_k(\log\tau_k + 1/\tau_k)` (no :math:`d'/2` factor, a sum over the top-k rather than the mean),
+    while this function follows the paper (:math:`-\beta\,\Omega(\tau_{n^\star})`, averaged with the top-k terms).
+    Both average the two views' directions and sum over heads, as here.
+
+    Args:
+        features_a: ``(B, H, d)`` projections of the first view (one row per sample, one slice per head); L2-normalised
+            here.
+        features_b: ``(B, H, d)`` projections of the second view (the positives, row by row).
+        tau: Temperatures > 0, see the layout above (the positive's is read at the positive's column).
+        beta: Weight :math:`\beta \ge 0` of the temperature regulariser (official code: 0.01).
+        negatives: ``"all"`` or ``"cross"``.
+        aggregate: ``"max"`` (paper) or ``"logsumexp"``.
+        include_positive: Let the positive compete in the aggregate (InfoNCE) or not (NT-Xent).
+        topk: Number of hardest candidates averaged by ``"max"`` (1: the paper's max).
+        reduction: ``"mean"`` (over anchors, summed over heads), ``"sum"``, or ``"none"`` (``(2B, H)``).
+        validate_args: Check that the features are finite and a tensor ``tau`` (``beta``) is positive (non-negative)
+            and finite (one host synchronisation).
+
+    Returns:
+        The float32 (float64 kept) loss.
+
+    Example:
+        >>> a, b = torch.randn(8, 1, 16), torch.randn(8, 1, 16)
+        >>> infonce = amcl_loss(a, b, tau=0.1, aggregate="logsumexp", include_positive=True, negatives="cross")
+        >>> an, bn = F.normalize(a[:, 0], dim=1), F.normalize(b[:, 0], dim=1)
+        >>> labels = torch.arange(8)
+        >>> clip = (F.cross_entropy(an @ bn.T / 0.1, labels) + F.cross_entropy(bn @ an.T / 0.1, labels)) / 2
+        >>> bool(torch.isclose(infonce, clip))
+        True
+    """
+    _amcl_arg_validation(features_a, features_b, negatives, aggregate, include_positive, topk)
+    check_reduction(reduction)
+    batch, heads, dim = features_a.shape
+    if _amcl_candidates(batch, negatives, include_positive) < topk:
+        raise ValueError(
+            f"Each anchor has {_amcl_candidates(batch, negatives, include_positive)} candidates with B = {batch}, "
+            f"negatives={negatives!r} and include_positive={include_positive}, fewer than topk = {topk} (and at "
+            "least one is needed). Enlarge the batch or lower topk."
+        )
+    checks = start_checks(validate_args, (features_a, "features_a"), (features_b, "features_b"))
+    a, b = as_float32(features_a, features_b)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    m = 2 * batch if negatives == "all" else batch
+    tau_t = _amcl_tau(tau, a, heads, 2 * batch, m, checks, validate_args)
+    beta_t = hyperparameter_tensor(
+        beta, a, "beta", low=0.0, dtype=dtype, layout="any", checks=checks, validate=validate_args
+    )
+    if beta_t.ndim:
+        raise ValueError(f"`beta` must be a number or a 0-d tensor, got shape {tuple(beta_t.shape)}.")
+    checks.run()
+    with autocast_disabled(a):
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+        anchors, candidates, positive, excluded = _amcl_layout(a, b, negatives)
+        sim = _amcl_similarities(anchors, candidates)
+        per_row = _amcl_rows(sim, tau_t, positive, excluded, beta_t, dim, aggregate, include_positive, topk)
+    if reduction == "none":
+        return per_row.T
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.mean(dim=1).sum()
+
+
+def _amcl_tau(
+    tau: float | Tensor, like: Tensor, heads: int, rows: int, m: int, checks: DeferredChecks, validate: bool
+) -> Tensor:
+    """``tau`` as a tensor broadcastable to ``(H, rows, M)``: a scalar, one per head or one per pair."""
+    t = hyperparameter_tensor(
+        tau, like, "tau", positive=True, dtype=compute_dtype(like.dtype), layout="any", checks=checks, validate=validate
+    )
+    if t.ndim == 0:
+        return t.reshape(1, 1, 1)
+    if t.shape == (heads,):
+        return t.reshape(heads, 1, 1)
+    if t.shape == (heads, rows, m):
+        return t
+    raise ValueError(
+        f"`tau` must be a number, one temperature per head (shape ({heads},)) or one per pair (shape ({heads}, "
+        f"{rows}, {m}): heads × anchors of both views × candidates), got shape {tuple(t.shape)}."
+    )

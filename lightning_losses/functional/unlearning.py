@@ -44,6 +44,9 @@ from lightning_losses.utilities.numerics import (
 
 __all__ = [
     "FLAT_DIVERGENCES",
+    "altpo_loss",
+    "ceu_loss",
+    "ceu_target_labels",
     "flat_loss",
     "flat_variational_pair",
     "gradient_ascent_loss",
@@ -53,11 +56,16 @@ __all__ = [
     "npo_loss",
     "retain_kl_loss",
     "retain_nll_loss",
+    "rmu_control_vector",
+    "rmu_loss",
+    "satimp_loss",
     "sequence_log_probs",
     "simnpo_loss",
     "token_log_probs",
     "token_logprob_statistics",
     "truth_ratio",
+    "undial_loss",
+    "wga_loss",
 ]
 
 Divergence = Literal["kl", "reverse_kl", "pearson", "tv", "js", "hellinger"]
@@ -249,9 +257,7 @@ def token_logprob_statistics(
     return lp, mu_t, sigma_t, mask
 
 
-def truth_ratio(
-    paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor, *, validate_args: bool = True
-) -> Tensor:
+def truth_ratio(paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor, *, validate_args: bool = True) -> Tensor:
     r"""TOFU's truth ratio per question, from mean token log-probabilities of the answers.
 
     .. math::
@@ -338,8 +344,7 @@ def membership_scores(
         raise TypeError(f"`mask` must be a bool tensor of counted tokens, got dtype {mask.dtype}. Pass `mask.bool()`.")
     if log_probs.ndim != 2 or mask.shape != log_probs.shape:
         raise ValueError(
-            f"`log_probs` and `mask` must both have shape (B, T), got {tuple(log_probs.shape)} and "
-            f"{tuple(mask.shape)}."
+            f"`log_probs` and `mask` must both have shape (B, T), got {tuple(log_probs.shape)} and {tuple(mask.shape)}."
         )
     if (mu is None) != (sigma is None):
         raise ValueError("`mu` and `sigma` go together (Min-K%++): pass both or neither.")
@@ -414,15 +419,19 @@ def _check_lengths(lengths: Tensor, name: str, checks: DeferredChecks, validate:
             if positive
             else ""
         )
-        return ValueError(
-            f"`{name}` must be {bound} (answer tokens per sequence), got {lengths.tolist()[:8]}.{extra}"
-        )
+        return ValueError(f"`{name}` must be {bound} (answer tokens per sequence), got {lengths.tolist()[:8]}.{extra}")
 
     checks.require(ok.all(), error)
 
 
 def npo_loss(
-    policy_logps: Tensor, reference_logps: Tensor, beta: float | Tensor = 0.1, *, validate_args: bool = True
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    beta: float | Tensor = 0.1,
+    *,
+    lengths: Tensor | None = None,
+    length_normalize: bool = False,
+    validate_args: bool = True,
 ) -> Tensor:
     r"""Negative Preference Optimization (Zhang et al., 2024).
 
@@ -437,11 +446,24 @@ def npo_loss(
     \in (0, 2)` per sequence (gradient ascent's is 1 but unbounded in effect); as :math:`\beta \to 0` it becomes
     gradient ascent up to a constant.
 
+    **Length normalisation** (``length_normalize=True``, off by default as in the paper and its code): the
+    log-ratio is divided by the answer length, :math:`r_b = \log(\pi_\theta(y_b)/\pi_{\mathrm{ref}}(y_b))/|y_b|`,
+    as SimNPO normalises its NLL. The reason: the paper's gradient weight :math:`2\sigma(\beta \sum_t
+    \log(\pi_\theta/\pi_{\mathrm{ref}})(y_t))` sums the log-ratio over the tokens, so on long answers it vanishes
+    after a small per-token change (127 tokens at β = 0.1: 0.0185 after −0.37 nats per token, 2e-9 at the
+    level of a model never trained on the answers), and NPO stops far from the retain model; the paper's TOFU
+    answers are tens of tokens. With the normalisation the weight is :math:`2\sigma(\beta\,\bar r_b)` of the
+    per-token mean log-ratio, the same for every length (each token's gradient is then divided by :math:`|y_b|`, as
+    in a token mean). With all lengths 1 it equals plain NPO.
+
     Args:
         policy_logps: ``(B,)`` sequence log-probabilities of the forget answers under the model being unlearned.
         reference_logps: ``(B,)`` the same under the reference (the model before unlearning); no gradient flows.
         beta: inverse temperature :math:`\beta > 0`, scalar or per sequence.
-        validate_args: Check that the log-probabilities are finite and a tensor ``beta`` is finite and positive.
+        lengths: ``(B,)`` answer tokens :math:`|y_b| > 0` (needed with ``length_normalize``).
+        length_normalize: divide the log-ratio by ``lengths``.
+        validate_args: Check that the log-probabilities are finite, ``lengths`` positive and a tensor ``beta`` is
+            finite and positive.
 
     Returns:
         Scalar loss (batch mean), float32.
@@ -452,13 +474,28 @@ def npo_loss(
         True
         >>> float(npo_loss(ref - 1000.0, ref, beta=0.1)) < 1e-6                     # fully forgotten: no loss
         True
+        >>> lengths = torch.tensor([4, 4])
+        >>> torch.allclose(npo_loss(ref - 4.0, ref, lengths=lengths, length_normalize=True), npo_loss(ref - 1.0, ref))
+        True
     """
     _check_pair(policy_logps, reference_logps, "policy_logps", "reference_logps")
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"`length_normalize` must be a bool, got {type(length_normalize).__name__}.")
     checks = start_checks(validate_args, (policy_logps, "policy_logps"), (reference_logps, "reference_logps"))
     policy, reference = as_float32(policy_logps, reference_logps.detach())
+    ratio = policy - reference
+    if length_normalize:
+        if lengths is None:
+            raise ValueError(
+                "`length_normalize=True` divides the log-ratio by the answer lengths: pass `lengths` (answer tokens "
+                "per sequence)."
+            )
+        _check_pair(policy_logps, lengths, "policy_logps", "lengths", floating_b=False)
+        _check_lengths(lengths, "lengths", checks, validate_args, positive=True)
+        ratio = ratio / lengths.to(ratio.dtype)
     b = hyperparameter_tensor(beta, policy, "beta", positive=True, validate=validate_args, checks=checks)
     checks.run()
-    return (2.0 / b * F.softplus(b * (policy - reference))).mean()
+    return (2.0 / b * F.softplus(b * ratio)).mean()
 
 
 def simnpo_loss(
@@ -728,7 +765,9 @@ def _flat_functions(divergence: str) -> tuple[Callable[[Tensor], Tensor], Callab
     raise ValueError(f"Unknown f-divergence {divergence!r}: expected one of {', '.join(FLAT_DIVERGENCES)}.")
 
 
-def flat_variational_pair(x: Tensor, divergence: Divergence = "tv") -> tuple[Tensor, Tensor]:
+def flat_variational_pair(
+    x: Tensor, divergence: Divergence = "tv", *, validate_args: bool = True
+) -> tuple[Tensor, Tensor]:
     r"""The activation :math:`g(x)` and the conjugate term :math:`f^*(g(x))` of an f-divergence (FLAT, Table 1).
 
     ============== ======================== ==========================
@@ -742,6 +781,8 @@ def flat_variational_pair(x: Tensor, divergence: Divergence = "tv") -> tuple[Ten
     ``hellinger``  :math:`1 - e^{x}`        :math:`(1 - e^{x})/e^{x}`
     ============== ======================== ==========================
 
+    ``validate_args`` checks that ``x`` is finite (one host synchronisation); ``False`` skips it.
+
     Example:
         >>> g, conj = flat_variational_pair(torch.tensor([0.0]), "kl")
         >>> float(g), round(float(conj), 4)
@@ -749,6 +790,7 @@ def flat_variational_pair(x: Tensor, divergence: Divergence = "tv") -> tuple[Ten
     """
     g, conj = _flat_functions(divergence)
     check_tensor(x, "x")
+    start_checks(validate_args, (x, "x")).run()
     return g(x), conj(x)
 
 
@@ -795,3 +837,416 @@ def flat_loss(
                 "from `mean_token_probs`), not log-probabilities, and finite."
             )
     return (-g(pg) + conj(pf)).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Token-level and representation methods (open-unlearning's WGA, SatImp, CE-U, UNDIAL, RMU) and AltPO
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_token_pair(token_logps: Tensor, mask: Tensor) -> None:
+    check_tensor(token_logps, "token_logps")
+    check_tensor(mask, "mask", floating=False)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"`mask` must be a bool tensor of counted tokens, got dtype {mask.dtype}. Pass `mask.bool()`.")
+    if token_logps.ndim != 2 or mask.shape != token_logps.shape:
+        raise ValueError(
+            f"`token_logps` and `mask` must both have shape (B, T), got {tuple(token_logps.shape)} and "
+            f"{tuple(mask.shape)}."
+        )
+    if token_logps.shape[0] == 0:
+        raise ValueError("`token_logps` is empty: the batch has no sequence. Pass at least one forget example.")
+
+
+def _weighted_ascent(
+    token_logps: Tensor,
+    mask: Tensor,
+    weight: Callable[[Tensor], Tensor],
+    num_items_in_batch: NumItems,
+    checks: DeferredChecks,
+    validate_args: bool,
+) -> Tensor:
+    """``Σ_A sg(w(p)) · log p / |A|`` (or ``/ num_items_in_batch``): weighted gradient ascent over answer tokens."""
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    if validate_args:
+        checks.require(
+            (token_logps.detach().masked_fill(~mask, 0.0) <= 0).all(),
+            lambda: ValueError("`token_logps` must be log-probabilities (<= 0) at the counted tokens."),
+        )
+        if num_items_in_batch is None:
+            checks.require(
+                mask.any(), lambda: ValueError("`mask` counts no token: the batch has no answer token to forget.")
+            )
+    checks.run()
+    (lp,) = as_float32(token_logps)
+    lp = lp.masked_fill(~mask, 0.0)
+    w = weight(lp.detach().exp()).masked_fill(~mask, 0.0)
+    return divide_by_items((w * lp).sum(), mask.sum(), num_items_in_batch)
+
+
+def wga_loss(
+    token_logps: Tensor,
+    mask: Tensor,
+    beta: float | Tensor = 1.0,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""Weighted gradient ascent (WGA, Wang et al., 2025): gradient ascent with each answer token weighted by its
+    own (detached) probability to the power :math:`\beta`.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{WGA}} = \frac{1}{|A|} \sum_{(b,t) \in A} \operatorname{sg}\big(p_{bt}^{\beta}\big)
+            \log p_{bt}, \qquad p_{bt} = \pi_\theta(y_{bt} \mid x_b, y_{b,<t})
+
+    (the negated weighted token NLL, averaged over the answer tokens :math:`A` of the whole batch). Tokens the model
+    has already forgotten (:math:`p \to 0`) stop contributing, which bounds the ascent; :math:`\beta = 0` is plain
+    gradient ascent. As open-unlearning computes it (``src/trainer/unlearn/wga.py``, ``compute_wga_loss`` in
+    ``src/trainer/utils.py``): the weight carries no gradient (``.detach()``) and the mean runs over the answer
+    tokens of the whole batch (a token mean, not a mean of per-sequence means); where the paper's notation leaves
+    the weight's gradient and the reduction implicit, this follows the code.
+
+    Args:
+        token_logps: ``(B, T)`` per-token log-probabilities of the forget answers (:func:`token_log_probs`).
+        mask: ``(B, T)`` bool mask of the answer tokens.
+        beta: weight exponent :math:`\beta \ge 0`, scalar or per sequence (default 1, open-unlearning's).
+        num_items_in_batch: the answer tokens of the whole optimizer step (see :func:`gradient_ascent_loss`);
+            ``None``: this call's.
+        validate_args: Check finite log-probabilities ``<= 0``, at least one counted token and a valid ``beta``.
+
+    Example:
+        >>> lp, mask = torch.log(torch.tensor([[0.5, 0.25]])), torch.tensor([[True, True]])
+        >>> torch.allclose(wga_loss(lp, mask, beta=1.0), (0.5 * lp[0, 0] + 0.25 * lp[0, 1]) / 2)
+        True
+    """
+    _check_token_pair(token_logps, mask)
+    checks = start_checks(validate_args, (token_logps.masked_fill(~mask, 0.0), "token_logps"))
+    b = hyperparameter_tensor(beta, token_logps, "beta", low=0.0, validate=validate_args, checks=checks)
+    return _weighted_ascent(token_logps, mask, lambda p: p.pow(b), num_items_in_batch, checks, validate_args)
+
+
+def satimp_loss(
+    token_logps: Tensor,
+    mask: Tensor,
+    beta1: float | Tensor = 5.0,
+    beta2: float | Tensor = 1.0,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""SatImp (Yang et al., 2025): gradient ascent with each answer token weighted by saturation
+    :math:`p^{\beta_1}` times importance :math:`(1 - p)^{\beta_2}` (both detached).
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{SatImp}} = \frac{1}{|A|} \sum_{(b,t) \in A}
+            \operatorname{sg}\big(p_{bt}^{\beta_1} (1 - p_{bt})^{\beta_2}\big) \log p_{bt}
+
+    The weight is small both for tokens already forgotten (:math:`p \to 0`) and for tokens the model is certain of
+    (:math:`p \to 1`), and peaks at :math:`p = \beta_1/(\beta_1 + \beta_2)`. As open-unlearning computes it
+    (``src/trainer/unlearn/satimp.py``, ``compute_satimp_loss`` in ``src/trainer/utils.py``): detached weights, mean
+    over the answer tokens of the whole batch; where the paper leaves these implicit, this follows the code.
+    :math:`\beta_2 = 0` is :func:`wga_loss`.
+
+    Args:
+        token_logps: ``(B, T)`` per-token log-probabilities of the forget answers.
+        mask: ``(B, T)`` bool mask of the answer tokens.
+        beta1: saturation exponent :math:`\beta_1 \ge 0` (default 5, open-unlearning's).
+        beta2: importance exponent :math:`\beta_2 \ge 0` (default 1).
+        num_items_in_batch: the answer tokens of the whole optimizer step; ``None``: this call's.
+        validate_args: as for :func:`wga_loss`.
+
+    Example:
+        >>> lp, mask = torch.log(torch.tensor([[0.5]])), torch.tensor([[True]])
+        >>> torch.allclose(satimp_loss(lp, mask, beta1=1.0, beta2=1.0), 0.5 * 0.5 * lp[0, 0])
+        True
+    """
+    _check_token_pair(token_logps, mask)
+    checks = start_checks(validate_args, (token_logps.masked_fill(~mask, 0.0), "token_logps"))
+    b1 = hyperparameter_tensor(beta1, token_logps, "beta1", low=0.0, validate=validate_args, checks=checks)
+    b2 = hyperparameter_tensor(beta2, token_logps, "beta2", low=0.0, validate=validate_args, checks=checks)
+    return _weighted_ascent(
+        token_logps, mask, lambda p: p.pow(b1) * (1 - p).pow(b2), num_items_in_batch, checks, validate_args
+    )
+
+
+def ceu_target_labels(labels: Tensor, ignore_index: int = -100, shift: bool = False, ignore_first: int = 1) -> Tensor:
+    """The labels CE-U trains on: ``labels`` with the first ``ignore_first`` answer tokens of each row masked, then
+    shifted when ``shift`` (as open-unlearning's ``compute_batch_ceu`` does, before its shift).
+
+    Example:
+        >>> ceu_target_labels(torch.tensor([[-100, 5, 6, 7]]), ignore_first=1).tolist()
+        [[-100, -100, 6, 7]]
+    """
+    check_int(ignore_first, "ignore_first", low=0)
+    counted = labels != ignore_index
+    first = (counted.cumsum(-1) <= ignore_first) & counted
+    out = labels.masked_fill(first, ignore_index)
+    return out[:, 1:] if shift else out
+
+
+def ceu_loss(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    shift: bool = False,
+    ignore_first: int = 1,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""CE-U, cross-entropy unlearning (Yang et al., 2025): cross-entropy toward the model's own next-token
+    distribution with the answer token removed.
+
+    .. math::
+
+        q_{btj} = \frac{\operatorname{sg}(p_{btj})\,[j \ne y_{bt}]}{1 - \operatorname{sg}(p_{bt y_{bt}})}, \qquad
+        \mathcal{L}_{\mathrm{CE\text{-}U}} = -\frac{1}{|A|} \sum_{(b,t) \in A} \sum_j q_{btj} \log p_{btj}
+
+    i.e. :math:`q = \operatorname{softmax}(z)` of the detached logits with :math:`z_y = -\infty`. Its gradient in
+    the logits is :math:`p - q`: it lowers the answer token and leaves the ranking of the others as it was, with no
+    unbounded ascent. As open-unlearning computes it (``src/trainer/unlearn/ceu.py``): the mean over the counted
+    positions, the first ``ignore_first`` answer tokens of each sequence left out (the paper's footnote: the first
+    answer token often carries no knowledge); this follows that code (:func:`ceu_target_labels`).
+
+    Args:
+        logits: ``(B, T, V)`` logits, ``V >= 2``.
+        labels: ``(B, T)`` labels, prompt and padding at ``ignore_index``.
+        ignore_index: label of positions left out.
+        shift: Hugging Face causal-LM convention (``logits[:, t]`` predicts ``labels[:, t + 1]``).
+        ignore_first: answer tokens left out at the start of each sequence (default 1).
+        num_items_in_batch: the counted positions of the whole optimizer step; ``None``: this call's.
+        validate_args: Check finite logits and labels in the vocabulary.
+
+    Example:
+        >>> z = torch.tensor([[[2.0, 0.0, 0.0]]])
+        >>> q = torch.tensor([0.0, 0.5, 0.5])                         # the answer token 0 removed
+        >>> expected = -(q * z[0, 0].log_softmax(-1)).sum()
+        >>> torch.allclose(ceu_loss(z, torch.tensor([[0]]), ignore_first=0), expected)
+        True
+    """
+    check_int(ignore_index, "ignore_index")
+    check_int(ignore_first, "ignore_first", low=0)
+    _check_logits_labels(logits, labels, shift)
+    if logits.shape[-1] < 2:
+        raise ValueError(f"CE-U needs a vocabulary of at least 2 tokens, got `logits` of shape {tuple(logits.shape)}.")
+    target = ceu_target_labels(labels, ignore_index, shift, ignore_first)
+    z = logits[:, :-1] if shift else logits
+    mask = target != ignore_index
+    checks = start_checks(validate_args, (logits, "logits"))
+    if validate_args:
+        check_labels(target, logits.shape[-1], ignore_index, checks)
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    checks.run()
+    rows = z[mask].to(compute_dtype(z.dtype))
+    y = target[mask].unsqueeze(-1)
+    log_p = torch.log_softmax(rows, dim=-1)
+    q = torch.softmax(rows.detach().scatter(-1, y, float("-inf")), dim=-1)
+    return divide_by_items(-(q * log_p).sum(), mask.sum(), num_items_in_batch)
+
+
+def undial_loss(
+    logits: Tensor,
+    reference_logits: Tensor,
+    labels: Tensor,
+    gamma: float | Tensor = 10.0,
+    ignore_index: int = -100,
+    shift: bool = False,
+    *,
+    num_items_in_batch: NumItems = None,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""UNDIAL (Dong et al., 2024): self-distillation toward the reference model's logits with the answer token's
+    logit lowered by :math:`\gamma`.
+
+    .. math::
+
+        q_{bt} = \operatorname{softmax}\big(z^{\mathrm{ref}}_{bt} - \gamma\, e_{y_{bt}}\big), \qquad
+        \mathcal{L}_{\mathrm{UNDIAL}} = -\frac{1}{|A|} \sum_{(b,t) \in A} \sum_j q_{btj} \log p^{\theta}_{btj}
+
+    The cross-entropy to the adjusted teacher; it differs from :math:`\mathrm{KL}(q \,\|\, p^\theta)` by the
+    teacher's entropy, a constant, so the gradients are those of the KL, and with :math:`\gamma = 0` it is
+    self-distillation toward the reference. The target is a fixed distribution (no gradient through the reference),
+    so unlike gradient ascent the loss is bounded below.
+
+    Paper and code: open-unlearning (``compute_undial_loss`` in ``src/trainer/utils.py``; strength named ``beta``,
+    10 in ``configs/trainer/UNDIAL.yaml``) averages over every position of the padded batch, prompt and padding
+    included, and writes the adjustment at index ``labels`` even where the label is −100 (the 100th-last vocabulary
+    entry). Here the mean runs over the answer tokens only and masked positions are left out, so the loss does not
+    depend on padding; on fully labelled sequences the two agree.
+
+    Args:
+        logits: ``(B, T, V)`` logits of the model being unlearned.
+        reference_logits: ``(B, T, V)`` logits of the reference model (no gradient flows).
+        labels: ``(B, T)`` labels, prompt and padding at ``ignore_index``.
+        gamma: adjustment strength :math:`\gamma \ge 0`, scalar or per sequence.
+        ignore_index: label of positions left out.
+        shift: Hugging Face causal-LM convention.
+        num_items_in_batch: the answer tokens of the whole optimizer step; ``None``: this call's.
+        validate_args: Check finite logits, labels in the vocabulary and a valid ``gamma``.
+
+    Example:
+        >>> z = torch.randn(1, 3, 5)
+        >>> y = torch.tensor([[1, 2, 3]])
+        >>> kl_plus_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1).mean()   # γ = 0, policy = reference
+        >>> torch.allclose(undial_loss(z, z, y, gamma=0.0), kl_plus_entropy)
+        True
+    """
+    check_int(ignore_index, "ignore_index")
+    z, target = _check_logits_labels(logits, labels, shift)
+    check_tensor(reference_logits, "reference_logits")
+    if reference_logits.shape != logits.shape:
+        raise ValueError(
+            f"`logits` and `reference_logits` must have the same shape, got {tuple(logits.shape)} and "
+            f"{tuple(reference_logits.shape)}."
+        )
+    z_ref = reference_logits[:, :-1] if shift else reference_logits
+    mask = target != ignore_index
+    checks = start_checks(validate_args, (logits, "logits"), (reference_logits, "reference_logits"))
+    if validate_args:
+        check_labels(target, logits.shape[-1], ignore_index, checks)
+    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    dtype = compute_dtype(z.dtype)
+    g = hyperparameter_tensor(
+        gamma,
+        z,
+        "gamma",
+        low=0.0,
+        dtype=dtype,
+        layout="position",
+        lead_shape=mask.shape,
+        validate=validate_args,
+        checks=checks,
+    )
+    checks.run()
+    y = target[mask].unsqueeze(-1)
+    log_p = torch.log_softmax(z[mask].to(dtype), dim=-1)
+    adjusted = z_ref[mask].detach().to(dtype).scatter_add(-1, y, -g[mask].detach().unsqueeze(-1))
+    q = torch.softmax(adjusted, dim=-1)
+    return divide_by_items(-(q * log_p).sum(), mask.sum(), num_items_in_batch)
+
+
+def rmu_control_vector(
+    dim: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> Tensor:
+    r"""RMU's fixed random direction :math:`u`: entries drawn uniformly from :math:`[0, 1)`, scaled to unit norm.
+
+    Drawn from a generator seeded with ``seed`` (not the global one), so every process of a distributed run and every
+    resumed run draws the same :math:`u` (open-unlearning draws it from the global generator at the first step).
+
+    Example:
+        >>> u = rmu_control_vector(8, seed=3)
+        >>> round(float(u.norm()), 5), bool((u >= 0).all()), torch.equal(u, rmu_control_vector(8, seed=3))
+        (1.0, True, True)
+    """
+    check_int(dim, "dim", low=1)
+    check_int(seed, "seed")
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u / u.norm()).to(dtype=dtype, device=device)
+
+
+def rmu_loss(activations: Tensor, target: Tensor, mask: Tensor, *, validate_args: bool = True) -> Tensor:
+    r"""RMU's activation loss (Li et al., 2024, WMDP): the mean squared distance of a layer's activations to a target.
+
+    .. math::
+
+        \mathcal{L} = \frac{1}{B} \sum_b \frac{1}{|A_b|} \sum_{t \in A_b} \frac{1}{D} \big\lVert h_{bt} -
+            \tau_{bt} \big\rVert_2^2
+
+    with :math:`h` the activations ``(B, T, D)`` at the chosen layer and :math:`A_b` the positions of ``mask``. The
+    forget term takes :math:`\tau = c\,u` (:func:`rmu_control_vector` scaled by the steering coefficient :math:`c`),
+    the retain term the frozen model's activations on the retain batch. As open-unlearning computes it
+    (``compute_activation_loss`` in ``src/trainer/unlearn/rmu.py``): mean over the hidden dimension, token mean per
+    sequence over the answer positions, then the batch mean; the paper (and the WMDP code) write the squared norm
+    (a factor :math:`D`, absorbed by :math:`c` and the weights) over every token of the forget text. This follows
+    open-unlearning.
+
+    Args:
+        activations: ``(B, T, D)`` activations of the model being unlearned.
+        target: a tensor broadcastable to ``activations``: ``(D,)`` (the scaled control vector) or ``(B, T, D)``;
+            no gradient flows into it.
+        mask: ``(B, T)`` bool mask of the positions that count (each sequence needs one).
+        validate_args: Check finite activations and target, and that each sequence has a counted position.
+
+    Example:
+        >>> h = torch.zeros(1, 2, 4)
+        >>> float(rmu_loss(h, torch.full((4,), 2.0), torch.tensor([[True, False]])))
+        4.0
+    """
+    check_tensor(activations, "activations")
+    check_tensor(target, "target")
+    check_tensor(mask, "mask", floating=False)
+    if activations.ndim != 3:
+        raise ValueError(f"`activations` must have shape (B, T, D), got {tuple(activations.shape)}.")
+    if mask.dtype != torch.bool or mask.shape != activations.shape[:2]:
+        raise ValueError(
+            f"`mask` must be a bool tensor of shape (B, T) = {tuple(activations.shape[:2])}, got dtype {mask.dtype} "
+            f"and shape {tuple(mask.shape)}."
+        )
+    try:
+        torch.broadcast_shapes(target.shape, activations.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"`target` of shape {tuple(target.shape)} does not broadcast to the activations' "
+            f"{tuple(activations.shape)}: pass (D,) or (B, T, D)."
+        ) from None
+    if activations.shape[0] == 0:
+        raise ValueError("`activations` is empty: the batch has no sequence.")
+    checks = start_checks(validate_args, (activations, "activations"), (target, "target"))
+    counts = mask.sum(-1)
+    if validate_args:
+        checks.require(
+            (counts > 0).all(),
+            lambda: ValueError(f"Every sequence needs a counted position in `mask`, got counts {counts.tolist()[:8]}."),
+        )
+    checks.run()
+    h, tau = as_float32(activations, target.detach())
+    per_position = (h - tau).square().mean(-1) * mask
+    return (per_position.sum(-1) / counts.clamp(min=1).to(per_position.dtype)).mean()
+
+
+def altpo_loss(
+    policy_alternate_logps: Tensor,
+    reference_alternate_logps: Tensor,
+    policy_forget_logps: Tensor,
+    reference_forget_logps: Tensor,
+    beta: float | Tensor = 0.1,
+    *,
+    validate_args: bool = True,
+) -> Tensor:
+    r"""AltPO (Mekala et al., 2025): DPO with a plausible alternate answer preferred to the forget answer.
+
+    .. math::
+
+        \mathcal{L}_{\mathrm{AltPO}} = -\frac{2}{\beta}\,\mathbb{E}\Big[\log\sigma\Big(\beta\Big[
+            \log\frac{\pi_\theta(\tilde y)}{\pi_{\mathrm{ref}}(\tilde y)}
+            - \log\frac{\pi_\theta(y_f)}{\pi_{\mathrm{ref}}(y_f)}\Big]\Big)\Big]
+
+    The formula of :func:`idk_dpo_loss` with an alternate answer :math:`\tilde y` (generated to be plausible but
+    wrong) instead of a refusal. As the official code (molereddy/Alternate-Preference-Optimization,
+    ``dataloader.py``, loss ``"dpo"`` with the alternate dataset) and open-unlearning's ``DPO`` trainer
+    (``src/trainer/unlearn/dpo.py``, ``compute_dpo_loss``) compute it: summed answer log-probabilities, a batch mean
+    over (alternate, forget) pairs. The paper averages over several alternates per question; the official code does
+    so by repeating each forget example once per alternate (``augment_k``), which is what a batch of such pairs
+    gives here.
+
+    Example:
+        >>> z = torch.tensor([-4.0])
+        >>> torch.allclose(altpo_loss(z, z, z, z, beta=0.5), torch.tensor(2 / 0.5 * math.log(2)))
+        True
+    """
+    for t, name in (
+        (reference_alternate_logps, "reference_alternate_logps"),
+        (policy_forget_logps, "policy_forget_logps"),
+        (reference_forget_logps, "reference_forget_logps"),
+    ):
+        _check_pair(policy_alternate_logps, t, "policy_alternate_logps", name)
+    return idk_dpo_loss(
+        policy_alternate_logps,
+        reference_alternate_logps,
+        policy_forget_logps,
+        reference_forget_logps,
+        beta,
+        validate_args=validate_args,
+    )

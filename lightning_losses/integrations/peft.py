@@ -10,6 +10,7 @@ fine-tune: such a model must be merged first, or its fine-tuned state loaded as 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,20 +143,57 @@ def lora_model(
     dropout: float = 0.0,
     target_modules: Sequence[str] | str | None = None,
     adapter_name: str = "default",
+    config: Any = None,
 ) -> nn.Module:
     """Wrap a transformers causal LM with a fresh LoRA adapter (base weights frozen).
 
-    ``target_modules`` defaults to PEFT's per-architecture choice (``c_attn`` for GPT-2).
+    Either the keyword shortcuts (``r``, ``alpha``, ``dropout``, ``target_modules``) or a full ``peft.LoraConfig``
+    as ``config`` (every LoRA setting: ``modules_to_save``, ``use_rslora``, ``init_lora_weights``, ...); the config
+    is copied, never modified. Without a ``task_type`` it is given ``"CAUSAL_LM"``. ``target_modules`` defaults to
+    PEFT's per-architecture choice (``c_attn`` for GPT-2), whose ``Conv1D`` layers get ``fan_in_fan_out=True``.
+
+    Raises:
+        TypeError: ``config`` is not a ``peft.LoraConfig``.
+        ValueError: both ``config`` and a shortcut other than its default are given.
+
+    Example:
+        >>> from peft import LoraConfig
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40, n_positions=16))
+        >>> wrapped = lora_model(lm, config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]))
+        >>> wrapped.peft_config["default"].r, sorted(wrapped.peft_config["default"].target_modules)
+        (4, ['c_attn', 'c_proj'])
     """
     peft = require("peft", "llm")
-    config = peft.LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=type(model).__name__.startswith("GPT2"),
-    )
+    gpt2_style = type(model).__name__.startswith("GPT2")
+    if config is None:
+        config = peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=list(target_modules) if isinstance(target_modules, (list, tuple)) else target_modules,
+            task_type="CAUSAL_LM",
+            fan_in_fan_out=gpt2_style,
+        )
+    else:
+        if not isinstance(config, peft.LoraConfig):
+            raise TypeError(
+                f"`config` must be a peft.LoraConfig, got {type(config).__name__}. For another adapter type call "
+                "peft.get_peft_model(model, config) yourself."
+            )
+        shortcuts = {"r": (r, 8), "alpha": (alpha, 16), "dropout": (dropout, 0.0)}
+        given = [name for name, (value, default) in shortcuts.items() if value != default]
+        given += ["target_modules"] if target_modules is not None else []
+        if given:
+            raise ValueError(
+                f"Pass either `config` (a LoraConfig) or the shortcuts, not both: got `config` and {given}. Set them "
+                "on the LoraConfig instead."
+            )
+        config = copy.deepcopy(config)
+        if config.task_type is None:
+            config.task_type = "CAUSAL_LM"
+        if gpt2_style and not config.fan_in_fan_out:
+            config.fan_in_fan_out = True  # GPT-2's Conv1D stores the weight transposed
     return peft.get_peft_model(model, config, adapter_name=adapter_name)
 
 

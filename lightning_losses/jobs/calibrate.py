@@ -212,13 +212,17 @@ def _run(args: argparse.Namespace) -> int:
 
     # 2. post-hoc calibrators fitted on the validation split, evaluated on the test split
     val_logits, val_y, _ = _collect(model, val_loader)
-    for name in calibrators:
+    # CA twice: its official class-balanced weighting (optimum: the balanced posterior, under-confident when the
+    # validation accuracy is far above 0.5) and unweighted (optimum: the correctness probability itself).
+    weightings = {"ca": ("balanced", "none")}
+    runs = [(name, weighting) for name in calibrators for weighting in weightings.get(name, ("",))]
+    for name, weighting in runs:
         calibrator: Calibrator
         with Timer() as timer:
             if name == "temperature":
                 calibrator = posthoc.calibrator  # already fitted by the callback
             elif name == "ca":
-                calibrator = CorrectnessAwareCalibrator()
+                calibrator = CorrectnessAwareCalibrator(weighting=weighting)  # type: ignore[arg-type]
                 _, _, val_copies = _collect(model, val_loader, calibrator)
                 assert val_copies is not None
                 calibrator.fit(val_logits, val_y, val_copies)
@@ -236,10 +240,13 @@ def _run(args: argparse.Namespace) -> int:
         label = type(calibrator).__name__
         if name == "temperature":
             label += f" (T = {calibrator.temperature:.2f})"  # type: ignore[attr-defined]
+        if weighting:
+            label += " (official, balanced)" if weighting == "balanced" else " (unweighted)"
         row = _scores(calibrated, test_y, args.n_bins, reference=test_logits)
         table.add(method=label, kind="post-hoc", **row, **{"fit s": fit_s})
-        if _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png"):
-            diagrams.append(out / f"reliability_{name}.png")
+        stem = f"reliability_{name}" + ("_unweighted" if weighting == "none" else "")
+        if _diagram(calibrated, test_y, args.n_bins, label, out / f"{stem}.png"):
+            diagrams.append(out / f"{stem}.png")
         print(f"{label}: test ECE {row[ECE_COLUMN]} %")
 
     # 3. train-time calibration losses (same architecture, data and schedule)

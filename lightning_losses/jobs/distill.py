@@ -33,7 +33,7 @@ from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.modules.distillation import DISTILLATION_DEFAULTS, DistillationModule
 from lightning_losses.nn.distillation import DualHeadClassifier
 
-METHODS = ("ce", "kd", "dkd", "dhkd", "nd", "dkd+nd")
+METHODS = ("ce", "kd", "dkd", "dhkd", "nd", "dkd+nd", "pld", "dist", "kd_ls", "fitnet", "at", "rkd", "crd")
 QUICK_METHODS = ("ce", "kd", "dkd", "dkd+nd")
 TEACHER_WIDTH, STUDENT_WIDTH = 32, 4
 # A clip on the gradient norm keeps SGD at lr 0.05 stable on the 1.7 k-parameter student in the first epochs.
@@ -42,6 +42,7 @@ GRADIENT_CLIP = 5.0
 # non-target distribution spreads over 99 classes. With 10 classes it drives a gradient 6-44x that of CE on this
 # student, so every step is clipped; β = 2 keeps it at CE's scale (mdistiller also departs from β = 8 on ImageNet).
 FEW_CLASS_BETA = 2.0
+FEW_CLASS_BETA_METHODS = ("dkd", "dkd+nd")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ SETTINGS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="1 seed, 8 epochs, fewer methods: under a minute")
-    size.add_argument("--full", action="store_true", help="10 seeds, 40 epochs, every method (about 25 min)")
+    size.add_argument("--full", action="store_true", help="10 seeds, 40 epochs, every method (about 45 min)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5, quick 1, full 10)")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default 30, quick 8, full 40)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 10, quick 3)")
@@ -120,15 +121,21 @@ def _student_module(method: str, teacher: nn.Module, setting: Setting) -> pl.Lig
     options: dict[str, Any] = {}
     if DISTILLATION_DEFAULTS[method].get("warmup_epochs", 0):
         options["warmup_epochs"] = setting.warmup
-    if "beta" in DISTILLATION_DEFAULTS[method]:
+    if method in FEW_CLASS_BETA_METHODS:
         options["beta"] = FEW_CLASS_BETA
+    if method in ("fitnet", "at"):  # feature maps: the second conv block's activations (2·width channels, 7×7)
+        options.update(student_feature_layer="backbone.6", teacher_feature_layer="backbone.6")
+    if method == "crd":  # one memory row per image of the data set (indices are global sample ids)
+        options.update(num_samples=5000, feature_options={"num_negatives": 4096})
+    if method == "fitnet":  # the regressor maps the student's channels to the teacher's
+        options.update(student_feature_dim=2 * STUDENT_WIDTH, teacher_feature_dim=2 * TEACHER_WIDTH)
+    elif method != "at":
+        options.update(student_feature_dim=4 * STUDENT_WIDTH, teacher_feature_dim=4 * TEACHER_WIDTH)
     return DistillationModule(
         _student(method),
         teacher,
         method=method,  # type: ignore[arg-type]
         num_classes=10,
-        student_feature_dim=4 * STUDENT_WIDTH,
-        teacher_feature_dim=4 * TEACHER_WIDTH,
         cache_teacher_outputs=True,
         **options,
     )

@@ -10,16 +10,25 @@ attribute ``kd`` reaches them as ``"kd.temperature"`` and checkpoints them. Ever
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from lightning_losses.functional.distillation import (
     binary_kl_loss,
+    dist_loss,
     dkd_loss,
+    entropy_balance_step,
     generalized_jsd_loss,
     kd_loss,
+    loss_balance_step,
+    margin_mse_loss,
+    multi_teacher_kd_losses,
     nd_loss,
+    pld_loss,
+    teacher_entropies,
 )
 from lightning_losses.losses.base import LossModule
 from lightning_losses.utilities.checks import (
@@ -29,15 +38,20 @@ from lightning_losses.utilities.checks import (
     check_num_items,
     check_reduction,
 )
+from lightning_losses.utilities.distributed import all_reduce
 from lightning_losses.utilities.numerics import hyperparameter_tensor, reduce_loss
 
 __all__ = [
+    "BalancedMultiTeacherKDLoss",
     "BinaryKLLoss",
+    "DISTLoss",
     "DKDLoss",
     "DistillationLoss",
     "GeneralizedJSDLoss",
     "KDLoss",
+    "MarginMSELoss",
     "NDLoss",
+    "PLDLoss",
 ]
 
 SampleReduction = Literal["batchmean", "sum", "none"]
@@ -64,6 +78,12 @@ def _number_validation(
         if high is not None:
             bound = f"in [{low:g}, {high:g}]"
         raise ValueError(f"`{name}` must be {bound}, got {value}. Pass a value {bound}.")
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {type(value).__name__} ({value!r}).")
+    return value
 
 
 class DistillationLoss(LossModule):
@@ -145,6 +165,10 @@ class KDLoss(DistillationLoss):
         weight: ``λ >= 0`` (hyperparameter ``weight``).
         warmup_epochs: Linear warm-up length in epochs (0: none).
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+        logit_standardization: Z-score both models' logits per sample before the temperature (Sun et al., CVPR
+            2024; see :func:`~lightning_losses.functional.standardize_logits`). Off by default. The paper's
+            CIFAR-100 setting is ``KDLoss(temperature=2.0, weight=9.0, logit_standardization=True)`` beside
+            cross-entropy of weight 1.
 
     Example:
         >>> import torch
@@ -163,17 +187,29 @@ class KDLoss(DistillationLoss):
         weight: float | Tensor = 1.0,
         warmup_epochs: int = 0,
         reduction: SampleReduction = "batchmean",
+        logit_standardization: bool = False,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
         _number_validation("temperature", temperature, low=0.0, strict=True)
         check_reduction(reduction, ("batchmean", "sum", "none"))
         self.reduction = reduction
+        self.logit_standardization = _flag("logit_standardization", logit_standardization)
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, epoch: int | float | None = None) -> Tensor:
         """Return the weighted, warmed-up KD loss; ``epoch`` is the 0-based current epoch (or ``None``)."""
-        per_sample = kd_loss(student_logits, teacher_logits, self.temperature, reduction="none")
+        per_sample = kd_loss(
+            student_logits,
+            teacher_logits,
+            self.temperature,
+            reduction="none",
+            logit_standardization=self.logit_standardization,
+        )
         return self.warmup_factor(epoch) * self._weighted(per_sample, self.reduction)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, logit_standardization=True" if self.logit_standardization else base
 
 
 class DKDLoss(DistillationLoss):
@@ -194,6 +230,8 @@ class DKDLoss(DistillationLoss):
         weight: ``λ >= 0`` (hyperparameter ``weight``).
         warmup_epochs: Linear warm-up length in epochs (default 20, as in the official configuration).
         reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+        logit_standardization: Z-score both models' logits per sample before the temperature (Sun et al., CVPR
+            2024). Off by default.
 
     Example:
         >>> import torch
@@ -215,6 +253,7 @@ class DKDLoss(DistillationLoss):
         weight: float | Tensor = 1.0,
         warmup_epochs: int = 20,
         reduction: SampleReduction = "batchmean",
+        logit_standardization: bool = False,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
         _number_validation("alpha", alpha, low=0.0, strict=False)
@@ -222,6 +261,7 @@ class DKDLoss(DistillationLoss):
         _number_validation("temperature", temperature, low=0.0, strict=True)
         check_reduction(reduction, ("batchmean", "sum", "none"))
         self.reduction = reduction
+        self.logit_standardization = _flag("logit_standardization", logit_standardization)
         self.register_hyperparameter("alpha", alpha, low=0.0)
         self.register_hyperparameter("beta", beta, low=0.0)
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
@@ -231,9 +271,20 @@ class DKDLoss(DistillationLoss):
     ) -> Tensor:
         """Return the weighted, warmed-up DKD loss; ``epoch`` is the 0-based current epoch (or ``None``)."""
         per_sample = dkd_loss(
-            student_logits, teacher_logits, target, self.alpha, self.beta, self.temperature, reduction="none"
+            student_logits,
+            teacher_logits,
+            target,
+            self.alpha,
+            self.beta,
+            self.temperature,
+            reduction="none",
+            logit_standardization=self.logit_standardization,
         )
         return self.warmup_factor(epoch) * self._weighted(per_sample, self.reduction)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, logit_standardization=True" if self.logit_standardization else base
 
 
 class BinaryKLLoss(DistillationLoss):
@@ -469,3 +520,337 @@ class GeneralizedJSDLoss(DistillationLoss):
         else:
             count = (labels != self.ignore_index).sum().to(per_token.dtype)
         return self._weighted(per_token, self.reduction, count=count, num_items_in_batch=num_items_in_batch)
+
+
+class PLDLoss(DistillationLoss):
+    r"""Plackett-Luce distillation: one teacher-weighted list-wise loss in place of cross-entropy + KD.
+
+    See :func:`~lightning_losses.functional.pld_loss`. The ranking puts the label first, then the classes by
+    descending teacher logit; each choice is weighted by the teacher's probability :math:`q = \operatorname{softmax}
+    (t/\tau)` of the class chosen. Its first choice is :math:`q_y`-weighted cross-entropy, so the training step adds
+    no separate cross-entropy term.
+
+    .. math::
+
+        \mathcal{L} = \frac1N \sum_i \lambda_i \sum_{k=1}^{C} q_{i,\pi^*_k}\Big(\log\sum_{l \ge k}
+        e^{s_{i,\pi^*_l}} - s_{i,\pi^*_k}\Big)
+
+    Args:
+        temperature: Teacher temperature of the weights, ``τ > 0`` (hyperparameter ``temperature``; default 1, the
+            paper's best on ImageNet).
+        weight: ``λ >= 0`` (hyperparameter ``weight``).
+        reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> loss = PLDLoss()
+        >>> s, t, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 3, 9, 1])
+        >>> from lightning_losses.functional import pld_loss
+        >>> bool(torch.isclose(loss(s, t, y), pld_loss(s, t, y)))
+        True
+    """
+
+    temperature: Tensor
+
+    def __init__(
+        self,
+        temperature: float | Tensor = 1.0,
+        weight: float | Tensor = 1.0,
+        reduction: SampleReduction = "batchmean",
+    ) -> None:
+        super().__init__(weight=weight, warmup_epochs=0)
+        _number_validation("temperature", temperature, low=0.0, strict=True)
+        check_reduction(reduction, ("batchmean", "sum", "none"))
+        self.reduction = reduction
+        self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        """Return the weighted PLD loss of ``student_logits`` ``(N, C)`` for the labels ``target`` ``(N,)``."""
+        per_sample = pld_loss(student_logits, teacher_logits, target, self.temperature, reduction="none")
+        return self._weighted(per_sample, self.reduction)
+
+
+class DISTLoss(DistillationLoss):
+    r"""DIST: Pearson-correlation inter-class (per sample) and intra-class (per class over the batch) relations.
+
+    See :func:`~lightning_losses.functional.dist_loss` (official hunto/DIST_KD code: :math:`\tau^2`-scaled,
+    correlations with ``1e-8`` in the denominator).
+
+    .. math::
+
+        \mathcal{L} = \lambda \Big(\beta\, \tau^2 \big(1 - \tfrac1N \textstyle\sum_i \rho(P^s_{i,:}, P^t_{i,:})\big)
+        + \gamma\, \tau^2 \big(1 - \tfrac1C \textstyle\sum_c \rho(P^s_{:,c}, P^t_{:,c})\big)\Big)
+
+    Use it beside cross-entropy (official ImageNet setting: CE weight 1, β = γ = 1, τ = 1; CIFAR-100: β = γ = 2,
+    τ = 4). A per-sample ``beta`` weights each sample's inter-class term; a per-sample ``weight`` multiplies each
+    sample's value :math:`\ell_i` (its inter-class term plus the batch's intra-class term, see ``reduction="none"`` of
+    :func:`~lightning_losses.functional.dist_loss`); ``gamma`` is a scalar (the intra-class term is a batch
+    statistic).
+
+    Args:
+        beta: Inter-class weight ``>= 0`` (hyperparameter ``beta``).
+        gamma: Intra-class weight ``>= 0`` (hyperparameter ``gamma``, scalar).
+        temperature: ``τ > 0`` (hyperparameter ``temperature``).
+        weight: ``λ >= 0`` (hyperparameter ``weight``).
+        reduction: ``"batchmean"`` (the official loss), ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.randn(8, 5)
+        >>> bool(DISTLoss()(z, z) < 1e-5)
+        True
+    """
+
+    beta: Tensor
+    gamma: Tensor
+    temperature: Tensor
+
+    def __init__(
+        self,
+        beta: float | Tensor = 1.0,
+        gamma: float | Tensor = 1.0,
+        temperature: float | Tensor = 1.0,
+        weight: float | Tensor = 1.0,
+        reduction: SampleReduction = "batchmean",
+    ) -> None:
+        super().__init__(weight=weight, warmup_epochs=0)
+        _number_validation("beta", beta, low=0.0, strict=False)
+        _number_validation("gamma", gamma, low=0.0, strict=False)
+        _number_validation("temperature", temperature, low=0.0, strict=True)
+        check_reduction(reduction, ("batchmean", "sum", "none"))
+        self.reduction = reduction
+        self.register_hyperparameter("beta", beta, low=0.0)
+        self.register_hyperparameter("gamma", gamma, low=0.0)
+        self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Return the weighted DIST loss of ``student_logits`` ``(N, C)`` against ``teacher_logits``."""
+        per_sample = dist_loss(
+            student_logits, teacher_logits, self.beta, self.gamma, self.temperature, reduction="none"
+        )
+        return self._weighted(per_sample, self.reduction)
+
+
+class MarginMSELoss(DistillationLoss):
+    r"""Margin-MSE for ranking students: the squared difference of student and teacher score margins.
+
+    See :func:`~lightning_losses.functional.margin_mse_loss` (official ``MSMarginLoss`` of
+    sebastian-hofstaetter/matchmaker).
+
+    .. math::
+
+        \mathcal{L} = \frac1N \sum_i \lambda_i \frac1M \sum_m \Big(\big(s^s_{i}(d^+) - s^s_{i}(d^-_m)\big)
+        - \big(s^t_{i}(d^+) - s^t_{i}(d^-_m)\big)\Big)^2
+
+    Unlike the classification losses of this family, its ``forward`` takes four score tensors (the student's and
+    the teacher's scores of the positive and of the negative documents), not ``(student_logits, teacher_logits,
+    target)``: a ranking student scores (query, document) pairs, and the margins pair each query's positive with its
+    negatives. Call it from your own ``training_step`` rather than through ``DistillationMixin.distillation_loss``.
+
+    Args:
+        weight: ``λ >= 0`` (hyperparameter ``weight``), scalar or per query.
+        reduction: ``"mean"`` (over queries), ``"sum"`` or ``"none"`` (per query).
+
+    Example:
+        >>> import torch
+        >>> sp, sn = torch.tensor([2.0, 1.0]), torch.tensor([[0.0, 1.0], [0.5, -1.0]])
+        >>> float(MarginMSELoss()(sp, sn, sp + 2.0, sn + 2.0))  # the teacher's scores are offset, its margins equal
+        0.0
+    """
+
+    def __init__(self, weight: float | Tensor = 1.0, reduction: MeanReduction = "mean") -> None:
+        super().__init__(weight=weight, warmup_epochs=0)
+        check_reduction(reduction, ("mean", "sum", "none"))
+        self.reduction = reduction
+
+    def forward(
+        self,
+        student_positive: Tensor,
+        student_negative: Tensor,
+        teacher_positive: Tensor,
+        teacher_negative: Tensor,
+    ) -> Tensor:
+        """Return the weighted Margin-MSE of positive ``(N,)`` and negative ``(N,)`` or ``(N, M)`` scores."""
+        per_query = margin_mse_loss(
+            student_positive, student_negative, teacher_positive, teacher_negative, reduction="none"
+        )
+        return self._weighted(per_query, self.reduction)
+
+
+class BalancedMultiTeacherKDLoss(DistillationLoss):
+    r"""Multi-teacher KD with MTARD's Entropy-Based Balance of the teachers' temperatures and Normalization Loss
+    Balance of their weights.
+
+    .. math::
+
+        \mathcal{L} = \frac1N \sum_i \lambda_i \sum_{k=1}^{K} w_k\, \mathrm{KL}\big(\operatorname{softmax}
+        (t_{k,i}/\tau_k) \,\big\|\, \operatorname{softmax}(s_{k,i})\big)
+
+    At every training-mode call, after the per-teacher losses :math:`L_k` are computed with the current
+    temperatures:
+
+    1. (``balance_losses``) the weights take one :func:`~lightning_losses.functional.loss_balance_step` towards the
+       relative losses :math:`\hat L_k = L_k / L_k^{(0)}` (the first training step's losses are recorded as
+       :math:`L^{(0)}`), and this call's loss uses the new weights;
+    2. (``balance_temperatures``) the temperatures take one
+       :func:`~lightning_losses.functional.entropy_balance_step` so the teachers' mean entropies meet; they apply
+       from the next call.
+
+    This is the order and the arithmetic of the official code (zhaoshiji123/MTARD-extension,
+    ``resnet18_mtard_cifar10.py``; conference version zhaoshiji123/MTARD); see
+    :func:`~lightning_losses.functional.multi_teacher_kd_losses` for the KL form (batchmean, exact, the teacher
+    alone softened). In evaluation mode nothing is updated. Under DDP the per-teacher losses and entropies are
+    averaged over the processes (``torch.distributed``) before the updates, so every process keeps the same
+    temperatures and weights; an empty batch updates nothing (and must then be empty on every process).
+
+    The temperatures ``teacher_temperatures``, weights ``teacher_weights`` and the recorded ``initial_losses`` are
+    checkpointed buffers (state of the algorithm, not hyperparameters). The step sizes and temperature bounds are
+    hyperparameters (``temperature_step``, ``weight_step``, ``min_temperature``, ``max_temperature``), so a
+    :class:`~lightning_losses.callbacks.HyperparameterSchedule` can divide the step sizes by 10 at each learning-rate
+    decay, as the official code does.
+
+    Its ``forward`` takes the student's logits and the teachers' logits stacked ``(K, N, C)`` (e.g.
+    ``torch.stack([t(x) for t in teachers])``), not their average.
+
+    Args:
+        num_teachers: ``K >= 1``.
+        temperature: Initial temperature of every teacher (official: 1).
+        teacher_weights: Initial weights ``(K,)`` (normalised to sum to 1); uniform :math:`1/K` by default.
+        balance_temperatures: Apply the Entropy-Based Balance.
+        balance_losses: Apply the Normalization Loss Balance.
+        temperature_step: :math:`\eta_\tau \ge 0` (official 0.001).
+        weight_step: :math:`\eta_w \in [0, 1]` (official 0.025).
+        min_temperature: Lower clip of the temperatures (official 1).
+        max_temperature: Upper clip (official 10).
+        weight: ``λ >= 0`` (hyperparameter ``weight``).
+        reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> loss = BalancedMultiTeacherKDLoss(num_teachers=2, temperature_step=0.5)
+        >>> confident, unsure = 5.0 * torch.randn(1, 8, 4), 0.1 * torch.randn(1, 8, 4)
+        >>> value = loss(torch.randn(8, 4), torch.cat([confident, unsure]))
+        >>> loss.teacher_temperatures.tolist()  # the confident teacher is softened, the other stays at the floor
+        [1.5, 1.0]
+    """
+
+    teacher_temperatures: Tensor
+    teacher_weights: Tensor
+    initial_losses: Tensor
+    temperature_step: Tensor
+    weight_step: Tensor
+    min_temperature: Tensor
+    max_temperature: Tensor
+
+    def __init__(
+        self,
+        num_teachers: int,
+        temperature: float = 1.0,
+        teacher_weights: Sequence[float] | None = None,
+        *,
+        balance_temperatures: bool = True,
+        balance_losses: bool = True,
+        temperature_step: float | Tensor = 0.001,
+        weight_step: float | Tensor = 0.025,
+        min_temperature: float | Tensor = 1.0,
+        max_temperature: float | Tensor = 10.0,
+        weight: float | Tensor = 1.0,
+        reduction: SampleReduction = "batchmean",
+    ) -> None:
+        super().__init__(weight=weight, warmup_epochs=0)
+        check_int(num_teachers, "num_teachers", low=1)
+        _number_validation("temperature", temperature, low=0.0, strict=True)
+        _number_validation("temperature_step", temperature_step, low=0.0, strict=False)
+        _number_validation("weight_step", weight_step, low=0.0, strict=False, high=1.0)
+        _number_validation("min_temperature", min_temperature, low=0.0, strict=True)
+        _number_validation("max_temperature", max_temperature, low=0.0, strict=True)
+        if float(max_temperature) < float(min_temperature):
+            raise ValueError(
+                f"`max_temperature` ({float(max_temperature)}) must be >= `min_temperature` "
+                f"({float(min_temperature)}). Swap them."
+            )
+        check_reduction(reduction, ("batchmean", "sum", "none"))
+        self.num_teachers = num_teachers
+        self.reduction = reduction
+        self.balance_temperatures = _flag("balance_temperatures", balance_temperatures)
+        self.balance_losses = _flag("balance_losses", balance_losses)
+        if teacher_weights is None:
+            weights = torch.full((num_teachers,), 1.0 / num_teachers)
+        else:
+            weights = torch.as_tensor(list(teacher_weights), dtype=torch.float32)
+            if weights.shape != (num_teachers,) or not bool(torch.isfinite(weights).all()):
+                raise ValueError(
+                    f"`teacher_weights` must hold {num_teachers} finite numbers (one per teacher), got "
+                    f"{list(teacher_weights)}."
+                )
+            if bool((weights < 0).any()) or float(weights.sum()) <= 0:
+                raise ValueError(
+                    f"`teacher_weights` must be non-negative with a positive sum, got {list(teacher_weights)}."
+                )
+            weights = weights / weights.sum()
+        self.register_buffer("teacher_temperatures", torch.full((num_teachers,), float(temperature)))
+        self.register_buffer("teacher_weights", weights)
+        self.register_buffer("initial_losses", torch.full((num_teachers,), math.nan))
+        self.register_hyperparameter("temperature_step", temperature_step, low=0.0)
+        self.register_hyperparameter("weight_step", weight_step, low=0.0, high=1.0)
+        self.register_hyperparameter("min_temperature", min_temperature, low=0.0, low_inclusive=False)
+        self.register_hyperparameter("max_temperature", max_temperature, low=0.0, low_inclusive=False)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Return the balanced multi-teacher loss; in training mode, update the weights and the temperatures.
+
+        Args:
+            student_logits: ``(N, C)``, or ``(K, N, C)`` with one student output per teacher.
+            teacher_logits: The teachers' logits stacked ``(K, N, C)``.
+        """
+        if (
+            isinstance(teacher_logits, Tensor)
+            and teacher_logits.ndim == 3
+            and (teacher_logits.shape[0] != self.num_teachers)
+        ):
+            raise ValueError(
+                f"This loss was built for {self.num_teachers} teachers but `teacher_logits` stacks "
+                f"{teacher_logits.shape[0]} (shape {tuple(teacher_logits.shape)}). Pass (K, N, C) logits with "
+                f"K = {self.num_teachers}, or build the loss with num_teachers={teacher_logits.shape[0]}."
+            )
+        per_teacher = multi_teacher_kd_losses(
+            student_logits, teacher_logits, self.teacher_temperatures, reduction="none"
+        )
+        if self.training and per_teacher.shape[-1] > 0:
+            self._balance(per_teacher.detach(), teacher_logits)
+        weights = self.teacher_weights.to(per_teacher.dtype)
+        return self._weighted((weights.unsqueeze(-1) * per_teacher).sum(dim=0), self.reduction)
+
+    @torch.no_grad()
+    def _balance(self, per_teacher: Tensor, teacher_logits: Tensor) -> None:
+        k, dtype = self.num_teachers, self.teacher_weights.dtype
+        stats = [per_teacher.mean(dim=-1).to(dtype)]
+        if self.balance_temperatures:
+            stats.append(teacher_entropies(teacher_logits, self.teacher_temperatures, validate_args=False).to(dtype))
+        reduced = all_reduce(torch.cat(stats), "mean")
+        losses = reduced[:k].to(self.teacher_weights.device)
+        if bool(torch.isnan(self.initial_losses).any()):
+            self.initial_losses.copy_(losses)
+        if self.balance_losses:
+            self.teacher_weights.copy_(
+                loss_balance_step(
+                    losses, self.initial_losses, self.teacher_weights, self.weight_step, validate_args=False
+                )
+            )
+        if self.balance_temperatures:
+            self.teacher_temperatures.copy_(
+                entropy_balance_step(
+                    reduced[k:].to(self.teacher_temperatures.device),
+                    self.teacher_temperatures,
+                    self.temperature_step,
+                    self.min_temperature,
+                    self.max_temperature,
+                    validate_args=False,
+                )
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_teachers={self.num_teachers}, "
+            f"balance_temperatures={self.balance_temperatures}, balance_losses={self.balance_losses}"
+        )

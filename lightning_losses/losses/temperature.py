@@ -9,22 +9,30 @@ buffers stay identical on every rank (and DDP's buffer broadcast changes nothing
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from lightning_losses.functional.temperature import (
+    _amcl_arg_validation,
+    _amcl_candidates,
+    _amcl_layout,
+    _amcl_rows,
+    _amcl_similarities,
     aldr_kl_lambda,
     aldr_kl_loss,
     dro_temperature_loss,
     ldr_kl_loss,
 )
 from lightning_losses.losses.base import LossModule
+from lightning_losses.nn.tempnet import HeadTemperature, PairTemperature
 from lightning_losses.utilities.checks import NumItems, check_hyperparameter, check_int, check_tensor
 from lightning_losses.utilities.distributed import all_gather_rows, all_gather_sizes, rank_and_world_size
-from lightning_losses.utilities.numerics import autocast_disabled, hyperparameter_tensor
+from lightning_losses.utilities.numerics import as_float32, autocast_disabled, hyperparameter_tensor
 
-__all__ = ["ALDRKLLoss", "DROTemperatureLoss", "LDRKLLoss", "RobustContrastiveLoss"]
+__all__ = ["ALDRKLLoss", "AMCLLoss", "DROTemperatureLoss", "LDRKLLoss", "RobustContrastiveLoss"]
 
 
 def _check_equal_local_batches(size: int, world_size: int, device: torch.device) -> list[int]:
@@ -357,3 +365,130 @@ class RobustContrastiveLoss(LossModule):
         all_index = all_gather_rows(index.to(s_buf.device), sizes=sizes)
         s_buf[all_index] = all_gather_rows(s_new.to(s_buf), sizes=sizes)
         b_buf[all_index] = all_gather_rows(b_new.to(b_buf), sizes=sizes)
+
+
+class AMCLLoss(LossModule):
+    r"""Adaptive multi-head contrastive loss with its temperatures, negatives gathered from every rank.
+
+    The module twin of :func:`~lightning_losses.functional.amcl_loss`:
+
+    .. math::
+        L = \sum_{c=1}^{H} \frac{1}{2B}\sum_{i} \Big[-\frac{s^+_{ci}}{\tau^+_{ci}} + \beta\,\Omega(\tau^+_{ci})
+        + \operatorname*{A}_{n}\Big(\frac{s_{cin}}{\tau_{cin}} - \beta\,\Omega(\tau_{cin})\Big)\Big],
+
+    with the temperatures of the module it holds at ``self.temperature``: ``"pair"`` builds the paper's
+    :class:`~lightning_losses.nn.PairTemperature` (one per head and pair, a network shared by the heads),
+    ``"head"`` a :class:`~lightning_losses.nn.HeadTemperature` (one learnable temperature per head); a number is a
+    fixed temperature; any module called as ``temperature(anchors (H, R, d), candidates (H, M, d))`` and returning
+    temperatures broadcastable to ``(H, R, M)`` works too. Its parameters are this loss's, so a LightningModule
+    holding the loss trains them with its optimizer.
+
+    Under ``torch.distributed`` the projections are gathered *with* gradient (every rank must give the same local
+    batch size); each rank computes the anchors of its own samples against the candidates of the global batch, so
+    the mean of the ranks' losses (DDP's gradient average) is the loss of the global batch.
+
+    Args:
+        num_heads: Number of projection heads ``H``.
+        embed_dim: Projection width :math:`d'`.
+        temperature: ``"pair"``, ``"head"``, a fixed temperature > 0, or a temperature module.
+        beta: Regulariser weight :math:`\beta \ge 0` (hyperparameter ``beta``; official code 0.01).
+        negatives: ``"all"`` (SimCLR: both views) or ``"cross"`` (the other view only).
+        aggregate: ``"max"`` (the paper's hardest negative) or ``"logsumexp"``.
+        include_positive: Let the positive compete in the aggregate (InfoNCE) or not (NT-Xent, the paper's default).
+        topk: Number of hardest candidates averaged by ``"max"``.
+
+    Example:
+        >>> loss = AMCLLoss(num_heads=3, embed_dim=8)
+        >>> a, b = torch.randn(6, 3, 8), torch.randn(6, 3, 8)
+        >>> value = loss(a, b)
+        >>> bool(torch.isfinite(value)), sorted(n for n, _ in loss.named_parameters())[:1]
+        (True, ['temperature.phi.0.bias'])
+    """
+
+    beta: Tensor
+
+    def __init__(
+        self,
+        num_heads: int,
+        embed_dim: int,
+        temperature: Literal["pair", "head"] | float | nn.Module = "pair",
+        beta: float = 0.01,
+        negatives: Literal["all", "cross"] = "all",
+        aggregate: Literal["max", "logsumexp"] = "max",
+        include_positive: bool = False,
+        topk: int = 1,
+    ) -> None:
+        super().__init__()
+        check_int(num_heads, "num_heads", low=1)
+        check_int(embed_dim, "embed_dim", low=1)
+        _check_settings(beta=beta)
+        probe = torch.zeros(1, num_heads, embed_dim)
+        _amcl_arg_validation(probe, probe, negatives, aggregate, include_positive, topk)
+        self.num_heads, self.embed_dim = num_heads, embed_dim
+        self.negatives, self.aggregate = negatives, aggregate
+        self.include_positive, self.topk = include_positive, topk
+        self.register_hyperparameter("beta", beta, low=0.0)
+        self.fixed_temperature: float | None = None
+        if isinstance(temperature, nn.Module):
+            self.temperature: nn.Module | None = temperature
+        elif temperature == "pair":
+            self.temperature = PairTemperature(embed_dim)
+        elif temperature == "head":
+            self.temperature = HeadTemperature(num_heads)
+        elif isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+            check_hyperparameter(temperature, "temperature", low=0.0, low_inclusive=False)
+            self.temperature, self.fixed_temperature = None, float(temperature)
+        else:
+            raise ValueError(
+                f"`temperature` must be 'pair', 'head', a positive number or an nn.Module, got {temperature!r}."
+            )
+
+    def forward(self, features_a: Tensor, features_b: Tensor) -> Tensor:
+        """The loss of this rank's anchors against the global batch (the global loss on one process).
+
+        Args:
+            features_a: ``(B, H, d)`` projections of the first view (this rank's samples).
+            features_b: ``(B, H, d)`` projections of the second view, row by row the positives.
+        """
+        _amcl_arg_validation(features_a, features_b, self.negatives, self.aggregate, self.include_positive, self.topk)
+        local, heads, dim = features_a.shape
+        if (heads, dim) != (self.num_heads, self.embed_dim):
+            raise ValueError(
+                f"AMCLLoss was built for {self.num_heads} heads of width {self.embed_dim}, got features of shape "
+                f"{tuple(features_a.shape)}: pass (B, {self.num_heads}, {self.embed_dim})."
+            )
+        rank, world_size = rank_and_world_size()
+        sizes = _check_equal_local_batches(local, world_size, features_a.device)
+        total = sum(sizes)
+        candidates_count = _amcl_candidates(total, self.negatives, self.include_positive)
+        if candidates_count < self.topk:
+            raise ValueError(
+                f"Each anchor has {candidates_count} candidates in a global batch of {total} (negatives="
+                f"{self.negatives!r}, include_positive={self.include_positive}), fewer than topk = {self.topk} (and "
+                "at least one is needed). Enlarge the batch or lower topk."
+            )
+        with autocast_disabled(features_a):
+            a, b = as_float32(features_a, features_b)  # float64 kept
+            dtype = torch.promote_types(a.dtype, b.dtype)
+            a, b = F.normalize(a.to(dtype), dim=-1), F.normalize(b.to(dtype), dim=-1)
+            a_all = all_gather_rows(a, grad=True, sizes=sizes)
+            b_all = all_gather_rows(b, grad=True, sizes=sizes)
+            anchors, candidates, positive, excluded = _amcl_layout(a_all, b_all, self.negatives, rank * local, local)
+            sim = _amcl_similarities(anchors, candidates)
+            tau = self._temperatures(anchors, candidates, sim)
+            beta = self.beta.to(sim)
+            per_row = _amcl_rows(
+                sim, tau, positive, excluded, beta, dim, self.aggregate, self.include_positive, self.topk
+            )
+        return per_row.mean(dim=1).sum()
+
+    def _temperatures(self, anchors: Tensor, candidates: Tensor, sim: Tensor) -> Tensor:
+        if self.temperature is None:
+            assert self.fixed_temperature is not None
+            return sim.new_tensor(self.fixed_temperature).reshape(1, 1, 1)
+        half = anchors.shape[1] // 2
+        blocks = []
+        for rows, cands in ((anchors[:, :half], candidates[0]), (anchors[:, half:], candidates[1])):
+            tau = self.temperature(rows, cands).to(sim.dtype)
+            blocks.append(tau.expand(sim.shape[0], half, sim.shape[2]))
+        return torch.cat(blocks, dim=1)

@@ -36,27 +36,41 @@ from torch import Tensor, nn
 from lightning_losses.functional.unlearning import (
     FLAT_DIVERGENCES,
     Divergence,
+    altpo_loss,
+    ceu_loss,
+    ceu_target_labels,
     flat_loss,
     gradient_ascent_loss,
     idk_dpo_loss,
     npo_loss,
+    rmu_control_vector,
+    rmu_loss,
+    satimp_loss,
     simnpo_loss,
+    undial_loss,
+    wga_loss,
 )
 from lightning_losses.losses.base import LossModule
-from lightning_losses.utilities.checks import NumItems, check_hyperparameter
+from lightning_losses.utilities.checks import NumItems, check_hyperparameter, check_int
 
 __all__ = [
     "UNLEARNING_PRESETS",
+    "AltPOLoss",
+    "CEULoss",
     "FLATLoss",
     "GradientAscentLoss",
     "IdkDPOLoss",
     "NPOLoss",
+    "RMULoss",
+    "SatImpLoss",
     "ScoreName",
     "SimNPOLoss",
+    "UNDIALLoss",
     "UnlearningLoss",
     "UnlearningMethod",
     "UnlearningPreset",
     "UnlearningScores",
+    "WGALoss",
     "loss_needs",
     "resolve_unlearning_loss",
     "unlearning_preset",
@@ -72,11 +86,52 @@ ScoreName = Literal[
     "template_lengths",
     "template_mean_token_probs",
     "retain",
+    "labels",
+    "token_logps",
+    "token_mask",
+    "logits",
+    "reference_logits",
+    "activations",
+    "activation_mask",
+    "retain_activations",
+    "retain_reference_activations",
+    "retain_activation_mask",
 ]
-UnlearningMethod = Literal["ga", "graddiff", "graddiff_kl", "npo", "npo_rt", "npo_kl", "simnpo", "flat", "idkdpo"]
+UnlearningMethod = Literal[
+    "ga",
+    "graddiff",
+    "graddiff_kl",
+    "npo",
+    "npo_rt",
+    "npo_kl",
+    "simnpo",
+    "flat",
+    "idkdpo",
+    "wga",
+    "satimp",
+    "ceu",
+    "undial",
+    "rmu",
+    "altpo",
+]
 RetainLoss = Literal["nll", "kl"]
 #: The attribute of the LightningModule a loss without ``module_attribute`` lives at.
 DEFAULT_MODULE_ATTRIBUTE = "unlearning"
+#: Scores read from the reference model on new inputs at every step (they cannot be precomputed).
+PER_STEP_REFERENCE_SCORES = frozenset({"template_reference_logps", "reference_logits", "retain_reference_activations"})
+#: Scores computed on the retain batch (the step needs one while the loss reads them).
+RETAIN_SCORES = frozenset({"retain", "retain_activations", "retain_reference_activations", "retain_activation_mask"})
+#: Scores that are activations of a layer (the loss names the layer in its ``layer`` attribute).
+ACTIVATION_SCORES = frozenset({"activations", "retain_activations", "retain_reference_activations"})
+
+
+def _score_property(name: str, doc: str) -> Any:
+    """A read-only property giving the score ``name`` (computed on first access)."""
+
+    def get(self: UnlearningScores) -> Tensor:
+        return self._tensor(name)
+
+    return property(get, doc=doc)
 
 
 class UnlearningScores:
@@ -92,9 +147,22 @@ class UnlearningScores:
     * ``template_policy_logps``, ``template_reference_logps``, ``template_lengths``, ``template_mean_token_probs``:
       the same for the template (alternate, e.g. "I don't know") answer of each forget example;
     * ``retain``: the retain term (a scalar: token-mean NLL or KL to the reference on the retain batch), or ``None``
-      where the step has none.
+      where the step has none;
+    * ``labels`` ``(B, T)``: the forget labels as in the batch (prompt and padding at ``ignore_index``; the Hugging
+      Face convention: ``logits[:, t]`` predicts ``labels[:, t + 1]``);
+    * ``token_logps``, ``token_mask`` ``(B, T - 1)``: the per-token log-probabilities of the forget answers under
+      the model being unlearned (0 where masked) and the mask of answer tokens (WGA, SatImp);
+    * ``logits``, ``reference_logits`` ``(B, T, V)``: the whole next-token distributions on the forget batch under
+      the model and the reference (CE-U, UNDIAL; these form the ``B × T × V`` logits);
+    * ``activations`` ``(B, T, D)``: the output of the loss's ``layer`` on the forget batch (with gradient),
+      ``activation_mask`` ``(B, T)`` its answer positions (labels not ``ignore_index``); ``retain_activations``,
+      ``retain_reference_activations`` and ``retain_activation_mask``: the same on the retain batch under the model
+      and the reference (RMU).
 
-    ``batch`` is the forget batch itself (a dict of tensors) when the scores come from a batch.
+    ``batch`` is the forget batch itself (a dict of tensors) when the scores come from a batch. ``num_items``, when
+    given, turns a local count of items (answer tokens of this micro-batch) into the ``num_items_in_batch`` of the
+    whole optimizer step (see :func:`~lightning_losses.utilities.tokens.step_num_items`); token-mean forget terms
+    read it through :meth:`step_items`.
 
     Build one from tensors to call a loss directly, or from zero-argument functions with :meth:`lazy`, as
     :class:`~lightning_losses.UnlearningMixin` does: an entry nobody reads is never computed.
@@ -113,21 +181,36 @@ class UnlearningScores:
 
     FIELDS: ClassVar[tuple[str, ...]] = get_args(ScoreName)
 
-    def __init__(self, *, batch: Mapping[str, Any] | None = None, **values: Tensor | None) -> None:
+    def __init__(
+        self,
+        *,
+        batch: Mapping[str, Any] | None = None,
+        num_items: Callable[[Tensor], NumItems] | None = None,
+        **values: Tensor | None,
+    ) -> None:
         self._check_names(values)
         self._values: dict[str, Tensor | None] = dict(values)
         self._providers: dict[str, Callable[[], Tensor | None]] = {}
         self.batch = batch
+        self.num_items = num_items
 
     @classmethod
     def lazy(
-        cls, providers: Mapping[str, Callable[[], Tensor | None]], *, batch: Mapping[str, Any] | None = None
+        cls,
+        providers: Mapping[str, Callable[[], Tensor | None]],
+        *,
+        batch: Mapping[str, Any] | None = None,
+        num_items: Callable[[Tensor], NumItems] | None = None,
     ) -> UnlearningScores:
         """Scores whose entries are computed by ``providers[name]()`` on first access."""
-        scores = cls(batch=batch)
+        scores = cls(batch=batch, num_items=num_items)
         scores._check_names(providers)
         scores._providers = dict(providers)
         return scores
+
+    def step_items(self, local_count: Tensor) -> NumItems:
+        """The ``num_items_in_batch`` of the optimizer step for ``local_count`` items here (``None``: local mean)."""
+        return None if self.num_items is None else self.num_items(local_count)
 
     @classmethod
     def _check_names(cls, names: Mapping[str, Any]) -> None:
@@ -207,6 +290,19 @@ class UnlearningScores:
     def retain(self) -> Tensor | None:
         """The retain term of the step (a scalar), or ``None`` where there is none."""
         return self.get("retain")
+
+    labels = _score_property("labels", "``(B, T)`` forget labels, prompt and padding at ``ignore_index``.")
+    token_logps = _score_property("token_logps", "``(B, T - 1)`` per-token log-probabilities of the forget answers.")
+    token_mask = _score_property("token_mask", "``(B, T - 1)`` bool mask of the forget answer tokens.")
+    logits = _score_property("logits", "``(B, T, V)`` logits of the model being unlearned on the forget batch.")
+    reference_logits = _score_property("reference_logits", "``(B, T, V)`` reference logits on the forget batch.")
+    activations = _score_property("activations", "``(B, T, D)`` the layer's output on the forget batch.")
+    activation_mask = _score_property("activation_mask", "``(B, T)`` answer positions of the forget batch.")
+    retain_activations = _score_property("retain_activations", "``(B, T, D)`` the layer's output on retain data.")
+    retain_reference_activations = _score_property(
+        "retain_reference_activations", "``(B, T, D)`` the reference's layer output on retain data."
+    )
+    retain_activation_mask = _score_property("retain_activation_mask", "``(B, T)`` answer positions of retain data.")
 
     def __repr__(self) -> str:
         pending = sorted(set(self._providers) - set(self._values))
@@ -313,6 +409,9 @@ class NPOLoss(UnlearningLoss):
         beta: :math:`\beta > 0` (paper default 0.1).
         forget_weight: :math:`w_f \ge 0`.
         retain_weight: :math:`w_r \ge 0` (0: plain NPO).
+        length_normalize: divide each log-ratio by its answer length (off, as in the paper), so that the gradient
+            weight does not vanish on long answers; see :func:`~lightning_losses.functional.npo_loss`. The loss then
+            also reads ``lengths``.
 
     Example:
         >>> import torch
@@ -330,23 +429,53 @@ class NPOLoss(UnlearningLoss):
     module_attribute = "npo"
     beta: Tensor
 
-    def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 0.0) -> None:
+    def __init__(
+        self,
+        beta: float = 0.1,
+        forget_weight: float = 1.0,
+        retain_weight: float = 0.0,
+        length_normalize: bool = False,
+    ) -> None:
         super().__init__(forget_weight, retain_weight)
         _check_settings(beta=beta)
+        if not isinstance(length_normalize, bool):
+            raise TypeError(f"`length_normalize` must be a bool, got {type(length_normalize).__name__}.")
         self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
+        self.length_normalize = length_normalize
+        if length_normalize:
+            self.__dict__["needs"] = (*type(self).needs, "lengths")
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return npo_loss(scores.policy_logps, scores.reference_logps, self.beta)
+        lengths = scores.lengths if self.length_normalize else None
+        return npo_loss(
+            scores.policy_logps,
+            scores.reference_logps,
+            self.beta,
+            lengths=lengths,
+            length_normalize=self.length_normalize,
+        )
 
     def forward(
         self,
         policy_logps: Tensor | UnlearningScores,
         reference_logps: Tensor | None = None,
         retain_loss: Tensor | None = None,
+        *,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         if isinstance(policy_logps, UnlearningScores):
             return super().forward(policy_logps)
-        return self.combine(npo_loss(policy_logps, reference_logps, self.beta), retain_loss)  # type: ignore[arg-type]
+        forget = npo_loss(
+            policy_logps,
+            reference_logps,  # type: ignore[arg-type]
+            self.beta,
+            lengths=lengths,
+            length_normalize=self.length_normalize,
+        )
+        return self.combine(forget, retain_loss)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", length_normalize=True" if self.length_normalize else "")
 
 
 class SimNPOLoss(UnlearningLoss):
@@ -419,7 +548,8 @@ class GradientAscentLoss(UnlearningLoss):
     module_attribute = "ga"
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return gradient_ascent_loss(scores.policy_logps, scores.lengths)
+        lengths = scores.lengths
+        return gradient_ascent_loss(scores.policy_logps, lengths, num_items_in_batch=scores.step_items(lengths.sum()))
 
     def forward(
         self,
@@ -532,6 +662,303 @@ class IdkDPOLoss(UnlearningLoss):
         return self.combine(forget, retain_loss)
 
 
+class _TokenMeanLoss(UnlearningLoss):
+    """A loss whose forget term is a token mean: normalised over the optimizer step where the scores say how."""
+
+    def _num_items(self, scores: UnlearningScores, mask: Tensor) -> NumItems:
+        return scores.step_items(mask.sum())
+
+
+class WGALoss(_TokenMeanLoss):
+    r"""Weighted gradient ascent (WGA): gradient ascent with each answer token weighted by :math:`p^\beta`.
+
+    .. math::
+
+        \mathcal{L} = w_f\,\frac{1}{|A|}\sum_{(b,t)\in A} \operatorname{sg}(p_{bt}^{\beta}) \log p_{bt}
+            + w_r\,\mathcal{L}_{\text{retain}}
+
+    Called as ``loss(scores)`` (reads ``token_logps``, ``token_mask`` and, while :math:`w_r > 0`, ``retain``); see
+    :func:`~lightning_losses.functional.wga_loss` for the source and where the code and the paper differ. Defaults
+    are open-unlearning's ``configs/trainer/WGA.yaml`` (β = 1, :math:`w_f = w_r = 1`, retain NLL).
+
+    Example:
+        >>> import torch
+        >>> lp = torch.log(torch.tensor([[0.5, 0.25]]))
+        >>> scores = UnlearningScores(token_logps=lp, token_mask=torch.ones(1, 2, dtype=torch.bool))
+        >>> torch.allclose(WGALoss(retain_weight=0.0)(scores), (0.5 * lp[0, 0] + 0.25 * lp[0, 1]) / 2)
+        True
+    """
+
+    needs = ("token_logps", "token_mask", "retain")
+    module_attribute = "wga"
+    beta: Tensor
+
+    def __init__(self, beta: float = 1.0, forget_weight: float = 1.0, retain_weight: float = 1.0) -> None:
+        super().__init__(forget_weight, retain_weight)
+        _check_settings(beta=beta)
+        self.register_hyperparameter("beta", beta, low=0.0)
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        mask = scores.token_mask
+        return wga_loss(scores.token_logps, mask, self.beta, num_items_in_batch=self._num_items(scores, mask))
+
+
+class SatImpLoss(_TokenMeanLoss):
+    r"""SatImp: gradient ascent with each answer token weighted by :math:`p^{\beta_1}(1-p)^{\beta_2}`.
+
+    .. math::
+
+        \mathcal{L} = w_f\,\frac{1}{|A|}\sum_{(b,t)\in A}
+            \operatorname{sg}\big(p_{bt}^{\beta_1}(1-p_{bt})^{\beta_2}\big) \log p_{bt}
+            + w_r\,\mathcal{L}_{\text{retain}}
+
+    Called as ``loss(scores)`` (reads ``token_logps``, ``token_mask``, ``retain``); see
+    :func:`~lightning_losses.functional.satimp_loss`. Defaults are open-unlearning's ``configs/trainer/SatImp.yaml``
+    (:math:`\beta_1 = 5`, :math:`\beta_2 = 1`, forget weight 0.1, retain NLL weight 1; its trainer class defaults
+    are the other way round, forget 1 and retain 0.1).
+
+    Example:
+        >>> import torch
+        >>> lp = torch.log(torch.tensor([[0.5]]))
+        >>> scores = UnlearningScores(token_logps=lp, token_mask=torch.ones(1, 1, dtype=torch.bool))
+        >>> loss = SatImpLoss(beta1=1.0, beta2=1.0, forget_weight=1.0, retain_weight=0.0)
+        >>> torch.allclose(loss(scores), 0.25 * lp[0, 0])
+        True
+    """
+
+    needs = ("token_logps", "token_mask", "retain")
+    module_attribute = "satimp"
+    beta1: Tensor
+    beta2: Tensor
+
+    def __init__(
+        self, beta1: float = 5.0, beta2: float = 1.0, forget_weight: float = 0.1, retain_weight: float = 1.0
+    ) -> None:
+        super().__init__(forget_weight, retain_weight)
+        _check_settings(beta1=beta1, beta2=beta2)
+        self.register_hyperparameter("beta1", beta1, low=0.0)
+        self.register_hyperparameter("beta2", beta2, low=0.0)
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        mask = scores.token_mask
+        return satimp_loss(
+            scores.token_logps, mask, self.beta1, self.beta2, num_items_in_batch=self._num_items(scores, mask)
+        )
+
+
+class CEULoss(_TokenMeanLoss):
+    r"""CE-U: cross-entropy toward the model's own (detached) next-token distribution with the answer token removed.
+
+    Called as ``loss(scores)`` (reads ``logits``, ``labels``, ``retain``; the whole ``B × T × V`` logits are
+    formed); see :func:`~lightning_losses.functional.ceu_loss`. Defaults are open-unlearning's ``CEU`` trainer
+    (``src/trainer/unlearn/ceu.py``): the first answer token of each sequence left out, no retain term.
+
+    Args:
+        ignore_first: answer tokens left out at the start of each sequence.
+        forget_weight: :math:`w_f`.
+        retain_weight: :math:`w_r` (default 0: CE-U uses no retain data).
+        ignore_index: label of prompt and padding positions in ``scores.labels``.
+
+    Example:
+        >>> import torch
+        >>> z, y = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+        >>> from lightning_losses.functional import ceu_loss
+        >>> torch.equal(CEULoss()(UnlearningScores(logits=z, labels=y)), ceu_loss(z, y, shift=True, ignore_first=1))
+        True
+    """
+
+    needs = ("logits", "labels", "retain")
+    module_attribute = "ceu"
+
+    def __init__(
+        self, ignore_first: int = 1, forget_weight: float = 1.0, retain_weight: float = 0.0, ignore_index: int = -100
+    ) -> None:
+        super().__init__(forget_weight, retain_weight)
+        check_int(ignore_first, "ignore_first", low=0)
+        check_int(ignore_index, "ignore_index")
+        self.ignore_first, self.ignore_index = ignore_first, ignore_index
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        labels = scores.labels
+        counted = ceu_target_labels(labels, self.ignore_index, True, self.ignore_first) != self.ignore_index
+        return ceu_loss(
+            scores.logits,
+            labels,
+            self.ignore_index,
+            shift=True,
+            ignore_first=self.ignore_first,
+            num_items_in_batch=self._num_items(scores, counted),
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_first={self.ignore_first}, " + super().extra_repr()
+
+
+class UNDIALLoss(_TokenMeanLoss):
+    r"""UNDIAL: self-distillation toward the reference logits with the answer token's logit lowered by :math:`\gamma`.
+
+    .. math::
+
+        \mathcal{L} = w_f\,\frac{1}{|A|}\sum_{(b,t)\in A}
+            \mathrm{CE}\big(\operatorname{softmax}(z^{\mathrm{ref}}_{bt} - \gamma e_{y_{bt}}),\, p^\theta_{bt}\big)
+            + w_r\,\mathcal{L}_{\text{retain}}
+
+    Called as ``loss(scores)`` (reads ``logits``, ``reference_logits``, ``labels``, ``retain``): the reference runs on
+    the forget batch at every step (an adapter or an explicit reference model; it cannot be precomputed). See
+    :func:`~lightning_losses.functional.undial_loss` for where the code and the paper differ. Defaults are
+    open-unlearning's ``configs/trainer/UNDIAL.yaml`` (γ = 10, named ``beta`` there; retain weight 0).
+
+    Example:
+        >>> import torch
+        >>> z, y = torch.randn(1, 4, 6), torch.randint(0, 6, (1, 4))
+        >>> scores = UnlearningScores(logits=z, reference_logits=z + 1.0, labels=y)
+        >>> from lightning_losses.functional import undial_loss
+        >>> torch.equal(UNDIALLoss(gamma=2.0)(scores), undial_loss(z, z + 1.0, y, 2.0, shift=True))
+        True
+    """
+
+    needs = ("logits", "reference_logits", "labels", "retain")
+    module_attribute = "undial"
+    gamma: Tensor
+
+    def __init__(
+        self, gamma: float = 10.0, forget_weight: float = 1.0, retain_weight: float = 0.0, ignore_index: int = -100
+    ) -> None:
+        super().__init__(forget_weight, retain_weight)
+        _check_settings(gamma=gamma)
+        check_int(ignore_index, "ignore_index")
+        self.register_hyperparameter("gamma", gamma, low=0.0)
+        self.ignore_index = ignore_index
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        labels = scores.labels
+        counted = labels[:, 1:] != self.ignore_index
+        return undial_loss(
+            scores.logits,
+            scores.reference_logits,
+            labels,
+            self.gamma,
+            self.ignore_index,
+            shift=True,
+            num_items_in_batch=self._num_items(scores, counted),
+        )
+
+
+class RMULoss(UnlearningLoss):
+    r"""RMU (representation misdirection): forget activations at one layer pushed toward :math:`c\,u`, retain
+    activations held at the frozen model's.
+
+    .. math::
+
+        \mathcal{L} = w_f\,\mathrm{MSE}_A\big(h^\theta_{\text{forget}},\, c\,u\big)
+            + w_r\,\mathrm{MSE}_A\big(h^\theta_{\text{retain}},\, h^{\mathrm{ref}}_{\text{retain}}\big)
+
+    with :math:`h` the output of ``layer`` (read with a forward hook; through PEFT adapters and, for the frozen model,
+    through the configured reference mode), :math:`u` a fixed random unit vector (:func:`~lightning_losses.functional.
+    rmu_control_vector`, seeded by ``seed``) and :math:`\mathrm{MSE}_A` the per-sequence answer-token mean of the
+    mean squared difference (:func:`~lightning_losses.functional.rmu_loss`, where the code and the paper differ).
+    Called as ``loss(scores)``; the retain term comes from the retain batch's activations, not from ``retain``.
+
+    As in open-unlearning (``src/trainer/unlearn/rmu.py``, after WMDP's ``rmu/unlearn.py``) only what precedes the
+    layer receives gradient: put the trainable parameters (the LoRA adapter, ``target_modules``) at or before it;
+    under DDP with trainable parameters after it, set ``find_unused_parameters=True``. The defaults are
+    open-unlearning's ``configs/trainer/RMU.yaml`` (c = 300, :math:`w_f = 1`, :math:`w_r = 1000`), which it says to
+    tune per model; c is a hyperparameter (``"rmu.steering_coeff"``).
+
+    Args:
+        layer: the module whose output is steered: its dotted name (``"transformer.h.1"``; a unique suffix of a
+            name is enough, so the same name works through a PEFT wrapper), or ``None``: the block at a quarter of
+            the depth of the model's largest ``nn.ModuleList`` (open-unlearning's layer 7 of 32).
+        steering_coeff: :math:`c > 0`.
+        forget_weight: :math:`w_f`.
+        retain_weight: :math:`w_r`.
+        seed: seed of :math:`u`.
+
+    Example:
+        >>> import torch
+        >>> loss = RMULoss(steering_coeff=2.0, retain_weight=0.0)
+        >>> h, mask = torch.zeros(1, 3, 4), torch.ones(1, 3, dtype=torch.bool)
+        >>> torch.allclose(loss(UnlearningScores(activations=h, activation_mask=mask)), torch.tensor(4.0 / 4))
+        True
+    """
+
+    needs = (
+        "activations",
+        "activation_mask",
+        "retain_activations",
+        "retain_reference_activations",
+        "retain_activation_mask",
+    )
+    module_attribute = "rmu"
+    steering_coeff: Tensor
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        steering_coeff: float = 300.0,
+        forget_weight: float = 1.0,
+        retain_weight: float = 1000.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(forget_weight, retain_weight)
+        _check_settings(steering_coeff=steering_coeff)
+        check_int(seed, "seed")
+        if layer is not None and (not isinstance(layer, str) or not layer):
+            raise TypeError(f"`layer` must be a module name (a non-empty str) or None, got {layer!r}.")
+        self.register_hyperparameter("steering_coeff", steering_coeff, low=0.0, low_inclusive=False)
+        self.layer, self.seed = layer, seed
+
+    @property
+    def uses_retain(self) -> bool:
+        """Whether the retain activation term counts (``retain_weight > 0``): a retain batch is then needed."""
+        return bool((self.retain_weight > 0).any())
+
+    def target(self, activations: Tensor) -> Tensor:
+        """The forget target :math:`c\\,u` ``(D,)`` for activations of width ``D``."""
+        u = rmu_control_vector(activations.shape[-1], seed=self.seed, device=activations.device)
+        return self.steering_coeff.to(u) * u
+
+    def forward(self, scores: UnlearningScores, /) -> Tensor:
+        h = scores.activations
+        forget = rmu_loss(h, self.target(h), scores.activation_mask)
+        out = self.forget_weight.to(forget) * forget
+        if not self.uses_retain:
+            return out
+        retain = rmu_loss(scores.retain_activations, scores.retain_reference_activations, scores.retain_activation_mask)
+        return out + self.retain_weight.to(forget) * retain
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer!r}, " + super().extra_repr()
+
+
+class AltPOLoss(IdkDPOLoss):
+    r"""AltPO: DPO with a plausible alternate answer (the template answer) preferred to the forget answer, plus a
+    retain term.
+
+    Called as ``loss(scores)`` (the template entries hold the alternate answer) or with the four log-probability
+    tensors; see :func:`~lightning_losses.functional.altpo_loss` for the source. Defaults: β = 0.1 (the AltPO
+    repository's configuration; open-unlearning's ``DPO`` trainer defaults to 1), retain NLL weight 1. It lives at
+    ``self.altpo``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([-2.0])
+        >>> torch.allclose(AltPOLoss(retain_weight=0.0)(z, z, z, z), torch.tensor(20 * 0.6931472))
+        True
+    """
+
+    module_attribute = "altpo"
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        return altpo_loss(
+            scores.template_policy_logps,
+            scores.template_reference_logps,
+            scores.policy_logps,
+            scores.reference_logps,
+            self.beta,
+        )
+
+
 @dataclass(frozen=True)
 class UnlearningPreset:
     """An unlearning method by name: a loss class, its settings, and the retain term the mixin computes for it.
@@ -546,9 +973,9 @@ class UnlearningPreset:
     settings: Mapping[str, Any] = field(default_factory=dict)
     retain: RetainLoss | None = None
 
-    def build(self) -> UnlearningLoss:
-        """A new loss with the preset's settings."""
-        return self.loss(**self.settings)
+    def build(self, **overrides: Any) -> UnlearningLoss:
+        """A new loss with the preset's settings, ``overrides`` replacing some (``build(length_normalize=True)``)."""
+        return self.loss(**{**self.settings, **overrides})
 
     @property
     def attribute(self) -> str:
@@ -557,7 +984,10 @@ class UnlearningPreset:
 
 
 #: The unlearning methods by name, with the papers' defaults: NPO β = 0.1; SimNPO β = 4.5, δ = 0, retain weight
-#: 0.125; GradDiff γ = α = 1; FLAT with TV. Add an entry to make a name of your own available to
+#: 0.125; GradDiff γ = α = 1; FLAT with TV; and open-unlearning's configurations (``configs/trainer/*.yaml``) for
+#: WGA (β = 1, retain NLL weight 1), SatImp (β1 = 5, β2 = 1, forget weight 0.1, retain NLL weight 1), CE-U (first
+#: answer token left out, no retain term), UNDIAL (γ = 10, retain weight 0), RMU (c = 300, retain weight 1000) and
+#: AltPO (β = 0.1, retain NLL weight 1). Add an entry to make a name of your own available to
 #: ``configure_unlearning(method=...)``.
 UNLEARNING_PRESETS: dict[str, UnlearningPreset] = {
     "ga": UnlearningPreset(GradientAscentLoss),
@@ -569,6 +999,12 @@ UNLEARNING_PRESETS: dict[str, UnlearningPreset] = {
     "simnpo": UnlearningPreset(SimNPOLoss, {}, "nll"),
     "flat": UnlearningPreset(FLATLoss),
     "idkdpo": UnlearningPreset(IdkDPOLoss, {}, "nll"),
+    "wga": UnlearningPreset(WGALoss, {}, "nll"),
+    "satimp": UnlearningPreset(SatImpLoss, {}, "nll"),
+    "ceu": UnlearningPreset(CEULoss),
+    "undial": UnlearningPreset(UNDIALLoss, {}, "nll"),
+    "rmu": UnlearningPreset(RMULoss),
+    "altpo": UnlearningPreset(AltPOLoss, {}, "nll"),
 }
 
 

@@ -18,13 +18,17 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_losses.functional.unlearning import membership_scores, truth_ratio
+from lightning_losses.utilities.checks import check_targets
 
 __all__ = [
+    "DedupedAccuracy",
     "ForgetQuality",
+    "LossMembershipInference",
     "MembershipInferenceAUC",
     "TruthRatio",
     "UnlearningSplitStatistics",
     "auc_score",
+    "classification_losses",
     "ks_2samp_pvalue",
     "ks_statistic",
     "zlib_length",
@@ -322,3 +326,131 @@ class TruthRatio(Metric):
     def compute(self) -> Tensor:
         ratios = _cat(self, "ratios")
         return torch.minimum(ratios, 1 / ratios).mean()
+
+
+def _check_classification(logits: Tensor, target: Tensor, index: Tensor | None) -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"`logits` must be floating-point logits of shape (N, num_classes), got {shape}.")
+    check_targets(target, logits.shape[1], logits.shape[0])
+    bad_index = not isinstance(index, Tensor) or index.shape != target.shape or index.is_floating_point()
+    if index is not None and bad_index:
+        shape = tuple(index.shape) if isinstance(index, Tensor) else type(index).__name__
+        raise ValueError(
+            f"`index` must be an integer tensor of shape {tuple(target.shape)} (one dataset index per sample), got "
+            f"{shape}."
+        )
+
+
+def classification_losses(logits: Tensor, target: Tensor) -> Tensor:
+    r"""Per-sample cross-entropy :math:`-\log p(y \mid x)` in float32, checked: the statistic of a loss-based
+    membership-inference attack on a classifier.
+
+    Example:
+        >>> [round(v, 4) for v in classification_losses(torch.zeros(2, 4), torch.tensor([0, 3])).tolist()]
+        [1.3863, 1.3863]
+    """
+    _check_classification(logits, target, None)
+    return torch.nn.functional.cross_entropy(logits.detach().float(), target.long(), reduction="none")
+
+
+class LossMembershipInference(Metric):
+    r"""Loss-based membership inference on a classifier: the AUC with which the per-sample loss tells members
+    (samples the model was trained on, e.g. the forget set) from non-members (held-out samples).
+
+    The attack scores a sample by its negated cross-entropy :math:`-\ell(x, y)` (members have lower loss, Yeom et
+    al. 2018); ``compute()`` is the AUC of that score (:func:`auc_score`, i.e. torchmetrics' ``binary_auroc``):
+    1 when every member has a lower loss than every non-member, 0.5 when the losses are indistinguishable. After
+    unlearning, the forget set's AUC against held-out data should be that of a model retrained without it, which is
+    near 0.5 when the forget and the held-out samples come from one distribution (and below it when a whole class
+    was forgotten and the retrained model fails on both alike).
+
+    ``update(logits, target, members, index=None)``: ``members`` is one bool for the whole batch or one per sample.
+    With ``index`` (each sample's dataset index) a sample counted twice (the padding a ``DistributedSampler`` adds)
+    counts once, so several processes give the single-process AUC; members and non-members must then have distinct
+    indices.
+
+    Example:
+        >>> mia = LossMembershipInference()
+        >>> mia.update(torch.tensor([[4.0, 0.0], [0.0, 4.0]]), torch.tensor([0, 1]), members=True)
+        >>> mia.update(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1]), members=False)
+        >>> mia.compute().item()
+        1.0
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("losses", default=[], dist_reduce_fx="cat")
+        self.add_state("members", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+        self._indexed: bool | None = None
+
+    def update(self, logits: Tensor, target: Tensor, members: bool | Tensor, index: Tensor | None = None) -> None:
+        _check_classification(logits, target, index)
+        if isinstance(members, bool):
+            flags = torch.full(target.shape, members, dtype=torch.bool, device=target.device)
+        elif isinstance(members, Tensor) and members.dtype == torch.bool and members.shape in (target.shape, ()):
+            flags = members.expand(target.shape)
+        else:
+            got = f"a {members.dtype} tensor of shape {tuple(members.shape)}" if isinstance(members, Tensor) else (
+                type(members).__name__
+            )
+            raise ValueError(
+                f"`members` must be a bool or a bool tensor of shape {tuple(target.shape)} (True: trained on), got "
+                f"{got}."
+            )
+        if self._indexed is not None and self._indexed != (index is not None):
+            raise ValueError("Pass `index` with every update or with none (duplicates are dropped by index).")
+        self._indexed = index is not None
+        _append(self, "losses", classification_losses(logits, target))
+        _append(self, "members", flags.clone())
+        if index is not None:
+            _append(self, "index", index.long())
+
+    def compute(self) -> Tensor:
+        losses, members, index = _cat(self, "losses"), _cat(self, "members").bool(), _cat(self, "index")
+        if index.numel():
+            index, losses, members = _dedupe(index.long(), losses, members)
+        return auc_score(-losses, members)
+
+    def reset(self) -> None:
+        super().reset()
+        self._indexed = None
+
+
+class DedupedAccuracy(Metric):
+    """Top-1 accuracy counting each sample once by its dataset ``index``: multi-process evaluation with a
+    ``DistributedSampler`` (which repeats samples to even out the shards) equals the single-process accuracy.
+
+    ``update(logits, target, index)``; ``compute()`` is the fraction of distinct samples classified correctly
+    (the first occurrence of an index counts).
+
+    Example:
+        >>> acc = DedupedAccuracy()
+        >>> acc.update(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1]), torch.tensor([5, 6]))
+        >>> acc.update(torch.tensor([[0.0, 1.0]]), torch.tensor([0]), torch.tensor([5]))  # a padded repeat of 5
+        >>> acc.compute().item()
+        0.5
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: Tensor, target: Tensor, index: Tensor) -> None:
+        if index is None:
+            raise ValueError("`index` is required: one dataset index per sample (the embedded data modules give it).")
+        _check_classification(logits, target, index)
+        _append(self, "correct", (logits.detach().argmax(-1) == target).float())
+        _append(self, "index", index.long())
+
+    def compute(self) -> Tensor:
+        _, correct = _dedupe(_cat(self, "index").long(), _cat(self, "correct"))
+        if correct.numel() == 0:
+            raise ValueError("DedupedAccuracy has no sample: call `update` before `compute`.")
+        return correct.mean()

@@ -14,3 +14,7 @@ __all__ = [
     *unlearning.__all__,
     "HyperparameterMixin",
 ]
+from lightning_losses.mixins import on_policy
+from lightning_losses.mixins.on_policy import *
+
+__all__ += on_policy.__all__

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-import inspect
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,81 +10,13 @@ from torch import Tensor, nn
 
 from lightning_losses.losses.distillation import KDLoss
 from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.mixins.distillation_calls import call_distillation_loss, causal_lm_distillation
+from lightning_losses.mixins.distillation_teachers import FeatureRecorder, TeacherState, feature_module, shard_teachers
 from lightning_losses.utilities.checkpoints import follow_saved_shapes
-from lightning_losses.utilities.distributed import all_gather_rows, all_gather_sizes
 
 __all__ = ["DistillationMixin"]
 
 _TEACHERS_CHECKPOINT_KEY = "distillation_teachers"
-
-
-_CALL_KEYWORDS = ("target", "labels", "epoch", "num_items_in_batch")
-
-
-def _unwrapped(loss: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``loss`` itself."""
-    inner = getattr(loss, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else loss
-
-
-@functools.lru_cache(maxsize=256)
-def _keywords_of(cls: Any) -> dict[str, bool]:
-    parameters = inspect.signature(cls.forward).parameters
-    return {
-        name: parameters[name].default is inspect.Parameter.empty for name in _CALL_KEYWORDS if name in parameters
-    }
-
-
-def _accepted_keywords(loss: nn.Module) -> dict[str, bool]:
-    """The distillation call keywords ``loss.forward`` declares, each mapped to whether it is required."""
-    cls: Any = type(_unwrapped(loss))
-    return _keywords_of(cls)
-
-
-def _changes_dtype(module: nn.Module, fn: Any) -> bool:
-    """Whether ``Module._apply(fn)`` would change the dtype of ``module``'s floating tensors."""
-    probe: Tensor | None = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if probe is None:
-        probe = next((b for b in module.buffers() if b.is_floating_point()), None)
-    if probe is None:
-        return False
-    try:
-        converted = fn(torch.empty(0, dtype=probe.dtype, device=probe.device))
-    except Exception:  # a function that only works on real parameters: assume it keeps the dtype
-        return False
-    return isinstance(converted, Tensor) and converted.dtype != probe.dtype
-
-
-def _loss_name(loss: nn.Module) -> str:
-    return type(_unwrapped(loss)).__name__
-
-
-class _FeatureRecorder:
-    """Forward hook storing a module's output under ``key`` (a class, so the module stays picklable)."""
-
-    def __init__(self, store: dict[str, Tensor], key: str) -> None:
-        self.store, self.key = store, key
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.store[self.key] = output
-
-
-@dataclass
-class _DistillationState:
-    teachers: list[nn.Module]
-    weights: Tensor | None
-    save_teachers: bool
-    cache_enabled: bool
-    student_feature_names: tuple[str, ...]
-    teacher_feature_names: tuple[str, ...]
-    student_features: dict[str, Tensor] = field(default_factory=dict)
-    teacher_features: dict[str, Tensor] = field(default_factory=dict)
-    cache: dict[str, Tensor] = field(default_factory=dict)  # "logits" and feature names -> (num_samples, ...)
-    cached: Tensor | None = None  # bool mask (num_samples,)
-    teacher_calls: int = 0
-    cache_hits: int = 0
-    converted: set[int] = field(default_factory=set)  # ids of teacher copies this module owns (dtype-converted)
-    pending: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)  # cache entries to share
 
 
 class DistillationMixin(HyperparameterMixin):
@@ -104,7 +31,8 @@ class DistillationMixin(HyperparameterMixin):
       ``save_teachers=True``; they still follow the module's device and dtype moves (``.to``, ``.cuda``, ``.half``);
     * **features by name**: forward hooks capture intermediate outputs of student submodules (dotted names in this
       module) and of the first teacher (dotted names in the teacher);
-    * **several teachers**: logits are averaged with ``teacher_weights`` (normalised to sum to one);
+    * **several teachers**: logits are averaged with ``teacher_weights`` (normalised to sum to one), or returned
+      stacked ``(K, ...)`` by ``teacher_forward(..., combine=False)`` for a loss that takes the teachers apart;
     * **caching**: with ``cache_teacher_outputs=True``, teacher logits (and captured features) are stored by sample
       index so each sample goes through the teachers once. Only correct when a sample's input is the same every
       epoch (no random augmentation).
@@ -186,7 +114,7 @@ class DistillationMixin(HyperparameterMixin):
         for t in teachers:
             t.requires_grad_(False)
             t.eval()
-        state = _DistillationState(
+        state = TeacherState(
             teachers=teachers,
             weights=weights,
             save_teachers=save_teachers,
@@ -196,11 +124,11 @@ class DistillationMixin(HyperparameterMixin):
         )
         self.__dict__["_distillation"] = state
         for name in student_features:
-            self._feature_module(self, name, "student_features").register_forward_hook(
-                _FeatureRecorder(state.student_features, name)
+            feature_module(self, name, "student_features").register_forward_hook(
+                FeatureRecorder(state.student_features, name)
             )
-        for name in teacher_features:  # validated now; hooked only while `teacher_forward` runs (see there)
-            self._feature_module(teachers[0], name, "teacher_features")
+        for name in teacher_features:  # validated now; hooked only while `teacher_forward` runs
+            feature_module(teachers[0], name, "teacher_features")
         if loss is not None:
             self.kd = loss
         elif not isinstance(getattr(self, "kd", None), nn.Module):
@@ -208,17 +136,7 @@ class DistillationMixin(HyperparameterMixin):
         if "teacher_class_means" not in self._buffers:
             self.register_buffer("teacher_class_means", torch.empty(0), persistent=True)
 
-    @staticmethod
-    def _feature_module(root: nn.Module, name: str, argument: str) -> nn.Module:
-        try:
-            return root.get_submodule(name)
-        except AttributeError:
-            names = [n for n, _ in root.named_modules() if n][:20]
-            raise ValueError(
-                f"`{argument}` names {name!r}, which is not a submodule. Some valid names: {names}."
-            ) from None
-
-    def _distillation_state(self) -> _DistillationState:
+    def _distillation_state(self) -> TeacherState:
         state = self.__dict__.get("_distillation")
         if state is None:
             raise RuntimeError(
@@ -259,98 +177,23 @@ class DistillationMixin(HyperparameterMixin):
             names = getattr(mesh, "mesh_dim_names", None) or ()
             if mesh is not None and "data_parallel" in names:
                 mesh = mesh["data_parallel"]
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        if mesh is not None:
+            shard_teachers(self.teachers, mesh, **fully_shard_kwargs)
 
-        fully_shard_kwargs.setdefault("reshard_after_forward", True)
-        for t in self.teachers:
-            if not isinstance(t, FSDPModule):
-                fully_shard(t, mesh=mesh, **fully_shard_kwargs)
-            t.requires_grad_(False)
-            t.eval()
-
-    def teacher_forward(self, *inputs: Any, index: Tensor | None = None) -> Tensor:
-        """Run the teachers in eval mode without gradient and return their (weighted-average) logits.
+    def teacher_forward(self, *inputs: Any, index: Tensor | None = None, combine: bool = True) -> Tensor:
+        """Run the teachers in eval mode without gradient and return their logits, detached.
 
         Args:
             inputs: Positional inputs of the teachers.
             index: Sample indices ``(N,)``; with caching enabled, samples already seen are served from the cache.
+            combine: ``True`` returns the weighted average of the teachers' logits (``teacher_weights``);
+                ``False`` returns every teacher's logits stacked along a new first dimension, ``(K, ...)``, for a
+                loss that takes the teachers separately.
 
         Returns:
-            Teacher logits, detached.
+            Teacher logits: ``(...)`` combined, or ``(K, ...)`` for ``combine=False``.
         """
-        state = self._distillation_state()
-        if state.cache_enabled and index is not None:
-            cached = self._cache_lookup(state, index)
-            if cached is not None:
-                state.cache_hits += 1
-                return cached
-        # Teacher hooks live only for this call: a teacher shared by several modules (or reused after this one is
-        # gone) never accumulates hooks or keeps references to this module's feature store.
-        handles = [
-            state.teachers[0].get_submodule(name).register_forward_hook(_FeatureRecorder(state.teacher_features, name))
-            for name in state.teacher_feature_names
-        ]
-        try:
-            with torch.no_grad():
-                outputs = []
-                for t in state.teachers:
-                    t.eval()
-                    outputs.append(t(*inputs))
-        finally:
-            for handle in handles:
-                handle.remove()
-        state.teacher_calls += 1
-        if len(outputs) == 1:
-            logits = outputs[0]
-        else:
-            stacked = torch.stack(outputs)
-            weights = state.weights if state.weights is not None else torch.full((len(outputs),), 1 / len(outputs))
-            logits = torch.einsum("t,t...->...", weights.to(stacked), stacked)
-        logits = logits.detach()
-        if state.cache_enabled and index is not None:
-            self._cache_store(state, index, logits)
-        return logits
-
-    def _cache_lookup(self, state: _DistillationState, index: Tensor) -> Tensor | None:
-        if state.cached is None or int(index.max()) >= state.cached.numel():
-            return None
-        index = index.to(state.cached.device)
-        if not bool(state.cached[index].all()):
-            return None
-        for name in state.teacher_feature_names:
-            state.teacher_features[name] = state.cache[name][index]
-        return state.cache["logits"][index]
-
-    def _cache_store(self, state: _DistillationState, index: Tensor, logits: Tensor) -> None:
-        values = {"logits": logits}
-        values.update({n: state.teacher_features[n].detach() for n in state.teacher_feature_names})
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            state.pending.append((index.detach(), values))
-        self._cache_write(state, index, values)
-
-    def _cache_write(self, state: _DistillationState, index: Tensor, values: dict[str, Tensor]) -> None:
-        logits = values["logits"]
-        needed = int(index.max()) + 1
-        size = 0 if state.cached is None else state.cached.numel()
-        if needed > size:
-            new_size = max(needed, 2 * size)
-            grown = torch.zeros(new_size, dtype=torch.bool, device=logits.device)
-            if state.cached is not None:
-                grown[:size] = state.cached
-            state.cached = grown
-            for key, value in values.items():
-                buf = value.new_zeros((new_size, *value.shape[1:]))
-                if key in state.cache:
-                    buf[:size] = state.cache[key]
-                state.cache[key] = buf
-        index = index.to(logits.device)
-        for key, value in values.items():
-            state.cache[key][index] = value
-        assert state.cached is not None
-        state.cached[index] = True
+        return self._distillation_state().forward(inputs, index, combine, getattr(self, "_trainer", None))
 
     def student_features(self, name: str) -> Tensor:
         """The output of the student submodule ``name`` in the latest forward pass."""
@@ -400,23 +243,11 @@ class DistillationMixin(HyperparameterMixin):
             num_items_in_batch: Normaliser of a token-averaged loss (see
                 :func:`~lightning_losses.utilities.tokens.step_num_items`); ignored by losses that do not take it.
         """
-        loss = self.kd
-        accepted = _accepted_keywords(loss)
         trainer = getattr(self, "_trainer", None)
-        kwargs: dict[str, Any] = {}
-        for name in ("target", "labels"):
-            if name in accepted:
-                if target is None and accepted[name]:
-                    raise ValueError(
-                        f"{_loss_name(loss).removesuffix('Loss')} needs the class targets: call "
-                        "`distillation_loss(student, teacher, target)`."
-                    )
-                kwargs[name] = target
-        if "epoch" in accepted:
-            kwargs["epoch"] = self.current_epoch if trainer is not None else None  # type: ignore[attr-defined]
-        if "num_items_in_batch" in accepted and num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
-        return loss(student_logits, teacher_logits, **kwargs)
+        epoch = self.current_epoch if trainer is not None else None  # type: ignore[attr-defined]
+        return call_distillation_loss(
+            self.kd, student_logits, teacher_logits, target=target, epoch=epoch, num_items_in_batch=num_items_in_batch
+        )
 
     def causal_lm_distillation_loss(
         self,
@@ -445,51 +276,19 @@ class DistillationMixin(HyperparameterMixin):
             num_items_in_batch: Token count to divide by instead of this micro-batch's (see
                 :func:`~lightning_losses.utilities.tokens.step_num_items`).
         """
-        from lightning_losses.integrations.transformers import HiddenStatesUnavailable, causal_lm_hidden_states
-
-        loss = self.kd
-        from_hidden = getattr(_unwrapped(loss), "from_hidden", None)
-        if from_hidden is None:
-            raise TypeError(
-                "causal_lm_distillation_loss needs `self.kd` to be a GeneralizedJSDLoss (or any loss with a chunked "
-                f"`from_hidden` path), got {_loss_name(loss)}: pass `loss=GeneralizedJSDLoss(beta=...)` to "
-                "`configure_distillation`."
-            )
         if len(self.teachers) != 1:
             raise ValueError("causal_lm_distillation_loss supports a single teacher LM.")
-        ignore_index = int(_unwrapped(loss).ignore_index)  # type: ignore[arg-type]
-        if labels is not None:
-            shifted = labels[:, 1:]
-        elif attention_mask is not None:
-            shifted = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, ignore_index)
-        else:
-            shifted = None
-        try:
-            student_hidden, student_head = causal_lm_hidden_states(student, input_ids, attention_mask)
-            with torch.no_grad():
-                self.teacher.eval()
-                teacher_hidden, teacher_head = causal_lm_hidden_states(self.teacher, input_ids, attention_mask)
-        except HiddenStatesUnavailable as err:  # e.g. a head partitioned by DeepSpeed ZeRO-3: use the full logits
-            warnings.warn(f"causal_lm_distillation_loss falls back to the full logits: {err}", stacklevel=2)
-            student_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            with torch.no_grad():
-                self.teacher.eval()
-                teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            return self.distillation_loss(
-                student_logits, teacher_logits, shifted, num_items_in_batch=num_items_in_batch
-            )
-        return from_hidden(
-            student_hidden[:, :-1],
-            student_head.weight,
-            teacher_hidden[:, :-1],
-            teacher_head.weight,
-            labels=shifted,
-            student_bias=student_head.bias,
-            teacher_bias=teacher_head.bias,
-            student_softcap=student_head.softcap,
-            teacher_softcap=teacher_head.softcap,
-            chunk_size=chunk_size,
+        trainer = getattr(self, "_trainer", None)
+        return causal_lm_distillation(
+            self.kd,
+            student,
+            self.teacher,
+            input_ids,
+            attention_mask,
+            labels,
+            chunk_size,
             num_items_in_batch=num_items_in_batch,
+            epoch=self.current_epoch if trainer is not None else None,  # type: ignore[attr-defined]
         )
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -505,23 +304,7 @@ class DistillationMixin(HyperparameterMixin):
         result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
         state = self.__dict__.get("_distillation")
         if state is not None:
-            for i, t in enumerate(state.teachers):
-                if _changes_dtype(t, fn) and id(t) not in state.converted:
-                    # A dtype conversion (e.g. precision="bf16-true") would rewrite the user's teacher weights in
-                    # place; convert a copy instead and leave the caller's object as it was.
-                    warnings.warn(
-                        f"Converting the teacher {type(t).__name__} to another dtype: this module now holds a "
-                        "converted copy and the teacher object you passed is left unchanged (its memory is freed "
-                        "once you drop your reference). Convert the teacher yourself before `configure_distillation` "
-                        "to avoid the copy.",
-                        stacklevel=2,
-                    )
-                    t = copy.deepcopy(t)
-                    state.teachers[i] = t
-                    state.converted.add(id(t))
-                t._apply(fn, *args, **kwargs)
-            state.cache = {key: fn(value) for key, value in state.cache.items()}
-            state.cached = None if state.cached is None else fn(state.cached)
+            state.apply(fn, *args, **kwargs)
         return result
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -551,28 +334,7 @@ class DistillationMixin(HyperparameterMixin):
         trainer = getattr(self, "_trainer", None)
         if state is None or not state.cache_enabled or trainer is None or trainer.world_size <= 1:
             return
-        pending, state.pending = state.pending, []
-        device = self.device  # type: ignore[attr-defined]
-        keys = ["logits", *state.teacher_feature_names]
-        sizes = all_gather_sizes(sum(int(i.numel()) for i, _ in pending), device, trainer)
-        if max(sizes) == 0:
-            return
-        if not state.cache:
-            raise RuntimeError(
-                "cache_teacher_outputs: this rank computed no teacher output in a whole epoch, so it cannot take part "
-                "in sharing the cache; give every rank at least one training batch."
-            )
-        index = torch.cat([torch.empty(0, dtype=torch.long, device=device)] + [i.to(device) for i, _ in pending])
-        local = {
-            key: torch.cat(
-                [state.cache[key].new_empty((0, *state.cache[key].shape[1:])).to(device)]
-                + [v[key].to(device=device, dtype=state.cache[key].dtype) for _, v in pending]
-            )
-            for key in keys
-        }
-        gathered_index = all_gather_rows(index, sizes=sizes, trainer=trainer)
-        gathered = {key: all_gather_rows(local[key], sizes=sizes, trainer=trainer) for key in keys}
-        self._cache_write(state, gathered_index, gathered)
+        state.share_cache(self.device, trainer)  # type: ignore[attr-defined]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]

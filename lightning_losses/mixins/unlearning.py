@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
 from lightning_losses.losses.unlearning import (
     DEFAULT_MODULE_ATTRIBUTE,
+    PER_STEP_REFERENCE_SCORES,
     UNLEARNING_PRESETS,
     RetainLoss,
     UnlearningMethod,
@@ -33,19 +35,21 @@ from lightning_losses.mixins.unlearning_reference import (
     ReferenceStrategy,
     ReferenceTable,
     check_unlearning_models,
-    forget_dataloader,
     frozen,
+    precompute_at_train_start,
     protect_original_weights,
     resolve_reference,
 )
 from lightning_losses.mixins.unlearning_scoring import (
     CausalLMScorer,
     as_unlearning_batch,
-    check_same_keys,
-    check_template,
+    check_layer,
+    check_step_batches,
+    step_terms,
+    uses_retain_data,
 )
 from lightning_losses.utilities.checkpoints import follow_saved_shapes
-from lightning_losses.utilities.tokens import count_label_tokens
+from lightning_losses.utilities.tokens import count_label_tokens, step_num_items
 
 __all__ = [
     "UNLEARNING_METHODS",
@@ -64,12 +68,6 @@ __all__ = [
 
 #: The unlearning methods by name: :data:`~lightning_losses.losses.unlearning.UNLEARNING_PRESETS` (one registry).
 UNLEARNING_METHODS = UNLEARNING_PRESETS
-
-
-def _uses_retain(loss: nn.Module) -> bool:
-    """Whether the loss adds the retain term now: its own ``uses_retain`` where it has one, else its ``needs``."""
-    flag = getattr(loss, "uses_retain", None)
-    return bool(flag) if flag is not None else "retain" in loss_needs(loss)
 
 
 @dataclass
@@ -93,13 +91,13 @@ class UnlearningMixin(HyperparameterMixin):
     * **Any loss, one call**: the loss is called as ``loss(scores)`` with an
       :class:`~lightning_losses.UnlearningScores` filled lazily (:meth:`unlearning_scores`); what it declares in
       ``needs`` decides the reference model and whether retain data is needed. Methods by name are presets of the
-      library's losses, with their paper defaults (:data:`~lightning_losses.UNLEARNING_PRESETS`): ``"ga"``,
-      ``"graddiff"`` (retain NLL), ``"graddiff_kl"``, ``"npo"``, ``"npo_rt"`` (retain NLL), ``"npo_kl"`` (retain
-      KL to the reference), ``"simnpo"``, ``"flat"``, ``"idkdpo"``. Pass ``loss=`` for your own settings, a
-      subclass, or your own ``nn.Module`` with ``forward(self, scores)``.
-    * **Where the loss lives**: at ``self.<loss.module_attribute>`` (``npo``, ``simnpo``, ``flat``, ``ga``,
-      ``idkdpo``; a subclass keeps its parent's), else ``self.unlearning``; so its hyperparameters are
-      ``"npo.beta"``, ``"npo.retain_weight"``, ``"simnpo.delta"``, ...
+      library's losses (:data:`~lightning_losses.UNLEARNING_PRESETS`): ``"ga"``, ``"graddiff"``,
+      ``"graddiff_kl"``, ``"npo"``, ``"npo_rt"``, ``"npo_kl"``, ``"simnpo"``, ``"flat"``, ``"idkdpo"``, ``"wga"``,
+      ``"satimp"``, ``"ceu"``, ``"undial"``, ``"rmu"`` (activations of a layer, read with a forward hook),
+      ``"altpo"``. Pass ``loss=`` for your own settings, a subclass, or your own ``nn.Module`` with
+      ``forward(self, scores)``.
+    * **Where the loss lives**: at ``self.<loss.module_attribute>`` (``npo``, ``wga``, ``rmu``, ...; a subclass
+      keeps its parent's), else ``self.unlearning``: its hyperparameters are ``"npo.beta"``, ``"rmu.steering_coeff"``.
     * **Reference model**, never a silent second copy (:mod:`~lightning_losses.mixins.unlearning_reference`):
       ``"precomputed"`` (forget log-probs computed once before training, by sample ``index``, checkpointed),
       ``"disabled_adapter"`` (refused unless the adapter is fresh), ``"named_adapter"``, ``"model"`` (an explicit
@@ -160,15 +158,15 @@ class UnlearningMixin(HyperparameterMixin):
             original_weights_path: where full-weight unlearning saves the original weights first.
 
         Raises:
-            ValueError: unknown method, a loss that is not of the method's class, an unknown name in the loss's
-                ``needs``, a reference mode that cannot be correct for this model (a trained adapter with
-                ``"disabled_adapter"``, no adapter, a missing named adapter), or a PEFT model whose base weights
-                are trainable.
+            ValueError: unknown method, a loss not of the method's class, an unknown name in its ``needs`` or an
+                unknown ``layer``, a reference mode that cannot be correct here (a trained adapter with
+                ``"disabled_adapter"``, no adapter, a missing named adapter), a PEFT model with trainable base weights.
         """
         assert isinstance(self, nn.Module)
         loss, label, retain = resolve_unlearning_loss(method, loss, retain_loss)
         needs = loss_needs(loss)
         check_unlearning_models(self, model, reference_model)
+        check_layer(loss, model, reference_model)
         attribute = getattr(loss, "module_attribute", DEFAULT_MODULE_ATTRIBUTE)
         previous = self.__dict__.get("_unlearning")
         if previous is not None and previous.attribute != attribute and hasattr(self, previous.attribute):
@@ -179,7 +177,7 @@ class UnlearningMixin(HyperparameterMixin):
             model,
             table=ReferenceTable(self),
             forget_reference="reference_logps" in needs,
-            per_step="template_reference_logps" in needs or (retain == "kl" and "retain" in needs),
+            per_step=bool(needs & PER_STEP_REFERENCE_SCORES) or (retain == "kl" and "retain" in needs),
             reference_adapter=reference_adapter,
             reference_model=reference_model,
             method=label,
@@ -215,7 +213,7 @@ class UnlearningMixin(HyperparameterMixin):
     @property
     def unlearning_uses_retain(self) -> bool:
         """Whether the loss has a retain term now (a retain batch is then needed every step)."""
-        return self._unlearning_state().retain is not None and _uses_retain(self.unlearning_loss_module)
+        return uses_retain_data(self.unlearning_loss_module, self._unlearning_state().retain)
 
     @property
     def unlearning_terms(self) -> dict[str, float]:
@@ -300,7 +298,15 @@ class UnlearningMixin(HyperparameterMixin):
         def retain() -> Tensor | None:
             return self.retain_term(r, num_items_in_batch=num_items) if with_retain else None
 
-        return state.scorer.scores(state.model, f, self.reference_log_probs, retain, state.method)
+        def step_items(count: Tensor) -> Any:  # the forget terms' token mean over the optimizer step
+            return step_num_items(self, count) if isinstance(self, pl.LightningModule) else None
+
+        reference = state.reference.model if state.reference.per_step else None
+        layer = getattr(self.unlearning_loss_module, "layer", None)
+        return state.scorer.scores(
+            state.model, f, self.reference_log_probs, retain, state.method, reference_model=reference, retain_batch=r,
+            layer=layer, num_items=step_items,
+        )  # fmt: skip
 
     def unlearning_loss(
         self, forget: Any, retain: Any | None = None, *, num_items_in_batch: Tensor | float | None = None
@@ -310,35 +316,17 @@ class UnlearningMixin(HyperparameterMixin):
         ``num_items_in_batch`` normalises the token-mean retain term (see :meth:`retain_term`).
 
         Raises:
-            ValueError: on an empty batch, a sequence with every label masked, missing keys, forget and retain
-                batches with different keys, a missing retain batch for a loss with a retain term, or a missing
-                template answer for a loss that reads one.
+            ValueError: an empty batch, a sequence with every label masked, missing keys, forget and retain batches
+                with different keys, a missing retain batch or template answer the loss needs.
         """
         state = self._unlearning_state()
         loss_module = self.unlearning_loss_module
         f = self._as_batch(forget, "forget")
         r = None if retain is None else self._as_batch(retain, "retain")
-        if r is not None:
-            check_same_keys(f, r)
-        if self.unlearning_uses_retain and r is None:
-            raise ValueError(
-                f"Method {state.method!r} has a retain term (retain_weight > 0) but no retain batch was given. Combine "
-                "forget and retain dataloaders (CombinedLoader) or set the retain weight to 0."
-            )
-        if any(name.startswith("template_") for name in loss_needs(loss_module)):
-            check_template(f, state.method)
+        check_step_batches(f, r, state.method, self.unlearning_uses_retain, loss_needs(loss_module))
         scores = self._scores(f, r, num_items_in_batch)
         loss = loss_module(scores)
-        if not isinstance(loss, Tensor) or loss.ndim != 0:
-            raise TypeError(
-                f"{type(loss_module).__name__}(scores) must return a scalar tensor, got "
-                f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}."
-            )
-        terms = {"loss": float(loss.detach())}
-        retain_value = scores.get("retain") if "retain" in scores.computed else None
-        if retain_value is not None:
-            terms["retain"] = float(retain_value.detach())
-        state.last_terms = terms
+        state.last_terms = step_terms(loss_module, loss, scores)
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -367,24 +355,7 @@ class UnlearningMixin(HyperparameterMixin):
 
     def on_train_start(self) -> None:
         super().on_train_start()  # type: ignore[misc]
-        table = self._unlearning_state().reference.table
-        if table is None or table.filled:
-            return
-        trainer = getattr(self, "_trainer", None)
-        loader = forget_dataloader(trainer) if trainer is not None else None
-        if loader is None:
-            raise RuntimeError(
-                "reference='precomputed' needs the forget data before training: make the training dataloader a dict "
-                "(CombinedLoader) with a 'forget' entry, or call `precompute_reference(forget_dataloader)` first."
-            )
-        reduce = None
-        if trainer is not None and trainer.world_size > 1:
-            strategy = trainer.strategy
-
-            def reduce(t: Tensor) -> Tensor:
-                return strategy.reduce(t, reduce_op="sum")
-
-        self.precompute_reference(loader, reduce)
+        precompute_at_train_start(self._unlearning_state().reference, getattr(self, "_trainer", None), self)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # The reference log-probabilities start empty and grow with the forget set: take the saved shapes so every

@@ -54,6 +54,7 @@ __all__ = [
     "check_unlearning_models",
     "forget_dataloader",
     "frozen",
+    "precompute_at_train_start",
     "protect_original_weights",
     "resolve_reference",
 ]
@@ -477,3 +478,29 @@ def resolve_reference(
     if mode == "disabled_adapter":
         return DisabledAdapterReference(model, reference_adapter)
     return NamedAdapterReference(model, reference_adapter)
+
+
+def precompute_at_train_start(reference: ReferenceStrategy, trainer: Any, owner: Any) -> None:
+    """Fill ``reference``'s table (when it has an empty one) from the trainer's ``"forget"`` dataloader with
+    ``owner.precompute_reference``, merging the ranks' shards with a sum over processes.
+
+    Raises:
+        RuntimeError: the table needs filling but the training dataloader has no ``"forget"`` entry.
+    """
+    table = reference.table
+    if table is None or table.filled:
+        return
+    loader = forget_dataloader(trainer) if trainer is not None else None
+    if loader is None:
+        raise RuntimeError(
+            "reference='precomputed' needs the forget data before training: make the training dataloader a dict "
+            "(CombinedLoader) with a 'forget' entry, or call `precompute_reference(forget_dataloader)` first."
+        )
+    reduce = None
+    if trainer.world_size > 1:
+        strategy = trainer.strategy
+
+        def reduce(t: Tensor) -> Tensor:
+            return strategy.reduce(t, reduce_op="sum")
+
+    owner.precompute_reference(loader, reduce)

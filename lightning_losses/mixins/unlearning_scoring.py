@@ -42,17 +42,24 @@ from lightning_losses.functional.unlearning import (
     retain_kl_loss,
     retain_nll_loss,
     sequence_log_probs,
+    token_log_probs,
     token_logprob_statistics,
 )
-from lightning_losses.losses.unlearning import UnlearningScores
+from lightning_losses.losses.unlearning import ACTIVATION_SCORES, RETAIN_SCORES, UnlearningScores, loss_needs
+from lightning_losses.utilities.numerics import NumItems
 
 __all__ = [
     "CausalLMScorer",
     "LMOutput",
     "as_unlearning_batch",
+    "check_layer",
     "check_same_keys",
+    "check_step_batches",
     "check_template",
+    "find_layer",
+    "step_terms",
     "truth_ratio_inputs",
+    "uses_retain_data",
 ]
 
 Path = Literal["hidden", "logits"]
@@ -119,6 +126,57 @@ def check_template(forget: Mapping[str, Any], method: str) -> Mapping[str, Any]:
     return forget
 
 
+def check_step_batches(
+    forget: Mapping[str, Any],
+    retain: Mapping[str, Any] | None,
+    method: str,
+    needs_retain: bool,
+    needs: frozenset[str],
+) -> None:
+    """Refuse a step's batches that the loss cannot use: forget and retain batches built differently, a missing
+    retain batch for a loss with a retain term, a missing template answer for a loss that reads one."""
+    if retain is not None:
+        check_same_keys(forget, retain)
+    if needs_retain and retain is None:
+        raise ValueError(
+            f"Method {method!r} has a retain term (retain_weight > 0) but no retain batch was given. Combine "
+            "forget and retain dataloaders (CombinedLoader) or set the retain weight to 0."
+        )
+    if any(name.startswith("template_") for name in needs):
+        check_template(forget, method)
+
+
+def check_layer(loss: nn.Module, *models: nn.Module | None) -> None:
+    """Refuse, before training, a ``loss.layer`` that is not found in the models (for losses reading activations)."""
+    if loss_needs(loss) & ACTIVATION_SCORES:
+        for model in models:
+            if model is not None:
+                find_layer(model, getattr(loss, "layer", None))
+
+
+def uses_retain_data(loss: nn.Module, retain: str | None) -> bool:
+    """Whether a step needs a retain batch: the loss's retain term counts now (its ``uses_retain``, else its
+    ``needs``), and it is a retain NLL / KL (``retain`` not ``None``) or retain activations the loss reads."""
+    needs = loss_needs(loss)
+    flag = getattr(loss, "uses_retain", None)
+    counts = bool(flag) if flag is not None else "retain" in needs
+    return counts and (retain is not None or bool(needs & (RETAIN_SCORES - {"retain"})))
+
+
+def step_terms(loss_module: nn.Module, loss: Any, scores: UnlearningScores) -> dict[str, float]:
+    """The loss and (when computed) retain term of a step, for logging, after checking the loss is a scalar."""
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        raise TypeError(
+            f"{type(loss_module).__name__}(scores) must return a scalar tensor, got "
+            f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}."
+        )
+    terms = {"loss": float(loss.detach())}
+    retain = scores.get("retain") if "retain" in scores.computed else None
+    if retain is not None:
+        terms["retain"] = float(retain.detach())
+    return terms
+
+
 def truth_ratio_inputs(batch: Mapping[str, Tensor]) -> tuple[str, dict[str, Tensor], int, int] | None:
     """The correct answer's prefix, the flattened perturbed answers and ``(B, K)`` of a truth-ratio batch.
 
@@ -159,6 +217,66 @@ def truth_ratio_inputs(batch: Mapping[str, Tensor]) -> tuple[str, dict[str, Tens
     if "perturbed_attention_mask" in batch:
         flat["attention_mask"] = batch["perturbed_attention_mask"].flatten(0, 1)
     return prefix, flat, n, pert_ids.shape[1]
+
+
+class _StopForward(Exception):
+    """Raised by the activation hook once the layer has run: the rest of the forward is not needed."""
+
+
+def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
+    """The submodule of ``model`` named ``layer``: its dotted name, or a unique suffix of one, or the longest name
+    that is a suffix of ``layer`` (so one name works with and without a PEFT wrapper's ``base_model.model.``
+    prefix); ``None``: the block at a quarter of the depth of the largest ``nn.ModuleList`` (the transformer blocks).
+
+    Raises:
+        ValueError: no module matches, several do, or (``None``) the model has no ``nn.ModuleList``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ModuleList([nn.Linear(2, 2) for _ in range(8)]))
+        >>> find_layer(net, "1.3") is net[1][3], find_layer(net, "x.1.3") is net[1][3]
+        (True, True)
+        >>> find_layer(net, None) is net[1][2]  # a quarter of the depth
+        True
+    """
+    names = dict(model.named_modules())
+    if layer is None:
+        lists = [(len(m), n) for n, m in names.items() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        if not lists:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.ModuleList of blocks to choose a layer from: name the layer "
+                "(e.g. `RMULoss(layer='model.layers.7')`)."
+            )
+        size, name = max(lists, key=lambda item: item[0])
+        return names[name][size // 4]  # type: ignore[index]
+    if layer in names:
+        return names[layer]
+    matches = [n for n in names if n.endswith("." + layer)]
+    if not matches:
+        inner = [n for n in names if n and layer.endswith("." + n)]
+        matches = [max(inner, key=len)] if inner else []
+    if len(matches) != 1:
+        close = [n for n in names if layer.split(".")[-1] in n.split(".")][:5]
+        found = (
+            "several modules match: " + ", ".join(matches[:5]) if matches else f"no module matches (similar: {close})"
+        )
+        raise ValueError(
+            f"Layer {layer!r} of {type(model).__name__}: {found}. Pass the module's full dotted name (see "
+            "`model.named_modules()`)."
+        )
+    return names[matches[0]]
+
+
+class _Once:
+    """A zero-argument function computed once (one forward shared by the scores of a step)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.done, self.value = fn, False, None
+
+    def __call__(self) -> Any:
+        if not self.done:
+            self.value, self.done = self.fn(), True
+        return self.value
 
 
 @dataclass
@@ -285,32 +403,73 @@ class CausalLMScorer:
         self, model: nn.Module, batch: Mapping[str, Tensor], prefix: str = ""
     ) -> tuple[Tensor, Tensor]:
         """Per-sequence summed answer log-probabilities ``(B,)`` and answer lengths ``(B,)`` under ``model``."""
-        ids, labels = batch[prefix + "input_ids"], batch[prefix + "labels"]
-        out = self.forward(model, ids, batch.get(prefix + "attention_mask"))
+        return self._sequence_from(self._forward_batch(model, batch, prefix), batch[prefix + "labels"]), self.lengths(
+            batch, prefix
+        )
+
+    def _forward_batch(self, model: nn.Module, batch: Mapping[str, Tensor], prefix: str = "") -> LMOutput:
+        return self.forward(model, batch[prefix + "input_ids"], batch.get(prefix + "attention_mask"))
+
+    def _sequence_from(self, out: LMOutput, labels: Tensor) -> Tensor:
         if out.path == "hidden":
             assert out.hidden is not None
             head = out.head
-            logps = linear_sequence_log_probs(
+            return linear_sequence_log_probs(
                 out.hidden, head.weight, labels, head.bias, self.ignore_index, shift=True, softcap=head.softcap
             )
-        else:
-            logps = sequence_log_probs(out.as_logits(), labels, self.ignore_index, shift=True)
-        return logps, self.lengths(batch, prefix)
+        return sequence_log_probs(out.as_logits(), labels, self.ignore_index, shift=True)
 
-    def mean_token_probs(self, model: nn.Module, batch: Mapping[str, Tensor], prefix: str = "") -> Tensor:
-        """Per-sequence mean answer-token probability ``(B,)`` under ``model`` (FLAT's statistic)."""
-        ids, labels = batch[prefix + "input_ids"], batch[prefix + "labels"]
-        out = self.forward(model, ids, batch.get(prefix + "attention_mask"))
+    def _tokens_from(self, out: LMOutput, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token answer log-probabilities ``(B, T - 1)`` (0 where masked) and the answer mask."""
         if out.path == "logits":
-            return mean_token_probs(out.as_logits(), labels, self.ignore_index, shift=True)
+            return token_log_probs(out.as_logits(), labels, self.ignore_index, shift=True)
         assert out.hidden is not None
         head, target = out.head, labels[:, 1:]
         counted = target != self.ignore_index
         ce = linear_cross_entropy(
             out.hidden[:, :-1], head.weight, target, head.bias, self.ignore_index, "none", softcap=head.softcap
         )
-        probs = torch.exp(-ce) * counted
+        return (-ce).masked_fill(~counted, 0.0), counted
+
+    def _mean_probs_from(self, out: LMOutput, labels: Tensor) -> Tensor:
+        if out.path == "logits":
+            return mean_token_probs(out.as_logits(), labels, self.ignore_index, shift=True)
+        lp, counted = self._tokens_from(out, labels)
+        probs = torch.exp(lp) * counted
         return probs.sum(-1) / counted.sum(-1).clamp(min=1).to(probs.dtype)
+
+    def mean_token_probs(self, model: nn.Module, batch: Mapping[str, Tensor], prefix: str = "") -> Tensor:
+        """Per-sequence mean answer-token probability ``(B,)`` under ``model`` (FLAT's statistic)."""
+        return self._mean_probs_from(self._forward_batch(model, batch, prefix), batch[prefix + "labels"])
+
+    def token_log_probs(self, model: nn.Module, batch: Mapping[str, Tensor], prefix: str = "") -> tuple[Tensor, Tensor]:
+        """Per-token answer log-probabilities ``(B, T - 1)`` under ``model`` (0 where masked) and the answer mask."""
+        return self._tokens_from(self._forward_batch(model, batch, prefix), batch[prefix + "labels"])
+
+    def activations(self, model: nn.Module, batch: Mapping[str, Tensor], layer: str | None) -> Tensor:
+        """The output ``(B, T, D)`` of ``layer`` (see :func:`find_layer`) on ``batch``, read with a forward hook; the
+        forward stops there (the later layers are not run)."""
+        module = find_layer(model, layer)
+        cache: list[Tensor] = []
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            cache.append(output[0] if isinstance(output, (tuple, list)) else output)
+            raise _StopForward
+
+        handle = module.register_forward_hook(hook)
+        try:
+            self.logits(model, batch["input_ids"], batch.get("attention_mask"))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not cache or not isinstance(cache[0], Tensor) or cache[0].ndim != 3:
+            got = "nothing" if not cache else f"{type(cache[0]).__name__} {tuple(getattr(cache[0], 'shape', ()))}"
+            raise ValueError(
+                f"Layer {layer!r} gave {got} on the batch, not activations (B, T, D): name a block (e.g. a decoder "
+                "layer) whose output is the hidden states."
+            )
+        return cache[0]
 
     def retain_nll(
         self, model: nn.Module, batch: Mapping[str, Tensor], num_items_in_batch: Tensor | float | None = None
@@ -366,8 +525,15 @@ class CausalLMScorer:
         reference: Callable[[Mapping[str, Tensor], str], Tensor],
         retain: Callable[[], Tensor | None],
         method: str = "the loss",
+        *,
+        reference_model: Callable[[], AbstractContextManager[nn.Module]] | None = None,
+        retain_batch: Mapping[str, Tensor] | None = None,
+        layer: str | None = None,
+        num_items: Callable[[Tensor], NumItems] | None = None,
     ) -> UnlearningScores:
         """The lazy :class:`~lightning_losses.UnlearningScores` of a forget batch under ``model``.
+
+        The forget batch's forward (and the template's) runs once however many entries read it.
 
         Args:
             model: the model being unlearned.
@@ -375,24 +541,56 @@ class CausalLMScorer:
             reference: ``reference(batch, prefix)``, the reference log-probabilities of the answers of a batch.
             retain: computes the retain term of the step (or ``None``).
             method: the method's name, for the error about a missing template answer.
+            reference_model: a context giving the reference model (for its logits and activations).
+            retain_batch: the (checked) retain batch, for the retain activations.
+            layer: the layer whose activations are read (see :func:`find_layer`).
+            num_items: turns a local item count into the optimizer step's ``num_items_in_batch``.
         """
-        t = "template_"
+        t, labels = "template_", forget["labels"]
 
         def template() -> Mapping[str, Tensor]:
             return check_template(forget, method)
 
+        def reference_run(fn: Callable[[nn.Module], Tensor]) -> Tensor:
+            if reference_model is None:
+                raise RuntimeError(f"{method!r} reads reference outputs, but no reference model is configured.")
+            with reference_model() as ref:
+                return fn(ref).detach()
+
+        def retain_data() -> Mapping[str, Tensor]:
+            if retain_batch is None:
+                raise ValueError(f"{method!r} reads activations on retain data, but no retain batch was given.")
+            return retain_batch
+
+        out = _Once(lambda: self._forward_batch(model, forget))
+        template_out = _Once(lambda: self._forward_batch(model, template(), t))
+        tokens = _Once(lambda: self._tokens_from(out(), labels))
         providers: dict[str, Callable[[], Tensor | None]] = {
-            "policy_logps": lambda: self.sequence_log_probs(model, forget)[0],
+            "policy_logps": lambda: self._sequence_from(out(), labels),
             "reference_logps": lambda: reference(forget, ""),
             "lengths": lambda: self.lengths(forget),
-            "mean_token_probs": lambda: self.mean_token_probs(model, forget),
-            "template_policy_logps": lambda: self.sequence_log_probs(model, template(), t)[0],
+            "mean_token_probs": lambda: self._mean_probs_from(out(), labels),
+            "template_policy_logps": lambda: self._sequence_from(template_out(), template()[t + "labels"]),
             "template_reference_logps": lambda: reference(template(), t),
             "template_lengths": lambda: self.lengths(template(), t),
-            "template_mean_token_probs": lambda: self.mean_token_probs(model, template(), t),
+            "template_mean_token_probs": lambda: self._mean_probs_from(template_out(), template()[t + "labels"]),
             "retain": retain,
+            "labels": lambda: labels,
+            "token_logps": lambda: tokens()[0],
+            "token_mask": lambda: tokens()[1],
+            "logits": lambda: out().as_logits(),
+            "reference_logits": lambda: reference_run(
+                lambda ref: self.logits(ref, forget["input_ids"], forget.get("attention_mask"))
+            ),
+            "activations": lambda: self.activations(model, forget, layer),
+            "activation_mask": lambda: labels != self.ignore_index,
+            "retain_activations": lambda: self.activations(model, retain_data(), layer),
+            "retain_reference_activations": lambda: reference_run(
+                lambda ref: self.activations(ref, retain_data(), layer)
+            ),
+            "retain_activation_mask": lambda: retain_data()["labels"] != self.ignore_index,
         }
-        return UnlearningScores.lazy(providers, batch=forget)
+        return UnlearningScores.lazy(providers, batch=forget, num_items=num_items)
 
     # ------------------------------------------------------------------ evaluation
     def token_statistics(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

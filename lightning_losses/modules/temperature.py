@@ -181,5 +181,13 @@ class TempNetModule(TempNetMixin, pl.LightningModule):
             self.log("val/ppl", math.exp(min(nll, 50.0)), prog_bar=True)
             self.log("val/ppl_tempnet", math.exp(min(nll_tempnet, 50.0)))
 
+    def setup(self, stage: str) -> None:
+        from lightning_losses.integrations.tokenization import check_trainer_vocabulary
+
+        super().setup(stage)
+        if self.task == "causal_lm":  # the data's tokenizer against the model's embedding and TempNet's vocabulary
+            check_trainer_vocabulary(self, self.model)
+            check_trainer_vocabulary(self, vocab_size=int(self.hparams["num_classes"]))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.tempnet_parameter_groups(self.lr, self.weight_decay))

@@ -29,8 +29,10 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
         model: the causal LM; wrap it with a fresh LoRA adapter
             (:func:`lightning_losses.integrations.peft.lora_model`) to keep the base weights untouched.
         method: ``"ga"``, ``"graddiff"``, ``"graddiff_kl"``, ``"npo"``, ``"npo_rt"``, ``"npo_kl"``, ``"simnpo"``,
-            ``"flat"`` or ``"idkdpo"``, with paper defaults (:data:`~lightning_losses.UNLEARNING_PRESETS`);
-            ``None``: ``loss`` as it is, or ``"npo"`` without one.
+            ``"flat"``, ``"idkdpo"``, ``"wga"``, ``"satimp"``, ``"ceu"``, ``"undial"``, ``"rmu"`` or ``"altpo"``, with
+            the papers' / open-unlearning's defaults (:data:`~lightning_losses.UNLEARNING_PRESETS`); ``None``:
+            ``loss`` as it is, or ``"npo"`` without one. For NPO on long answers pass
+            ``loss=NPOLoss(length_normalize=True)`` (see :func:`~lightning_losses.functional.npo_loss`).
         loss: the loss, called as ``loss(scores)`` (:class:`~lightning_losses.UnlearningScores`): the method's class
             with other settings (``NPOLoss(beta=0.05)``), a subclass of it, or, without ``method``, your own
             ``nn.Module`` declaring the scores it reads in ``needs``.
@@ -120,6 +122,12 @@ class UnlearningModule(UnlearningMixin, pl.LightningModule):
             sync_dist=True,
             add_dataloader_idx=False,
         )
+
+    def setup(self, stage: str) -> None:
+        from lightning_losses.integrations.tokenization import check_trainer_vocabulary
+
+        super().setup(stage)
+        check_trainer_vocabulary(self, self.model)  # the data's tokenizer against the model's embedding, up front
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

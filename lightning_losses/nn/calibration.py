@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ from lightning_losses.utilities.imports import require
 from lightning_losses.utilities.numerics import as_float32
 
 __all__ = [
+    "BBQCalibrator",
+    "BetaCalibrator",
     "Calibrator",
     "CorrectnessAwareCalibrator",
     "DirichletCalibrator",
@@ -585,6 +587,24 @@ class CorrectnessAwareCalibrator(Calibrator):
     Adam at lr 1e-4 for 10 epochs on large validation sets; the defaults here (lr 1e-2, 100 epochs) suit the
     few thousand validation samples of small data sets.
 
+    **Weighting.** ``weighting="balanced"`` is the official loss above: correct and wrong samples get equal total
+    weight, so its minimiser is the posterior of correctness under a 50/50 prior,
+    :math:`\hat s^* = \frac{(1-\mathrm{acc})\,P(c=1 \mid x)}{(1-\mathrm{acc})\,P(c=1 \mid x) +
+    \mathrm{acc}\,P(c=0 \mid x)}`, not :math:`P(c=1 \mid x)`: when the validation accuracy is far above 0.5 it
+    under-states the confidence (at ``acc = 0.9`` a sample that is right 90 % of the time is pushed to
+    :math:`\hat s = 0.5`), and the ECE after calibration grows with the accuracy. ``weighting="none"`` takes
+    :math:`w_i = 1` (the Brier score of the top-label confidence, a proper scoring rule whose minimiser is
+    :math:`P(c = 1 \mid x)`).
+
+    **Initialisation.** The official temperature head is ``nn.Linear(hidden, 1)`` with PyTorch's default
+    initialisation (weight and bias uniform in :math:`\pm 1/\sqrt{\mathrm{hidden}}`), clamped to
+    ``[0.1, 10]``. Its inputs are ReLU features of probabilities, small and non-negative, so the raw temperature
+    is close to the bias; whenever it lies below ``t_min`` for every sample (a negative bias, roughly half of the
+    seeds), every sample sits on the clamp, whose gradient is zero there, so the loss has zero gradient with
+    respect to every parameter and Adam never moves: the calibrator stays at :math:`T = 0.1` (logits times 10).
+    ``init="identity"`` (default) starts at :math:`T_i = 1` for every sample (head weight 0, bias 1), inside the
+    clamp range, where the first step already has a gradient; ``init="official"`` keeps PyTorch's default.
+
     Args:
         transforms: Callables mapping an input batch to a transformed batch (default:
             :func:`default_image_transforms`).
@@ -592,6 +612,10 @@ class CorrectnessAwareCalibrator(Calibrator):
         hidden: Width of the hidden layer.
         t_min, t_max: Temperature range.
         epochs, lr, batch_size: Adam training settings.
+        weighting: ``"balanced"`` (official: ``w = 1 - acc`` on correct samples, ``acc`` on wrong ones) or
+            ``"none"`` (``w = 1``); see **Weighting**.
+        init: ``"identity"`` (start at ``T = 1``) or ``"official"`` (PyTorch's default, may start clamped with no
+            gradient); see **Initialisation**.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -616,8 +640,15 @@ class CorrectnessAwareCalibrator(Calibrator):
         lr: float = 1e-2,
         batch_size: int = 1000,
         validate_args: bool = True,
+        weighting: Literal["balanced", "none"] = "balanced",
+        init: Literal["identity", "official"] = "identity",
     ) -> None:
         super().__init__(validate_args)
+        if weighting not in ("balanced", "none"):
+            raise ValueError(f"`weighting` must be 'balanced' (the official loss) or 'none', got {weighting!r}.")
+        if init not in ("identity", "official"):
+            raise ValueError(f"`init` must be 'identity' (start at T = 1) or 'official', got {init!r}.")
+        self.weighting, self.init = weighting, init
         self.transforms = list(transforms) if transforms is not None else default_image_transforms()
         if not self.transforms or not all(callable(t) for t in self.transforms):
             raise ValueError("`transforms` must hold at least one callable (input batch -> transformed batch).")
@@ -631,9 +662,10 @@ class CorrectnessAwareCalibrator(Calibrator):
         self.top_k, self.t_min, self.t_max = top_k, t_min, t_max
         self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
         head = nn.Linear(hidden, 1)
-        with torch.no_grad():  # start near T = 1 (no change), inside the clamp range where gradients flow
-            head.weight.mul_(0.1)
-            head.bias.fill_(1.0)
+        if init == "identity":
+            with torch.no_grad():  # T = 1 for every sample: no change, inside the clamp range where gradients flow
+                head.weight.zero_()
+                head.bias.fill_(1.0)
         self.net = nn.Sequential(nn.Linear(top_k * len(self.transforms), hidden), nn.ReLU(), head)
 
     @torch.no_grad()
@@ -685,7 +717,7 @@ class CorrectnessAwareCalibrator(Calibrator):
                     s = torch.softmax(x[idx] / t[:, None], dim=1).amax(dim=1)
                     c = correct[idx]
                     acc = c.mean()
-                    w = torch.where(c > 0, 1 - acc, acc)
+                    w = torch.where(c > 0, 1 - acc, acc) if self.weighting == "balanced" else torch.ones_like(c)
                     loss = (w * (s - c) ** 2).sum() / w.sum().clamp_min(1e-12)
                     optimizer.zero_grad()
                     loss.backward()
@@ -702,3 +734,298 @@ class CorrectnessAwareCalibrator(Calibrator):
         with torch.no_grad():
             t = self.temperatures(x, transformed_logits)
         return _binary_output(x / t[:, None], binary).to(logits.dtype)
+
+
+def _log_p_and_log_1mp(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``log p`` and ``log(1 - p)`` of ``p = softmax(x)`` (stable: ``log(1 - p_k) = logsumexp_{j≠k} x_j - lse``)."""
+    log_p = F.log_softmax(x, dim=1)
+    return log_p, torch.log(-torch.expm1(log_p.clamp_max(-1e-12)))
+
+
+class BetaCalibrator(Calibrator):
+    r"""Beta calibration (Kull, Silva Filho & Flach, 2017), multiclass as in netcal: one beta map per class inside a
+    softmax.
+
+    .. math::
+        \hat{z}_k = a_k \ln p_k - b_k \ln(1 - p_k) + c_k,\qquad a_k, b_k \ge 0,
+
+    fitted by maximum likelihood (cross-entropy of :math:`\mathrm{softmax}(\hat z)`; for a binary ``(N,)`` logit,
+    :math:`\hat z = a \ln p - b \ln(1 - p) + c` with the logistic loss). The problem is convex; the constraint
+    :math:`a, b \ge 0` (which makes the map monotone) is enforced by an active set: LBFGS on the free
+    parameters, parameters that end negative are fixed at 0, and a fixed parameter whose gradient points inward
+    is released, until the KKT conditions hold. :math:`a = 1, b = c = 0` is the identity, the starting point.
+    The argmax may change.
+
+    Source: the paper (binary beta calibration, "refit with the negative parameter fixed at 0") and netcal's
+    ``netcal/scaling/BetaCalibration.py`` (EFS-OpenSource/calibration-framework), whose multiclass form (the
+    multinomial extension, ``method="mle"``: L-BFGS-B with the bounds ``a, b >= 0``) this follows. netcal clips
+    the probabilities to ``[eps, 1 - eps]`` (machine epsilon); here ``ln p`` and ``ln(1 - p)`` come from the
+    logits directly.
+
+    Args:
+        max_iter: Maximum LBFGS iterations per active-set round.
+        max_rounds: Maximum active-set rounds.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> logits = 2 * torch.randn(3000, 4, generator=g)
+        >>> target = torch.multinomial((logits / 2).softmax(1), 1, generator=g).squeeze(1)  # over-confident by 2
+        >>> beta = BetaCalibrator().fit(logits, target)
+        >>> nll = lambda z: float(F.cross_entropy(z, target))
+        >>> nll(beta(logits)) < nll(logits)
+        True
+        >>> bool((beta.a >= 0).all() and (beta.b >= 0).all())
+        True
+    """
+
+    a: Tensor
+    b: Tensor
+    c: Tensor
+
+    def __init__(self, max_iter: int = 200, max_rounds: int = 10, validate_args: bool = True) -> None:
+        super().__init__(validate_args)
+        _check_int("max_iter", max_iter)
+        _check_int("max_rounds", max_rounds)
+        self.max_iter, self.max_rounds = max_iter, max_rounds
+        for name in ("a", "b", "c"):  # float64: a checkpoint of a float32 or float64 fit loads exactly
+            self.register_buffer(name, torch.empty(0, dtype=torch.float64))
+
+    @staticmethod
+    def _features(x: Tensor, binary: bool) -> tuple[Tensor, Tensor]:
+        if binary:
+            z = x[:, 1] - x[:, 0]
+            return F.logsigmoid(z)[:, None], F.logsigmoid(-z)[:, None]
+        return _log_p_and_log_1mp(x)
+
+    @staticmethod
+    def _map(log_p: Tensor, log_q: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        return a * log_p - b * log_q + c
+
+    def fit(self, logits: Tensor, target: Tensor) -> BetaCalibrator:
+        """Fit ``a, b >= 0`` and ``c`` by constrained maximum likelihood; returns ``self``."""
+        x, binary = _check_fit_logits(logits, target)
+        self._start_fit()
+        k = 1 if binary else x.shape[1]
+        with torch.inference_mode(False), torch.enable_grad():
+            log_p, log_q = (t.clone() for t in self._features(x.clone(), binary))
+            y = target.clone()
+            yf = y.to(x.dtype)
+
+            def nll(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+                z = self._map(log_p, log_q, a, b, c)
+                return F.binary_cross_entropy_with_logits(z[:, 0], yf) if binary else F.cross_entropy(z, y)
+
+            opts = dict(dtype=x.dtype, device=x.device)
+            a, b, c = torch.ones(k, **opts), torch.zeros(k, **opts), torch.zeros(k, **opts)  # type: ignore[arg-type]
+            free_a, free_b = torch.ones(k, dtype=torch.bool), torch.ones(k, dtype=torch.bool)
+            for _ in range(self.max_rounds):
+                pa = nn.Parameter(a.clone())
+                pb = nn.Parameter(b.clone())
+                pc = nn.Parameter(c.clone())
+                ma, mb = free_a.to(x.device, x.dtype), free_b.to(x.device, x.dtype)
+
+                def loss(pa: Tensor = pa, pb: Tensor = pb, pc: Tensor = pc, ma: Tensor = ma, mb: Tensor = mb) -> Tensor:
+                    return nll(pa * ma, pb * mb, pc)
+
+                _lbfgs([pa, pb, pc], loss, self.max_iter)
+                a, b, c = (pa * ma).detach(), (pb * mb).detach(), pc.detach()
+                negative_a, negative_b = (a < 0).cpu(), (b < 0).cpu()
+                if negative_a.any() or negative_b.any():  # fix the negative ones at the bound and refit
+                    free_a &= ~negative_a
+                    free_b &= ~negative_b
+                    a, b = a.clamp_min(0), b.clamp_min(0)
+                    continue
+                # KKT: a parameter held at 0 stays there only if the loss increases when it moves inward
+                ga, gb = (nn.Parameter(a.clone()), nn.Parameter(b.clone()))
+                nll(ga, gb, c).backward()
+                assert ga.grad is not None and gb.grad is not None
+                release_a, release_b = (~free_a) & (ga.grad.cpu() < 0), (~free_b) & (gb.grad.cpu() < 0)
+                if not (release_a.any() or release_b.any()):
+                    break
+                free_a |= release_a
+                free_b |= release_b
+        self.a, self.b, self.c = a.double(), b.double(), c.double()
+        self._end_fit()
+        return self
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Calibrated logits ``a ln p - b ln(1 - p) + c`` (``(N,)`` for a binary ``(N,)`` input)."""
+        x, binary = _as_logits(logits, validate=self.validate_args)
+        self._check_fitted()
+        if not binary and x.shape[1] != self.a.shape[0]:
+            raise ValueError(f"BetaCalibrator was fitted on {self.a.shape[0]} classes, got logits with {x.shape[1]}.")
+        log_p, log_q = self._features(x, binary)
+        z = self._map(log_p, log_q, self.a.to(x), self.b.to(x), self.c.to(x))
+        return (z[:, 0] if binary else z).to(logits.dtype)
+
+
+class BBQCalibrator(Calibrator):
+    r"""Bayesian binning into quantiles (Naeini, Cooper & Hauskrecht, 2015), one-vs-rest: an average of histogram
+    binnings of every class's probability, with ``B`` from :math:`\lfloor N^{1/3}/10 \rfloor` to
+    :math:`\min(\lceil N/5 \rceil, \lceil 10 N^{1/3} \rceil)` bins, weighted by a score of each binning.
+
+    .. math::
+        \hat p_k(x) = \frac{\sum_M w_M\, \theta^{(M)}_{k, b_M(p_k)}}{\sum_M w_M},\qquad
+        w_M \propto \begin{cases}
+            \exp(-\mathrm{BIC}_M / 2),\ \mathrm{BIC}_M = -2 \log L_M + B_M \log N & \text{``bic'' (netcal)} \\
+            \exp(-\mathrm{AIC}_M / 2),\ \mathrm{AIC}_M = -2 \log L_M + 2 B_M & \text{``aic''} \\
+            \prod_b \frac{\Gamma(N'/B)}{\Gamma(n_b + N'/B)} \frac{\Gamma(m_b + \alpha_b)}{\Gamma(\alpha_b)}
+            \frac{\Gamma(n_b - m_b + \beta_b)}{\Gamma(\beta_b)} & \text{``bayesian'' (the paper)}
+        \end{cases}
+
+    then renormalised over the classes. :math:`n_b, m_b` are a bin's sample and positive counts,
+    :math:`\alpha_b = N' \bar p_b / B`, :math:`\beta_b = N'(1 - \bar p_b) / B` with :math:`N' = 2` and
+    :math:`\bar p_b` the bin's midpoint. With the BIC/AIC scores a bin's value is its frequency :math:`m_b/n_b`
+    (the bin's midpoint when empty) and the models are pruned by netcal's elbow rule (sorted weights are kept
+    while consecutive gaps, divided by their variance, exceed ``1e-3``); with the Bayesian score it is the
+    posterior mean :math:`(m_b + \alpha_b) / (n_b + \alpha_b + \beta_b)` and every model is kept.
+
+    Source: the paper (equal-frequency bins, the Bayesian score) and netcal's ``netcal/binning/BBQ.py``
+    (EFS-OpenSource/calibration-framework), which uses equal-width bins with the BIC score and the elbow rule:
+    ``BBQCalibrator(binning="uniform", score="bic")`` (the default) follows netcal, and
+    ``BBQCalibrator(binning="quantile", score="bayesian")`` the paper. A probability on a bin edge goes to the
+    bin on its left (netcal's ``np.digitize(..., right=True)`` at transform time; netcal's fit assigns edge values
+    to the right bin, which matters only for samples exactly on an edge). A class with no validation sample gets
+    its bins' frequencies (zero) where netcal drops the class. Memory: the edges and values of every binning,
+    ``C × M × B_max`` floats (``M ≈ 10 N^{1/3}`` binnings).
+
+    Args:
+        binning: ``"uniform"`` (equal-width bins) or ``"quantile"`` (equal-frequency bins).
+        score: ``"bic"``, ``"aic"`` or ``"bayesian"``.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> logits = 3 * torch.randn(2000, 3, generator=g)
+        >>> target = torch.multinomial((logits / 3).softmax(1), 1, generator=g).squeeze(1)
+        >>> bbq = BBQCalibrator().fit(logits, target)
+        >>> nll = lambda z: float(F.cross_entropy(z, target))
+        >>> nll(bbq(logits)) < nll(logits)
+        True
+    """
+
+    edges: Tensor
+    values: Tensor
+    weights: Tensor
+    n_bins: Tensor
+
+    def __init__(
+        self,
+        binning: Literal["uniform", "quantile"] = "uniform",
+        score: Literal["bic", "aic", "bayesian"] = "bic",
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(validate_args)
+        if binning not in ("uniform", "quantile"):
+            raise ValueError(f"`binning` must be 'uniform' or 'quantile', got {binning!r}.")
+        if score not in ("bic", "aic", "bayesian"):
+            raise ValueError(f"`score` must be 'bic', 'aic' or 'bayesian', got {score!r}.")
+        self.binning, self.score = binning, score
+        f64 = torch.float64
+        self.register_buffer("edges", torch.empty(0, 0, 0, dtype=f64))  # (C, M, B_max + 1), padded with 2.0 > p
+        self.register_buffer("values", torch.empty(0, 0, 0, dtype=f64))  # (C, M, B_max)
+        self.register_buffer("weights", torch.empty(0, 0, dtype=f64))  # (C, M), zero for pruned models
+        self.register_buffer("n_bins", torch.empty(0, dtype=torch.long))  # (M,)
+
+    @staticmethod
+    def bin_range(n: int) -> range:
+        """The numbers of bins tried for ``n`` samples (the paper's and netcal's range)."""
+        root = n ** (1.0 / 3.0)
+        low = int(max(1, math.floor(root / 10.0)))
+        high = int(min(math.ceil(n / 5.0), math.ceil(root * 10.0)))
+        return range(low, max(high, low) + 1)
+
+    @staticmethod
+    def _bin_of(edges: Tensor, n_bins: Tensor, p: Tensor) -> Tensor:
+        """Bin index of ``p`` (N,) under each model's edges (M, B_max + 1): ``(M, N)``; intervals ``(lo, hi]``."""
+        idx = torch.searchsorted(edges.contiguous(), p.expand(edges.shape[0], -1).contiguous(), right=False) - 1
+        return torch.minimum(idx.clamp_min(0), (n_bins - 1)[:, None])
+
+    def _fit_class(self, p: Tensor, y: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        n, b_max = p.shape[0], max(sizes)
+        n_bins = torch.tensor(sizes, device=p.device)
+        edges = torch.full((len(sizes), b_max + 1), 2.0, dtype=torch.float64, device=p.device)  # 2: padding
+        for m, b in enumerate(sizes):
+            grid = torch.linspace(0, 1, b + 1, dtype=torch.float64, device=p.device)
+            if self.binning == "quantile":
+                grid = torch.quantile(p, grid)
+                grid[0], grid[-1] = 0.0, 1.0
+            edges[m, : b + 1] = grid
+        idx = self._bin_of(edges, n_bins, p)  # (M, N)
+        count = torch.zeros(len(sizes), b_max, dtype=torch.float64, device=p.device)
+        count.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+        hits = torch.zeros_like(count).scatter_add_(1, idx, y.double().expand(len(sizes), -1).contiguous())
+        real = torch.arange(b_max, device=p.device)[None, :] < n_bins[:, None]
+        mid = torch.where(real, 0.5 * (edges[:, :-1].clamp_max(1.0) + edges[:, 1:].clamp_max(1.0)), 0.5)
+        if self.score == "bayesian":
+            prior = 2.0 / n_bins.double()[:, None]
+            alpha, beta = prior * mid, prior * (1 - mid)
+            values = (hits + alpha) / (count + prior)
+            log_ml = (
+                torch.lgamma(prior) - torch.lgamma(count + prior)
+                + torch.lgamma(hits + alpha) - torch.lgamma(alpha)
+                + torch.lgamma(count - hits + beta) - torch.lgamma(beta)
+            )  # fmt: skip
+            log_score = torch.where(real, log_ml, torch.zeros_like(log_ml)).sum(1)
+            weights = torch.softmax(log_score, dim=0)
+        else:
+            values = torch.where(count > 0, hits / count.clamp_min(1), mid)
+            q = values.gather(1, idx)  # (M, N) calibrated probabilities of the samples
+            log_q = torch.log(q).clamp_min(-100.0)
+            log_1q = torch.log1p(-q).clamp_min(-100.0)  # torch's binary cross-entropy clamps the logs at -100
+            log_lik = (y.double() * log_q + (1 - y.double()) * log_1q).sum(1)
+            dof = n_bins.double()
+            penalty = dof * math.log(n) if self.score == "bic" else 2.0 * dof
+            criterion = -2.0 * log_lik + penalty
+            weights = torch.exp((criterion.min() - criterion) / 2.0)
+            weights = self._elbow(weights)
+        values = torch.where(real, values, torch.zeros_like(values))
+        return edges, values, weights
+
+    @staticmethod
+    def _elbow(scores: Tensor, alpha: float = 0.001) -> Tensor:
+        """netcal's model pruning: keep the best models while the score drops (over their variance) exceed ``alpha``."""
+        order = scores.argsort(descending=True, stable=True)
+        s = scores[order]
+        variance = float(scores.var(unbiased=False))
+        k, m = 0, s.shape[0]
+        while k < m - 1 and float(s[k]) == float(s[k + 1]):
+            k += 1
+        while k < m - 1 and variance > 0 and (float(s[k]) - float(s[k + 1])) / variance > alpha:
+            k += 1
+        keep = torch.zeros_like(scores)
+        keep[order[: k + 1]] = s[: k + 1]
+        return keep / keep.sum()
+
+    def fit(self, logits: Tensor, target: Tensor) -> BBQCalibrator:
+        """Fit every binning of every class and their weights; returns ``self``."""
+        x, _ = _check_fit_logits(logits, target)
+        self._start_fit()
+        p = torch.softmax(x.double(), dim=1)
+        sizes = list(self.bin_range(x.shape[0]))
+        fitted = [self._fit_class(p[:, k].contiguous(), (target == k).double(), sizes) for k in range(x.shape[1])]
+        self.edges = torch.stack([f[0] for f in fitted])
+        self.values = torch.stack([f[1] for f in fitted])
+        self.weights = torch.stack([f[2] for f in fitted])
+        self.n_bins = torch.tensor(sizes, device=x.device)
+        self._end_fit()
+        return self
+
+    def calibrated_class_probabilities(self, probs: Tensor) -> Tensor:
+        """The per-class BBQ estimates ``(N, C)`` of probabilities ``probs`` (before the renormalisation)."""
+        out = []
+        for k in range(probs.shape[1]):
+            idx = self._bin_of(self.edges[k], self.n_bins, probs[:, k].double().contiguous())  # (M, N)
+            q = self.values[k].gather(1, idx)  # (M, N)
+            out.append((self.weights[k][:, None] * q).sum(0))
+        return torch.stack(out, dim=1).clamp(0, 1)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        """Return the log of the calibrated probabilities (or a binary logit)."""
+        x, binary = _as_logits(logits, validate=self.validate_args)
+        self._check_fitted()
+        if x.shape[1] != self.edges.shape[0]:
+            raise ValueError(
+                f"BBQCalibrator was fitted on {self.edges.shape[0]} classes, got logits with {x.shape[1]}."
+            )
+        q = self.calibrated_class_probabilities(torch.softmax(x.double(), dim=1))
+        return _one_vs_rest_output(q, binary).to(logits.dtype)

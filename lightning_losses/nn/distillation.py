@@ -1,9 +1,12 @@
-r"""Trainable blocks for knowledge distillation: a dual-head classifier and a feature projector.
+r"""Trainable blocks for knowledge distillation: a dual-head classifier, projectors and embedding heads.
 
 * :class:`DualHeadClassifier` — dual-head KD: a main head trained with cross-entropy and an auxiliary head
   trained with the logit-level loss, both on the same backbone feature; inference uses the main head only.
 * :class:`FeatureProjector` — ``BatchNorm1d → Dropout → Linear``, maps a student embedding to the teacher's width
   for the ND loss.
+* :class:`HintRegressor` — FitNets' regressor: a 1×1 convolution (a linear map of the channels) with batch norm and
+  ReLU, mapping a student hint to the teacher's channels.
+* :class:`NormalizedEmbedding` — CRD's embedding head: ``Linear`` then L2 normalisation.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DualHeadClassifier", "DualHeadOutput", "FeatureProjector"]
+__all__ = ["DualHeadClassifier", "DualHeadOutput", "FeatureProjector", "HintRegressor", "NormalizedEmbedding"]
 
 
 class DualHeadOutput(NamedTuple):
@@ -170,3 +174,88 @@ class FeatureProjector(nn.Module):
                 f"got {tuple(features.shape)}."
             )
         return self.linear(self.dropout(self.norm(features)))
+
+
+class HintRegressor(nn.Module):
+    r"""FitNets' regressor: map a student hint to the teacher's channel count (1×1 convolution → BN → ReLU).
+
+    .. math::
+
+        r(f)_{c} = \mathrm{ReLU}\Big(\mathrm{BN}\big(\textstyle\sum_{c'} W_{c c'} f_{c'} + b_c\big)\Big)
+
+    The same weights act on embeddings ``(N, C)`` and on feature maps ``(N, C, *spatial)`` (a 1×1 convolution),
+    as RepDistiller's ``ConvReg`` for hints of equal spatial size (``Conv2d → BatchNorm2d → ReLU``). Pass
+    ``normalize=False, activation=False`` for a plain linear regressor (the teacher hint may be negative, e.g. taken
+    before a ReLU).
+
+    Args:
+        in_channels: Student channels (or embedding width).
+        out_channels: Teacher channels.
+        normalize: Batch-normalise the regressed hint (default ``True``).
+        activation: Apply a ReLU last (default ``True``).
+
+    Example:
+        >>> import torch
+        >>> regressor = HintRegressor(4, 6).eval()
+        >>> tuple(regressor(torch.randn(2, 4, 5, 5)).shape), tuple(regressor(torch.randn(2, 4)).shape)
+        ((2, 6, 5, 5), (2, 6))
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, normalize: bool = True, activation: bool = True) -> None:
+        super().__init__()
+        _positive_int_validation("in_channels", in_channels)
+        _positive_int_validation("out_channels", out_channels)
+        self.linear = nn.Linear(in_channels, out_channels)
+        self.norm: nn.Module = nn.BatchNorm1d(out_channels) if normalize else nn.Identity()
+        self.activation: nn.Module = nn.ReLU() if activation else nn.Identity()
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return the regressed hint, ``(N, out_channels, *spatial)``."""
+        if features.ndim < 2 or features.shape[1] != self.linear.in_features:
+            raise ValueError(
+                f"HintRegressor expects features of shape (N, {self.linear.in_features}, ...), "
+                f"got {tuple(features.shape)}. Set `in_channels` to the student hint's channel count."
+            )
+        shape = features.shape
+        flat = features.reshape(shape[0], shape[1], -1)  # (N, C, L)
+        out = self.linear(flat.transpose(1, 2)).transpose(1, 2)  # (N, C_out, L)
+        out = self.activation(self.norm(out))
+        return out.reshape(shape[0], -1, *shape[2:])
+
+
+class NormalizedEmbedding(nn.Module):
+    r"""CRD's embedding head: flatten, ``Linear``, L2-normalise.
+
+    .. math::
+
+        v = \frac{W \operatorname{flatten}(f) + b}{\lVert W \operatorname{flatten}(f) + b \rVert_2}
+
+    The official ``Embed`` (HobbitLong/RepDistiller, ``crd/criterion.py``).
+
+    Args:
+        in_features: Width of the flattened input features.
+        out_features: Embedding width (official 128).
+
+    Example:
+        >>> import torch
+        >>> v = NormalizedEmbedding(12, 4)(torch.randn(3, 3, 2, 2))
+        >>> tuple(v.shape), bool(torch.allclose(v.norm(dim=1), torch.ones(3)))
+        ((3, 4), True)
+    """
+
+    def __init__(self, in_features: int, out_features: int = 128) -> None:
+        super().__init__()
+        _positive_int_validation("in_features", in_features)
+        _positive_int_validation("out_features", out_features)
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return unit-norm embeddings ``(N, out_features)``."""
+        flat = features.reshape(features.shape[0], -1)
+        if flat.shape[1] != self.linear.in_features:
+            raise ValueError(
+                f"NormalizedEmbedding expects {self.linear.in_features} features per sample, got {flat.shape[1]} "
+                f"(input shape {tuple(features.shape)}). Set `in_features` (the student_dim / teacher_dim of CRDLoss) "
+                "to the flattened feature width."
+            )
+        return F.normalize(self.linear(flat), p=2.0, dim=1)

@@ -6,6 +6,11 @@ Two variants:
 * :class:`ContrastiveTempNet` reads a (detached) embedding and compares it with learnable prototypes, initialised
   from the first batch of the other modality.
 
+For adaptive multi-head contrastive learning (AMCL) the module also holds :class:`MultiHeadProjection` (several
+projection heads on one backbone) and the two temperature rules of
+:func:`~lightning_losses.functional.amcl_loss`: :class:`HeadTemperature` (one learnable temperature per head) and
+:class:`PairTemperature` (the paper's pair-adaptive rule).
+
 Both detach their input, so the model they sit on receives no gradient through them: trained with
 :func:`~lightning_losses.functional.dro_temperature_loss`, the model learns only through its logits and TempNet only
 through τ.
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ContrastiveTempNet", "TempNet"]
+__all__ = ["ContrastiveTempNet", "HeadTemperature", "MultiHeadProjection", "PairTemperature", "TempNet"]
 
 
 def _check_bounds(tau_min: float, tau_max: float) -> None:
@@ -253,3 +258,160 @@ class ContrastiveTempNet(nn.Module):
         w = torch.softmax(prods / self.log_pool_scale.exp(), dim=-1)
         raw = self.head((w - 1.0 / self.num_prototypes) * torch.sigmoid(prods)).squeeze(-1)
         return _bounded(raw, self.tau_min, self.tau_max)
+
+
+class MultiHeadProjection(nn.Module):
+    r"""``H`` independent projection heads on one embedding, AMCL's multi-head projector.
+
+    Head :math:`c` is :math:`z^c = W^c_2\,\mathrm{ReLU}(W^c_1 h + b^c_1) + b^c_2` (the SimCLR projection MLP, replicated
+    with its own weights); the heads are stacked on dimension 1, the layout of
+    :func:`~lightning_losses.functional.amcl_loss`.
+
+    Args:
+        in_dim: Width of the backbone embedding.
+        out_dim: Width :math:`d'` of each projection.
+        num_heads: Number of heads ``H`` (official code: 3).
+        hidden_dim: Hidden width of each head (official code: 512).
+
+    Shape:
+        ``(B, in_dim)`` → ``(B, H, out_dim)``.
+
+    Example:
+        >>> proj = MultiHeadProjection(in_dim=32, out_dim=8, num_heads=3, hidden_dim=16)
+        >>> tuple(proj(torch.randn(5, 32)).shape)
+        (5, 3, 8)
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int = 3, hidden_dim: int = 512) -> None:
+        super().__init__()
+        sizes = {"in_dim": in_dim, "out_dim": out_dim, "num_heads": num_heads, "hidden_dim": hidden_dim}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MultiHeadProjection needs `{name}` to be an integer >= 1, got {value!r}.")
+        self.in_dim, self.out_dim, self.num_heads = in_dim, out_dim, num_heads
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+            for _ in range(num_heads)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.ndim != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(
+                f"MultiHeadProjection expects embeddings of shape (B, {self.in_dim}), got {tuple(features.shape)}. "
+                "Flatten the backbone output first (e.g. `features.flatten(1)`)."
+            )
+        return torch.stack([head(features) for head in self.heads], dim=1)
+
+
+def _bounded_keep_double(raw: Tensor, tau_min: float, tau_max: float) -> Tensor:
+    """:func:`_bounded` in float32, or in float64 for float64 inputs."""
+    if raw.dtype == torch.float64:
+        return (tau_min + (tau_max - tau_min) * torch.sigmoid(raw)).clamp(tau_min, tau_max)
+    return _bounded(raw, tau_min, tau_max)
+
+
+def _check_pair_inputs(anchors: Tensor, candidates: Tensor, heads: int | None, dim: int | None) -> None:
+    if anchors.ndim != 3 or candidates.ndim != 3 or anchors.shape[0] != candidates.shape[0]:
+        raise ValueError(
+            "Temperatures read anchors (H, R, d) and candidates (H, M, d) with the same number of heads H, got "
+            f"{tuple(anchors.shape)} and {tuple(candidates.shape)}."
+        )
+    if heads is not None and anchors.shape[0] != heads:
+        raise ValueError(f"This temperature was built for {heads} heads, got features of {anchors.shape[0]} heads.")
+    if dim is not None and (anchors.shape[-1] != dim or candidates.shape[-1] != dim):
+        raise ValueError(
+            f"This temperature was built for projections of width {dim}, got {anchors.shape[-1]} and "
+            f"{candidates.shape[-1]}."
+        )
+
+
+class HeadTemperature(nn.Module):
+    r"""One learnable temperature per projection head, bounded in :math:`[\tau_{\min}, \tau_{\max}]`.
+
+    .. math::
+        \tau_c = \tau_{\min} + (\tau_{\max} - \tau_{\min})\,\sigma(\theta_c),
+
+    with :math:`\theta_c` initialised so that :math:`\tau_c` = ``init``. Called like :class:`PairTemperature`
+    (anchors and candidates, which it does not read) and returns ``(H, 1, 1)``, broadcast over every pair.
+
+    Args:
+        num_heads: Number of heads ``H``.
+        init: Initial temperature, inside ``(tau_min, tau_max)``.
+        tau_min: Lower bound.
+        tau_max: Upper bound.
+
+    Example:
+        >>> temp = HeadTemperature(num_heads=3, init=0.2)
+        >>> tau = temp(torch.randn(3, 4, 8), torch.randn(3, 4, 8))
+        >>> tuple(tau.shape), [round(v, 4) for v in tau.flatten().tolist()]
+        ((3, 1, 1), [0.2, 0.2, 0.2])
+    """
+
+    def __init__(self, num_heads: int, init: float = 0.1, tau_min: float = 0.01, tau_max: float = 1.0) -> None:
+        super().__init__()
+        _check_bounds(tau_min, tau_max)
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"HeadTemperature needs `num_heads` to be an integer >= 1, got {num_heads!r}.")
+        if not tau_min < init < tau_max:
+            raise ValueError(
+                f"`init` must lie strictly between tau_min={tau_min} and tau_max={tau_max}, got {init}. Pass an "
+                "initial temperature inside the bounds."
+            )
+        self.num_heads, self.tau_min, self.tau_max = num_heads, tau_min, tau_max
+        unit = (init - tau_min) / (tau_max - tau_min)
+        self.raw = nn.Parameter(torch.full((num_heads,), math.log(unit / (1.0 - unit))))
+
+    def forward(self, anchors: Tensor, candidates: Tensor) -> Tensor:
+        """``(H, 1, 1)`` temperatures, float32 (float64 for a float64 module; the inputs only fix the number of
+        heads)."""
+        _check_pair_inputs(anchors, candidates, self.num_heads, None)
+        return _bounded_keep_double(self.raw, self.tau_min, self.tau_max).reshape(-1, 1, 1)
+
+
+class PairTemperature(nn.Module):
+    r"""AMCL's pair-adaptive temperature: one per head and pair, from a network shared by the heads.
+
+    .. math::
+        \tau(z, z') = \tau_{\min} + (\tau_{\max} - \tau_{\min})\,\sigma\big(-\langle\phi(z), \phi(z')\rangle\big),
+        \qquad \phi = W_2\,\mathrm{ReLU}(W_1 \cdot + b_1) + b_2 : \mathbb{R}^{d'} \to \mathbb{R}^{d'},
+
+    the paper's Eq. (3) :math:`\iota / (1 + e^{r}) + \eta`: pairs that :math:`\phi` finds alike get low
+    temperatures, unlike ones high. The features are read as given (L2-normalised by the loss) and not detached, as
+    in the official code (``LeiWangR/cl``, ``amcl/losses.py``, ``TemperatureHead``), so the encoder also learns
+    through the temperatures. Defaults are the official code's (:math:`\tau \in [10^{-5}, 2]`, hidden width
+    :math:`d'`).
+
+    Args:
+        embed_dim: Projection width :math:`d'`.
+        hidden_dim: Hidden width of :math:`\phi` (default ``embed_dim``).
+        tau_min: Lower bound :math:`\eta`.
+        tau_max: Upper bound :math:`\eta + \iota`.
+
+    Shape:
+        anchors ``(H, R, d')`` and candidates ``(H, M, d')`` → ``(H, R, M)`` temperatures, float32 (float64 for a
+        float64 module).
+
+    Example:
+        >>> temp = PairTemperature(embed_dim=8)
+        >>> tau = temp(torch.randn(2, 5, 8), torch.randn(2, 6, 8))
+        >>> tuple(tau.shape), bool(((tau >= 1e-5) & (tau <= 2.0)).all())
+        ((2, 5, 6), True)
+    """
+
+    def __init__(
+        self, embed_dim: int, hidden_dim: int | None = None, tau_min: float = 1e-5, tau_max: float = 2.0
+    ) -> None:
+        super().__init__()
+        _check_bounds(tau_min, tau_max)
+        hidden = embed_dim if hidden_dim is None else hidden_dim
+        if embed_dim < 1 or hidden < 1:
+            raise ValueError(f"PairTemperature needs embed_dim >= 1 and hidden_dim >= 1, got {embed_dim} and {hidden}.")
+        self.embed_dim, self.tau_min, self.tau_max = embed_dim, tau_min, tau_max
+        self.phi = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+
+    def forward(self, anchors: Tensor, candidates: Tensor) -> Tensor:
+        _check_pair_inputs(anchors, candidates, None, self.embed_dim)
+        first: nn.Linear = self.phi[0]  # type: ignore[assignment]
+        dtype = first.weight.dtype
+        scores = self.phi(anchors.to(dtype)) @ self.phi(candidates.to(dtype)).transpose(1, 2)
+        return _bounded_keep_double(-scores, self.tau_min, self.tau_max)
