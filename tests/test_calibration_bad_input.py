@@ -207,6 +207,11 @@ def _config_cases() -> list[Case]:
         ("calibration_error_from_bins-norm", lambda: from_bins(counts, counts, counts, "l0"), r"`norm`"),  # type: ignore[arg-type]
         ("calibration_error_from_bins-shapes", lambda: from_bins(counts, counts[:3], counts), r"`count`, `conf"),
         ("calibration_error_from_bins-scalar", lambda: from_bins(counts, torch.tensor(1.0), counts), r"`conf_sum`"),
+        ("smooth_calibration_error-bandwidth", lambda: Fc.smooth_calibration_error(P, Y, bandwidth=-1), "`bandwidth`"),
+        ("conformal_class_scores-method", lambda: Fc.conformal_class_scores(P, "lac"), r"`method`"),  # type: ignore[arg-type]
+        ("conformal_scores-target", lambda: Fc.conformal_scores(P, Y + 9), r"`target`"),
+        ("conformal_quantile-alpha", lambda: Fc.conformal_quantile(torch.rand(5), 1.5), r"`alpha`"),
+        ("prediction_sets-threshold", lambda: Fc.prediction_sets(P, NAN), r"`threshold` is NaN"),
     ]
     # loss hyperparameters: Python numbers and tensors, NaN and out of range
     hyper: list[tuple[str, Callable[..., Any], str, list[Any]]] = [

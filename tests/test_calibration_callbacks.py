@@ -172,8 +172,8 @@ def test_ca_calibrator_in_callback(tmp_path: Path) -> None:
 def test_post_hoc_configuration_errors() -> None:
     with pytest.warns(UserWarning, match="fits the calibrator on the TEST set"):
         PostHocCalibration(split="test")
-    with pytest.raises(ValueError, match="Unknown calibrator 'beta'"):
-        PostHocCalibration("beta")
+    with pytest.raises(ValueError, match="Unknown calibrator 'gamma'"):
+        PostHocCalibration("gamma")
     with pytest.raises(ValueError, match="`fit_on` must be"):
         PostHocCalibration(fit_on="epoch_end")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a Calibrator"):

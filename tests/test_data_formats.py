@@ -234,3 +234,20 @@ def test_plays_blocks_check_the_model_vocabulary_too(tmp_path):
                          enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="has 256 token embeddings but the tokenizer has 512 tokens"):
         trainer.fit(module, datamodule=dm)
+
+
+def test_prompts_for_on_policy_steps_are_the_left_padded_prompt_tokens(tok):
+    examples = [
+        {"prompt": "To be, or not to be:", "completion": " that is the question."},
+        {"prompt": "Who's there?", "completion": " Nay, answer me: stand, and unfold yourself."},
+    ]
+    batch = TextCollator(tok, return_prompts=True)(examples)
+    width = batch["prompts"].shape[1]
+    for row, example in enumerate(examples):
+        expected = tok(example["prompt"])["input_ids"]
+        n = int(batch["prompt_attention_mask"][row].sum())
+        assert batch["prompts"][row, width - n :].tolist() == expected  # left-padded: generation continues from it
+        assert batch["prompt_attention_mask"][row, : width - n].sum() == 0
+        first = int((batch["labels"][row] != -100).int().argmax())
+        assert first == len(expected)  # the prompt ends where the labels start
+    assert "prompts" not in TextCollator(tok)(examples)

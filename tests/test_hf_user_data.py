@@ -332,7 +332,7 @@ def test_llm_example_and_its_config_run_at_the_smallest_settings(tmp_path, monke
     from lightning_losses.cli import main as cli_main
 
     result = _example().main(["--quick", "--output", str(tmp_path)])
-    assert {"forget_nll_before", "forget_nll_after", "sft_loss"} <= set(result)
+    assert {"forget_nll_before", "forget_nll_after", "sft_loss", "gkd_jsd_before", "gkd_jsd_after"} <= set(result)
     assert (tmp_path / "finetuned" / "config.json").is_file() and (tmp_path / "tokenizer").is_dir()
     config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "llm" / "config.yaml")
     args = ["lightning", "fit", "--config", config]
@@ -353,4 +353,5 @@ def test_llm_example_quick_run_fine_tunes_then_unlearns(tmp_path):
 
     result = _example().main(["--quick", "--output", str(tmp_path)])
     assert result["sft_loss"] < math.log(512) - 1.0  # the fine-tuned model learnt the exchanges
+    assert result["gkd_jsd_after"] < result["gkd_jsd_before"]  # the on-policy student moved toward the teacher
     assert result["forget_nll_after"] > result["forget_nll_before"]  # and then unlearnt the forget play

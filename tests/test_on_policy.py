@@ -231,3 +231,7 @@ def test_bad_configuration_and_batches():
         Distiller(lmbda=0.0).on_policy_batch(tiny_lm(0), {"prompts": torch.zeros(1, 3, dtype=torch.long)})
     with pytest.raises(ValueError, match="at least one token"):
         generate_completions(tiny_lm(0), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    lm = tiny_lm(0)
+    too_long = torch.zeros(1, lm.config.n_positions, dtype=torch.long)  # no room left for a new token
+    with pytest.raises(ValueError, match=r"exceeds the model's \d+ positions"):
+        generate_completions(lm, too_long, torch.ones_like(too_long), GenerationSettings(max_new_tokens=1))

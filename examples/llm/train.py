@@ -1,4 +1,5 @@
-"""Bring your own model, tokenizer and data: LoRA fine-tuning in TRL's prompt–completion format, then unlearning.
+"""Bring your own model, tokenizer and data: LoRA fine-tuning in TRL's prompt–completion format, on-policy
+distillation, then unlearning.
 
     python examples/llm/train.py           # 2 × 128 GPT-2, 2,048-token BPE, 2,000 exchanges of the plays
     python examples/llm/train.py --quick   # 2 × 64 GPT-2, 512 tokens, 320 exchanges: well under a minute
@@ -13,7 +14,10 @@ takes the place of the plays' BPE.
    (``TextDataModule``: completion tokens learnt, prompts masked), merge the adapter and save the model as a
    ``save_pretrained`` folder (``<output>/finetuned``, the teacher :func:`load_teacher` reads back) and as a
    ``state_dict`` (``<output>/finetuned.pt``, for ``config.yaml``).
-2. Unlearn the exchanges of one play (Hamlet) with NPO and a retain NLL term (``npo_rt``) through a fresh LoRA
+2. Distil the fine-tuned model (the teacher) into a half-width student on-policy (GKD,
+   ``CausalLMDistillationModule``, λ = 0.5: on half of the steps the student writes the completions of the prompts,
+   ``TextDataModule(return_prompts=True)`` gives them left-padded) and report the held-out JSD before and after.
+3. Unlearn the exchanges of one play (Hamlet) with NPO and a retain NLL term (``npo_rt``) through a fresh LoRA
    adapter (``UnlearningModule`` on ``UnlearningDataModule(forget_data=..., retain_data=..., tokenizer=...)``), and
    report the forget / retain / held-out NLL before and after.
 
@@ -36,7 +40,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_losses import UnlearningEvaluation, UnlearningModule
+from lightning_losses import CausalLMDistillationModule, UnlearningEvaluation, UnlearningModule
 from lightning_losses.data import UnlearningDataModule
 from lightning_losses.data.shakespeare import shakespeare_examples, shakespeare_hf_tokenizer
 from lightning_losses.data.text import TextDataModule, resolve_tokenizer
@@ -96,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     n_forget, n_retain, vocab, width, epochs = (64, 256, 512, 64, 3) if args.quick else (400, 1600, 2048, 128, 8)
     max_length, max_chars = 128, 160  # speeches cut to about 160 characters fit 128 tokens with their reply
+    new_tokens = 24  # what the on-policy student writes after a prompt: the models get positions for it
     start = time.perf_counter()
     pl.seed_everything(0, verbose=False)
     output = Path(args.output)
@@ -118,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     # 1. a GPT-2 built from a config; no pretrained checkpoint works offline, so a short full-weight run on the
     #    exchanges as plain text stands in for one (a LoRA adapter cannot move a random network far)
-    model = build_gpt2(len(tokenizer), n_layer=2, n_embd=width, n_head=4, block_size=max_length)
+    model = build_gpt2(len(tokenizer), n_layer=2, n_embd=width, n_head=4, block_size=max_length + new_tokens)
     text = [{"text": e["prompt"] + e["completion"]} for e in forget + retain]
     base_data = TextDataModule(tokenizer, train_data=text, batch_size=16, max_length=max_length, val_fraction=0.0)
     pl.Trainer(max_epochs=epochs, enable_progress_bar=False, **TRAINER).fit(SFTModule(model), datamodule=base_data)
@@ -135,7 +140,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     torch.save(finetuned.state_dict(), output / "finetuned.pt")
     teacher = load_teacher(output / "finetuned")  # the fine-tuned model, frozen: a teacher for distillation
 
-    # 2. unlearn the forget play through a fresh LoRA adapter; the reference is the disabled adapter
+    # 2. distil the fine-tuned model into a half-width student on-policy (GKD): on half of the steps the student
+    #    writes the completions of the prompts and the JSD to the teacher is taken on the written tokens only
+    student = build_gpt2(len(tokenizer), n_layer=1, n_embd=width // 2, n_head=4, block_size=max_length + new_tokens)
+    gkd_data = TextDataModule(
+        tokenizer, train_data=forget + retain, batch_size=16, max_length=max_length, return_prompts=True
+    )
+    gkd = CausalLMDistillationModule(
+        student,
+        teacher,
+        lmbda=0.5,
+        max_new_tokens=new_tokens,
+        lr=3e-3,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    gkd_trainer = pl.Trainer(max_epochs=1 if args.quick else 3, enable_progress_bar=False, **TRAINER)
+    (gkd_before,) = gkd_trainer.validate(gkd, datamodule=gkd_data, verbose=False)
+    gkd_trainer.fit(gkd, datamodule=gkd_data)
+    (gkd_after,) = gkd_trainer.validate(gkd, datamodule=gkd_data, verbose=False)
+    jsd = f"{gkd_before['val/jsd']:.4f} -> {gkd_after['val/jsd']:.4f}"
+    print(f"on-policy distillation: held-out JSD of the student to the teacher {jsd}")
+
+    # 3. unlearn the forget play through a fresh LoRA adapter; the reference is the disabled adapter
     datamodule = UnlearningDataModule(
         forget_data=output / "forget.jsonl",
         retain_data=output / "retain.jsonl",
@@ -155,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     result = {f"{k}_{when}": float(v) for when, r in (("before", before), ("after", after)) for k, v in r.items()}
     result["sft_loss"] = float(sft_trainer.callback_metrics["train/loss"])
     result["teacher_parameters"] = float(sum(p.numel() for p in teacher.parameters()))
+    result["gkd_jsd_before"], result["gkd_jsd_after"] = float(gkd_before["val/jsd"]), float(gkd_after["val/jsd"])
     return result
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,7 +30,6 @@ import torch
 from lightning_losses import ClassificationUnlearningModule, evaluate_classification_unlearning, train_classifier
 from lightning_losses.data import ClassificationUnlearningDataModule
 from lightning_losses.demos import ConvNet
-from lightning_losses.jobs.common import quiet_lightning
 
 METHODS = ("ga", "graddiff", "npo", "npo_kl", "blindspot")
 #: Adam learning rate of every method, by data set (MNIST has 3× the forget samples, so 3× the steps per epoch),
@@ -43,8 +43,13 @@ def unlearn(method: str, original: torch.nn.Module, datamodule: ClassificationUn
     """Unlearn a copy of ``original`` with ``method``; return the unlearned model."""
     lr = LR[datamodule.dataset_name]
     module = ClassificationUnlearningModule(copy.deepcopy(original), loss=method, lr=lr, **kwargs)
-    with quiet_lightning(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen reference
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
+    lightning_logger.setLevel(logging.WARNING)  # no per-run banner lines
+    with warnings.catch_warnings():
+        # the frozen reference is in eval mode on purpose; the tiny data sets need no loader workers
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*|.*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         trainer = pl.Trainer(
             max_epochs=EPOCHS,
             accelerator="cpu",
@@ -55,7 +60,10 @@ def unlearn(method: str, original: torch.nn.Module, datamodule: ClassificationUn
             enable_progress_bar=False,
             limit_val_batches=0,
         )
-        trainer.fit(module, datamodule=datamodule)
+        try:
+            trainer.fit(module, datamodule=datamodule)
+        finally:
+            lightning_logger.setLevel(level)
     return module.model.eval()
 
 

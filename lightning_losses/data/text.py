@@ -175,6 +175,8 @@ class TextCollator:
         ignore_index: label of masked positions.
         pad_to_multiple_of: pad the length of each batch to a multiple of this.
         chat_template_kwargs: extra keyword arguments of ``apply_chat_template``.
+        return_prompts: also return ``prompts`` / ``prompt_attention_mask``: each sequence's tokens before its first
+            label, left-padded (the keys of TRL's GKD batches, read by on-policy distillation to generate from).
 
     Batches are ``{"input_ids", "attention_mask", "labels"}`` ``(B, T)`` (preference:
     ``chosen_*`` and ``rejected_*``), with ``index`` when the examples have one (a unique id per example, which
@@ -194,6 +196,7 @@ class TextCollator:
         ignore_index: int = -100,
         pad_to_multiple_of: int | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        return_prompts: bool = False,
     ) -> None:
         if max_length is not None and max_length < 1:
             raise ValueError(f"`max_length` must be a positive number of tokens or None, got {max_length}.")
@@ -202,6 +205,7 @@ class TextCollator:
         self.max_length, self.completion_only_loss, self.add_eos = max_length, completion_only_loss, add_eos
         self.ignore_index, self.pad_to_multiple_of = ignore_index, pad_to_multiple_of
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.return_prompts = return_prompts
 
     # ----------------------------------------------------------------------------------------------- tokenising
     def _eos(self, ids: list[int]) -> list[int]:
@@ -313,6 +317,19 @@ class TextCollator:
             f"{prefix}labels": self.pad([r[f"{prefix}labels"] for r in rows], self.ignore_index),
         }
 
+    def prompts_of(self, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Each row's tokens before its first label, left-padded: ``prompts`` and ``prompt_attention_mask``."""
+        learnt = labels != self.ignore_index
+        lengths = torch.where(learnt.any(1), learnt.int().argmax(1), labels.shape[1])
+        width = max(int(lengths.max()), 1)
+        prompts = input_ids.new_full((len(input_ids), width), self.pad_token_id)
+        mask = torch.zeros_like(prompts)
+        for row, n in enumerate(lengths.tolist()):
+            if n:
+                prompts[row, width - n :] = input_ids[row, :n]
+                mask[row, width - n :] = 1
+        return {"prompts": prompts, "prompt_attention_mask": mask}
+
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if not examples:
             raise ValueError("Cannot collate an empty list of examples.")
@@ -325,6 +342,8 @@ class TextCollator:
             if any("input_ids" not in r for r in rows):
                 raise ValueError("A batch mixes preference pairs with other formats: keep one format per dataset.")
             batch = self.pad_rows(rows)
+            if self.return_prompts:
+                batch.update(self.prompts_of(batch["input_ids"], batch["labels"]))
         if all("index" in r for r in rows):
             batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
         return batch
@@ -363,6 +382,8 @@ class TextDataModule(pl.LightningDataModule):
             :func:`trl.data_utils.pack_dataset` (not for preference pairs).
         packing_strategy: ``"bfd"`` (best-fit decreasing, sequences kept whole, longer ones cut) or ``"wrapped"``.
         plays_format: the format of ``"plays"`` data.
+        return_prompts: batches also carry the left-padded prompts (``prompts``, ``prompt_attention_mask``), as
+            on-policy distillation (:class:`~lightning_losses.CausalLMDistillationModule`) reads them.
         val_fraction: share of ``train_data`` held out for validation when no ``val_data`` is given (0: none).
         vocab_size: vocabulary of the plays tokenizer when ``tokenizer`` is ``None``.
         cache_dir: where the plays tokenizer is cached.
@@ -398,6 +419,7 @@ class TextDataModule(pl.LightningDataModule):
         cache_dir: str = "results/cache",
         seed: int = 0,
         num_workers: int = 0,
+        return_prompts: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -409,6 +431,7 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size, self.max_length, self.completion_only_loss = batch_size, max_length, completion_only_loss
         self.packing, self.packing_strategy, self.plays_format = packing, packing_strategy, plays_format
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
+        self.return_prompts = return_prompts
         self._resolved_tokenizer: Any = None
         self._splits: dict[str, Any] = {}
 
@@ -422,7 +445,12 @@ class TextDataModule(pl.LightningDataModule):
     @property
     def collator(self) -> TextCollator:
         """The collate function of every dataloader."""
-        return TextCollator(self.tokenizer, max_length=self.max_length, completion_only_loss=self.completion_only_loss)
+        return TextCollator(
+            self.tokenizer,
+            max_length=self.max_length,
+            completion_only_loss=self.completion_only_loss,
+            return_prompts=self.return_prompts,
+        )
 
     def _examples(self, data: Any) -> Sequence[Mapping[str, Any]]:
         return load_examples(data, self.plays_format)

@@ -411,11 +411,13 @@ class SmoothCalibrationError(Metric):
     Example:
         >>> from lightning_losses.functional.calibration import smooth_calibration_error
         >>> g = torch.Generator().manual_seed(0)
-        >>> logits, target = 3 * torch.randn(600, 4, generator=g), torch.randint(0, 4, (600,), generator=g)
-        >>> metric = SmoothCalibrationError(input_type="logits")
+        >>> conf = 0.5 + 0.5 * torch.rand(600, generator=g)  # accuracy crosses the diagonal: the smoothing matters
+        >>> correct = torch.bernoulli((conf + 0.15 * torch.sin(15 * conf)).clamp(0, 1), generator=g).long()
+        >>> probs, target = torch.stack([conf, 1 - conf], dim=1), 1 - correct
+        >>> metric = SmoothCalibrationError()
         >>> for i in range(0, 600, 200):
-        ...     metric.update(logits[i : i + 200], target[i : i + 200])
-        >>> exact = smooth_calibration_error(logits, target, input_type="logits")
+        ...     metric.update(probs[i : i + 200], target[i : i + 200])
+        >>> exact = smooth_calibration_error(probs, target)
         >>> bool(abs(metric.compute() - exact) < 1e-4)
         True
     """

@@ -104,6 +104,16 @@ def _pack_left(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return ids.gather(1, order), mask.gather(1, order)
 
 
+def _max_positions(model: nn.Module) -> int | None:
+    """The positions of a transformers model (``n_positions`` / ``max_position_embeddings``), if it says."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
 def generate_completions(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -152,6 +162,13 @@ def generate_completions(
         )
     if bool((prompt_mask.sum(dim=1) == 0).any()):
         raise ValueError("Every prompt needs at least one token: a row of `prompt_mask` is all zeros.")
+    positions = _max_positions(model)
+    longest = int(prompt_mask.sum(dim=1).max())
+    if positions is not None and longest + settings.max_new_tokens > positions:
+        raise ValueError(
+            f"A prompt of {longest} tokens plus max_new_tokens={settings.max_new_tokens} exceeds the model's "
+            f"{positions} positions: shorten the prompts (e.g. the data's max_length) or lower max_new_tokens."
+        )
     config = getattr(model, "generation_config", None)
     if eos_token_id is None and config is not None:
         eos_token_id = config.eos_token_id

@@ -498,7 +498,10 @@ def train_classifier(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     steps = 0
-    for _ in range(epochs):
+    sampler: Any = getattr(dataloader, "sampler", None)
+    for epoch in range(epochs):
+        if hasattr(sampler, "set_epoch"):  # a new order each epoch (EpochShuffle, DistributedSampler)
+            sampler.set_epoch(epoch)
         for batch in dataloader:
             x, y, _ = unpack_batch(batch)
             if y is None:

@@ -815,8 +815,8 @@ class BetaCalibrator(Calibrator):
                 z = self._map(log_p, log_q, a, b, c)
                 return F.binary_cross_entropy_with_logits(z[:, 0], yf) if binary else F.cross_entropy(z, y)
 
-            opts = dict(dtype=x.dtype, device=x.device)
-            a, b, c = torch.ones(k, **opts), torch.zeros(k, **opts), torch.zeros(k, **opts)  # type: ignore[arg-type]
+            a = torch.ones(k, dtype=x.dtype, device=x.device)
+            b, c = torch.zeros_like(a), torch.zeros_like(a)
             free_a, free_b = torch.ones(k, dtype=torch.bool), torch.ones(k, dtype=torch.bool)
             for _ in range(self.max_rounds):
                 pa = nn.Parameter(a.clone())
