@@ -42,7 +42,9 @@ from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.nn.calibration import Calibrator, CorrectnessAwareCalibrator, PlattScaler, TemperatureScaler
 from lightning_losses.utilities.batches import unpack_batch
 
-POST_HOC = tuple(name for name in CALIBRATORS if name != "platt")  # Platt scaling is for binary problems
+# Platt scaling is for binary problems; the CA calibrator appears twice: its official class-balanced weighting (its
+# optimum is the balanced posterior, under-confident when the validation accuracy is far above 0.5) and unweighted.
+POST_HOC = tuple(name for name in CALIBRATORS if name != "platt")
 LOSSES = tuple(CALIBRATION_LOSSES)
 
 
@@ -212,25 +214,22 @@ def _run(args: argparse.Namespace) -> int:
 
     # 2. post-hoc calibrators fitted on the validation split, evaluated on the test split
     val_logits, val_y, _ = _collect(model, val_loader)
-    # CA twice: its official class-balanced weighting (optimum: the balanced posterior, under-confident when the
-    # validation accuracy is far above 0.5) and unweighted (optimum: the correctness probability itself).
-    weightings = {"ca": ("balanced", "none")}
-    runs = [(name, weighting) for name in calibrators for weighting in weightings.get(name, ("",))]
-    for name, weighting in runs:
+    for name in calibrators:
         calibrator: Calibrator
         with Timer() as timer:
             if name == "temperature":
                 calibrator = posthoc.calibrator  # already fitted by the callback
-            elif name == "ca":
-                calibrator = CorrectnessAwareCalibrator(weighting=weighting)  # type: ignore[arg-type]
-                _, _, val_copies = _collect(model, val_loader, calibrator)
-                assert val_copies is not None
-                calibrator.fit(val_logits, val_y, val_copies)
             elif name in ("matrix", "dirichlet"):
                 calibrator = CALIBRATORS[name](off_diagonal_reg=args.reg, intercept_reg=args.reg)  # type: ignore[call-arg]
                 calibrator.fit(val_logits, val_y)
             else:
-                calibrator = CALIBRATORS[name]().fit(val_logits, val_y)
+                calibrator = CALIBRATORS[name]()
+                if isinstance(calibrator, CorrectnessAwareCalibrator):  # fitted on transformed copies too
+                    _, _, val_copies = _collect(model, val_loader, calibrator)
+                    assert val_copies is not None
+                    calibrator.fit(val_logits, val_y, val_copies)
+                else:
+                    calibrator.fit(val_logits, val_y)
         if isinstance(calibrator, CorrectnessAwareCalibrator):
             _, _, test_copies = _collect(model, test_loader, calibrator)
             calibrated = calibrator(test_logits, test_copies)
@@ -240,13 +239,12 @@ def _run(args: argparse.Namespace) -> int:
         label = type(calibrator).__name__
         if name == "temperature":
             label += f" (T = {calibrator.temperature:.2f})"  # type: ignore[attr-defined]
-        if weighting:
-            label += " (official, balanced)" if weighting == "balanced" else " (unweighted)"
+        if isinstance(calibrator, CorrectnessAwareCalibrator):
+            label += " (official, balanced)" if calibrator.weighting == "balanced" else " (unweighted)"
         row = _scores(calibrated, test_y, args.n_bins, reference=test_logits)
         table.add(method=label, kind="post-hoc", **row, **{"fit s": fit_s})
-        stem = f"reliability_{name}" + ("_unweighted" if weighting == "none" else "")
-        if _diagram(calibrated, test_y, args.n_bins, label, out / f"{stem}.png"):
-            diagrams.append(out / f"{stem}.png")
+        if _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png"):
+            diagrams.append(out / f"reliability_{name}.png")
         print(f"{label}: test ECE {row[ECE_COLUMN]} %")
 
     # 3. train-time calibration losses (same architecture, data and schedule)

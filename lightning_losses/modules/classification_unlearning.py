@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +24,7 @@ from lightning_losses.losses.unlearning import (
     DEFAULT_MODULE_ATTRIBUTE,
     UNLEARNING_PRESETS,
     RetainLoss,
+    ScoreName,
     loss_needs,
     resolve_unlearning_loss,
 )
@@ -59,26 +60,13 @@ __all__ = [
 #: ``logits[:, t]`` predicts ``labels[:, t + 1]``, and ``logits`` ``(B, 2, C)`` repeats the class logits at the unread
 #: last position). The layer entries of RMU (``activations`` with answer masks, on forget and retain batches) have
 #: no counterpart here.
-CLASSIFICATION_SCORES: frozenset[str] = frozenset(
-    {
-        "policy_logps",
-        "reference_logps",
-        "lengths",
-        "mean_token_probs",
-        "template_policy_logps",
-        "template_reference_logps",
-        "template_lengths",
-        "template_mean_token_probs",
-        "retain",
-        "labels",
-        "token_logps",
-        "token_mask",
-        "logits",
-        "reference_logits",
-        "forget_logits",
-        "forget_activations",
-    }
+_LAYER_SCORES = frozenset(
+    {"activations", "activation_mask", "retain_activations", "retain_reference_activations", "retain_activation_mask"}
 )
+CLASSIFICATION_SCORES: frozenset[str] = (frozenset(get_args(ScoreName)) - _LAYER_SCORES) | {
+    "forget_logits",
+    "forget_activations",
+}
 #: Preset settings that differ on a classifier: CE-U leaves out the first answer token of each sequence by default,
 #: which on a classifier is the only one.
 CLASSIFIER_PRESET_SETTINGS: dict[str, dict[str, Any]] = {"ceu": {"ignore_first": 0}}
