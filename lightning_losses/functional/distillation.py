@@ -30,6 +30,7 @@ Functions:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -615,11 +616,55 @@ def _jsd_arg_validation(
     return student_logits, teacher_logits, checks
 
 
-def _jsd_mixture(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
+KLFromLogProbs = Callable[[Tensor, Tensor], Tensor]
+
+
+def _jsd_mixture(log_ps: Tensor, log_pt: Tensor, beta: Tensor, kl: KLFromLogProbs = kl_from_log_probs) -> Tensor:
     """``β·KL(p_t || m) + (1-β)·KL(p_s || m)`` with ``m = β p_t + (1-β) p_s``, for ``0 < β < 1``."""
     log_m = torch.logaddexp(log_pt + torch.log(beta), log_ps + torch.log1p(-beta))
     b = beta.squeeze(-1) if beta.ndim else beta
-    return b * kl_from_log_probs(log_pt, log_m) + (1.0 - b) * kl_from_log_probs(log_ps, log_m)
+    return b * kl(log_pt, log_m) + (1.0 - b) * kl(log_ps, log_m)
+
+
+def jsd_from_log_probs(
+    log_ps: Tensor, log_pt: Tensor, beta: float | Tensor, kl: KLFromLogProbs = kl_from_log_probs
+) -> Tensor:
+    r"""Per-position generalized JSD of student and teacher log-probabilities over the last dimension.
+
+    :math:`\beta = 0` is :math:`KL(p_t \| p_s)`, :math:`\beta = 1` is :math:`KL(p_s \| p_t)`; in between
+    :math:`\beta KL(p_t \| m) + (1 - \beta) KL(p_s \| m)` with :math:`m = \beta p_t + (1 - \beta) p_s`. A tensor
+    ``beta`` (broadcast over the positions, trailing size 1) may mix the three cases. ``kl`` computes
+    :math:`KL(p \| q)` from log-probabilities (the sparse losses pass one that allows :math:`\log 0`).
+
+    Example:
+        >>> log_p = torch.log_softmax(torch.tensor([[1.0, 0.0, -1.0]]), dim=-1)
+        >>> bool(jsd_from_log_probs(log_p, log_p, 0.5).abs().max() < 1e-6)
+        True
+    """
+    if isinstance(beta, Tensor):
+        return _jsd_tensor_beta(log_ps, log_pt, beta, kl)
+    if beta == 0:
+        return kl(log_pt, log_ps)
+    if beta == 1:
+        return kl(log_ps, log_pt)
+    return _jsd_mixture(log_ps, log_pt, torch.tensor(float(beta), dtype=log_ps.dtype), kl)
+
+
+def masked_token_mean(
+    per_token: Tensor,
+    labels: Tensor | None,
+    ignore_index: int,
+    reduction: MeanReduction,
+    num_items_in_batch: Tensor | float | None,
+) -> Tensor:
+    """Reduce per-token values over the tokens whose label is not ``ignore_index`` (every token without labels)."""
+    if labels is None:
+        count = per_token.new_tensor(float(per_token.numel()))
+    else:
+        mask = labels != ignore_index
+        per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+        count = mask.sum().to(per_token.dtype)
+    return reduce_loss(per_token, reduction, count=count, num_items_in_batch=num_items_in_batch)
 
 
 def generalized_jsd_loss(
@@ -716,24 +761,11 @@ def generalized_jsd_loss(
         beta_t = hyperparameter_tensor(beta, student, "beta", validate=False) if isinstance(beta, Tensor) else None
         checks.run()
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
-        if beta_t is not None:
-            per_token = _jsd_tensor_beta(log_ps, log_pt, beta_t)
-        elif beta == 0:
-            per_token = kl_from_log_probs(log_pt, log_ps)
-        elif beta == 1:
-            per_token = kl_from_log_probs(log_ps, log_pt)
-        else:
-            per_token = _jsd_mixture(log_ps, log_pt, torch.tensor(float(beta), dtype=student.dtype))
-        if labels is None:
-            count = per_token.new_tensor(float(per_token.numel()))
-        else:
-            mask = labels != ignore_index
-            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-            count = mask.sum().to(per_token.dtype)
-        return reduce_loss(per_token, reduction, count=count, num_items_in_batch=num_items_in_batch)
+        per_token = jsd_from_log_probs(log_ps, log_pt, beta if beta_t is None else beta_t)
+        return masked_token_mean(per_token, labels, ignore_index, reduction, num_items_in_batch)
 
 
-def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
+def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor, kl: KLFromLogProbs = kl_from_log_probs) -> Tensor:
     """Per-token JSD for a tensor ``beta`` that may hold endpoint values; only the needed branches are computed."""
     token_beta = beta.squeeze(-1) if beta.ndim else beta
     is_forward, is_reverse = token_beta == 0, token_beta == 1
@@ -742,11 +774,11 @@ def _jsd_tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
     if bool(interior.any()):
         safe = torch.where(beta > 0, beta, torch.full_like(beta, 0.5))
         safe = torch.where(safe < 1, safe, torch.full_like(safe, 0.5))
-        out = torch.where(interior, _jsd_mixture(log_ps, log_pt, safe), out)
+        out = torch.where(interior, _jsd_mixture(log_ps, log_pt, safe, kl), out)
     if bool(is_forward.any()):
-        out = torch.where(is_forward, kl_from_log_probs(log_pt, log_ps), out)
+        out = torch.where(is_forward, kl(log_pt, log_ps), out)
     if bool(is_reverse.any()):
-        out = torch.where(is_reverse, kl_from_log_probs(log_ps, log_pt), out)
+        out = torch.where(is_reverse, kl(log_ps, log_pt), out)
     return out
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_losses.functional.distillation import jsd_from_log_probs, masked_token_mean
 from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
@@ -51,7 +52,7 @@ from lightning_losses.utilities.checks import (
     check_tensor,
     start_checks,
 )
-from lightning_losses.utilities.numerics import as_float32, autocast_disabled, hyperparameter_tensor, reduce_loss
+from lightning_losses.utilities.numerics import as_float32, autocast_disabled, hyperparameter_tensor
 
 __all__ = ["TopKLogProbs", "sparse_generalized_jsd_loss", "topk_teacher_log_probs"]
 
@@ -179,12 +180,6 @@ def _bucket_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return terms.sum(dim=-1)
 
 
-def _bucket_jsd_mixture(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
-    log_m = torch.logaddexp(log_pt + torch.log(beta), log_ps + torch.log1p(-beta))
-    b = beta.squeeze(-1) if beta.ndim else beta
-    return b * _bucket_kl(log_pt, log_m) + (1.0 - b) * _bucket_kl(log_ps, log_m)
-
-
 def _buckets(
     student_logits: Tensor, teacher_log_probs: Tensor, teacher_indices: Tensor, temperature: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -284,28 +279,5 @@ def sparse_generalized_jsd_loss(
         beta_t = hyperparameter_tensor(beta, student, "beta", validate=False) if isinstance(beta, Tensor) else None
         checks.run()
         log_ps, log_pt = _buckets(student, teacher_log_probs.detach(), teacher_indices, temp)
-        if beta_t is not None:
-            per_token = _tensor_beta(log_ps, log_pt, beta_t)
-        elif beta == 0:
-            per_token = _bucket_kl(log_pt, log_ps)
-        elif beta == 1:
-            per_token = _bucket_kl(log_ps, log_pt)
-        else:
-            per_token = _bucket_jsd_mixture(log_ps, log_pt, torch.tensor(float(beta), dtype=student.dtype))
-        if labels is None:
-            count = per_token.new_tensor(float(per_token.numel()))
-        else:
-            mask = labels != ignore_index
-            per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-            count = mask.sum().to(per_token.dtype)
-        return reduce_loss(per_token, reduction, count=count, num_items_in_batch=num_items_in_batch)
-
-
-def _tensor_beta(log_ps: Tensor, log_pt: Tensor, beta: Tensor) -> Tensor:
-    """Per-token value for a tensor ``beta`` that may hold the endpoints 0 and 1."""
-    token_beta = beta.squeeze(-1) if beta.ndim else beta
-    is_forward, is_reverse = token_beta == 0, token_beta == 1
-    safe = torch.where((beta > 0) & (beta < 1), beta, torch.full_like(beta, 0.5))
-    out = _bucket_jsd_mixture(log_ps, log_pt, safe)
-    out = torch.where(is_forward, _bucket_kl(log_pt, log_ps), out)
-    return torch.where(is_reverse, _bucket_kl(log_ps, log_pt), out)
+        per_token = jsd_from_log_probs(log_ps, log_pt, beta if beta_t is None else beta_t, kl=_bucket_kl)
+        return masked_token_mean(per_token, labels, ignore_index, reduction, num_items_in_batch)

@@ -196,12 +196,13 @@ def _run(args: argparse.Namespace) -> int:
             }
         )
     students = "all" if setting.student_samples is None else str(setting.student_samples)
+    test_images = len(student_data.dataset("test"))  # type: ignore[attr-defined]
     preamble = (
         f"Teacher ConvNet width {TEACHER_WIDTH} ({sum(p.numel() for p in teacher.parameters())} parameters, "
         f"test accuracy {100 * teacher_acc:.2f} %) trained on every training image; students ConvNet width "
         f"{STUDENT_WIDTH} ({sum(p.numel() for p in ConvNet(STUDENT_WIDTH).parameters())} parameters) see {students} "
         f"of them, {setting.epochs} epochs, {setting.seeds} seeds paired by seed (same initialisation and data "
-        f"order per seed); {len(student_data.dataset('test'))} test images. SGD 0.05 with cosine decay, gradient-norm "
+        f"order per seed); {test_images} test images. SGD 0.05 with cosine decay, gradient-norm "
         f"clip {GRADIENT_CLIP:g}; paper loss weights except DKD's β = {FEW_CLASS_BETA:g} for 10 classes (the CIFAR "
         f"β = 8 makes β·T² = 128 and every step clipped); warm-up {setting.warmup} epoch(s). Intervals are Student-t "
         "intervals of the per-seed differences; '(noise)' marks a difference the seeds do not resolve."

@@ -253,10 +253,10 @@ def _mnist_part(args: argparse.Namespace) -> tuple[ResultsTable, ResultsTable]:
             if name == "aldr_kl":
                 lambdas[lam0][column] = _spread(module.aldr.lambdas[train.indices])
     train.targets = clean
-    for label, row in results.items():
-        accuracy.add(loss=label, **row)
-    for lam0, row in lambdas.items():
-        spread.add(**{"λ0": f"{lam0:g}", "range of λ": f"[{lam0 * (1 - 1 / ALDR_ALPHA):g}, {lam0:g}]"}, **row)
+    for label, scores in results.items():
+        accuracy.add(loss=label, **scores)
+    for lam0, spreads in lambdas.items():
+        spread.add(**{"λ0": f"{lam0:g}", "range of λ": f"[{lam0 * (1 - 1 / ALDR_ALPHA):g}, {lam0:g}]"}, **spreads)
     return accuracy, spread
 
 

@@ -411,7 +411,8 @@ class PairTemperature(nn.Module):
 
     def forward(self, anchors: Tensor, candidates: Tensor) -> Tensor:
         _check_pair_inputs(anchors, candidates, None, self.embed_dim)
-        first: nn.Linear = self.phi[0]  # type: ignore[assignment]
+        first = self.phi[0]
+        assert isinstance(first, nn.Linear)
         dtype = first.weight.dtype
         scores = self.phi(anchors.to(dtype)) @ self.phi(candidates.to(dtype)).transpose(1, 2)
         return _bounded_keep_double(-scores, self.tau_min, self.tau_max)
