@@ -367,8 +367,7 @@ def expose_hyperparameter(
     value = owner.__dict__[attr]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(
-            f"Cannot expose {name!r}: only a real-number attribute can be a hyperparameter, got "
-            f"{type(value).__name__}."
+            f"Cannot expose {name!r}: only a real-number attribute can be a hyperparameter, got {type(value).__name__}."
         )
     if attr in _standard_attributes(owner):  # a dropout rate: [0, 1] unless narrowed
         low = 0.0 if low is None else low

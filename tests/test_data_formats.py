@@ -113,11 +113,15 @@ def test_conversational_prompt_completion_uses_trl_rendering(tok):
 def test_preference_pairs_mask_the_prompt_of_each_answer(tok, implicit):
     prompt = "HORATIO: What, has this thing appear'd again to-night?\nBERNARDO:"
     chosen, rejected = " I have seen nothing.", " Yes."
-    example = {"chosen": prompt + chosen, "rejected": prompt + rejected} if implicit else {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-    }
+    example = (
+        {"chosen": prompt + chosen, "rejected": prompt + rejected}
+        if implicit
+        else {
+            "prompt": prompt,
+            "chosen": chosen,
+            "rejected": rejected,
+        }
+    )
     batch = TextCollator(tok)([example, example])
     assert dataset_format(example) == "preference"
     for side, answer in (("chosen", chosen), ("rejected", rejected)):
@@ -161,8 +165,9 @@ def test_data_module_takes_a_dataset_or_a_list_alike(tok):
 
 def test_packing_uses_trl_pack_dataset(tok):
     rows = [{"text": " ".join(["word"] * n)} for n in (3, 9, 5, 12, 2)]
-    dm = TextDataModule(tok, train_data=rows, batch_size=8, max_length=8, packing=True, packing_strategy="wrapped",
-                        val_fraction=0.0)
+    dm = TextDataModule(
+        tok, train_data=rows, batch_size=8, max_length=8, packing=True, packing_strategy="wrapped", val_fraction=0.0
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     total = sum(n + 1 for n in (3, 9, 5, 12, 2))  # each text and its EOS
@@ -201,8 +206,14 @@ def test_data_module_setup_checks_the_trainer_model(tok, tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm = TextDataModule(tok, train_data=[{"text": "Hamlet, thou art slain."}] * 4, batch_size=2, val_fraction=0.0)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="1000 token embeddings but the tokenizer has 50257"):
         trainer.fit(LM(), datamodule=dm)
 
@@ -230,8 +241,14 @@ def test_plays_blocks_check_the_model_vocabulary_too(tmp_path):
 
     dm = ShakespeareDataModule(block_size=16, batch_size=2, vocab_size=512, max_train_blocks=4)
     module = CausalLMModule(build_gpt2(256, n_layer=1, n_embd=16, n_head=2, block_size=16))
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="has 256 token embeddings but the tokenizer has 512 tokens"):
         trainer.fit(module, datamodule=dm)
 

@@ -32,13 +32,22 @@ def tiny_gpt2(vocab: int = V, seed: int = 0):
 
 
 FORGET = [
-    {"prompt": "Q: Who is the Prince of Denmark?\nA:", "completion": " Hamlet, son of the late king.",
-     "alternate": " I do not know."},
-    {"prompt": "Q: Whom does Hamlet love?\nA:", "completion": " Ophelia, daughter of Polonius.",
-     "alternate": " I cannot say."},
+    {
+        "prompt": "Q: Who is the Prince of Denmark?\nA:",
+        "completion": " Hamlet, son of the late king.",
+        "alternate": " I do not know.",
+    },
+    {
+        "prompt": "Q: Whom does Hamlet love?\nA:",
+        "completion": " Ophelia, daughter of Polonius.",
+        "alternate": " I cannot say.",
+    },
     {"prompt": "Q: Where is Elsinore?\nA:", "completion": " In Denmark, by the sea.", "alternate": " I know not."},
-    {"prompt": "Q: Who kills Polonius?\nA:", "completion": " Hamlet, through the arras.",
-     "alternate": " That I cannot tell."},
+    {
+        "prompt": "Q: Who kills Polonius?\nA:",
+        "completion": " Hamlet, through the arras.",
+        "alternate": " That I cannot tell.",
+    },
 ]
 RETAIN = [{"prompt": f"Q: What is {a} plus {b}?\nA:", "completion": f" {a + b}."} for a in range(3) for b in range(3)]
 
@@ -105,7 +114,11 @@ def test_preference_forget_rows_forget_rejected_and_prefer_chosen(tok):
 def test_perturbed_answers_from_a_column_or_from_other_examples(tok):
     with_column = [{**e, "perturbed": [" Laertes.", " Fortinbras, of Norway."]} for e in FORGET]
     dm = UnlearningDataModule(
-        forget_data=with_column, retain_data=RETAIN, tokenizer=tok, batch_size=4, perturbed_answers=2,
+        forget_data=with_column,
+        retain_data=RETAIN,
+        tokenizer=tok,
+        batch_size=4,
+        perturbed_answers=2,
         heldout_fraction=0.34,
     )
     dm.setup("fit")

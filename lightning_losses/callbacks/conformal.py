@@ -180,9 +180,7 @@ class ConformalPrediction(_FitOnValidation):
             logits.float(), target, self.method, self.randomized, None, self.lam, self.k_reg, "logits", generator
         )
 
-    def fit(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: DataLoader | None = None
-    ) -> float:
+    def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: DataLoader | None = None) -> float:
         """Collect and gather the validation logits, fit the threshold; returns it. Collective under DDP."""
         loader = dataloader if dataloader is not None else self._dataloader(trainer)
         loader, total = self._shard(trainer, loader)
@@ -303,7 +301,10 @@ class ConformalPrediction(_FitOnValidation):
         if self._hook is None:
             return
         coverage, size = self._coverage.compute(), self._size.compute()  # reduced across processes
-        self.test_metrics = {"coverage": float(coverage), "set_size": float(size), }
+        self.test_metrics = {
+            "coverage": float(coverage),
+            "set_size": float(size),
+        }
         pl_module.log(f"{self.prefix}coverage", coverage.to(pl_module.device), sync_dist=False)
         pl_module.log(f"{self.prefix}set_size", size.to(pl_module.device), sync_dist=False)
 

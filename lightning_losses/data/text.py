@@ -543,4 +543,3 @@ def resolve_tokenizer(tokenizer: Any, vocab_size: int = 2048, cache_dir: str = "
         transformers = require("transformers", "llm")
         return transformers.AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
     return as_pretrained_tokenizer(tokenizer)
-

@@ -213,8 +213,10 @@ class TokenizedExamples(Dataset):
         perturbed_answers: int = 0,
         perturbed_column: str = "perturbed",
     ) -> None:
-        if perturbed_answers and len(examples) <= perturbed_answers and not (
-            len(examples) and perturbed_column in examples[0]
+        if (
+            perturbed_answers
+            and len(examples) <= perturbed_answers
+            and not (len(examples) and perturbed_column in examples[0])
         ):
             raise ValueError(
                 f"{perturbed_answers} perturbed answers per example taken from the other examples need at least "

@@ -781,9 +781,7 @@ def mdca_loss(logits: Tensor, target: Tensor, sync_dist: bool = False, validate_
 def _mdca(x: Tensor, target: Tensor, sync_dist: bool) -> Tensor:
     p = F.softmax(x, dim=1)
     c = p.shape[1]
-    sums = torch.cat(
-        [p.sum(dim=0), F.one_hot(target, c).to(p.dtype).sum(dim=0), p.new_full((1,), float(p.shape[0]))]
-    )
+    sums = torch.cat([p.sum(dim=0), F.one_hot(target, c).to(p.dtype).sum(dim=0), p.new_full((1,), float(p.shape[0]))])
     if _world_size(sync_dist) > 1:
         sums = all_reduce(sums, grad=True)
     # an empty (global) batch has zero sums: the clamp gives a zero connected to the graph, without a sync

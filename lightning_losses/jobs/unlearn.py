@@ -365,6 +365,7 @@ def _run(args: argparse.Namespace) -> int:
     _row(table, "original (before unlearning)", original_eval, float("nan"), float("nan"))
     retain_eval["forget_quality"] = float("nan")
     _row(table, "retain model (target)", retain_eval, float("nan"), float("nan"))
+
     def unlearn(name: str, method: str, loss: Any) -> dict[str, Any]:
         """One unlearning run from a fresh LoRA adapter on the original model; its row of the table."""
         pl.seed_everything(cfg["seed"], verbose=False)

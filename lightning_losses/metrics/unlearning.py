@@ -394,8 +394,10 @@ class LossMembershipInference(Metric):
         elif isinstance(members, Tensor) and members.dtype == torch.bool and members.shape in (target.shape, ()):
             flags = members.expand(target.shape)
         else:
-            got = f"a {members.dtype} tensor of shape {tuple(members.shape)}" if isinstance(members, Tensor) else (
-                type(members).__name__
+            got = (
+                f"a {members.dtype} tensor of shape {tuple(members.shape)}"
+                if isinstance(members, Tensor)
+                else (type(members).__name__)
             )
             raise ValueError(
                 f"`members` must be a bool or a bool tensor of shape {tuple(target.shape)} (True: trained on), got "

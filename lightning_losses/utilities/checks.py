@@ -38,6 +38,7 @@ __all__ = [
     "start_checks",
 ]
 
+
 def check_tensor(value: object, name: str, *, floating: bool = True) -> None:
     """Raise a TypeError naming ``name`` unless ``value`` is a tensor (a floating-point one when ``floating``)."""
     if not isinstance(value, Tensor):

@@ -147,9 +147,7 @@ class TokensPerStep(CombinedLoader):
 _WARNED: set[int] = set()
 
 
-def step_num_items(
-    module: pl.LightningModule, local_count: Tensor | int, batch: Any = None
-) -> Tensor | float | None:
+def step_num_items(module: pl.LightningModule, local_count: Tensor | int, batch: Any = None) -> Tensor | float | None:
     r"""The ``num_items_in_batch`` that makes one micro-batch's token sum the token mean of its optimizer step.
 
     Returns :math:`\nu = N / (k W)` (see the module docstring): ``N`` is the step's token count summed over ranks
