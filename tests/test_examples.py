@@ -15,7 +15,7 @@ from lightning_losses.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-FAMILIES = ("distillation", "temperature", "calibration", "schedules", "unlearning", "chunked")
+FAMILIES = ("distillation", "temperature", "calibration", "schedules", "unlearning", "chunked", "llm")
 SHAKESPEARE = ["--data.init_args.vocab_size", "512", "--model.init_args.model.init_args.vocab_size", "512"]
 
 
