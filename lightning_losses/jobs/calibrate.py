@@ -12,6 +12,7 @@ Reliability diagrams (PNG) and the table go under ``results/calibrate/``.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -241,6 +242,8 @@ def _run(args: argparse.Namespace) -> int:
             label += f" (T = {calibrator.temperature:.2f})"  # type: ignore[attr-defined]
         if isinstance(calibrator, CorrectnessAwareCalibrator):
             label += " (official, balanced)" if calibrator.weighting == "balanced" else " (unweighted)"
+        elif isinstance(CALIBRATORS.get(name), functools.partial):  # a preset with its own settings: say which
+            label += f" ({name})"
         row = _scores(calibrated, test_y, args.n_bins, reference=test_logits)
         table.add(method=label, kind="post-hoc", **row, **{"fit s": fit_s})
         if _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png"):

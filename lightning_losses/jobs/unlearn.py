@@ -244,12 +244,16 @@ def _betas(text: str | None, default: str, quick: bool) -> list[float]:
 
 
 def _sweep_loss(beta: float, normalized: bool) -> Any:
-    """NPO-RT (retain weight 10, see :func:`_job_loss`) at ``beta``, with the log-ratio summed or averaged over the
-    answer's tokens. Summed over a 127-token block, the gradient weight 2σ(β·Σ log-ratio) is 0.0185 after +0.37 nats
-    per token at β = 0.1, so plain NPO stops long before the retain model; the per-token mean keeps β·|y| constant."""
+    """NPO-RT at ``beta``, with the log-ratio summed or averaged over the answer's tokens.
+
+    Summed over a 127-token block, the gradient weight 2σ(β·Σ log-ratio) is 0.0185 after +0.37 nats per token at
+    β = 0.1, so plain NPO stops long before the retain model; the per-token mean keeps β·|y| constant. The retain
+    weight follows the forget term's scale: 10 against the summed log-ratio (see :func:`_job_loss`), 1 against the
+    per-token mean, where both terms are token means.
+    """
     from lightning_losses.losses.unlearning import NPOLoss
 
-    return NPOLoss(beta=beta, retain_weight=10.0, length_normalize=normalized)
+    return NPOLoss(beta=beta, retain_weight=1.0 if normalized else 10.0, length_normalize=normalized)
 
 
 def _trade_off_plot(
