@@ -420,7 +420,8 @@ def _run(args: argparse.Namespace) -> int:
         "forgotten); mia_auc: min-k%++ attack, forget vs held-out (the retain model's value is the target); "
         "forget_quality: KS-test p-value against the retain model (higher is better). time_s / peak_mib: unlearning "
         "run (peak resident memory above the start on CPU). The β rows sweep NPO-RT with the log-ratio summed over "
-        "each block (the paper's form) and averaged per token (β·|y| held constant), the forget / retain trade-off."
+        "each block (the paper's form, retain weight 10) and averaged per token (β·|y| held constant, retain weight "
+        "1: both terms token means), the forget / retain trade-off."
     )
     path = table.write(out, "unlearn-quick" if args.quick else "unlearn", preamble)
     report(table, preamble, [path, path.with_suffix(".json"), *written, cache])
