@@ -1154,6 +1154,16 @@ def _per_teacher(value: float | Tensor, like: Tensor, name: str, num_teachers: i
     return t
 
 
+def _tempered_teachers(teacher: Tensor, temperatures: float | Tensor, validate: bool, checks: DeferredChecks) -> Tensor:
+    """Log-softmax of stacked teacher logits ``(K, N, C)``, each teacher at its own temperature."""
+    temps = _per_teacher(
+        temperatures, teacher, "temperatures", teacher.shape[0], positive=True, validate=validate, checks=checks
+    )
+    checks.run()
+    temps = temps.reshape(-1, 1, 1) if temps.ndim else temps
+    return F.log_softmax(teacher / temps, dim=-1)
+
+
 def multi_teacher_kd_losses(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -1199,18 +1209,8 @@ def multi_teacher_kd_losses(
     checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(teacher):
-        temps = _per_teacher(
-            temperatures,
-            teacher,
-            "temperatures",
-            teacher.shape[0],
-            positive=True,
-            validate=validate_args,
-            checks=checks,
-        )
-        checks.run()
-        temps = temps.reshape(-1, 1, 1) if temps.ndim else temps
-        per_sample = kl_from_log_probs(F.log_softmax(teacher / temps, dim=-1), F.log_softmax(student, dim=-1))
+        log_pt = _tempered_teachers(teacher, temperatures, validate_args, checks)
+        per_sample = kl_from_log_probs(log_pt, F.log_softmax(student, dim=-1))
         if reduction == "none":
             return per_sample
         total = per_sample.sum(dim=-1)
@@ -1293,18 +1293,7 @@ def teacher_entropies(
     checks = start_checks(validate_args, (teacher_logits, "teacher_logits"))
     (teacher,) = as_float32(teacher_logits.detach())
     with torch.no_grad(), autocast_disabled(teacher):
-        temps = _per_teacher(
-            temperatures,
-            teacher,
-            "temperatures",
-            teacher.shape[0],
-            positive=True,
-            validate=validate_args,
-            checks=checks,
-        )
-        checks.run()
-        temps = temps.reshape(-1, 1, 1) if temps.ndim else temps
-        log_p = F.log_softmax(teacher / temps, dim=-1)
+        log_p = _tempered_teachers(teacher, temperatures, validate_args, checks)
         return -(log_p.exp() * log_p).sum(dim=-1).mean(dim=-1)
 
 
