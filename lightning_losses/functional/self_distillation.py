@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_losses.utilities.checks import (
+    DeferredChecks,
     check_choice,
     check_reduction,
     check_targets,
@@ -71,6 +72,37 @@ def _check_logits(student_logits: object, teacher_logits: object) -> None:
         )
 
 
+def _mixture_parts(
+    like: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    xi: float | Tensor,
+    temperature: float | Tensor,
+    checks: DeferredChecks,
+    validate_args: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``ξ`` (per sample), the tempered teacher probabilities and the one-hot targets, in ``like``'s compute dtype."""
+    dtype = compute_dtype(like.dtype)
+    xi_t = hyperparameter_tensor(
+        xi, like, "xi", low=0.0, high=1.0, dtype=dtype, layout="sample", checks=checks, validate=validate_args
+    )
+    t = hyperparameter_tensor(
+        temperature,
+        like,
+        "temperature",
+        positive=True,
+        dtype=dtype,
+        layout="sample",
+        checks=checks,
+        validate=validate_args,
+    )
+    checks.run()
+    with autocast_disabled(like):
+        teacher_probs = torch.softmax(teacher.to(dtype) / t, dim=-1)
+        onehot = F.one_hot(target, teacher.shape[1]).to(dtype)
+    return xi_t, teacher_probs, onehot
+
+
 def self_distillation_target(
     teacher_logits: Tensor,
     target: Tensor,
@@ -101,25 +133,8 @@ def self_distillation_target(
     checks = start_checks(validate_args, (teacher_logits, "teacher_logits"))
     check_targets(target, teacher_logits.shape[1], teacher_logits.shape[0], checks=checks, validate=validate_args)
     (z,) = as_float32(teacher_logits.detach())
-    dtype = compute_dtype(z.dtype)
-    xi_t = hyperparameter_tensor(
-        xi, z, "xi", low=0.0, high=1.0, dtype=dtype, layout="sample", checks=checks, validate=validate_args
-    )
-    t = hyperparameter_tensor(
-        temperature,
-        z,
-        "temperature",
-        positive=True,
-        dtype=dtype,
-        layout="sample",
-        checks=checks,
-        validate=validate_args,
-    )
-    checks.run()
-    with autocast_disabled(z):
-        teacher_probs = torch.softmax(z / t, dim=-1)
-        onehot = F.one_hot(target, z.shape[1]).to(teacher_probs.dtype)
-        return (xi_t * onehot + (1.0 - xi_t) * teacher_probs).detach()
+    xi_t, teacher_probs, onehot = _mixture_parts(z, z, target, xi, temperature, checks, validate_args)
+    return (xi_t * onehot + (1.0 - xi_t) * teacher_probs).detach()
 
 
 def self_distillation_loss(
@@ -176,25 +191,9 @@ def self_distillation_loss(
     n, c = student_logits.shape
     check_targets(target, c, n, checks=checks, validate=validate_args)
     s, z = as_float32(student_logits, teacher_logits.detach())
-    dtype = compute_dtype(s.dtype)
-    xi_t = hyperparameter_tensor(
-        xi, s, "xi", low=0.0, high=1.0, dtype=dtype, layout="sample", checks=checks, validate=validate_args
-    )
-    t = hyperparameter_tensor(
-        temperature,
-        s,
-        "temperature",
-        positive=True,
-        dtype=dtype,
-        layout="sample",
-        checks=checks,
-        validate=validate_args,
-    )
-    checks.run()
+    xi_t, teacher_probs, onehot = _mixture_parts(s, z, target, xi, temperature, checks, validate_args)
     with autocast_disabled(s):
-        s, z = s.to(dtype), z.to(dtype)
-        teacher_probs = torch.softmax(z / t, dim=-1)
-        onehot = F.one_hot(target, c).to(dtype)
+        s = s.to(teacher_probs.dtype)
         if criterion == "mse":
             probs = torch.softmax(s, dim=-1)
             labels_term = (probs - onehot).pow(2).sum(-1)
