@@ -47,6 +47,7 @@ from lightning_losses.data.text import TextDataModule, resolve_tokenizer
 from lightning_losses.demos import build_gpt2
 from lightning_losses.integrations.peft import lora_model
 from lightning_losses.integrations.teachers import load_teacher
+from lightning_losses.integrations.tokenization import padding_token_id
 
 TRAINER: dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_model_summary=False)
 
@@ -152,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         lmbda=0.5,
         max_new_tokens=new_tokens,
         lr=3e-3,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        pad_token_id=padding_token_id(tokenizer),  # its pad token, else EOS (an id of 0 is a valid pad)
         eos_token_id=tokenizer.eos_token_id,
     )
     gkd_trainer = pl.Trainer(max_epochs=1 if args.quick else 3, enable_progress_bar=False, **TRAINER)
