@@ -13,6 +13,11 @@ Usage from a benchmark script::
     from _harness import run_case, markdown_table, write_result
     m = run_case(__file__, "ce_case", {"impl": "chunked", "n": 4096}, repeats=2)
     print(m.time_s, m.peak_mib)
+
+Timing without memory runs in one process with :func:`interleave`: every step once per round, rounds interleaved,
+and ratios read round by round (``timings["chunked"].over(timings["floor"])`` → median and min–max). Each table
+names the machine (:func:`machine_description`) and, where one exists, the floor: the least work any exact
+implementation must do on this machine (for a loss on the logits, the matrix products it cannot avoid).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +185,138 @@ def machine_description() -> str:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), {gpu}"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# In-process timing: interleaved rounds, medians, min–max spread, ratios to a floor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Times of one step over interleaved rounds (one entry per round: the median of that round's repeats)."""
+
+    name: str
+    times_s: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def low(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def high(self) -> float:
+        return max(self.times_s)
+
+    def over(self, other: Timing) -> Spread:
+        """Ratio of this step's time to ``other``'s, paired round by round (both ran in the same round)."""
+        return Spread([a / b for a, b in zip(self.times_s, other.times_s)])
+
+
+@dataclass
+class Spread:
+    """Per-round values (usually ratios): their median and min–max."""
+
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __format__(self, spec: str) -> str:
+        spec = spec or ".2f"
+        lo, hi = min(self.values), max(self.values)
+        return f"{self.median:{spec}} ({lo:{spec}}–{hi:{spec}})"
+
+
+def interleave(
+    steps: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int = 5,
+    repeats: int = 1,
+    warmup: int = 1,
+    synchronize: Callable[[], object] | None = None,
+) -> dict[str, Timing]:
+    """Time several steps in one process, interleaved: round r runs every step ``repeats`` times, in turn.
+
+    Machine noise (another process, frequency changes) then hits every step of a round alike, so ratios between
+    steps are read per round (:meth:`Timing.over`) rather than between medians taken at different moments. The order
+    of the steps alternates between rounds so that none always runs first.
+
+    Args:
+        steps: name → zero-argument step (it must reset any state it leaves, e.g. ``.grad``).
+        rounds: timed rounds.
+        repeats: runs of each step per round; the round's time is their median.
+        warmup: untimed runs of each step before the first round.
+        synchronize: called after each run before the clock is read (``torch.cuda.synchronize`` on a GPU).
+
+    Example:
+        >>> t = interleave({"a": lambda: sum(range(1000)), "b": lambda: sum(range(2000))}, rounds=3)
+        >>> sorted(t), len(t["a"].times_s)
+        (['a', 'b'], 3)
+    """
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            steps[name]()
+    if synchronize is not None:
+        synchronize()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            runs = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                steps[name]()
+                if synchronize is not None:
+                    synchronize()
+                runs.append(time.perf_counter() - start)
+            times[name].append(statistics.median(runs))
+    return {name: Timing(name, t) for name, t in times.items()}
+
+
+def interleave_cases(
+    script: str,
+    function: str,
+    cases: Mapping[str, dict[str, Any]],
+    *,
+    rounds: int = 3,
+    repeats: int = 1,
+    warmup: int = 0,
+    timeout: float | None = None,
+) -> dict[str, Measurement]:
+    """:func:`run_case` for several cases, interleaved over ``rounds`` (each run a fresh process).
+
+    Each case's ``times_s`` holds one median per round, its ``time_s`` their median and its ``peak_mib`` the median
+    peak; a case that fails in any round keeps that round's error.
+    """
+    runs: dict[str, list[Measurement]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in list(cases) if r % 2 == 0 else reversed(list(cases)):
+            runs[name].append(run_case(script, function, cases[name], repeats=repeats, warmup=warmup, timeout=timeout))
+    out = {}
+    for name, ms in runs.items():
+        failed = [m for m in ms if not m.ok]
+        if failed:
+            out[name] = failed[0]
+            continue
+        out[name] = Measurement(
+            cases[name],
+            time_s=statistics.median(m.time_s for m in ms),
+            times_s=[m.time_s for m in ms],
+            peak_mib=statistics.median(m.peak_mib for m in ms),
+            baseline_mib=statistics.median(m.baseline_mib for m in ms),
+            device=ms[0].device,
+        )
+    return out
+
+
+def spread(values: Sequence[float], spec: str = ".3g") -> str:
+    """``median (min–max)`` of ``values``."""
+    return format(Spread(list(values)), spec)
 
 
 if __name__ == "__main__":
