@@ -239,6 +239,7 @@ def interleave(
     repeats: int = 1,
     warmup: int = 1,
     synchronize: Callable[[], object] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Time several steps in one process, interleaved: round r runs every step ``repeats`` times, in turn.
 
@@ -252,6 +253,8 @@ def interleave(
         repeats: runs of each step per round; the round's time is their median.
         warmup: untimed runs of each step before the first round.
         synchronize: called after each run before the clock is read (``torch.cuda.synchronize`` on a GPU).
+        clock: the clock read around each run: wall time by default; ``time.process_time`` (CPU time of this
+            process, all threads) measures the work done and is steadier on a machine shared with other jobs.
 
     Example:
         >>> t = interleave({"a": lambda: sum(range(1000)), "b": lambda: sum(range(2000))}, rounds=3)
@@ -269,11 +272,11 @@ def interleave(
         for name in names if r % 2 == 0 else reversed(names):
             runs = []
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = clock()
                 steps[name]()
                 if synchronize is not None:
                     synchronize()
-                runs.append(time.perf_counter() - start)
+                runs.append(clock() - start)
             times[name].append(statistics.median(runs))
     return {name: Timing(name, t) for name, t in times.items()}
 

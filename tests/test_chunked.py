@@ -117,6 +117,30 @@ def test_cross_entropy_matches_naive(dtype, reduction, softcap):
         assert_close(g, e, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cross_entropy_beyond_the_softmax_precision_is_recomputed_exactly(dtype, bias):
+    # The fast path reads the loss off the softmax as −log p_y; a target probability below the smallest normal
+    # number (a loss above ~87 nats in float32, ~708 in float64) must still give the exact, finite loss.
+    hidden, weight, b, target = make_head(dtype, bias=bias)
+    far = 150.0 if dtype == torch.float32 else 900.0
+    with torch.no_grad():  # row 2: the target's logit is −far, every other logit within about ±1
+        hidden[2] = 0.0
+        hidden[2, 0] = 1.0
+        weight[int(target[2])] = 0.0
+        weight[int(target[2]), 0] = -far
+    target[[5, 6]] = int(target[2])  # rows whose loss under this head is large or small, depending on their hidden
+    for reduction in ("mean", "none"):
+        loss = linear_cross_entropy(hidden, weight, target, b, reduction=reduction, chunk_size=CHUNK)
+        expected = naive_ce(hidden, weight, target, b, reduction=reduction)
+        assert bool(torch.isfinite(loss).all())
+        assert_close(loss, expected, dtype)
+        for g, e in zip(grads(loss, [hidden, weight, b]), grads(expected, [hidden, weight, b])):
+            assert_close(g, e, dtype)
+    row = linear_cross_entropy(hidden[2:3], weight, target[2:3], b, reduction="none")
+    assert float(row) > far - 2
+
+
 def test_cross_entropy_three_dimensional_hidden_and_chunk_invariance():
     hidden, weight, bias, target = make_head(torch.float64, n=3 * 11)
     h3, t3 = hidden.reshape(3, 11, D), target.reshape(3, 11)

@@ -86,7 +86,11 @@ def default_chunk_size(vocab_size: int) -> int:
 RowLoss = Callable[..., Tensor]
 """``row_loss(logits, *extras) -> (rows,)``: the loss of each row from its float32 logits and its row extras."""
 
-RowLossAndGrad = Callable[[Tensor, Sequence[Tensor], "Tensor | float"], tuple[Tensor, Tensor]]
+RowLossAndGrad = Callable[[Tensor, Sequence[Tensor], "Tensor | float"], tuple[Tensor, Tensor, float]]
+"""``row_loss_and_grad(logits, extras, row_grad) -> (loss, grad, alpha)``: the rows' losses and ``grad / alpha``, the
+gradient of ``Σ row_grad·loss`` with respect to the logits divided by a number the caller folds into the matrix
+products (so a scalar ``row_grad`` costs no pass over the chunk). A row whose loss the closed form cannot give to
+the dtype's precision holds NaN; the caller recomputes it with the row loss."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,8 @@ class _HeadSpec:
     # None: return per-row losses and recompute in backward; a float: return scale · Σ rows, gradients in forward.
     scale: float | None
     grad_enabled: bool
-    # Optional closed-form gradient ``(logits, extras, row_grad) -> (loss, grad_logits)``, used without softcap
-    # when no extra needs a gradient; it may overwrite ``logits``.
+    # Optional closed-form gradient (see ``RowLossAndGrad``), used without softcap when no extra needs a gradient;
+    # it may overwrite ``logits``.
     row_loss_and_grad: RowLossAndGrad | None = None
 
 
@@ -122,6 +126,17 @@ def _accumulate_extra_grads(
             total[start:stop] = g
 
 
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, workspace: Tensor | None) -> Tensor:
+    """``hidden @ weightᵀ + bias`` in the accumulation dtype, written into ``workspace`` when one is given."""
+    acc = compute_dtype(hidden.dtype)
+    h, w = hidden.detach(), weight.detach()
+    b = None if bias is None else bias.detach()
+    if workspace is None or h.dtype != acc or w.dtype != acc or (b is not None and b.dtype != acc):
+        return F.linear(h, w, b).to(acc)
+    out = workspace[: h.shape[0]]
+    return torch.mm(h, w.t(), out=out) if b is None else torch.addmm(b, h, w.t(), out=out)
+
+
 def _chunk_loss_and_grads(
     spec: _HeadSpec,
     hidden: Tensor,
@@ -130,24 +145,31 @@ def _chunk_loss_and_grads(
     extras: Sequence[Tensor],
     extras_need_grad: Sequence[bool],
     row_grad: Tensor | float | None,
-) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+    workspace: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, list[Tensor | None], float]:
     """Loss of one chunk of rows and, when ``row_grad`` is given, the gradient of ``Σ row_grad·loss``.
 
-    Returns ``(loss, grad_logits, grad_extras)`` where ``grad_logits`` is the gradient with respect to the raw
-    (pre-softcap) logits, in the accumulation dtype.
+    Returns ``(loss, grad_logits, grad_extras, alpha)`` where ``alpha · grad_logits`` is the gradient with respect to
+    the raw (pre-softcap) logits, in the accumulation dtype. ``workspace`` (``chunk_size × V``, accumulation dtype)
+    receives the logits of the closed-form paths, so that no chunk allocates its own; the returned gradient may
+    live in it and must be used before the next chunk.
     """
-    acc = compute_dtype(hidden.dtype)
     # Everything here works on detached tensors: no autograd history may outlive the chunk (a history reaching the
     # gradient buffers would keep every chunk's logits alive).
     extras = [e.detach() for e in extras]
+    closed_form = spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad)
     with torch.no_grad(), autocast_disabled(hidden):
-        raw = F.linear(hidden.detach(), weight.detach(), None if bias is None else bias.detach()).to(acc)
         if row_grad is None:
+            raw = _chunk_logits(hidden, weight, bias, workspace)
             logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
-            return spec.row_loss(logits, *extras), None, [None] * len(extras)
-        if spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad):
-            loss, grad_raw = spec.row_loss_and_grad(raw, extras, row_grad)
-            return loss, grad_raw, [None] * len(extras)
+            return spec.row_loss(logits, *extras), None, [None] * len(extras), 1.0
+        if closed_form:
+            assert spec.row_loss_and_grad is not None
+            loss, grad_raw, alpha = spec.row_loss_and_grad(
+                _chunk_logits(hidden, weight, bias, workspace), extras, row_grad
+            )
+            return loss, grad_raw, [None] * len(extras), alpha
+        raw = _chunk_logits(hidden, weight, bias, None)
     with autocast_disabled(hidden), torch.enable_grad():
         raw.requires_grad_(True)
         logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
@@ -157,7 +179,49 @@ def _chunk_loss_and_grads(
         grads = torch.autograd.grad((loss * row_grad).sum(), inputs)
     it = iter(grads[1:])
     grad_extras = [next(it) if need else None for need in extras_need_grad]
-    return loss.detach(), grads[0], grad_extras
+    return loss.detach(), grads[0], grad_extras, 1.0
+
+
+def _add_head_grads(
+    grads: tuple[Tensor | None, Tensor | None, Tensor | None],
+    grad_logits: Tensor,
+    alpha: float,
+    hidden: Tensor,
+    weight: Tensor,
+    start: int,
+    stop: int,
+) -> None:
+    """Add one chunk's ``alpha · grad_logits`` to the gradients of the hidden rows, the weight and the bias."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        rows = grad_h[start:stop]
+        if grad_logits.dtype == weight.dtype == rows.dtype:
+            torch.addmm(rows, grad_logits, weight.detach(), beta=0, alpha=alpha, out=rows)
+        else:
+            rows.copy_(torch.mm(grad_logits.to(weight.dtype), weight.detach()).mul_(alpha))
+    if grad_w is not None:
+        grad_w.addmm_(grad_logits.t(), hidden.detach().to(grad_w.dtype), alpha=alpha)
+    if grad_b is not None:
+        grad_b.add_(grad_logits.sum(0), alpha=alpha)
+
+
+def _recompute_nan_rows(
+    spec: _HeadSpec, losses: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, extras: Sequence[Tensor]
+) -> None:
+    """Recompute, with the row loss, the rows a closed form left NaN (their loss was beyond its precision)."""
+    bad = losses.isnan()
+    if not bool(bad.any()):
+        return
+    index = bad.nonzero().squeeze(1)
+    with torch.no_grad(), autocast_disabled(hidden):
+        logits = _chunk_logits(hidden.index_select(0, index), weight, bias, None)
+        rows = [e.detach() if e.ndim == 0 else e.detach().index_select(0, index) for e in extras]
+        losses[index] = spec.row_loss(logits, *rows).to(losses.dtype)
+
+
+def _workspace(spec: _HeadSpec, n_rows: int, weight: Tensor, acc: torch.dtype) -> Tensor:
+    """One ``chunk × V`` buffer reused by every chunk (a fresh buffer per chunk costs page faults and zeroing)."""
+    return torch.empty(min(spec.chunk_size, max(n_rows, 1)), weight.shape[0], dtype=acc, device=weight.device)
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):
@@ -176,42 +240,56 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         ctx.consumed = False
         if spec.scale is None:  # per-row output; backward recomputes
             out = torch.empty(n, dtype=acc, device=hidden.device)
+            workspace = _workspace(spec, n, weight, acc)
             for start in range(0, n, spec.chunk_size):
                 stop = min(start + spec.chunk_size, n)
-                loss, _, _ = _chunk_loss_and_grads(
-                    spec, hidden[start:stop], weight, bias, _chunk_extras(extras, n, start, stop), need_x, None
+                loss, _, _, _ = _chunk_loss_and_grads(
+                    spec,
+                    hidden[start:stop],
+                    weight,
+                    bias,
+                    _chunk_extras(extras, n, start, stop),
+                    need_x,
+                    None,
+                    workspace,
                 )
                 out[start:stop] = loss
+            del workspace
             ctx.save_for_backward(hidden, weight, bias, *extras)
             ctx.needs = (need_h, need_w, need_b, need_x)
             return out
 
         any_grad = need_h or need_w or need_b or any(need_x)
-        total = torch.zeros((), dtype=acc, device=hidden.device)
+        losses = torch.empty(n, dtype=acc, device=hidden.device)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         grad_x: list[Tensor | None] = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None
                                        for e, nd in zip(extras, need_x)]  # fmt: skip
+        workspace = _workspace(spec, n, weight, acc)
         for start in range(0, n, spec.chunk_size):
             stop = min(start + spec.chunk_size, n)
             h = hidden[start:stop]
-            loss, grad_logits, gx = _chunk_loss_and_grads(
-                spec, h, weight, bias, _chunk_extras(extras, n, start, stop), need_x, spec.scale if any_grad else None
+            loss, grad_logits, gx, alpha = _chunk_loss_and_grads(
+                spec,
+                h,
+                weight,
+                bias,
+                _chunk_extras(extras, n, start, stop),
+                need_x,
+                spec.scale if any_grad else None,
+                workspace,
             )
-            total += loss.sum()
+            losses[start:stop] = loss
             if grad_logits is not None:
-                if grad_h is not None:
-                    grad_h[start:stop] = grad_logits.to(weight.dtype) @ weight
-                if grad_w is not None:
-                    grad_w.addmm_(grad_logits.t(), h.to(acc))
-                if grad_b is not None:
-                    grad_b += grad_logits.sum(0)
+                _add_head_grads((grad_h, grad_w, grad_b), grad_logits, alpha, h, weight, start, stop)
             del grad_logits, loss  # free this chunk's buffers before the next one is computed
             _accumulate_extra_grads(grad_x, gx, extras, start, stop)
+        del workspace
+        _recompute_nan_rows(spec, losses, hidden, weight, bias, extras)
         ctx.grads = (grad_h, grad_w, grad_b, grad_x)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype, [e.dtype for e in extras])
-        return total * spec.scale
+        return losses.sum() * spec.scale
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -243,19 +321,15 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         grad_x = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None for e, nd in zip(extras, need_x)]
         g_rows = grad_out.detach().to(acc)
+        workspace = _workspace(spec, n, weight, acc)
         for start in range(0, n, spec.chunk_size):
             stop = min(start + spec.chunk_size, n)
             h = hidden[start:stop]
-            _, grad_logits, gx = _chunk_loss_and_grads(
-                spec, h, weight, bias, _chunk_extras(extras, n, start, stop), need_x, g_rows[start:stop]
+            _, grad_logits, gx, alpha = _chunk_loss_and_grads(
+                spec, h, weight, bias, _chunk_extras(extras, n, start, stop), need_x, g_rows[start:stop], workspace
             )
             assert grad_logits is not None
-            if grad_h is not None:
-                grad_h[start:stop] = grad_logits.to(weight.dtype) @ weight
-            if grad_w is not None:
-                grad_w.addmm_(grad_logits.t(), h.to(acc))
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0)
+            _add_head_grads((grad_h, grad_w, grad_b), grad_logits, alpha, h, weight, start, stop)
             del grad_logits
             _accumulate_extra_grads(grad_x, gx, extras, start, stop)
         return (
@@ -470,9 +544,14 @@ def _ce_rows(use_temperature: bool, use_z_loss: bool, sign: float) -> RowLoss:
 
 
 def _ce_rows_and_grad(use_z_loss: bool, sign: float) -> RowLossAndGrad:
-    """Closed form of the cross-entropy gradient: ∂ℓ/∂z = (1 + 2λ·lse)·softmax(z) − onehot(y), in place on z."""
+    """Closed form of the cross-entropy gradient: ∂ℓ/∂z = (1 + 2λ·lse)·softmax(z) − onehot(y), in place on z.
 
-    def row_loss_and_grad(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor]:
+    Without z-loss the chunk is read once (one softmax, in place) and the loss is ``−log p_y``; a row whose ``p_y``
+    is below the dtype's smallest normal number (a loss above about 87 nats in float32) is left NaN for the caller
+    to recompute exactly. A scalar ``row_grad`` is returned as ``alpha`` rather than multiplied into the chunk.
+    """
+
+    def with_z_loss(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor, float]:
         # One buffer: the chunk's logits become exp(z − max), then the softmax, then the gradient.
         target = extras[0].unsqueeze(1)
         target_logit = logits.gather(1, target).squeeze(1)
@@ -480,19 +559,26 @@ def _ce_rows_and_grad(use_z_loss: bool, sign: float) -> RowLossAndGrad:
         probs = logits.sub_(row_max).exp_()
         total = probs.sum(dim=1, keepdim=True)
         lse = (row_max + total.log()).squeeze(1)
-        loss = lse - target_logit
         weight = torch.as_tensor(row_grad, dtype=logits.dtype, device=logits.device) * sign
         weight = weight.expand_as(lse)
-        coef = weight
-        if use_z_loss:
-            z_loss = extras[1]
-            loss = loss + z_loss * lse.square()
-            coef = weight * (1 + 2 * z_loss * lse)
+        z_loss = extras[1]
+        loss = lse - target_logit + z_loss * lse.square()
+        coef = weight * (1 + 2 * z_loss * lse)
         grad = probs.mul_(coef.unsqueeze(1) / total)
         grad.scatter_add_(1, target, -weight.unsqueeze(1))
-        return sign * loss, grad
+        return sign * loss, grad, 1.0
 
-    return row_loss_and_grad
+    def plain(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor, float]:
+        target = extras[0].unsqueeze(1)
+        probs = torch.softmax(logits, dim=1, out=logits)
+        p_target = probs.gather(1, target).squeeze(1)
+        loss = torch.where(p_target >= torch.finfo(probs.dtype).tiny, -p_target.log(), math.nan)
+        grad = probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))
+        if isinstance(row_grad, Tensor) and row_grad.ndim > 0:
+            return sign * loss, grad.mul_(row_grad.to(grad.dtype).unsqueeze(1)), sign
+        return sign * loss, grad, sign * float(row_grad)
+
+    return with_z_loss if use_z_loss else plain
 
 
 def _ce_like(
@@ -801,7 +887,9 @@ def _distillation_rows_and_grad(
     :math:`r = \log p - \log m`, :math:`c = 1 - \beta` (JSD, since its derivative in :math:`p` is
     :math:`(1-\beta)(\log p - \log m)`)."""
 
-    def row_loss_and_grad(logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float) -> tuple[Tensor, Tensor]:
+    def row_loss_and_grad(
+        logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float
+    ) -> tuple[Tensor, Tensor, float]:
         teacher_hidden, beta = extras[0], extras[1]
         teacher = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(logits.dtype)
         if teacher_softcap is not None:
@@ -820,11 +908,11 @@ def _distillation_rows_and_grad(
         if mode == "forward":
             q = log_t.exp()
             loss = (q * (log_t - log_s)).sum(-1)
-            return loss, p.sub_(q).mul_(weight)
+            return loss, p.sub_(q).mul_(weight), 1.0
         if mode == "reverse":
             r = log_s - log_t
             loss = (p * r).sum(-1)
-            return loss, r.sub_(loss.unsqueeze(1)).mul_(p).mul_(weight)
+            return loss, r.sub_(loss.unsqueeze(1)).mul_(p).mul_(weight), 1.0
         b = beta.to(logits.dtype)
         b = b if b.ndim == 0 else b.unsqueeze(1)
         log_m = torch.logaddexp(log_s + torch.log1p(-b), log_t + torch.log(b))
@@ -833,7 +921,7 @@ def _distillation_rows_and_grad(
         student_term = (p * r).sum(-1)
         loss = b.squeeze(-1) * teacher_term + (1 - b.squeeze(-1)) * student_term
         grad = r.sub_(student_term.unsqueeze(1)).mul_(p).mul_(weight * (1 - b))
-        return loss, grad
+        return loss, grad, 1.0
 
     return row_loss_and_grad
 
