@@ -2,7 +2,8 @@
 
 Peak memory of torch on CPU cannot be read from ``tracemalloc`` (torch allocates outside the Python allocator), so
 each case runs in its own interpreter: the case's inputs are built, the resident set size (RSS) is read, the step is
-run, and the peak is ``ru_maxrss`` (the process's high-water mark) minus that RSS. On CUDA the peak is
+run, and the peak is the process's high-water mark (``VmHWM``; ``ru_maxrss`` where there is no ``/proc``) minus that
+RSS. On CUDA the peak is
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step.
 
 A case is a function ``setup(**params) -> step`` in a benchmark script; ``step()`` runs what is measured (for
@@ -64,6 +65,15 @@ def _current_rss_bytes() -> int:
 
 
 def _max_rss_bytes() -> int:
+    # VmHWM is this process image's own high-water mark; ru_maxrss would also count the parent's peak (Linux keeps
+    # it across fork and exec), which a benchmark that already allocated large tensors would report as ours.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

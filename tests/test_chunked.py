@@ -448,6 +448,39 @@ def test_distillation_closed_form_gradient_equals_autograd_path(beta):
         assert_close(a, b, torch.float64)
 
 
+def _fused_equals_eager(beta, reduction, temperature):
+    hs, ws, bs, ht, wt, labels = make_pair()
+    hs, ws, ht, wt = (x.float().detach().requires_grad_(x.requires_grad) for x in (hs, ws, ht, wt))
+    results = []
+    for fused in (False, True):
+        loss = linear_distillation_loss(
+            hs, ws, ht, wt, beta=beta, temperature=temperature, labels=labels, chunk_size=5, reduction=reduction,
+            fused=fused,
+        )  # fmt: skip
+        upstream = torch.linspace(-1, 1, loss.numel()).reshape(loss.shape)
+        results.append((loss, *torch.autograd.grad((loss * upstream).sum(), [hs, ws])))
+    for a, b in zip(*results):
+        assert_close(a, b, torch.float32)
+
+
+def test_distillation_fused_chunks_equal_eager():
+    # One compilation (the JSD with a per-token temperature and per-row upstream gradients, the widest case).
+    _fused_equals_eager(0.5, "none", 0.5 + torch.rand(N))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_distillation_fused_chunks_equal_eager_every_mode(beta, reduction):
+    _fused_equals_eager(beta, reduction, 2.0)
+
+
+def test_distillation_fused_must_be_a_bool():
+    hs, ws, _, ht, wt, _ = make_pair()
+    with pytest.raises(TypeError, match="`fused` must be a bool"):
+        linear_distillation_loss(hs, ws, ht, wt, fused="yes")
+
+
 def test_distillation_equals_generalized_jsd_on_full_logits():
     from lightning_losses.functional import distillation
 

@@ -26,6 +26,7 @@ within the vocabulary, tensor hyperparameters in range), and ``validate_args=Fal
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -874,18 +875,60 @@ def _distillation_rows(
     return row_loss
 
 
+def _distillation_core(
+    mode: str, logits: Tensor, teacher: Tensor, beta: Tensor, temperature: Tensor | None, row_weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    r"""Row losses and their gradient with respect to the student logits :math:`z`, in place on both logit buffers.
+
+    With :math:`s = z/T`, :math:`p = \operatorname{softmax}(s)` and :math:`q` the teacher's: forward KL
+    :math:`(p - q)/T`; otherwise :math:`c\,p \odot (r - \sum_j p_j r_j)/T` with :math:`r = \log p - \log q`,
+    :math:`c = 1` (reverse KL) or :math:`r = \log p - \log m`, :math:`c = 1 - \beta` (JSD, since its derivative in
+    :math:`p` is :math:`(1-\beta)(\log p - \log m)`). ``row_weight`` (per row, or ``None``) multiplies the gradient.
+    Plain tensor code, so that ``torch.compile`` can fuse it (``fused=True``).
+    """
+    weight = None if row_weight is None else row_weight.unsqueeze(-1)
+    if temperature is not None:
+        t = temperature if temperature.ndim == 0 else temperature.unsqueeze(1)
+        logits.div_(t)
+        teacher.div_(t)
+        weight = 1 / t if weight is None else weight / t
+    log_s = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    log_t = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))
+    p = log_s.exp()
+    if mode == "forward":
+        q = log_t.exp()
+        loss = (q * (log_t - log_s)).sum(-1)
+        grad = p.sub_(q)
+    elif mode == "reverse":
+        r = log_s - log_t
+        loss = (p * r).sum(-1)
+        grad = r.sub_(loss.unsqueeze(1)).mul_(p)
+    else:
+        b = beta if beta.ndim == 0 else beta.unsqueeze(1)
+        log_m = torch.logaddexp(log_s + torch.log1p(-b), log_t + torch.log(b))
+        teacher_term = kl_from_log_probs(log_t, log_m)
+        r = log_s.sub_(log_m)
+        student_term = (p * r).sum(-1)
+        loss = b.squeeze(-1) * teacher_term + (1 - b.squeeze(-1)) * student_term
+        grad = r.sub_(student_term.unsqueeze(1)).mul_(p).mul_(1 - b)
+    return loss, grad if weight is None else grad.mul_(weight)
+
+
+@functools.cache
+def _compiled_distillation_core() -> Callable[..., tuple[Tensor, Tensor]]:
+    return torch.compile(_distillation_core, dynamic=True)
+
+
 def _distillation_rows_and_grad(
     mode: _Mode,
     teacher_weight: Tensor,
     teacher_bias: Tensor | None,
     teacher_softcap: float | None,
     use_temperature: bool,
+    fused: bool = False,
 ) -> RowLossAndGrad:
-    r"""Closed-form gradient with respect to the student logits :math:`z`, with :math:`s = z/T`, :math:`p =
-    \operatorname{softmax}(s)`, :math:`q` the teacher's: forward KL :math:`(p - q)/T`; otherwise
-    :math:`c\,p \odot (r - \sum_j p_j r_j)/T` with :math:`r = \log p - \log q`, :math:`c = 1` (reverse KL) or
-    :math:`r = \log p - \log m`, :math:`c = 1 - \beta` (JSD, since its derivative in :math:`p` is
-    :math:`(1-\beta)(\log p - \log m)`)."""
+    """Closed-form gradient of the distillation rows (see :func:`_distillation_core`); ``fused`` compiles the core."""
+    core = _compiled_distillation_core() if fused else _distillation_core
 
     def row_loss_and_grad(
         logits: Tensor, extras: Sequence[Tensor], row_grad: Tensor | float
@@ -894,34 +937,11 @@ def _distillation_rows_and_grad(
         teacher = F.linear(teacher_hidden, teacher_weight, teacher_bias).to(logits.dtype)
         if teacher_softcap is not None:
             teacher = teacher_softcap * torch.tanh(teacher / teacher_softcap)
-        weight = torch.as_tensor(row_grad, dtype=logits.dtype, device=logits.device)
-        if use_temperature:
-            t = extras[2].to(logits.dtype)
-            t = t if t.ndim == 0 else t.unsqueeze(1)
-            logits.div_(t)
-            teacher.div_(t)
-            weight = weight / t.squeeze(-1)
-        weight = weight.unsqueeze(-1) if weight.ndim == 1 else weight
-        log_s = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-        log_t = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))
-        p = log_s.exp()
-        if mode == "forward":
-            q = log_t.exp()
-            loss = (q * (log_t - log_s)).sum(-1)
-            return loss, p.sub_(q).mul_(weight), 1.0
-        if mode == "reverse":
-            r = log_s - log_t
-            loss = (p * r).sum(-1)
-            return loss, r.sub_(loss.unsqueeze(1)).mul_(p).mul_(weight), 1.0
-        b = beta.to(logits.dtype)
-        b = b if b.ndim == 0 else b.unsqueeze(1)
-        log_m = torch.logaddexp(log_s + torch.log1p(-b), log_t + torch.log(b))
-        teacher_term = kl_from_log_probs(log_t, log_m)
-        r = log_s.sub_(log_m)
-        student_term = (p * r).sum(-1)
-        loss = b.squeeze(-1) * teacher_term + (1 - b.squeeze(-1)) * student_term
-        grad = r.sub_(student_term.unsqueeze(1)).mul_(p).mul_(weight * (1 - b))
-        return loss, grad, 1.0
+        temperature = extras[2].to(logits.dtype) if use_temperature else None
+        per_row = isinstance(row_grad, Tensor) and row_grad.ndim > 0
+        row_weight = row_grad.to(logits.dtype) if isinstance(row_grad, Tensor) and per_row else None
+        loss, grad = core(mode, logits, teacher, beta.to(logits.dtype), temperature, row_weight)
+        return loss, grad, 1.0 if per_row else float(row_grad)
 
     return row_loss_and_grad
 
@@ -943,6 +963,7 @@ def linear_distillation_loss(
     teacher_softcap: float | None = None,
     *,
     num_items_in_batch: NumItems = None,
+    fused: bool = False,
     validate_args: bool = True,
 ) -> Tensor:
     r"""Token-level generalized Jensen-Shannon distillation from hidden states and heads, chunked over tokens.
@@ -985,6 +1006,10 @@ def linear_distillation_loss(
             later divided by). ``None`` (default) divides by this call's counted tokens; otherwise the loss is
             :math:`\sum_{\text{counted}} \ell / n_{\text{items}}`, so that the micro-batch losses sum to the
             token mean of the whole batch.
+        fused: Run each chunk's softmaxes, divergence and gradient as one ``torch.compile``-d function (fewer passes
+            over the chunk: about 3× less time in that part on CPU; the first call compiles, about 10 s). Needs a
+            working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA); equal to the eager result up to
+            float rounding. Used by the closed-form path (β in ``[0, 1]`` for every row of one kind, no student softcap).
         validate_args: Check the values of the tensors: finite hidden states and heads, labels within the
             vocabulary, tensor ``beta`` in ``[0, 1]``, tensor ``temperature`` > 0 (one host synchronisation).
 
@@ -1004,6 +1029,8 @@ def linear_distillation_loss(
         True
     """
     checks = DeferredChecks() if validate_args else None
+    if not isinstance(fused, bool):
+        raise TypeError(f"`fused` must be a bool (compile each chunk's work with torch.compile), got {fused!r}.")
     _check_head(student_hidden, student_weight, student_bias, "student_", checks)
     _check_head(teacher_hidden, teacher_weight, teacher_bias, "teacher_", checks)
     check_reduction(reduction, num_items_in_batch=num_items_in_batch)
@@ -1074,6 +1101,7 @@ def linear_distillation_loss(
             None if teacher_bias is None else teacher_bias.detach(),
             None if teacher_softcap is None else float(teacher_softcap),
             use_t,
+            fused=fused,
         )
     if chunk_size is None:
         # The closed form keeps about 4 chunk-sized buffers, autograd through the row loss about twice as many.
