@@ -1,22 +1,29 @@
-"""Overheads of the self-tuning family: ``HyperparameterSchedule`` and STN per training step, PBT trial throughput.
+"""Overheads of the self-tuning family per training step: ``HyperparameterSchedule`` and ``SelfTuning`` (STN).
 
-Step overhead: the same small CNN trains on the same MNIST 5k batches (label-smoothed cross-entropy with the
-smoothing a named hyperparameter) as
+The same small CNN trains on the same MNIST 5k batches (label-smoothed cross-entropy, the smoothing a named
+hyperparameter) in every case; the **floor** of both callbacks is ``plain``, the training step with no callback:
 
-* ``plain``: no callback;
-* ``schedule``: with a ``HyperparameterSchedule`` driving three names per step (smoothing, dropout rate, lr);
-* ``STN layers``: the CNN built from STN hyper-layers, condition fixed, no callback (the cost of the layers);
-* ``STN``: the hyper-layer CNN with the ``SelfTuning`` callback (one hyper-step every 2 training steps).
+* ``plain``: no callback (the floor);
+* ``schedule``: a ``HyperparameterSchedule`` driving three names per step (smoothing, dropout rate, lr), values not
+  logged;
+* ``schedule, logged``: the same with ``log=True`` (the default): three ``LightningModule.log`` calls per step;
+* ``STN layers``: the CNN built from STN hyper-layers, conditioned on one zero row per example (no callback): the
+  cost of the hyper-layers themselves;
+* ``STN perturbation``: the hyper-layer CNN with ``SelfTuning`` but no hyper-step yet (warm-up longer than the
+  run): the per-step draw of perturbed hyperparameters, their writes and the conditioning;
+* ``STN``: ``SelfTuning`` at its default interval (one hyper-step every 2 training steps).
 
-The runs are interleaved (A, B, C, D, A, ...) in one process; the time of a step is the interval between two
-consecutive batch starts (data, forward, backward, optimizer and every hook, hyper-steps included); the table gives
-the median per case and its ratio to ``plain``.
+The STN split rows are the differences of consecutive cases (hyper-layers, perturbation, hyper-step), per round.
 
-PBT throughput: the same population (4 trials × 2 synchronous generations of one epoch each on a 700-image MNIST
-subset) on Ray Tune's PopulationBasedTraining (``tune_population_based_training(..., synch=True)``), on a local Ray
-of 1 CPU (one trial at a time) and of 2 CPUs (two trials at a time, one CPU each), with Ray's start-up timed apart.
+Each round trains every case once (a fresh Trainer per case and round), the order alternating between rounds
+(``_harness.interleave``); a case's time in a round is the mean interval between batch starts over a whole number of
+hyper-step periods (data, forward, backward, optimizer and every hook, hyper-steps included), read on the CPU-time
+clock of the process by default (one torch thread, data loaded in-process: the work of a step, steadier than wall
+time on a shared machine); ratios are taken round by round and printed as ``median (min–max)``.
 
-Run: ``python benchmarks/tuning.py [--rounds 3] [--steps 40]``
+Optionally (``--pbt``) the throughput of a PBT population on Ray Tune (slow: Ray start-up and worker imports).
+
+Run: ``python benchmarks/tuning.py [--rounds 9] [--steps 31] [--quick] [--pbt] [--clock cpu|wall]``
 """
 
 from __future__ import annotations
@@ -25,25 +32,37 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _harness import Spread, Timing, interleave, machine_description, markdown_table, write_result
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_losses.callbacks.schedules import CosineSchedule, HyperparameterSchedule, LinearSchedule, StepSchedule
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter
 from lightning_losses.data import MNIST5kDataModule
-from lightning_losses.jobs.common import ResultsTable
 from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.nn.stn import HyperConv2d, HyperLinear, condition_hyper_layers
 
-RESULTS = Path(__file__).resolve().parent / "results"
 WIDTH = 8
+PERIOD = 2  # the STN's default hyper-step interval: every case is timed over whole periods
+SKIP = 4  # first batch starts left out (warm-up of the loop)
+# CPU time of this process (1 torch thread, data loaded in-process): the work a step does, steadier than wall time
+# on a machine shared with other jobs (``--clock wall`` for wall time)
+CLOCK = time.process_time
+CASES = ["plain", "schedule", "schedule, logged", "STN layers", "STN perturbation", "STN"]
+
+
+BOUNDS = (
+    "What bounds the STN: a hyper-layer computes its elementwise path and its gated hyper path, two convolutions "
+    "(or matrix products) where the plain layer has one, plus the gates; a hyper-step is one forward and one "
+    "backward (input gradients only, no weight gradients) through the hyper-layers on a validation batch. The "
+    "per-step draw, writes and conditioning (the perturbation row) are the only work the callback adds on top."
+)
 
 
 class Smoothing(LossModule):
@@ -82,7 +101,7 @@ class Classifier(HyperparameterMixin, pl.LightningModule):
         super().__init__()
         self.net = Net(hyper)
         self.ls = Smoothing()
-        self.expose_hyperparameter("net.drop.p")  # the schedule case drives the dropout rate too
+        self.expose_hyperparameter("net.drop.p")  # the schedule cases drive the dropout rate too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -98,17 +117,26 @@ class Classifier(HyperparameterMixin, pl.LightningModule):
 
 
 class StepTimer(Callback):
-    """Intervals between consecutive training-batch starts (everything one step costs)."""
+    """Batch-start times: the mean interval over whole hyper-step periods is everything one step costs."""
 
     def __init__(self) -> None:
         self.starts: list[float] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
-        self.starts.append(time.perf_counter())
+        self.starts.append(CLOCK())
 
-    def step_ms(self, skip: int = 3) -> float:
-        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])][skip:]
-        return 1000 * statistics.median(gaps)
+    def step_s(self) -> float:
+        n = (len(self.starts) - 1 - SKIP) // PERIOD * PERIOD
+        if n < PERIOD:
+            raise ValueError(f"too few steps to time: give --steps >= {SKIP + PERIOD + 1}")
+        return (self.starts[SKIP + n] - self.starts[SKIP]) / n
+
+
+class ConditionPerExample(Callback):
+    """The hyper-layers' condition without SelfTuning: one zero row per example (the shape an STN step uses)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int) -> None:
+        condition_hyper_layers(pl_module, torch.zeros(len(batch[0]), 1))
 
 
 def _trainer(steps: int, callbacks: list[Callback]) -> pl.Trainer:
@@ -130,26 +158,83 @@ def _case(name: str, steps: int, data: MNIST5kDataModule) -> float:
     timer = StepTimer()
     callbacks: list[Callback] = [timer]
     model = Classifier(hyper=name.startswith("STN"))
-    if name == "schedule":
+    if name.startswith("schedule"):
         schedules = {
             "ls.amount": LinearSchedule(0.0, 0.2, duration=steps),
             "net.drop.p": StepSchedule(0.1, milestones=[steps // 2], gamma=0.5),
             "lr": CosineSchedule(0.05, 0.0, duration=steps),
         }
-        callbacks.append(HyperparameterSchedule(schedules, log=False))
+        callbacks.append(HyperparameterSchedule(schedules, log=name == "schedule, logged"))
     elif name == "STN layers":
-        condition_hyper_layers(model, torch.zeros(1))
-    elif name == "STN":
+        callbacks.append(ConditionPerExample())
+    elif name.startswith("STN"):
         callbacks.append(
             SelfTuning(
                 {"ls.amount": TunedHyperparameter(initial=0.1, low=0.0, high=0.5)},
-                train_steps=2,
+                warmup_steps=10 * steps if name == "STN perturbation" else 0,
+                train_steps=PERIOD,
                 val_dataloader=data.val_dataloader(),
                 log=False,
             )
         )
     _trainer(steps, callbacks).fit(model, train_dataloaders=data.train_dataloader())
-    return timer.step_ms()
+    return timer.step_s()
+
+
+def step_overheads(rounds: int, steps: int) -> str:
+    data = MNIST5kDataModule(batch_size=128)
+    data.setup("fit")
+    per_round: dict[str, list[float]] = {c: [] for c in CASES}
+
+    def run(case: str) -> Any:
+        return lambda: per_round[case].append(_case(case, steps, data))
+
+    interleave({c: run(c) for c in CASES}, rounds=rounds, warmup=1)
+    times = {c: Timing(c, per_round[c][1:]) for c in CASES}  # the warm-up run of each case left out
+    floor = times["plain"]
+    rows = []
+    for case in CASES:
+        t = times[case]
+        rows.append(
+            {
+                "case": case,
+                "ms / step": f"{1000 * t.median:.2f}",
+                "floor ms (plain)": f"{1000 * floor.median:.2f}",
+                "× floor": f"{t.over(floor):.2f}",
+            }
+        )
+    table = markdown_table(rows, ["case", "ms / step", "floor ms (plain)", "× floor"])
+
+    def diff(a: str, b: str) -> Spread:  # per-round difference, in units of the floor's step
+        return Spread([(x - y) / f for x, y, f in zip(times[a].times_s, times[b].times_s, floor.times_s)])
+
+    split = [
+        ("hyper-layers (STN layers − plain)", "STN layers", "plain"),
+        ("perturbation (STN perturbation − STN layers)", "STN perturbation", "STN layers"),
+        (f"hyper-step, 1 per {PERIOD} steps (STN − STN perturbation)", "STN", "STN perturbation"),
+    ]
+    split_rows = [
+        {
+            "part": label,
+            "ms / step": f"{1000 * statistics.median(x - y for x, y in zip(times[a].times_s, times[b].times_s)):.2f}",
+            "× floor": f"{diff(a, b):.2f}",
+        }
+        for label, a, b in split
+    ]
+    split_table = markdown_table(split_rows, ["part", "ms / step", "× floor"])
+    return (
+        f"Machine: {machine_description()}.\n\n"
+        f"Small CNN (width {WIDTH}), MNIST 5k, batch 128, 1 torch thread; {rounds} interleaved rounds of a "
+        f"{steps}-step fit per case (fresh Trainer each), a round's step time the mean batch-start interval over "
+        f"{PERIOD}-step periods ({'CPU time of the process' if CLOCK is time.process_time else 'wall time'}); "
+        "ratios per round, `median (min–max)`. Floor: the plain training step (no "
+        "callback).\n\n"
+        + table
+        + "\n\nSTN split (per-round differences, in floor steps):\n\n"
+        + split_table
+        + "\n\n"
+        + BOUNDS
+    )
 
 
 class _Factory:
@@ -162,88 +247,66 @@ class _Data:
         return MNIST5kDataModule(batch_size=128, train_subset=700)
 
 
-def _pbt(storage: str) -> float:
+def pbt_throughput() -> str:
+    import ray
+
     from lightning_losses.tuning import SearchDimension, tune_population_based_training
 
-    start = time.perf_counter()
-    tune_population_based_training(
-        _Factory(),
-        _Data(),
-        {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(0.01, 0.2, log=True)},
-        metric="val_acc",
-        mode="max",
-        population_size=4,
-        max_epochs=2,
-        synch=True,
-        storage_path=storage,
-        trainer_kwargs={"accelerator": "cpu", "num_sanity_val_steps": 0},
-        resources_per_trial={"cpu": 1},
+    def population(storage: str) -> float:
+        start = time.perf_counter()
+        tune_population_based_training(
+            _Factory(),
+            _Data(),
+            {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(0.01, 0.2, log=True)},
+            metric="val_acc",
+            mode="max",
+            population_size=4,
+            max_epochs=2,
+            synch=True,
+            storage_path=storage,
+            trainer_kwargs={"accelerator": "cpu", "num_sanity_val_steps": 0},
+            resources_per_trial={"cpu": 1},
+        )
+        return time.perf_counter() - start
+
+    rows = []
+    with tempfile.TemporaryDirectory() as storage:
+        start = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        rows.append({"part": "ray.init (2 CPUs)", "wall s": f"{time.perf_counter() - start:.1f}"})
+        try:
+            first = population(storage + "/a")
+            rows.append({"part": "population, first run (workers start)", "wall s": f"{first:.1f}"})
+            rows.append({"part": "population, warm workers", "wall s": f"{population(storage + '/b'):.1f}"})
+        finally:
+            ray.shutdown()
+    return "PBT: population 4 × 2 synchronous generations × 1 epoch (700 MNIST images), 1 CPU per trial.\n\n" + (
+        markdown_table(rows, ["part", "wall s"])
     )
-    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--skip-pbt", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 9, quick 2)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per fit (default 31, quick 11)")
+    parser.add_argument("--quick", action="store_true", help="smoke run, under 30 s")
+    parser.add_argument("--pbt", action="store_true", help="also time a PBT population on Ray (minutes)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu", help="step times in CPU or wall time")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(1)
-
-    data = MNIST5kDataModule(batch_size=128)
-    data.setup("fit")
-    cases = ["plain", "schedule", "STN layers", "STN"]
-    times: dict[str, list[float]] = {c: [] for c in cases}
-    for _ in range(args.rounds):
-        for case in cases:
-            times[case].append(_case(case, args.steps, data))
-    base = statistics.median(times["plain"])
-    table = ResultsTable("Per-step overhead (median ms per training step)", ["case", "ms / step", "× plain"])
-    for case in cases:
-        ms = statistics.median(times[case])
-        table.add(case=case, **{"ms / step": f"{ms:.2f}", "× plain": f"{ms / base:.2f}"})
-    text = (
-        f"Small CNN (width {WIDTH}), MNIST 5k, batch 128, 1 torch thread, {args.steps} steps × {args.rounds} "
-        "interleaved rounds; step time = interval between consecutive batch starts.\n\n" + table.markdown()
-    )
-
-    if not args.skip_pbt:
-        import ray
-
-        runs: dict[str, float] = {}
-        ray_start: dict[int, float] = {}
-        with tempfile.TemporaryDirectory() as storage:
-            for cpus in (1, 2):
-                start = time.perf_counter()
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-                ray_start[cpus] = time.perf_counter() - start
-                try:
-                    runs[f"Ray local, {cpus} CPU(s), first run (workers start)"] = _pbt(f"{storage}/c{cpus}a")
-                    runs[f"Ray local, {cpus} CPU(s), warm workers"] = _pbt(f"{storage}/c{cpus}b")
-                finally:
-                    ray.shutdown()
-        segments = 4 * 2
-        sequential = runs["Ray local, 1 CPU(s), warm workers"]
-        pbt_table = ResultsTable("PBT throughput", ["run", "wall s", "segments / s", "× one at a time"])
-        for label, seconds in runs.items():
-            pbt_table.add(
-                run=label,
-                **{
-                    "wall s": f"{seconds:.1f}",
-                    "segments / s": f"{segments / seconds:.2f}",
-                    "× one at a time": f"{sequential / seconds:.2f}",
-                },
-            )
-        text += (
-            "\n\nPopulation 4 × 2 synchronous generations × 1 epoch (700 MNIST images, batch 128) on Ray Tune's "
-            "PopulationBasedTraining, 1 CPU per trial; `ray.init` itself took "
-            f"{ray_start[1]:.1f} s / {ray_start[2]:.1f} s (not included).\n\n" + pbt_table.markdown()
-        )
+    rounds = args.rounds or (2 if args.quick else 9)
+    steps = args.steps or (11 if args.quick else 31)
+    start = time.perf_counter()
+    text = step_overheads(rounds, steps)
+    if args.pbt:
+        text += "\n\n" + pbt_throughput()
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "tuning.md"
-    path.write_text("# Self-tuning schedules: overheads\n\n" + text + "\n")
-    print(f"\nwritten to {path}")
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+    if not args.quick:
+        path = write_result("tuning", "# Self-tuning schedules: per-step overheads\n\n" + text)
+        print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -78,6 +79,7 @@ __all__ = [
 #: Names written into the optimizer param groups rather than into module buffers.
 OPTIMIZER_HYPERPARAMETERS = ("lr", "weight_decay")
 
+_FLOAT32 = struct.Struct("f")
 _REGISTRY_ATTR = "_loss_hyperparameters"
 # Float attributes of modules the library does not own, exposed by name (`expose_hyperparameter`): name -> range.
 _EXPOSED_ATTR = "_exposed_hyperparameters"
@@ -124,6 +126,25 @@ class HyperparameterSpec:
             ok = ok & ((value <= self.high) if self.high_inclusive else (value < self.high))
         return ok.all()
 
+    def admits_float32(self, value: float) -> bool:
+        """Whether the Python number ``value`` is admissible once stored as a float32, with no tensor work.
+
+        The same test as :meth:`admissible` on ``torch.as_tensor(value, dtype=torch.float32)``: the value and the
+        bounds are both rounded to float32 first (torch compares a float32 tensor with a Python number in float32).
+        """
+        v = _float32(value)
+        if not math.isfinite(v):
+            return False
+        if self.low is not None:
+            low = _float32(self.low)
+            if not (v >= low if self.low_inclusive else v > low):
+                return False
+        if self.high is not None:
+            high = _float32(self.high)
+            if not (v <= high if self.high_inclusive else v < high):
+                return False
+        return True
+
     def check(self, name: str, value: Tensor) -> None:
         """Raise ``ValueError`` when ``value`` is non-finite or outside the range.
 
@@ -142,6 +163,14 @@ class HyperparameterSpec:
             f"Hyperparameter {name!r} must lie in {self.describe()}, got {value.tolist()}. "
             "Pass a value inside that range."
         )
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (an infinity beyond the float32 range, as torch rounds it)."""
+    try:
+        return float(_FLOAT32.unpack(_FLOAT32.pack(value))[0])
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def _follow_hyperparameter_shapes(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: Any) -> None:
@@ -462,8 +491,24 @@ def set_hyperparameter(module: nn.Module, name: str, value: float | Tensor) -> N
         ValueError: When ``value`` is non-finite or outside the registered range.
     """
     owner, attr = _resolve(module, name)
+    registry = owner.__dict__.get(_REGISTRY_ATTR, {})
+    spec = registry[attr] if attr in registry else _exposed(owner)[attr]
+    buffer = owner._buffers.get(attr)
+    if (
+        # a Python number (not a bool; an int exactly a double): checked and written with no tensor built
+        (type(value) is float or (type(value) is int and abs(value) <= 2**53))
+        and (buffer is None or (buffer.ndim == 0 and buffer.dtype == torch.float32))
+        and not torch.compiler.is_compiling()
+        and spec.admits_float32(value)  # type: ignore[arg-type]
+    ):
+        if buffer is not None:
+            with torch.no_grad():
+                buffer.fill_(value)  # the same float32 rounding as copying torch.as_tensor(value, torch.float32)
+        else:
+            setattr(owner, attr, float(value))
+        return
     tensor = torch.as_tensor(value, dtype=torch.float32).detach()
-    hyperparameter_spec(module, name).check(name, tensor)
+    spec.check(name, tensor)
     if attr in owner._buffers:
         buffer = owner._buffers[attr]
         assert buffer is not None

@@ -329,7 +329,8 @@ class HyperparameterSchedule(Callback):
             raise ValueError(f"`interval` must be 'step' or 'epoch', got {interval!r}.")
         self.schedules = dict(schedules)
         self.interval = interval
-        self.log = log
+        # not ``self.log``: Lightning sets ``callback.log`` to the module's ``log`` method when ``fit`` starts
+        self.log_values = log
         self.prefix = prefix
         self.last_position: int | None = None
         self.last_values: dict[str, float] = {}
@@ -366,7 +367,7 @@ class HyperparameterSchedule(Callback):
         values = self.value_at(t)
         apply_hyperparameters(pl_module, values, trainer)
         self.last_position, self.last_values = t, values
-        if log and self.log:
+        if log and self.log_values:
             for name, value in values.items():
                 pl_module.log(
                     self.prefix + name,

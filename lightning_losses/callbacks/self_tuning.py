@@ -248,7 +248,8 @@ class SelfTuning(Callback):
         self.val_dataloader = val_dataloader
         self.validation_loss = validation_loss or classification_validation_loss
         self.derived = dict(derived or {})
-        self.log = log
+        # not ``self.log``: Lightning sets ``callback.log`` to the module's ``log`` method when ``fit`` starts
+        self.log_values = log
         self.seed = int(seed)
         self.hyperparameters: PerturbedHyperparameters | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -414,7 +415,7 @@ class SelfTuning(Callback):
             self._hyper_step(trainer, pl_module)
         self.history.append({"step": float(trainer.global_step), **self.current()})
         self._apply_current(pl_module)
-        if self.log:
+        if self.log_values:
             hp, _ = self._require()
             scales = hp.scale().detach()
             for j, (name, value) in enumerate(self.current().items()):

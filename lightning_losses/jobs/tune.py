@@ -9,14 +9,22 @@ A teacher CNN is trained once; the same small student is then distilled (Hinton 
 * a Self-Tuning Network (the student built from STN hyper-layers conditioned on T and α).
 
 The table reports the final student test accuracy, the compute (student epochs), the wall time and the final
-hyperparameters; the discovered schedules are plotted as PNG under ``results/tune/``.
+hyperparameters; the discovered schedules are plotted as PNG under ``results/tune/``. The job ends with its time
+split: start-up (imports), data loading, Ray start and stop, training (per method; PBT's includes the Ray workers' start
+and the checkpoints), evaluation (the test passes) and the rest.
+
+The MNIST 5k images are parsed once (a CSV read that takes seconds): every run, trial and segment gets a copy of one
+set-up datamodule, the same splits as a fresh one.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
+import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,13 +69,69 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _DataFactory:
+    """MNIST 5k datamodules sharing one load of the images (picklable for Ray: the set-up copy travels with it).
+
+    The first call builds and sets up a datamodule; every call returns a deep copy of it, so runs, trials and PBT
+    segments never parse the images again and never share a datamodule.
+    """
+
     def __init__(self, batch_size: int, train_subset: int | None) -> None:
         self.batch_size, self.train_subset = batch_size, train_subset
+        self.prototype: pl.LightningDataModule | None = None
+        self.load_seconds = 0.0
 
     def __call__(self) -> pl.LightningDataModule:
-        from lightning_losses.data import MNIST5kDataModule
+        if self.prototype is None:
+            from lightning_losses.data import MNIST5kDataModule
 
-        return MNIST5kDataModule(batch_size=self.batch_size, seed=0, train_subset=self.train_subset)
+            start = time.perf_counter()
+            prototype = MNIST5kDataModule(batch_size=self.batch_size, seed=0, train_subset=self.train_subset)
+            prototype.setup("fit")
+            self.prototype, self.load_seconds = prototype, time.perf_counter() - start
+        return copy.deepcopy(self.prototype)
+
+
+class _TimeSplit:
+    """Where the job's wall time went: seconds per phase, printed as one line at the end."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.startup = _seconds_since_process_start()
+        self.phases: dict[str, float] = {}
+        self.training: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def train(self, method: str, seconds: float) -> None:
+        self.training[method] = self.training.get(method, 0.0) + seconds
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        parts = [] if math.isnan(self.startup) else [f"start-up (imports) {self.startup:.1f}"]
+        phases = dict(self.phases)
+        training = sum(self.training.values())
+        for name in ("data loading", "Ray start/stop"):
+            if name in phases:
+                parts.append(f"{name} {phases.pop(name):.1f}")
+        detail = ", ".join(f"{k} {v:.1f}" for k, v in self.training.items())
+        parts.append(f"training {training:.1f}" + (f" ({detail})" if detail else ""))
+        parts += [f"{k} {v:.1f}" for k, v in phases.items()]
+        other = elapsed - training - sum(self.phases.values())
+        total = elapsed + (0.0 if math.isnan(self.startup) else self.startup)
+        return "time split (s): " + " · ".join([*parts, f"other {other:.1f}", f"total {total:.1f}"])
+
+
+def _seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 class _StudentFactory:
@@ -93,13 +157,20 @@ class _StudentFactory:
 
 
 def _fit_and_test(
-    module: pl.LightningModule, data: pl.LightningDataModule, epochs: int, callbacks: list[Any] | None = None
+    module: pl.LightningModule,
+    data: pl.LightningDataModule,
+    epochs: int,
+    callbacks: list[Any] | None = None,
+    split: _TimeSplit | None = None,
 ) -> tuple[float, float, float]:
     trainer = make_trainer(epochs, progress=False, callbacks=callbacks or [], num_sanity_val_steps=0)
     with Timer() as timer:
         trainer.fit(module, datamodule=data)
     val = float(trainer.callback_metrics["val/acc"])
-    (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    with Timer() as test_time:
+        (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    if split is not None:
+        split.add("evaluation", test_time.seconds)
     return float(metrics["test/acc"]), val, timer.seconds
 
 
@@ -139,15 +210,21 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"Unknown methods {unknown}: choose from fixed,grid,pbt,stn.")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
+    split = _TimeSplit()
     data_factory = _DataFactory(args.batch_size, subset)
+    teacher_data = data_factory()
+    split.add("data loading", data_factory.load_seconds)
 
     pl.seed_everything(0, verbose=False)
     teacher = ConvNet(width=TEACHER_WIDTH)
     with Timer() as teacher_time:
         teacher_module = ClassificationModule(teacher)
         trainer = make_trainer(teacher_epochs, progress=False)
-        trainer.fit(teacher_module, datamodule=data_factory())
-    (teacher_metrics,) = trainer.test(teacher_module, datamodule=data_factory(), verbose=False)
+        trainer.fit(teacher_module, datamodule=teacher_data)
+    split.train("teacher", teacher_time.seconds)
+    with Timer() as test_time:
+        (teacher_metrics,) = trainer.test(teacher_module, datamodule=data_factory(), verbose=False)
+    split.add("evaluation", test_time.seconds)
     teacher.eval()
     print(f"teacher: test accuracy {100 * teacher_metrics['test/acc']:.2f} % ({teacher_time.seconds:.1f} s)")
 
@@ -174,7 +251,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if "fixed" in methods:
         pl.seed_everything(0, verbose=False)
-        test, val, seconds = _fit_and_test(_StudentFactory(teacher)(), data_factory(), epochs)
+        test, val, seconds = _fit_and_test(_StudentFactory(teacher)(), data_factory(), epochs, split=split)
+        split.train("fixed", seconds)
         add("fixed (T=4, α=0.9)", test, val, epochs, seconds, DEFAULT_T, DEFAULT_ALPHA)
         curves["fixed"] = {"kd.temperature": [(0, DEFAULT_T), (epochs, DEFAULT_T)]}
         curves["fixed"]["kd.weight"] = [(0, DEFAULT_ALPHA), (epochs, DEFAULT_ALPHA)]
@@ -184,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
         total = 0.0
         for t, a in GRID:
             pl.seed_everything(0, verbose=False)
-            test, val, seconds = _fit_and_test(_StudentFactory(teacher, t, a)(), data_factory(), epochs)
+            test, val, seconds = _fit_and_test(_StudentFactory(teacher, t, a)(), data_factory(), epochs, split=split)
+            split.train("grid", seconds)
             total += seconds
             print(f"  grid T={t:g} α={a:g}: val {100 * val:.2f} %, test {100 * test:.2f} %")
             if best is None or val > best[1]:
@@ -201,37 +280,46 @@ def _run(args: argparse.Namespace) -> int:
 
         space = {"kd.temperature": SearchDimension(1.0, 10.0), "kd.weight": SearchDimension(0.05, 0.95)}
         on_tune = args.backend == "tune" and not args.no_ray
+        ray = require("ray", "tune")
         with tempfile.TemporaryDirectory() as storage, Timer() as timer:
-            if args.no_ray:  # room for one trial: Ray Tune runs the population one trial at a time
-                require("ray", "tune").init(
-                    num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False
+            with Timer() as ray_time:
+                if args.no_ray:  # room for one trial: Ray Tune runs the population one trial at a time
+                    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                elif not ray.is_initialized():  # as tune_population_based_training would, timed apart
+                    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            split.add("Ray start/stop", ray_time.seconds)
+            with Timer() as trials_time:
+                result = tune_population_based_training(
+                    _StudentFactory(teacher),
+                    data_factory,
+                    space,
+                    metric="val/acc",
+                    mode="max",
+                    population_size=args.population,
+                    perturbation_interval=1,
+                    max_epochs=epochs,
+                    quantile_fraction=0.25,
+                    storage_path=storage,
+                    trainer_kwargs={"num_sanity_val_steps": 0},
+                    initial_configs=_initial_configs(args.population),
+                    derived={"ce_weight": _ce_weight},
+                    seed=0,
+                    synch=not on_tune,  # generations
                 )
-            result = tune_population_based_training(
-                _StudentFactory(teacher),
-                data_factory,
-                space,
-                metric="val/acc",
-                mode="max",
-                population_size=args.population,
-                perturbation_interval=1,
-                max_epochs=epochs,
-                quantile_fraction=0.25,
-                storage_path=storage,
-                trainer_kwargs={"num_sanity_val_steps": 0},
-                initial_configs=_initial_configs(args.population),
-                derived={"ce_weight": _ce_weight},
-                seed=0,
-                synch=not on_tune,  # generations
-            )
+            split.train("PBT trials", trials_time.seconds)
             test_acc = math.nan  # without a checkpoint of the best trial (warned about) there is nothing to test
             if result.best_checkpoint is not None:
-                module = _StudentFactory(teacher)()
-                trainer = make_trainer(epochs, progress=False)
-                (metrics,) = trainer.test(
-                    module, datamodule=data_factory(), ckpt_path=result.best_checkpoint, verbose=False
-                )
+                with Timer() as test_time:
+                    module = _StudentFactory(teacher)()
+                    trainer = make_trainer(epochs, progress=False)
+                    (metrics,) = trainer.test(
+                        module, datamodule=data_factory(), ckpt_path=result.best_checkpoint, verbose=False
+                    )
+                split.add("evaluation", test_time.seconds)
                 test_acc = float(metrics["test/acc"])
-        require("ray", "tune").shutdown()
+        with Timer() as shutdown_time:
+            ray.shutdown()
+        split.add("Ray start/stop", shutdown_time.seconds)
         if result.best_trial is None:
             print("PBT: no trial reported a result (see the warnings above); the table has no PBT row.")
         else:
@@ -272,7 +360,8 @@ def _run(args: argparse.Namespace) -> int:
             perturb_scale=0.5,
             entropy_weight=1e-3,
         )
-        test, val, seconds = _fit_and_test(module, data, epochs, callbacks=[stn])
+        test, val, seconds = _fit_and_test(module, data, epochs, callbacks=[stn], split=split)
+        split.train("STN", seconds)
         final_stn = stn.current()
         add("STN (hyper-layers)", test, val, epochs, seconds, final_stn["kd.temperature"], final_stn["kd.weight"])
         curves["STN"] = {
@@ -299,6 +388,7 @@ def _run(args: argparse.Namespace) -> int:
         except ImportError as err:
             print(f"no plot: {err}")
     report(table, preamble, written)
+    print(split.line())
     return 0
 
 
