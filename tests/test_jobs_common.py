@@ -66,3 +66,22 @@ def test_distill_job_settings_scale_dkd_beta_and_pair_seeds():
         distill._setting(parser.parse_args(["--methods", "ce,nope"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["--quick", "--full"])
+
+
+def test_time_split_groups_phases_and_accounts_for_all_the_time():
+    import re
+
+    from lightning_losses.jobs.common import TimeSplit
+
+    split = TimeSplit()
+    split.add("data loading", 1.0)
+    split.train("teacher", 2.0)
+    with split.phase("training/students") as timer:
+        pass
+    split.add("training/students", 3.0)
+    line = split.line()
+    assert line.startswith("time split (s): ")
+    assert "data loading 1.0" in line
+    assert re.search(r"training 5\.0 \(teacher 2\.0, students 3\.0\)", line)
+    other = float(re.search(r"other (-?[\d.]+)", line).group(1))
+    assert other <= 0.1 and timer.seconds < 0.1  # only the 6 s added by hand are "ahead" of the clock

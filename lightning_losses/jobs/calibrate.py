@@ -32,7 +32,7 @@ from lightning_losses.functional.calibration import (
 from lightning_losses.jobs.common import (
     PairedDifference,
     ResultsTable,
-    Timer,
+    TimeSplit,
     bootstrap_interval,
     make_trainer,
     quiet_lightning,
@@ -183,11 +183,13 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
+    split = TimeSplit()
     pl.seed_everything(0, verbose=False)
-    datamodule = image_datamodule(
-        args.data, args.batch_size, train_subset=subset, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION
-    )
-    datamodule.setup("fit")
+    with split.phase("data loading"):
+        datamodule = image_datamodule(
+            args.data, args.batch_size, train_subset=subset, val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION
+        )
+        datamodule.setup("fit")
     val_loader, test_loader = datamodule.val_dataloader(), datamodule.test_dataloader()
     table = ResultsTable(
         "Calibration on " + type(datamodule).__name__.replace("DataModule", ""),
@@ -199,15 +201,16 @@ def _run(args: argparse.Namespace) -> int:
     # 1. the over-confident reference model, temperature scaling fitted by the callback after fit
     model = calibration_classifier("ce", width=width)
     posthoc = PostHocCalibration("temperature")
-    with Timer() as timer:
+    with split.phase("training/CE + temperature") as timer:
         make_trainer(epochs, progress=progress, callbacks=[posthoc]).fit(model, datamodule=datamodule)
     fitted = posthoc.metrics
     print(
         f"cross-entropy model trained in {timer.seconds:.1f} s; temperature scaling on the validation split: "
         f"ECE {100 * fitted['ece_before']:.2f} % -> {100 * fitted['ece_after']:.2f} %"
     )
-    test_logits, test_y, _ = _collect(model, test_loader)
-    train_logits, train_y, _ = _collect(model, datamodule.train_dataloader())  # type: ignore[attr-defined]
+    with split.phase("evaluation"):
+        test_logits, test_y, _ = _collect(model, test_loader)
+        train_logits, train_y, _ = _collect(model, datamodule.train_dataloader())  # type: ignore[attr-defined]
     train_nll = float(negative_log_likelihood(train_logits, train_y, "logits"))
     table.add(method="uncalibrated (CE)", kind="-", **_scores(test_logits, test_y, args.n_bins), **{"fit s": None})
     if _diagram(test_logits, test_y, args.n_bins, "cross-entropy, uncalibrated", out / "reliability_uncalibrated.png"):
@@ -217,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     val_logits, val_y, _ = _collect(model, val_loader)
     for name in calibrators:
         calibrator: Calibrator
-        with Timer() as timer:
+        with split.phase("post-hoc fits") as timer:
             if name == "temperature":
                 calibrator = posthoc.calibrator  # already fitted by the callback
             elif name in ("matrix", "dirichlet"):
@@ -254,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
     for name in losses:
         pl.seed_everything(0, verbose=False)
         module = calibration_classifier(name, width=width)
-        with Timer() as timer:
+        with split.phase(f"training/{name}") as timer:
             make_trainer(epochs, progress=progress).fit(module, datamodule=datamodule)
         logits, target, _ = _collect(module, test_loader)
         loss_label = type(module.loss).__name__
@@ -282,5 +285,5 @@ def _run(args: argparse.Namespace) -> int:
         "fit s of TemperatureScaler: fitted by the PostHocCalibration callback at the end of training."
     )
     path = table.write(out, "calibrate" + ("_quick" if args.quick else ""), preamble)
-    report(table, preamble, [path, path.with_suffix(".json"), *diagrams])
+    report(table, preamble, [path, path.with_suffix(".json"), *diagrams], split)
     return 0

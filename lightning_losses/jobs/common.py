@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import time
 import warnings
@@ -31,6 +32,7 @@ __all__ = [
     "MeanStd",
     "PairedDifference",
     "ResultsTable",
+    "TimeSplit",
     "Timer",
     "bootstrap_interval",
     "make_trainer",
@@ -245,6 +247,70 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+class TimeSplit:
+    """Where a job's wall time went: seconds per phase, printed as one line at the end (:meth:`line`).
+
+    Phases named ``"group/detail"`` (e.g. ``"training/KD"``) are summed under their group with the details in
+    parentheses; the time since the process started before this object existed is reported as start-up (imports).
+
+    Example:
+        >>> split = TimeSplit()
+        >>> with split.phase("training/KD"):
+        ...     pass
+        >>> split.add("evaluation", 0.5)
+        >>> split.line().startswith("time split (s): ")
+        True
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.startup = _seconds_since_process_start()
+        self.phases: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Add ``seconds`` to ``phase``."""
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def train(self, method: str, seconds: float) -> None:
+        """Add ``seconds`` of training ``method`` (the phase ``"training/<method>"``)."""
+        self.add(f"training/{method}", seconds)
+
+    @contextmanager
+    def phase(self, phase: str) -> Iterator[Timer]:
+        """Time the ``with`` block and add it to ``phase``; yields the :class:`Timer`."""
+        with Timer() as timer:
+            yield timer
+        self.add(phase, timer.seconds)
+
+    def line(self) -> str:
+        """``time split (s): start-up … · <phase> … · other … · total …``."""
+        elapsed = time.perf_counter() - self.start
+        groups: dict[str, dict[str, float]] = {}
+        for name, seconds in self.phases.items():
+            group, _, detail = name.partition("/")
+            groups.setdefault(group, {})[detail] = groups.get(group, {}).get(detail, 0.0) + seconds
+        parts = [] if math.isnan(self.startup) else [f"start-up (imports) {self.startup:.1f}"]
+        for group, details in groups.items():
+            named = {k: v for k, v in details.items() if k}
+            inner = f" ({', '.join(f'{k} {v:.1f}' for k, v in named.items())})" if named else ""
+            parts.append(f"{group} {sum(details.values()):.1f}{inner}")
+        other = elapsed - sum(self.phases.values())
+        total = elapsed + (0.0 if math.isnan(self.startup) else self.startup)
+        return "time split (s): " + " · ".join([*parts, f"other {other:.1f}", f"total {total:.1f}"])
+
+
+def _seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def _number(value: float) -> float | None:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
@@ -334,8 +400,8 @@ class ResultsTable:
         return path
 
 
-def report(table: ResultsTable, preamble: str, written: Sequence[Path | str]) -> None:
-    """Print a job's result: the preamble, the table, then where the results (and plots) were written."""
+def report(table: ResultsTable, preamble: str, written: Sequence[Path | str], split: TimeSplit | None = None) -> None:
+    """Print a job's result: the preamble, the table, where the results (and plots) were written, the time split."""
     print()
     if preamble:
         print(preamble)
@@ -344,6 +410,8 @@ def report(table: ResultsTable, preamble: str, written: Sequence[Path | str]) ->
     print()
     for path in written:
         print(f"written: {path}")
+    if split is not None:
+        print(split.line())
 
 
 class ClassifierModule(ClassificationModule):

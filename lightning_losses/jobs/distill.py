@@ -24,7 +24,7 @@ from lightning_losses.jobs.common import (
     MeanStd,
     PairedDifference,
     ResultsTable,
-    Timer,
+    TimeSplit,
     make_trainer,
     quiet_lightning,
     report,
@@ -145,14 +145,17 @@ def _run(args: argparse.Namespace) -> int:
     setting = _setting(args)
     progress = not args.no_progress
 
+    split = TimeSplit()
     pl.seed_everything(0, verbose=False)
-    datamodule = image_datamodule(args.data, args.batch_size)
-    student_data = image_datamodule(args.data, args.batch_size, train_subset=setting.student_samples)
+    with split.phase("data loading"):
+        datamodule = image_datamodule(args.data, args.batch_size)
+        student_data = image_datamodule(args.data, args.batch_size, train_subset=setting.student_samples)
     teacher = ConvNet(width=TEACHER_WIDTH)
-    with Timer() as teacher_time:
+    with split.phase("training/teacher") as teacher_time:
         trainer = make_trainer(setting.teacher_epochs, progress=progress)
         trainer.fit(ClassificationModule(teacher), datamodule=datamodule)
-    teacher_acc = _test_accuracy(trainer, ClassificationModule(teacher), datamodule)
+    with split.phase("evaluation"):
+        teacher_acc = _test_accuracy(trainer, ClassificationModule(teacher), datamodule)
     Path(args.output).mkdir(parents=True, exist_ok=True)
     teacher_path = Path(args.output) / "teacher.pt"
     torch.save(teacher.state_dict(), teacher_path)  # read by examples/distillation/config.yaml
@@ -167,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
         for method in setting.methods:
             pl.seed_everything(seed, verbose=False)  # same initialisation and data order for every method of a seed
             module = _student_module(method, teacher, setting)
-            with Timer() as timer:
+            with split.phase("training/students") as timer:
                 trainer = make_trainer(
                     setting.epochs,
                     progress=progress,
@@ -176,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
                     num_sanity_val_steps=0,
                 )
                 trainer.fit(module, datamodule=student_data)
-            accuracies.setdefault(method, []).append(_test_accuracy(trainer, module, student_data))
+            with split.phase("evaluation"):
+                accuracies.setdefault(method, []).append(_test_accuracy(trainer, module, student_data))
             times.setdefault(method, []).append(timer.seconds)
             print(f"{method} seed {seed}: test accuracy {100 * accuracies[method][-1]:.2f} % ({timer.seconds:.1f} s)")
 
@@ -209,7 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     stem = "distill" + ("_quick" if args.quick else "_full" if getattr(args, "full", False) else "")
     path = table.write(args.output, stem, preamble)
-    report(table, preamble, [path, path.with_suffix(".json"), teacher_path])
+    report(table, preamble, [path, path.with_suffix(".json"), teacher_path], split)
     return 0
 
 

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_losses.demos import ConvNet, symmetric_label_noise
-from lightning_losses.jobs.common import ResultsTable, make_trainer, quiet_lightning, report
+from lightning_losses.jobs.common import ResultsTable, TimeSplit, make_trainer, quiet_lightning, report
 from lightning_losses.losses.temperature import ALDRKLLoss, LDRKLLoss
 from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.utilities.checks import check_choice
@@ -293,6 +293,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job and write ``lm.md`` / ``mnist.md`` (and JSON) under ``--output``."""
+    split = TimeSplit()
     out = Path(args.output)
     torch.set_float32_matmul_precision("high")
     parts: list[tuple[ResultsTable, str, str]] = []
@@ -302,9 +303,11 @@ def run(args: argparse.Namespace) -> int:
                 "Validation = held-out tails of the plays; ppl (at its τ) divides the logits by the τ the model was "
                 "trained with (TempNet's per token, the control's fixed one); ppl (τ = 1) is TempNet's own protocol."
             )
-            parts.append((_lm_part(args, out), "lm", note))
+            with split.phase("language model (TempNet, fixed-τ control)"):
+                parts.append((_lm_part(args, out), "lm", note))
         if not args.skip_mnist:
-            accuracy, spread = _mnist_part(args)
+            with split.phase("MNIST (LDR-KL, ALDR-KL)"):
+                accuracy, spread = _mnist_part(args)
             parts.append((accuracy, "mnist", "Training labels corrupted; test labels clean."))
             note = (
                 "λ0 from the paper's grid: with λ0 = 10 the per-sample λ cannot leave the top of its range for 10 "
@@ -314,5 +317,5 @@ def run(args: argparse.Namespace) -> int:
     for i, (table, stem, note) in enumerate(parts):
         path = table.write(out, stem, preamble=note)
         print(f"\n## {table.title}" if i else f"## {table.title}")
-        report(table, note, [path, path.with_suffix(".json")])
+        report(table, note, [path, path.with_suffix(".json")], split if i == len(parts) - 1 else None)
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter
 from lightning_losses.demos import ConvNet, HyperConvNet
-from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
+from lightning_losses.jobs.common import ResultsTable, Timer, TimeSplit, make_trainer, quiet_lightning, report
 from lightning_losses.modules.classification import ClassificationModule
 from lightning_losses.utilities.imports import require
 
@@ -91,49 +90,6 @@ class _DataFactory:
         return copy.deepcopy(self.prototype)
 
 
-class _TimeSplit:
-    """Where the job's wall time went: seconds per phase, printed as one line at the end."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.startup = _seconds_since_process_start()
-        self.phases: dict[str, float] = {}
-        self.training: dict[str, float] = {}
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
-
-    def train(self, method: str, seconds: float) -> None:
-        self.training[method] = self.training.get(method, 0.0) + seconds
-
-    def line(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        parts = [] if math.isnan(self.startup) else [f"start-up (imports) {self.startup:.1f}"]
-        phases = dict(self.phases)
-        training = sum(self.training.values())
-        for name in ("data loading", "Ray start/stop"):
-            if name in phases:
-                parts.append(f"{name} {phases.pop(name):.1f}")
-        detail = ", ".join(f"{k} {v:.1f}" for k, v in self.training.items())
-        parts.append(f"training {training:.1f}" + (f" ({detail})" if detail else ""))
-        parts += [f"{k} {v:.1f}" for k, v in phases.items()]
-        other = elapsed - training - sum(self.phases.values())
-        total = elapsed + (0.0 if math.isnan(self.startup) else self.startup)
-        return "time split (s): " + " · ".join([*parts, f"other {other:.1f}", f"total {total:.1f}"])
-
-
-def _seconds_since_process_start() -> float:
-    """Wall seconds since this process started (Linux ``/proc``; NaN elsewhere)."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
-    except (OSError, ValueError, IndexError):
-        return math.nan
-
-
 class _StudentFactory:
     """A KD student module with the given hyperparameters (picklable for Ray)."""
 
@@ -161,7 +117,7 @@ def _fit_and_test(
     data: pl.LightningDataModule,
     epochs: int,
     callbacks: list[Any] | None = None,
-    split: _TimeSplit | None = None,
+    split: TimeSplit | None = None,
 ) -> tuple[float, float, float]:
     trainer = make_trainer(epochs, progress=False, callbacks=callbacks or [], num_sanity_val_steps=0)
     with Timer() as timer:
@@ -210,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
         raise SystemExit(f"Unknown methods {unknown}: choose from fixed,grid,pbt,stn.")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    split = _TimeSplit()
+    split = TimeSplit()
     data_factory = _DataFactory(args.batch_size, subset)
     teacher_data = data_factory()
     split.add("data loading", data_factory.load_seconds)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, WeightedRandomSampler
 
-from lightning_losses.jobs.common import ResultsTable, Timer, make_trainer, quiet_lightning, report
+from lightning_losses.jobs.common import ResultsTable, Timer, TimeSplit, make_trainer, quiet_lightning, report
 
 METHODS = ("ga", "graddiff", "npo", "npo_rt", "simnpo", "flat", "wga", "satimp", "ceu", "undial", "rmu")
 EXTRA_METHODS = ("npo_kl", "graddiff_kl", "idkdpo", "altpo")  # by name only: they need a KL reference or alternates
@@ -330,6 +330,7 @@ def _run(args: argparse.Namespace) -> int:
     from lightning_losses.integrations.peft import lora_model
     from lightning_losses.modules.unlearning import UnlearningModule
 
+    split = TimeSplit()
     cfg = _config(args)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     unknown = sorted(set(methods) - set(METHODS) - set(EXTRA_METHODS))
@@ -352,9 +353,11 @@ def _run(args: argparse.Namespace) -> int:
         max_eval_blocks=cfg["eval"],
         seed=cfg["seed"],
     )
-    dm.setup("fit")
+    with split.phase("data loading"):
+        dm.setup("fit")
     forget, retain = dm.split("forget"), dm.split("retain")
-    original, retain_model = _base_models(cache, cfg, forget, retain, progress)
+    with split.phase("training/base models (or their cache)"):
+        original, retain_model = _base_models(cache, cfg, forget, retain, progress)
     val = dm.val_dataloader()
 
     table = ResultsTable(
@@ -362,10 +365,11 @@ def _run(args: argparse.Namespace) -> int:
         ["method", "forget_nll", "retain_nll", "heldout_nll", "mia_auc", "forget_quality", "time_s", "peak_mib"],
         formats=FORMATS,
     )
-    retain_eval = _evaluate(UnlearningModule(retain_model, method="ga"), val, None, progress)
-    reference = retain_eval.pop("_forget_loss")
-    assert isinstance(reference, Tensor)
-    original_eval = _evaluate(UnlearningModule(original, method="ga"), val, reference, progress)
+    with split.phase("evaluation"):
+        retain_eval = _evaluate(UnlearningModule(retain_model, method="ga"), val, None, progress)
+        reference = retain_eval.pop("_forget_loss")
+        assert isinstance(reference, Tensor)
+        original_eval = _evaluate(UnlearningModule(original, method="ga"), val, reference, progress)
     _row(table, "original (before unlearning)", original_eval, float("nan"), float("nan"))
     retain_eval["forget_quality"] = float("nan")
     _row(table, "retain model (target)", retain_eval, float("nan"), float("nan"))
@@ -377,9 +381,11 @@ def _run(args: argparse.Namespace) -> int:
         adapter = lora_model(base, r=args.lora_rank, target_modules=[t for t in args.lora_targets.split(",") if t])
         module = UnlearningModule(adapter, method=method, loss=loss, lr=args.lr)
         trainer = make_trainer(cfg["unlearn_epochs"], progress=progress, limit_val_batches=0)
-        with Timer() as timer, _PeakRSS() as peak:
+        with split.phase("training/unlearning runs") as timer, _PeakRSS() as peak:
             trainer.fit(module, train_dataloaders=dm.train_dataloader())
-        _row(table, name, _evaluate(module, val, reference, progress), timer.seconds, peak.peak_mib)
+        with split.phase("evaluation"):
+            scores = _evaluate(module, val, reference, progress)
+        _row(table, name, scores, timer.seconds, peak.peak_mib)
         row = table.rows[-1]
         print(
             f"[unlearn] {name}: forget NLL {row['forget_nll']:.3f}, retain NLL {row['retain_nll']:.3f} "
@@ -424,5 +430,5 @@ def _run(args: argparse.Namespace) -> int:
         "1: both terms token means), the forget / retain trade-off."
     )
     path = table.write(out, "unlearn-quick" if args.quick else "unlearn", preamble)
-    report(table, preamble, [path, path.with_suffix(".json"), *written, cache])
+    report(table, preamble, [path, path.with_suffix(".json"), *written, cache], split)
     return 0
