@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -156,13 +157,24 @@ def to_probabilities(
                 "probabilities. Pass input_type='probs' (or pass the logits themselves)."
             )
         return torch.softmax(x, dim=1)
+    _check_probability_range(low, high)
+    if x.ndim == 1:
+        return torch.stack([1 - x, x], dim=1)
+    _check_rows_sum_to_one(x, tol)
+    return x
+
+
+def _check_probability_range(low: float, high: float) -> None:
+    """Probabilities in ``[0, 1]``, given the smallest and largest value (finite: checked before)."""
     if low < 0 or high > 1:
         raise ValueError(
             f"`probs` with `input_type='probs'` lie outside [0, 1] (min {low:.4g}, max {high:.4g}). "
             "These look like logits: pass input_type='logits'."
         )
-    if x.ndim == 1:
-        return torch.stack([1 - x, x], dim=1)
+
+
+def _check_rows_sum_to_one(x: Tensor, tol: float) -> None:
+    """Rows of ``(N, C)`` probabilities sum to 1 within ``tol`` (one pass over the values)."""
     if x.numel():
         deviation = float((x.sum(dim=1) - 1).abs().max())
         if deviation > tol:
@@ -170,7 +182,6 @@ def to_probabilities(
                 f"`probs` with `input_type='probs'`: rows do not sum to 1 (largest deviation {deviation:.3g}). Pass "
                 "normalised probabilities, or input_type='logits' for unnormalised scores."
             )
-    return x
 
 
 def _prepare(probs: Tensor, target: Tensor, input_type: InputType, validate: bool = True) -> Tensor:
@@ -205,6 +216,89 @@ def _binned_sums(confidence: Tensor, correct: Tensor, n_bins: int) -> tuple[Tens
     conf = torch.zeros(shape, dtype=torch.float64, device=dev).scatter_add_(-1, idx, confidence.double())
     acc = torch.zeros(shape, dtype=torch.float64, device=dev).scatter_add_(-1, idx, correct.double())
     return count, conf, acc
+
+
+# Intra-op threads up to which numpy's argmax (SIMD-vectorised, one thread) beats torch's CPU argmax (a scalar loop,
+# split over threads): about 3.5x faster on one thread, 1.2x on two; torch's is used from three threads on.
+_NUMPY_ARGMAX_MAX_THREADS = 2
+
+
+def _top_label(p: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-label confidence and prediction of ``(N, C)`` probabilities, exactly ``p.max(dim=1)``.
+
+    The prediction is the index of the first maximum of each row (NaN counts as the maximum, as in ``torch.max``)
+    and the confidence the value there. On CPU, with few intra-op threads, numpy's vectorised argmax finds the
+    index and a gather reads the value; elsewhere ``torch.max`` gives both.
+    """
+    if (
+        p.device.type == "cpu"
+        and p.dtype in (torch.float32, torch.float64)
+        and p.ndim == 2
+        and p.numel()
+        and not p.is_neg()
+        and torch.get_num_threads() <= _NUMPY_ARGMAX_MAX_THREADS
+    ):
+        prediction = torch.from_numpy(np.argmax(p.detach().numpy(), axis=1)).long()
+        return p.gather(1, prediction[:, None]).squeeze(1), prediction
+    confidence, prediction = p.max(dim=1)
+    return confidence, prediction
+
+
+def _top_label_bins(confidence: Tensor, prediction: Tensor, target: Tensor, n_bins: int) -> Tensor:
+    """Per-bin sums of top-label predictions: rows ``(count, sum of confidences, sum of correct)``, float64
+    ``(3, n_bins)``.
+
+    The same bins and sums as :func:`_binned_sums` of ``(confidence, prediction == target)``, bit for bit. On CPU
+    (float32 / float64 confidences) numpy does the ``O(N)`` work with fewer, cheaper calls: ``bincount`` adds the
+    float64 confidences in sample order, as ``scatter_add_`` does, and the count and the number of correct
+    predictions come from one ``bincount`` of ``2 * bin + correct`` (integers, exact). Elsewhere (e.g. CUDA)
+    :func:`_binned_sums` itself.
+    """
+    if (
+        confidence.device.type != "cpu"
+        or target.device.type != "cpu"
+        or confidence.dtype not in (torch.float32, torch.float64)
+        or confidence.is_neg()
+    ):
+        return torch.stack(_binned_sums(confidence, (prediction == target).to(confidence.dtype), n_bins))
+    conf = confidence.detach().numpy()
+    # Clipped in floating point first (fmax maps NaN to 0), so the cast is defined; truncation = floor on [0, M - 1].
+    scaled = conf * n_bins
+    np.fmax(scaled, 0, out=scaled)
+    np.fmin(scaled, n_bins - 1, out=scaled)
+    idx = scaled.astype(np.int64)
+    key = idx * 2
+    key += prediction.numpy() == target.numpy()
+    split = np.bincount(key, minlength=2 * n_bins)
+    out = np.empty((3, n_bins), dtype=np.float64)
+    np.add(split[0::2], split[1::2], out=out[0])
+    out[1] = np.bincount(idx, weights=conf, minlength=n_bins)
+    out[2] = split[1::2]
+    return torch.from_numpy(out)
+
+
+def _check_top_label_inputs(
+    p: Tensor, confidence: Tensor, target: Tensor, validate: bool, input_dtype: torch.dtype
+) -> None:
+    """The checks of :func:`_prepare` on ``(N, C)`` probabilities whose row maxima ``confidence`` are known.
+
+    ``input_dtype`` is the dtype the predictions were given in (it sets the tolerance of the row sums).
+
+    The largest value is the largest row maximum, so only the smallest value and the row sums read the ``N × C``
+    values again (two passes, rather than three with ``aminmax``); the errors and their order are those of
+    :func:`to_probabilities` followed by :func:`~lightning_losses.utilities.checks.check_targets`.
+    """
+    if not isinstance(validate, bool):
+        raise TypeError(f"`validate_args` must be True or False, got {validate!r}.")
+    if validate and p.numel():
+        low, high = float(p.amin()), float(confidence.max())
+        if not (math.isfinite(low) and math.isfinite(high)):
+            error = finite_error(p, "probs")
+            if error is not None:
+                raise error
+        _check_probability_range(low, high)
+        _check_rows_sum_to_one(p, _sum_tolerance(input_dtype))
+    check_targets(target, p.shape[1], p.shape[0], validate=validate)
 
 
 def calibration_bins(

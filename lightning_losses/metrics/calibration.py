@@ -30,6 +30,7 @@ from lightning_losses.functional.calibration import (
     _ace_from_bins,
     _binned_sums,
     _check_bins,
+    _check_top_label_inputs,
     _debiased_from_bins,
     _equal_mass_error,
     _fixed_point_bandwidth,
@@ -37,7 +38,10 @@ from lightning_losses.functional.calibration import (
     _ks_from_samples,
     _prepare,
     _smooth_ece_grid,
+    _top_label,
+    _top_label_bins,
     calibration_error_from_bins,
+    to_probabilities,
 )
 from lightning_losses.utilities.checks import check_choice, check_hyperparameter, check_int
 from lightning_losses.utilities.numerics import as_float32
@@ -96,18 +100,27 @@ class _BinnedMetric(Metric):
         return 0 if self.binning == "uniform" else 8
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``."""
-        p = _prepare(preds, target, self.input_type, self.validate_args)
-        confidence, prediction = p.max(dim=1)
-        correct = (prediction == target).to(p.dtype)
+        """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``.
+
+        One pass finds each row's maximum and its index (:func:`_top_label`); with ``validate_args`` two more read
+        the values (the smallest value and the row sums; the largest value is the largest row maximum). The
+        per-bin sums then cost ``O(N)``.
+        """
+        if self.input_type == "probs" and isinstance(preds, Tensor) and preds.ndim == 2:
+            p = to_probabilities(preds, "probs", validate_args=False)  # type, dtype and shape checks only
+            confidence, prediction = _top_label(p)
+            _check_top_label_inputs(p, confidence, target, self.validate_args, preds.dtype)
+        else:
+            p = _prepare(preds, target, self.input_type, self.validate_args)
+            confidence, prediction = _top_label(p)
         if self.binning == "uniform":
-            count, conf, acc = _binned_sums(confidence, correct, self.n_bins)
-            self.count += count
-            self.confidence_sum += conf
-            self.correct_sum += acc
+            sums = _top_label_bins(confidence, prediction, target, self.n_bins)
+            self.count.add_(sums[0])  # in place: no module attribute assignment per update
+            self.confidence_sum.add_(sums[1])
+            self.correct_sum.add_(sums[2])
         else:
             self.confidences.append(confidence.float())
-            self.corrects.append(correct.float())
+            self.corrects.append((prediction == target).float())
 
     def bins(self) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(count, confidence_sum, correct_sum)`` per equal-width bin (for reliability diagrams)."""
@@ -452,7 +465,7 @@ class SmoothCalibrationError(Metric):
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``."""
         p = _prepare(preds, target, self.input_type, self.validate_args)
-        confidence, prediction = p.max(dim=1)
+        confidence, prediction = _top_label(p)
         residual = (prediction == target).double() - confidence.double()
         self.residual_grid += _grid_weights(confidence, residual, self.grid_size)
         self.abs_residual_sum += residual.abs().sum()
