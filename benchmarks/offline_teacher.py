@@ -1,29 +1,31 @@
-"""Offline teacher logits vs a live teacher: peak memory and step time, and quality of the top-k loss as k grows.
+"""Offline teacher logits vs a live teacher: peak memory and step time against the floor, and quality of the top-k
+loss as k grows.
 
 A GPT-2 teacher and a smaller GPT-2 student, both built from configs (random weights; the teacher's embedding is
 scaled so its next-token distributions are peaked, as a trained LM's are), on random token ids. The teacher's top-k
 log-probabilities are precomputed once into a memory-mapped cache (float16 values, int32 ids).
 
-* Memory and time (one fresh process per case, ``_harness.run_case``): a training step (forward + backward of the
-  student and the loss) with the live teacher (its forward under ``no_grad`` plus the full-vocabulary forward KL),
-  against the same step reading the teacher's top-k from the cache (``SparseGeneralizedJSDLoss``, β = 0). The
-  resident memory before the step (``baseline``, which holds the teacher's weights in the live case) and the step's
-  peak above it are reported.
+* Memory and time (one fresh process per case, the cases interleaved over rounds, ``_harness.interleave_cases``):
+  a training step (forward + backward of the student and the loss) with the live teacher (its forward under
+  ``no_grad`` plus the full-vocabulary forward KL), against the same step reading the teacher's top-k from the cache
+  (``SparseGeneralizedJSDLoss``, β = 0). The floor is the student's step with no teacher term at all (cross-entropy
+  on the labels only): the least work any distillation step must also do. The resident memory before the step
+  (``baseline``, which holds the teacher's weights in the live case) and the step's peak above it are reported.
 * Quality (in this process): on one batch, the sparse loss against the full-vocabulary loss (forward KL and the
   JSD with β = 0.5), and the cosine between the two gradients with respect to the student's parameters.
 
-Run: ``python benchmarks/offline_teacher.py`` (``--quick`` for a smoke run). Writes
+Run: ``python benchmarks/offline_teacher.py`` (``--quick`` for a smoke run: small sizes, every case in this process,
+time only, written to ``results/offline_teacher_quick.md``, which git ignores). Writes
 ``benchmarks/results/offline_teacher.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import machine_description, markdown_table, run_case, write_result
+from _harness import Timing, interleave, interleave_cases, machine_description, markdown_table, spread, write_result
 
 SIZES = {
     "full": {"vocab": 8192, "batch": 4, "seq": 128, "teacher": (6, 512), "student": (2, 128), "sequences": 16},
@@ -68,8 +70,34 @@ def _student(size: dict[str, Any]) -> torch.nn.Module:
     return _lm(size["vocab"], *size["student"], seed=2)
 
 
-def live_case(size_name: str) -> Any:
+def _imports() -> None:
+    # Every case imports the same modules before its baseline is read, so the baselines differ by what the case
+    # holds (the teacher, the cache), not by library code.
+    import lightning_losses.data.teacher_logits
+    import lightning_losses.losses.sparse_distillation  # noqa: F401
+    from lightning_losses import GeneralizedJSDLoss  # noqa: F401
+
+    torch.set_num_threads(1)  # one thread: less interference from other processes on a shared machine
+
+
+def floor_case(size_name: str) -> Callable[[], None]:
+    """The floor: the student's step with no teacher term, cross-entropy on the labels only."""
+    _imports()
+    size = SIZES[size_name]
+    student = _student(size)
+    batch = _ids(size)[: size["batch"]]
+
+    def step() -> None:
+        s = student(input_ids=batch).logits[:, :-1]
+        torch.nn.functional.cross_entropy(s.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        student.zero_grad(set_to_none=True)
+
+    return step
+
+
+def live_case(size_name: str) -> Callable[[], None]:
     """Step with the teacher in memory: teacher forward (no grad) + student forward/backward + full forward KL."""
+    _imports()
     from lightning_losses import GeneralizedJSDLoss
 
     size = SIZES[size_name]
@@ -86,8 +114,9 @@ def live_case(size_name: str) -> Any:
     return step
 
 
-def offline_case(size_name: str, cache_dir: str) -> Any:
+def offline_case(size_name: str, cache_dir: str) -> Callable[[], None]:
     """The same step reading the teacher's top-k from the memory-mapped cache; no teacher is built."""
+    _imports()
     from lightning_losses.data.teacher_logits import TeacherLogitsCache
     from lightning_losses.losses.sparse_distillation import SparseGeneralizedJSDLoss
 
@@ -103,6 +132,20 @@ def offline_case(size_name: str, cache_dir: str) -> Any:
         student.zero_grad(set_to_none=True)
 
     return step
+
+
+def _name(case: str) -> str:
+    return "floor (CE on the labels only)" if case == "floor" else case
+
+
+def step_case(kind: str, size_name: str, cache_dir: str | None = None, k: int | None = None) -> Callable[[], None]:
+    """The step of one case: ``floor``, ``live`` or ``offline`` (reading the cache in ``cache_dir``, top-``k``)."""
+    if kind == "floor":
+        return floor_case(size_name)
+    if kind == "live":
+        return live_case(size_name)
+    assert cache_dir is not None
+    return offline_case(size_name, cache_dir)
 
 
 def _quality(size: dict[str, Any], caches: dict[int, str]) -> list[dict[str, Any]]:
@@ -136,92 +179,122 @@ def _quality(size: dict[str, Any], caches: dict[int, str]) -> list[dict[str, Any
     return rows
 
 
-def _precompute(size_name: str, ks: list[int], root: Path) -> None:
+def _precompute(size: dict[str, Any], ks: list[int], root: Path) -> dict[int, tuple[float, float]]:
+    """Write one cache per k under ``root``; return k → (seconds, MiB on disk)."""
     from lightning_losses.data.teacher_logits import precompute_teacher_logits
 
-    size = SIZES[size_name]
     teacher, ids = _teacher(size), _ids(size)
-    timings = {}
+    out = {}
     for k in ks:
         folder = root / f"k{k}"
         start = time.perf_counter()
         precompute_teacher_logits(teacher, ids, folder, k=k, batch_size=size["batch"])
         seconds = time.perf_counter() - start
-        timings[k] = {"seconds": seconds, "mib": sum(f.stat().st_size for f in folder.iterdir()) / 2**20}
-    (root / "precompute.json").write_text(json.dumps(timings))
+        out[k] = (seconds, sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
-    parser.add_argument("--precompute", help=argparse.SUPPRESS)  # internal: write the caches into this folder
-    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="small sizes, every case in this process (smoke run)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the cases")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--inline-rounds", type=int, default=5, help="interleaved rounds in one process")
     args = parser.parse_args()
-    size_name = args.size or ("quick" if args.quick else "full")
+    start = time.perf_counter()
+    size_name = "quick" if args.quick else "full"
     size = SIZES[size_name]
     vocab = size["vocab"]
     ks = [k for k in (1, 8, 64, 512) if k < vocab] + [vocab]
-    repeats = 1 if args.quick else 3
+    timed_ks = [k for k in (64, 512) if k < vocab] + [vocab]  # k = 1 and 8 step like k = 64
+    if args.quick:
+        args.inline_rounds = 1
+    speed_rows: list[dict[str, Any]] = []
     script = str(Path(__file__).resolve())
-    if args.precompute:
-        _precompute(size_name, ks, Path(args.precompute))
-        return 0
 
     with tempfile.TemporaryDirectory() as root:
-        # The caches are written by a child process: a worker's ru_maxrss starts from its parent's resident size
-        # (Linux keeps it across fork and exec), so this process must stay small while the cases run.
-        command = [sys.executable, script, "--precompute", root, "--size", size_name]
-        subprocess.run(command, check=True)
-        timings = json.loads((Path(root) / "precompute.json").read_text())
-        precompute = {int(k): (v["seconds"], v["mib"]) for k, v in timings.items()}
+        precompute = _precompute(size, ks, Path(root))
         caches = {k: str(Path(root) / f"k{k}") for k in ks}
-
-        speed_rows = []
-        live = run_case(script, "live_case", {"size_name": size_name}, repeats=repeats, warmup=1)
-        cases = [("live teacher", live, None)]
-        for k in ks:
-            m = run_case(
-                script, "offline_case", {"size_name": size_name, "cache_dir": caches[k]}, repeats=repeats, warmup=1
+        cases: dict[str, dict[str, Any]] = {
+            "floor": {"kind": "floor", "size_name": size_name},
+            "live teacher": {"kind": "live", "size_name": size_name},
+        }
+        for k in timed_ks:
+            cases[f"offline k={k}"] = {"kind": "offline", "size_name": size_name, "cache_dir": caches[k], "k": k}
+        if not args.quick:
+            measured = interleave_cases(
+                script, "step_case", cases, rounds=args.rounds, repeats=args.repeats, warmup=1, timeout=600
             )
-            cases.append((f"offline k={k}", m, k))
-        for name, m, k in cases:
-            row: dict[str, Any] = {"case": name}
-            if m.ok:
-                row.update(
-                    {
-                        "step s": m.time_s,
-                        "baseline MiB": m.baseline_mib,
-                        "step peak MiB": m.peak_mib,
-                        "total MiB": m.baseline_mib + m.peak_mib,
-                    }
-                )
-            else:
-                row["step s"] = m.error
-            if k is not None:
-                row["cache MiB"], row["precompute s"] = precompute[k][1], precompute[k][0]
-            speed_rows.append(row)
+            failed = {name: m.error for name, m in measured.items() if not m.ok}
+            if failed:
+                raise SystemExit(f"cases failed: {failed}")
+            timing = {name: Timing(name, m.times_s) for name, m in measured.items()}
+            floor_total = measured["floor"].baseline_mib + measured["floor"].peak_mib
+            for name, m in measured.items():
+                k = cases[name].get("k")
+                row: dict[str, Any] = {
+                    "case": _name(name),
+                    "step s": spread(timing[name].times_s),
+                    "× floor": format(timing[name].over(timing["floor"]), ".2f"),
+                    "baseline MiB": m.baseline_mib,
+                    "step peak MiB": m.peak_mib,
+                    "total MiB": m.baseline_mib + m.peak_mib,
+                    "above floor MiB": m.baseline_mib + m.peak_mib - floor_total,
+                }
+                if k:
+                    row["cache MiB"], row["precompute s"] = precompute[k][1], precompute[k][0]
+                speed_rows.append(row)
+                print(row, flush=True)
+        # Time in one process: every case's step in turn, round by round (steadier ratios on a shared machine).
+        steps = {name: step_case(**params) for name, params in cases.items()}
+        inline = interleave(steps, rounds=args.inline_rounds, repeats=1, warmup=1)
+        del steps
+        inline_rows = [
+            {
+                "case": _name(name),
+                "step s": spread(t.times_s),
+                "× floor": format(t.over(inline["floor"]), ".2f"),
+            }
+            for name, t in inline.items()
+        ]
         quality_rows = _quality(size, caches)
 
     t_layers, t_width = size["teacher"]
     s_layers, s_width = size["student"]
+    memory_section: list[str] = []
+    if speed_rows:
+        columns = ["case", "step s", "× floor", "baseline MiB", "step peak MiB", "total MiB", "above floor MiB"]
+        memory_section = [
+            "## Memory and step time, one fresh process per case",
+            "",
+            f"{args.rounds} interleaved rounds of one process per case, {args.repeats} timed steps after a warm-up "
+            "(a round's time: their median). `baseline`: resident memory once the case is built (the live case "
+            "holds the teacher; every case has imported the same modules); `step peak`: the step's high-water mark "
+            "above it; `above floor`: total minus the floor's total.",
+            "",
+            markdown_table(speed_rows, [*columns, "cache MiB", "precompute s"]),
+            "",
+        ]
     text = "\n".join(
         [
             "# Offline teacher logits",
             "",
             f"Teacher GPT-2 {t_layers}×{t_width}, student GPT-2 {s_layers}×{s_width}, vocabulary {vocab}, batch "
             f"{size['batch']}×{size['seq']} tokens, cache of {size['sequences']} sequences "
-            "(float16 values, int32 ids). "
-            f"{machine_description()}.",
+            f"(float16 values, int32 ids); the steps on one thread{' (smoke run: time only)' if args.quick else ''}. "
+            f"Machine: {machine_description()}; this run took {time.perf_counter() - start:.0f} s.",
             "",
-            "## Memory and step time (one process per case)",
+            "Floor: the student's step with no teacher term at all (cross-entropy on the labels only), the least work "
+            "any distillation step must also do. `step s`: median (min–max) over rounds; `× floor`: per-round "
+            "ratio, median (min–max). The steps of k = 1 and k = 8 are not timed (they run like k = 64).",
             "",
-            markdown_table(
-                speed_rows,
-                ["case", "step s", "baseline MiB", "step peak MiB", "total MiB", "cache MiB", "precompute s"],
-            ),
+            *memory_section,
+            "## Step time, every case in one process",
             "",
-            "`baseline`: resident memory once the case is built (the live case holds the teacher); `step peak`: the "
-            "step's high-water mark above it.",
+            f"{args.inline_rounds} interleaved rounds (one step of each case per round, after a warm-up step); the "
+            "ratios are paired within a round.",
+            "",
+            markdown_table(inline_rows, ["case", "step s", "× floor"]),
             "",
             "## Quality of the top-k loss (one batch)",
             "",
@@ -241,7 +314,7 @@ def main() -> int:
             "gradients with respect to all student parameters.",
         ]
     )
-    path = write_result("offline_teacher", text)
+    path = write_result("offline_teacher" + ("_quick" if args.quick else ""), text)
     print(text)
     print(f"\nWritten to {path}")
     return 0
