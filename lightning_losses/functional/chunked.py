@@ -892,8 +892,8 @@ def _distillation_core(
         logits.div_(t)
         teacher.div_(t)
         weight = 1 / t if weight is None else weight / t
-    log_s = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-    log_t = teacher.sub_(torch.logsumexp(teacher, dim=-1, keepdim=True))
+    log_s = torch.log_softmax(logits, dim=-1, out=logits)  # one row-wise kernel (logsumexp is five passes)
+    log_t = torch.log_softmax(teacher, dim=-1, out=teacher)
     p = log_s.exp()
     if mode == "forward":
         q = log_t.exp()
