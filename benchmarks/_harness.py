@@ -84,6 +84,7 @@ def _load(script: str) -> Any:
     spec = importlib.util.spec_from_file_location("_bench_case_module", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses (and pickling) look classes up by their module's name
     sys.path.insert(0, str(Path(script).resolve().parent))
     spec.loader.exec_module(module)
     return module

@@ -48,6 +48,8 @@ from lightning_losses.utilities.checks import (
     check_same_shape,
     check_targets,
     check_tensor,
+    finite_error,
+    finite_flag,
     start_checks,
 )
 from lightning_losses.utilities.numerics import (
@@ -105,6 +107,22 @@ def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool =
             "size."
         )
     check_same_shape(student, teacher, "student_logits", "teacher_logits")
+
+
+def _require_finite_logits(checks: DeferredChecks, per_sample: Tensor, student: Tensor, teacher: Tensor) -> None:
+    """Queue the finiteness of both logits through the per-sample loss computed from them.
+
+    A non-finite logit makes its sample's loss non-finite (an infinite or NaN logit turns its row's log-softmax
+    into NaN or infinity, which no product with a probability brings back to a finite number), so one reduction of
+    the ``(N,)`` loss stands for two passes over the ``(N, C)`` logits. Only when it fails are the logits read, to
+    name the culprit with :func:`~lightning_losses.utilities.checks.finite_error` (nothing is raised when both are
+    finite and the loss overflowed by itself, as before).
+    """
+
+    def error() -> Exception | None:
+        return finite_error(student, "student_logits") or finite_error(teacher, "teacher_logits")
+
+    checks.require(finite_flag(per_sample), error)
 
 
 def _log_softmax_pair(student: Tensor, teacher: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,18 +237,20 @@ def kd_loss(
         0.6031
     """
     _kd_arg_validation(student_logits, teacher_logits, reduction)
-    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        checks.run()
+        # A number is checked here; a tensor's values after the loss, in the same single synchronisation.
+        temp = hyperparameter_tensor(temperature, student, "temperature", positive=True, validate=False)
         if logit_standardization:
             student = standardize_logits(student, validate_args=False)
             teacher = standardize_logits(teacher, validate_args=False)
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
         per_sample = kl_from_log_probs(log_pt, log_ps) * flatten_per_sample(temp) ** 2
+        if validate_args:
+            checks = DeferredChecks()
+            _require_finite_logits(checks, per_sample, student_logits, teacher_logits)
+            check_hyperparameter(temperature, "temperature", low=0.0, low_inclusive=False, checks=checks)
+            checks.run()
         return reduce_loss(per_sample, reduction)
 
 

@@ -30,6 +30,7 @@ from lightning_losses.utilities.checks import (
     check_reduction,
     check_targets,
     check_tensor,
+    finite_error,
     start_checks,
 )
 from lightning_losses.utilities.numerics import (
@@ -206,7 +207,14 @@ def dro_temperature_loss(
     """
     _dro_arg_validation(logits, target, ignore_index, reduction, num_items_in_batch)
     vocab = logits.shape[-1]
-    checks = start_checks(validate_args, (logits, "logits"))
+    checks = DeferredChecks()
+    finite = None
+    if validate_args:
+        # The logits' finiteness is read from the forward's per-position entropy, which is finite exactly where the
+        # row of logits is (see `_DROTemperature`): a reduction of M values instead of a pass over the M x V logits.
+        # The flag is queued first, as the logits check always was, and filled in by the forward.
+        finite = torch.ones((), dtype=torch.bool, device=logits.device)
+        checks.require(finite, lambda: finite_error(logits, "logits"))
     _rho_check(rho, vocab, checks, validate_args)
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args:
@@ -227,17 +235,18 @@ def dro_temperature_loss(
         validate=validate_args,
     )
     rho_t = hyperparameter_tensor(rho, z, "rho", dtype=dtype, layout="position", lead_shape=shape, validate=False)
+    # (..., V) as given: a view such as `logits[:, :-1]` is not copied to (N, V) first. The value checks run after
+    # the forward (one synchronisation, the same first error); targets are clamped into range meanwhile so that a bad
+    # one is reported by its check rather than by the gather.
+    per_position = _DROTemperature.apply(z, target, tau_t, rho_t, ignore_index, finite)
     checks.run()
-    per_position = _DROTemperature.apply(
-        z.reshape(-1, vocab), target.reshape(-1), tau_t.reshape(-1), rho_t.reshape(-1), ignore_index
-    ).view(shape)
     mask = target != ignore_index
     mask = mask.to(per_position.dtype)
     return reduce_loss(per_position, reduction, mask=mask, num_items_in_batch=num_items_in_batch)
 
 
 class _DROTemperature(torch.autograd.Function):
-    r"""Per-position DRO loss with closed-form gradients, one pass over the ``(M, V)`` logits each way.
+    r"""Per-position DRO loss with closed-form gradients, one pass over the ``(..., V)`` logits each way.
 
     With :math:`p = \mathrm{softmax}(z/\tau)` the loss :math:`\tau\,\mathrm{lse}(z/\tau) - z_y + (\rho - \log V)\tau`
     has :math:`\partial/\partial z = p - e_y` (τ cancels), :math:`\partial/\partial\tau = \rho - \mathrm{KL}(p\|U)
@@ -248,15 +257,25 @@ class _DROTemperature(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, z: Tensor, target: Tensor, tau: Tensor, rho: Tensor, ignore_index: int
+        ctx: Any, z: Tensor, target: Tensor, tau: Tensor, rho: Tensor, ignore_index: int, finite: Tensor | None = None
     ) -> Tensor:
         with autocast_disabled(z):
-            log_p = torch.log_softmax(z / tau.unsqueeze(-1), dim=-1)
-            p = log_p.exp()
-            entropy = -(p * log_p).sum(-1)
+            # s = (z - max z) / τ <= 0, with its maximum exactly 0: p = softmax(s) in one pass, and since the largest
+            # probability is 1 / Σ exp(s) (>= 1/V), lse = log Σ exp(s) = -log max p. Then nll = lse - s_y and
+            # H(p) = lse + Σ p (-s), a sum of non-negative terms (as well conditioned as -Σ p log p). Two tensors
+            # as large as the logits (s, p) instead of four, and no separate log-probabilities.
+            s = torch.sub(z, z.amax(dim=-1, keepdim=True)).mul_(tau.reciprocal().unsqueeze(-1))
+            p = torch.softmax(s, dim=-1)
+            lse = -torch.log(p.amax(dim=-1))
+            entropy = lse - torch.linalg.vecdot(p, s)
             keep = target != ignore_index
             safe_target = torch.where(keep, target, torch.zeros_like(target))
-            nll = -log_p.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+            if finite is not None:  # checked afterwards: keep the gather in range until the checks report
+                safe_target = safe_target.clamp(0, z.shape[-1] - 1)
+                # a non-finite logit makes its row's entropy NaN (an infinite maximum gives inf - inf, a -inf entry
+                # 0 * -inf, a NaN spreads), so the entropies are all finite exactly when the logits are
+                finite.copy_(torch.isfinite(entropy.sum()))
+            nll = lse - s.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
             log_v = math.log(z.shape[-1])
             loss = torch.where(keep, tau * nll + (rho - log_v) * tau, torch.zeros_like(nll))
         ctx.save_for_backward(p, safe_target, keep, entropy, tau, rho)
@@ -276,7 +295,7 @@ class _DROTemperature(torch.autograd.Function):
             grad_tau = g * (rho - ctx.log_v + entropy)
         if ctx.needs_input_grad[3]:
             grad_rho = g * tau
-        return grad_z, None, grad_tau, grad_rho, None
+        return grad_z, None, grad_tau, grad_rho, None, None
 
 
 def robust_contrastive_loss(

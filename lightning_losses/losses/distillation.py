@@ -127,6 +127,11 @@ class DistillationLoss(LossModule):
             return 1.0
         return min((float(epoch) + 1.0) / self.warmup_epochs, 1.0)
 
+    def _warmed_up(self, epoch: int | float | None, loss: Tensor) -> Tensor:
+        """``warmup_factor(epoch) * loss``; the loss itself (no product in the graph) once the factor is 1."""
+        factor = self.warmup_factor(epoch)
+        return loss if factor == 1.0 else factor * loss
+
     def _weighted(
         self,
         unreduced: Tensor,
@@ -142,7 +147,7 @@ class DistillationLoss(LossModule):
         """
         weighted = unreduced * hyperparameter_tensor(self.weight, unreduced, "weight", validate=False)
         if count is None and reduction != "none":
-            count = weighted.new_tensor(float(unreduced.shape[0]))
+            return reduce_loss(weighted, reduction, count=unreduced.shape[0], num_items_in_batch=num_items_in_batch)
         return reduce_loss(weighted, reduction, count=count, num_items_in_batch=num_items_in_batch)
 
     def extra_repr(self) -> str:
@@ -205,7 +210,7 @@ class KDLoss(DistillationLoss):
             reduction="none",
             logit_standardization=self.logit_standardization,
         )
-        return self.warmup_factor(epoch) * self._weighted(per_sample, self.reduction)
+        return self._warmed_up(epoch, self._weighted(per_sample, self.reduction))
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -280,7 +285,7 @@ class DKDLoss(DistillationLoss):
             reduction="none",
             logit_standardization=self.logit_standardization,
         )
-        return self.warmup_factor(epoch) * self._weighted(per_sample, self.reduction)
+        return self._warmed_up(epoch, self._weighted(per_sample, self.reduction))
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

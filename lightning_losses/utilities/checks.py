@@ -156,7 +156,6 @@ def check_hyperparameter(
         TypeError: For a value that is neither a real number nor a real (non-bool) tensor.
         ValueError: For a non-finite value or one outside the bounds, with the admissible interval.
     """
-    interval = _bound_text(low, high, low_inclusive, high_inclusive)
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"`{name}` must be a real number or a real tensor, got a tensor of dtype {value.dtype}.")
@@ -171,6 +170,7 @@ def check_hyperparameter(
 
         def error() -> Exception:
             shown = v.flatten()[:8].tolist()
+            interval = _bound_text(low, high, low_inclusive, high_inclusive)
             return ValueError(f"`{name}` {interval}, got {shown}. Pass values in that range.")
 
         flag = ok.all()
@@ -189,6 +189,7 @@ def check_hyperparameter(
     if fine and high is not None:
         fine = value <= high if high_inclusive else value < high
     if not fine:
+        interval = _bound_text(low, high, low_inclusive, high_inclusive)
         raise ValueError(f"`{name}` {interval}, got {value!r}. Pass a value in that range.")
 
 
