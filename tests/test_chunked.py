@@ -449,7 +449,7 @@ def test_distillation_closed_form_gradient_equals_autograd_path(beta):
 
 
 def _fused_equals_eager(beta, reduction, temperature):
-    hs, ws, bs, ht, wt, labels = make_pair()
+    hs, ws, _, ht, wt, labels = make_pair()
     hs, ws, ht, wt = (x.float().detach().requires_grad_(x.requires_grad) for x in (hs, ws, ht, wt))
     results = []
     for fused in (False, True):
@@ -700,3 +700,26 @@ def test_python_hyperparameters_are_not_rounded_to_float32_for_float64_inputs():
     kd = linear_distillation_loss(hidden, weight, ht, wt, beta=0.3, temperature=0.7, chunk_size=CHUNK)
     zs, zt = naive_logits(hidden, weight), naive_logits(ht, wt)
     torch.testing.assert_close(kd, naive_gjsd_rows(zs, zt, 0.3, 0.7).mean(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("weight", "reduction", "num_items"),
+    [(0.3, "mean", None), (0.3, "sum", None), (0.3, "mean", 50.0), (torch.tensor([0.5, 2.0]), "mean", None)],
+)
+def test_jsd_loss_from_hidden_equals_the_loss_on_the_logits(weight, reduction, num_items):
+    # A scalar weight takes the reduced chunked path (gradients during the forward pass), a per-sample weight the
+    # per-token one: both must be the module's loss on the full logits, value and gradients.
+    from lightning_losses.losses.distillation import GeneralizedJSDLoss
+
+    g = torch.Generator().manual_seed(3)
+    hs = torch.randn(2, 7, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ws = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    ht, wt = torch.randn(2, 7, 5, generator=g, dtype=torch.float64), torch.randn(V, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (2, 7), generator=g)
+    labels[0, :3] = -100
+    loss = GeneralizedJSDLoss(beta=0.3, temperature=1.5, weight=weight, reduction=reduction).double()
+    chunked_value = loss.from_hidden(hs, ws, ht, wt, labels, chunk_size=4, num_items_in_batch=num_items)
+    full_value = loss(hs @ ws.T, ht @ wt.T, labels, num_items_in_batch=num_items)
+    assert_close(chunked_value, full_value, torch.float64)
+    for a, e in zip(grads(chunked_value, [hs, ws]), grads(full_value, [hs, ws])):
+        assert_close(a, e, torch.float64)

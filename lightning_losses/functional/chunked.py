@@ -1009,7 +1009,8 @@ def linear_distillation_loss(
         fused: Run each chunk's softmaxes, divergence and gradient as one ``torch.compile``-d function (fewer passes
             over the chunk: about 3× less time in that part on CPU; the first call compiles, about 10 s). Needs a
             working ``torch.compile`` backend (a C++ compiler on CPU, Triton on CUDA); equal to the eager result up to
-            float rounding. Used by the closed-form path (β in ``[0, 1]`` for every row of one kind, no student softcap).
+            float rounding. Used by the closed-form path (β of every row in ``[0, 1]`` and of one kind, no student
+            softcap).
         validate_args: Check the values of the tensors: finite hidden states and heads, labels within the
             vocabulary, tensor ``beta`` in ``[0, 1]``, tensor ``temperature`` > 0 (one host synchronisation).
 

@@ -492,7 +492,12 @@ class GeneralizedJSDLoss(DistillationLoss):
         from lightning_losses.functional.chunked import linear_distillation_loss
 
         self._check_num_items(num_items_in_batch)
-        per_token = linear_distillation_loss(
+        weight = hyperparameter_tensor(self.weight, student_hidden, "weight", validate=False)
+        # One weight for every token: the chunked function reduces itself, and computes the gradients while the
+        # forward pass visits each chunk (four products per chunk); per-token values need backward to recompute
+        # each chunk's logits (six).
+        reduced = weight.ndim == 0 and self.reduction in ("mean", "sum")
+        out = linear_distillation_loss(
             student_hidden,
             student_weight,
             teacher_hidden,
@@ -501,14 +506,15 @@ class GeneralizedJSDLoss(DistillationLoss):
             temperature=self.temperature,
             labels=labels,
             ignore_index=self.ignore_index,
-            reduction="none",
+            reduction=self.reduction if reduced else "none",  # type: ignore[arg-type]
             student_bias=student_bias,
             teacher_bias=teacher_bias,
             chunk_size=chunk_size,
             student_softcap=student_softcap,
             teacher_softcap=teacher_softcap,
+            num_items_in_batch=num_items_in_batch if reduced else None,
         )
-        return self._token_mean(per_token, labels, num_items_in_batch)
+        return out * weight if reduced else self._token_mean(out, labels, num_items_in_batch)
 
     def _check_num_items(self, num_items_in_batch: NumItems) -> None:
         if num_items_in_batch is not None and self.reduction != "mean":
