@@ -333,6 +333,28 @@ def spread(values: Sequence[float], spec: str = ".3g") -> str:
     return format(Spread(list(values)), spec)
 
 
+def attach_trainer(module: Any, *, training_state: bool = True) -> None:
+    """Give ``module`` a Trainer without fitting, so that a hand-called ``training_step`` sees ``current_epoch`` (for
+    timing steps outside ``Trainer.fit``); with ``training_state`` the Trainer is also in the training state, so
+    that the step logs and counts tokens as it does in a fit."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module.trainer = trainer
+    if training_state:
+        trainer.training = True
+        trainer.strategy._lightning_module = module
+        module._current_fx_name = "training_step"
+    module.train()
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 7 and sys.argv[1] == "--worker":
         _, _, script_arg, function_arg, params_arg, repeats_arg, warmup_arg = sys.argv

@@ -31,7 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _harness import Spread, Timing, interleave, machine_description, markdown_table, write_result
+from _harness import Spread, Timing, attach_trainer, interleave, machine_description, markdown_table, write_result
 
 from lightning_losses import DistillationMixin, KDLoss
 from lightning_losses.demos import ConvNet
@@ -96,23 +96,9 @@ class MixinKD(DistillationMixin, pl.LightningModule):
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no Trainer banner per module
 
 
-def _attach_trainer(module: pl.LightningModule) -> None:
-    """Attach a Trainer without fitting, so that the module sees ``current_epoch`` and friends as in a fit."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    module.trainer = trainer
-    module.train()
-
-
 def _steps(module: pl.LightningModule, batches: list[Any]) -> tuple[Callable[[], None], list[tuple[float, float]]]:
     """The whole step of ``module`` over ``batches``, and the (forward, rest) times of each of its calls."""
-    _attach_trainer(module)
+    attach_trainer(module, training_state=False)
     opt = module.configure_optimizers()
     assert isinstance(opt, torch.optim.Optimizer)
     splits: list[tuple[float, float]] = []

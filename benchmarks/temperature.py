@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from _harness import (
     Timing,
+    attach_trainer,
     interleave,
     interleave_cases,
     machine_description,
@@ -87,23 +87,6 @@ def _tempnet_macs(s: Setting) -> float:
     return 2.0 * h * s.vocab * s.n_embd + 3.0 * tokens * (s.n_embd * h + h * h)
 
 
-def _attach_trainer(module: pl.LightningModule) -> None:
-    """A Trainer in the training state, so that ``training_step`` logs and counts tokens as it does in a fit."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.training = True
-    module.trainer = trainer
-    trainer.strategy._lightning_module = module
-    module._current_fx_name = "training_step"
-    module.train()
-
-
 def setup(variant: str, **params: Any) -> Callable[[], None]:
     """One step of ``variant`` on ``Setting(**params)`` (also the setup function of the fresh-process memory cases)."""
     return _parts(Setting(**params), variant)["both"]
@@ -120,7 +103,7 @@ def _parts(setting: Setting, variant: str) -> dict[str, Any]:
         module = TempNetModule(
             model, s.vocab, "causal_lm", rho=2.0, hidden_dim=s.tempnet_hidden, lr=1e-4, tempnet_lr=1e-5
         )
-        _attach_trainer(module)
+        attach_trainer(module)
         opt = module.configure_optimizers()
     else:
         groups = [{"params": list(model.parameters()), "lr": 1e-4}]
