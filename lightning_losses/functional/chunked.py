@@ -160,10 +160,14 @@ def _chunk_loss_and_grads(
     extras = [e.detach() for e in extras]
     closed_form = spec.row_loss_and_grad is not None and spec.softcap is None and not any(extras_need_grad)
     with torch.no_grad(), autocast_disabled(hidden):
-        if row_grad is None:
+        if row_grad is None and not closed_form:
             raw = _chunk_logits(hidden, weight, bias, workspace)
             logits = raw if spec.softcap is None else spec.softcap * torch.tanh(raw / spec.softcap)
             return spec.row_loss(logits, *extras), None, [None] * len(extras), 1.0
+        if row_grad is None:  # the closed form's loss costs fewer passes than the row loss (its gradient is dropped)
+            assert spec.row_loss_and_grad is not None
+            loss = spec.row_loss_and_grad(_chunk_logits(hidden, weight, bias, workspace), extras, 1.0)[0]
+            return loss, None, [None] * len(extras), 1.0
         if closed_form:
             assert spec.row_loss_and_grad is not None
             loss, grad_raw, alpha = spec.row_loss_and_grad(
@@ -256,6 +260,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                 )
                 out[start:stop] = loss
             del workspace
+            _recompute_nan_rows(spec, out, hidden, weight, bias, extras)
             ctx.save_for_backward(hidden, weight, bias, *extras)
             ctx.needs = (need_h, need_w, need_b, need_x)
             return out
