@@ -723,3 +723,23 @@ def test_jsd_loss_from_hidden_equals_the_loss_on_the_logits(weight, reduction, n
     assert_close(chunked_value, full_value, torch.float64)
     for a, e in zip(grads(chunked_value, [hs, ws]), grads(full_value, [hs, ws])):
         assert_close(a, e, torch.float64)
+
+
+@pytest.mark.parametrize("upstream", [1.0, -2.5, 0.0])
+def test_scalar_losses_scale_their_gradients_by_the_upstream_gradient(upstream):
+    # The gradients are computed in the forward pass and scaled in backward (a gradient of exactly one skips it).
+    hidden, weight, bias, target = make_head(torch.float64)
+    hs, ws, _, ht, wt, _ = make_pair()
+
+    def ce():
+        return linear_cross_entropy(hidden, weight, target, bias, chunk_size=CHUNK)
+
+    def jsd():
+        return linear_distillation_loss(hs, ws, ht, wt, beta=0.5, chunk_size=CHUNK)
+
+    for make, leaves in ((ce, [hidden, weight, bias]), (jsd, [hs, ws])):
+        g = torch.tensor(upstream, dtype=torch.float64)
+        got = torch.autograd.grad(make(), leaves, grad_outputs=g)
+        ref = torch.autograd.grad(make(), leaves)
+        for a, e in zip(got, ref):
+            assert_close(a, upstream * e, torch.float64)

@@ -187,6 +187,19 @@ def _chunk_loss_and_grads(
     return loss.detach(), grads[0], grad_extras, 1.0
 
 
+def _head_grad_buffers(
+    hidden: Tensor, weight: Tensor, acc: torch.dtype, need_h: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradient buffers of the hidden rows and the weight; every chunk writes its rows of the first, the first chunk
+    overwrites the second, so neither is zero-filled (except the weight's when there is no row at all)."""
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = None
+    if need_w:
+        fill = torch.empty if hidden.shape[0] else torch.zeros
+        grad_w = fill(weight.shape, dtype=acc, device=weight.device)
+    return grad_h, grad_w
+
+
 def _add_head_grads(
     grads: tuple[Tensor | None, Tensor | None, Tensor | None],
     grad_logits: Tensor,
@@ -204,8 +217,8 @@ def _add_head_grads(
             torch.addmm(rows, grad_logits, weight.detach(), beta=0, alpha=alpha, out=rows)
         else:
             rows.copy_(torch.mm(grad_logits.to(weight.dtype), weight.detach()).mul_(alpha))
-    if grad_w is not None:
-        grad_w.addmm_(grad_logits.t(), hidden.detach().to(grad_w.dtype), alpha=alpha)
+    if grad_w is not None:  # the first chunk overwrites the (uninitialised) buffer
+        grad_w.addmm_(grad_logits.t(), hidden.detach().to(grad_w.dtype), beta=0 if start == 0 else 1, alpha=alpha)
     if grad_b is not None:
         grad_b.add_(grad_logits.sum(0), alpha=alpha)
 
@@ -267,8 +280,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
 
         any_grad = need_h or need_w or need_b or any(need_x)
         losses = torch.empty(n, dtype=acc, device=hidden.device)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_h, grad_w = _head_grad_buffers(hidden, weight, acc, need_h, need_w)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         grad_x: list[Tensor | None] = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None
                                        for e, nd in zip(extras, need_x)]  # fmt: skip
@@ -312,8 +324,10 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             ctx.grads = None
             w_dtype, b_dtype, x_dtypes = ctx.dtypes
             g = grad_out.detach()
-            out_h = None if grad_h is None else grad_h.mul_(g.to(grad_h.dtype))
-            out_w = None if grad_w is None else grad_w.mul_(g.to(grad_w.dtype)).to(w_dtype)
+            # ``loss.backward()`` sends a gradient of one: on CPU, where reading it costs nothing, skip the passes
+            one = g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
+            out_h = None if grad_h is None else grad_h if one else grad_h.mul_(g.to(grad_h.dtype))
+            out_w = None if grad_w is None else (grad_w if one else grad_w.mul_(g.to(grad_w.dtype))).to(w_dtype)
             out_b = None if grad_b is None else grad_b.mul_(g.to(grad_b.dtype)).to(b_dtype)
             out_x = [None if gx is None else (gx * g).to(dt) for gx, dt in zip(grad_x, x_dtypes)]
             return (None, out_h, out_w, out_b, *out_x)
@@ -322,8 +336,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
         need_h, need_w, need_b, need_x = ctx.needs
         n = hidden.shape[0]
         acc = compute_dtype(hidden.dtype)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_h, grad_w = _head_grad_buffers(hidden, weight, acc, need_h, need_w)
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         grad_x = [torch.zeros(e.shape, dtype=acc, device=e.device) if nd else None for e, nd in zip(extras, need_x)]
         g_rows = grad_out.detach().to(acc)
