@@ -277,6 +277,12 @@ def _top_label_bins(confidence: Tensor, prediction: Tensor, target: Tensor, n_bi
     return torch.from_numpy(out)
 
 
+def _top_label_bin_sums(p: Tensor, target: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(count, confidence_sum, correct_sum)`` of the top-label bins of prepared ``(N, C)`` probabilities."""
+    count, conf, acc = _top_label_bins(*_top_label(p), target, n_bins)
+    return count, conf, acc
+
+
 def _check_top_label_inputs(
     p: Tensor, confidence: Tensor, target: Tensor, validate: bool, input_dtype: torch.dtype
 ) -> None:
@@ -327,8 +333,7 @@ def calibration_bins(
     if classwise:
         onehot = F.one_hot(target, p.shape[1]).to(p.dtype)
         return _binned_sums(p.t(), onehot.t(), n_bins)
-    confidence, prediction = p.max(dim=1)
-    return _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
+    return _top_label_bin_sums(p, target, n_bins)
 
 
 def calibration_error_from_bins(
@@ -443,7 +448,7 @@ def expected_calibration_error(
     _check_options(n_bins, norm, binning)
     p = _prepare(probs, target, input_type, validate_args)
     out_dtype = p.dtype
-    confidence, prediction = p.max(dim=1)
+    confidence, prediction = _top_label(p)
     correct = (prediction == target).to(p.dtype)
     if binning == "uniform":
         err = calibration_error_from_bins(*_binned_sums(confidence, correct, n_bins), norm=norm, validate_args=False)
@@ -503,9 +508,7 @@ def average_calibration_error(
     """
     _check_bins(n_bins)
     p = _prepare(probs, target, input_type, validate_args)
-    confidence, prediction = p.max(dim=1)
-    count, conf, acc = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
-    return _ace_from_bins(count, conf, acc).to(p.dtype)
+    return _ace_from_bins(*_top_label_bin_sums(p, target, n_bins)).to(p.dtype)
 
 
 def _ace_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor) -> Tensor:
@@ -541,9 +544,7 @@ def debiased_calibration_error(
     """
     _check_bins(n_bins)
     p = _prepare(probs, target, input_type, validate_args)
-    confidence, prediction = p.max(dim=1)
-    bins = _binned_sums(confidence, (prediction == target).to(p.dtype), n_bins)
-    return _debiased_from_bins(*bins, squared=squared).to(p.dtype)
+    return _debiased_from_bins(*_top_label_bin_sums(p, target, n_bins), squared=squared).to(p.dtype)
 
 
 def _debiased_from_bins(count: Tensor, conf_sum: Tensor, acc_sum: Tensor, squared: bool) -> Tensor:
@@ -571,7 +572,7 @@ def ks_calibration_error(
         0.4
     """
     p = _prepare(probs, target, input_type, validate_args)
-    confidence, prediction = p.max(dim=1)
+    confidence, prediction = _top_label(p)
     if confidence.numel() == 0:
         return confidence.new_zeros(())
     return _ks_from_samples(confidence, (prediction == target).to(p.dtype)).to(p.dtype)
@@ -1095,7 +1096,7 @@ def smooth_calibration_error(
     check_int(grid_size, "grid_size", low=3)
     check_hyperparameter(min_bandwidth, "min_bandwidth", low=0.0, high=1.0, low_inclusive=False)
     p = _prepare(probs, target, input_type, validate_args)
-    confidence, prediction = p.max(dim=1)
+    confidence, prediction = _top_label(p)
     residual = (prediction == target).double() - confidence.double()
     if confidence.numel() == 0:
         zero = confidence.new_zeros(())
