@@ -11,17 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_losses.callbacks.calibration import PostHocCalibration
+from tests.helpers.data import three_class_data
 from tests.helpers.trainer import cpu_trainer
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x[:, 0] + 0.7 * torch.randn(n, generator=g) > 0).long() + (x[:, 1] > 0.8).long()
-    return TensorDataset(x, y)
 
 
 class _Net(pl.LightningModule):
@@ -76,7 +70,7 @@ def _trainer(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:  # type: 
     )
 
 
-_TRAIN, _VAL, _TEST = _data(160, 0), _data(90, 1), _data(60, 2)
+_TRAIN, _VAL, _TEST = three_class_data(160, 0), three_class_data(90, 1), three_class_data(60, 2)
 
 
 def _fit(tmp_path: Path, model: pl.LightningModule, callback: PostHocCalibration, **kwargs) -> tuple:  # type: ignore[no-untyped-def]

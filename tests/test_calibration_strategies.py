@@ -10,20 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from lightning_losses.callbacks.calibration import CalibrationMonitor, PostHocCalibration
 from lightning_losses.functional.calibration import brier_score, expected_calibration_error, negative_log_likelihood
 from lightning_losses.nn.calibration import TemperatureScaler
+from tests.helpers.data import three_class_data
 from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import cpu_trainer
-
-
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x[:, 0] + 0.7 * torch.randn(n, generator=g) > 0).long() + (x[:, 1] > 0.8).long()
-    return TensorDataset(x, y)
 
 
 class _Net(pl.LightningModule):
@@ -58,7 +52,7 @@ class _ShardedNet(_Net):
         fully_shard(self.net, mesh=mesh)
 
 
-_TRAIN, _VAL = _data(64, 0), _data(51, 1)  # 51 = 26 + 25: the sampler pads rank 1 with a repeat
+_TRAIN, _VAL = three_class_data(64, 0), three_class_data(51, 1)  # 51 = 26 + 25: the sampler pads rank 1 with a repeat
 
 
 def _fit(strategy: object, model: pl.LightningModule) -> tuple[PostHocCalibration, pl.Trainer]:

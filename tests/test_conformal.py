@@ -23,6 +23,7 @@ from lightning_losses.functional.calibration import (
     prediction_sets,
 )
 from lightning_losses.metrics.calibration import PredictionSetCoverage, PredictionSetSize
+from tests.helpers.data import three_class_data
 from tests.helpers.trainer import cpu_trainer
 
 # ------------------------------------------------------------------------------ the official formulas (numpy)
@@ -166,13 +167,6 @@ def test_conformal_bad_inputs() -> None:
 # ------------------------------------------------------------------------------------------------- the callback
 
 
-def _data(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 6, generator=g)
-    y = (x[:, 0] + 0.7 * torch.randn(n, generator=g) > 0).long() + (x[:, 1] > 0.8).long()
-    return TensorDataset(x, y)
-
-
 class _Net(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -199,9 +193,9 @@ class _Net(pl.LightningModule):
 
 def _loaders() -> tuple[DataLoader, DataLoader, DataLoader]:
     return (
-        DataLoader(_data(200, 0), batch_size=32, shuffle=True),
-        DataLoader(_data(150, 1), batch_size=32),
-        DataLoader(_data(120, 2), batch_size=40),
+        DataLoader(three_class_data(200, 0), batch_size=32, shuffle=True),
+        DataLoader(three_class_data(150, 1), batch_size=32),
+        DataLoader(three_class_data(120, 2), batch_size=40),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers.hf_tokenizer import gpt2_tokenizer
+from tests.helpers.trainer import cpu_trainer
 
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -206,14 +207,7 @@ def test_data_module_setup_checks_the_trainer_model(tok, tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     dm = TextDataModule(tok, train_data=[{"text": "Hamlet, thou art slain."}] * 4, batch_size=2, val_fraction=0.0)
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="1000 token embeddings but the tokenizer has 50257"):
         trainer.fit(LM(), datamodule=dm)
 
@@ -234,21 +228,13 @@ def test_plays_in_every_format_with_the_local_tokenizer():
 
 
 def test_plays_blocks_check_the_model_vocabulary_too(tmp_path):
-    import lightning.pytorch as pl
 
     from lightning_losses.data import ShakespeareDataModule
     from lightning_losses.demos import CausalLMModule, build_gpt2
 
     dm = ShakespeareDataModule(block_size=16, batch_size=2, vocab_size=512, max_train_blocks=4)
     module = CausalLMModule(build_gpt2(256, n_layer=1, n_embd=16, n_head=2, block_size=16))
-    trainer = pl.Trainer(
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, max_steps=1)
     with pytest.raises(ValueError, match="has 256 token embeddings but the tokenizer has 512 tokens"):
         trainer.fit(module, datamodule=dm)
 

@@ -956,10 +956,11 @@ def _distillation_rows_and_grad(
         if teacher_softcap is not None:
             teacher = teacher_softcap * torch.tanh(teacher / teacher_softcap)
         temperature = extras[2].to(logits.dtype) if use_temperature else None
-        per_row = isinstance(row_grad, Tensor) and row_grad.ndim > 0
-        row_weight = row_grad.to(logits.dtype) if isinstance(row_grad, Tensor) and per_row else None
-        loss, grad = core(mode, logits, teacher, beta.to(logits.dtype), temperature, row_weight)
-        return loss, grad, 1.0 if per_row else float(row_grad)
+        if isinstance(row_grad, Tensor) and row_grad.ndim > 0:  # per-row weights go into the gradient itself
+            loss, grad = core(mode, logits, teacher, beta.to(logits.dtype), temperature, row_grad.to(logits.dtype))
+            return loss, grad, 1.0
+        loss, grad = core(mode, logits, teacher, beta.to(logits.dtype), temperature, None)
+        return loss, grad, float(row_grad)
 
     return row_loss_and_grad
 
