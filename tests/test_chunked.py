@@ -135,8 +135,10 @@ def test_cross_entropy_beyond_the_softmax_precision_is_recomputed_exactly(dtype,
         expected = naive_ce(hidden, weight, target, b, reduction=reduction)
         assert bool(torch.isfinite(loss).all())
         assert_close(loss, expected, dtype)
+        # The hidden gradient Σ_j p_j W_j − W_y cancels terms of size `far`: one rounding of those is far·eps.
+        atol = 4 * far * torch.finfo(dtype).eps
         for g, e in zip(grads(loss, [hidden, weight, b]), grads(expected, [hidden, weight, b])):
-            assert_close(g, e, dtype)
+            torch.testing.assert_close(g, e, rtol=tolerance(dtype)["rtol"], atol=atol)
     row = linear_cross_entropy(hidden[2:3], weight, target[2:3], b, reduction="none")
     assert float(row) > far - 2
 
