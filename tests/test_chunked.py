@@ -14,6 +14,7 @@ from lightning_losses.functional.chunked import (
     linear_distillation_loss,
     linear_sequence_log_probs,
 )
+from lightning_losses.losses import GeneralizedJSDLoss
 from tests.helpers.distributed import run_distributed
 from tests.helpers.tolerances import assert_close, tolerance
 
@@ -745,3 +746,23 @@ def test_scalar_losses_scale_their_gradients_by_the_upstream_gradient(upstream):
         ref = torch.autograd.grad(make(), leaves)
         for a, e in zip(got, ref):
             assert_close(a, upstream * e, torch.float64)
+
+
+def test_generalized_jsd_loss_from_hidden_fused_equals_eager():
+    # The loss module's `fused=True` reaches the chunked function: same value and gradients as the eager path.
+    g = torch.Generator().manual_seed(3)
+    hs, ws = torch.randn(2, 9, 6, generator=g), torch.randn(29, 6, generator=g)
+    ht, wt = torch.randn(2, 9, 5, generator=g), torch.randn(29, 5, generator=g)
+    labels = torch.randint(0, 29, (2, 9), generator=g)
+    labels[0, :3] = -100
+    results = []
+    for fused in (False, True):
+        loss_fn = GeneralizedJSDLoss(beta=0.3, temperature=1.5, weight=0.7, fused=fused)
+        h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+        loss = loss_fn.from_hidden(h, w, ht, wt, labels, chunk_size=5)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for eager, fused in zip(*results):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="`fused` must be True or False"):
+        GeneralizedJSDLoss(fused=1)  # type: ignore[arg-type]

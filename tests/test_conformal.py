@@ -295,3 +295,23 @@ def test_ddp_two_processes_fit_the_single_process_threshold(tmp_path: Path) -> N
     vy = val.dataset.tensors[1]  # type: ignore[attr-defined]
     reference = conformal_quantile(single.calibration_scores(_val_logits(model, val.dataset), vy), 0.1)  # type: ignore[arg-type]
     assert ranks[0]["threshold"] == pytest.approx(float(reference), abs=1e-6)
+
+
+@pytest.mark.ddp
+def test_ddp_test_coverage_and_set_size_equal_one_process_with_the_samplers_padding(tmp_path: Path) -> None:
+    """121 test samples on 2 ranks: the distributed sampler pads rank 1 with a duplicate, which must not count."""
+    train, val, _ = _loaders()
+    torch.manual_seed(0)
+    model = _Net()
+    cb = ConformalPrediction(alpha=0.2, method="thr", update_checkpoints=False)
+    cpu_trainer(tmp_path, callbacks=[cb], max_epochs=1).fit(model, train, val)
+    test = DataLoader(three_class_data(121, 3), batch_size=16)
+    single = cpu_trainer(tmp_path, callbacks=[cb]).test(model, test, verbose=False)[0]
+    spawned = cpu_trainer(tmp_path, callbacks=[cb], strategy="ddp_spawn", devices=2)
+    two = spawned.test(model, test, verbose=False)[0]
+    tx, ty = test.dataset.tensors  # type: ignore[attr-defined]
+    sets = cb.prediction_sets(_val_logits(model, TensorDataset(tx)))
+    assert single["conformal/coverage"] == pytest.approx(float(sets[torch.arange(121), ty].float().mean()))
+    assert two["conformal/coverage"] == pytest.approx(single["conformal/coverage"], abs=1e-6)
+    assert two["conformal/set_size"] == pytest.approx(single["conformal/set_size"], abs=1e-6)
+    assert two["conformal/set_size"] == pytest.approx(float(sets.sum(1).float().mean()), abs=1e-6)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -13,14 +11,20 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.cloud_io import _atomic_save, _load, get_filesystem
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_losses.callbacks._fitted import (
+    LogitsFn,
+    Stage,
+    _find_module,
+    _FitOnValidation,
+    _SamplerPadding,
+    _strategy_forward,
+)
 from lightning_losses.functional.calibration import expected_calibration_error, negative_log_likelihood
 from lightning_losses.metrics.calibration import (
     AverageCalibrationError,
@@ -44,7 +48,7 @@ from lightning_losses.nn.calibration import (
     VectorScaler,
 )
 from lightning_losses.utilities.batches import unpack_batch
-from lightning_losses.utilities.distributed import all_reduce, gather_shards, shard_dataloader
+from lightning_losses.utilities.distributed import all_reduce
 from lightning_losses.utilities.imports import require
 
 __all__ = ["CALIBRATORS", "CalibrationMonitor", "PostHocCalibration", "reliability_diagram"]
@@ -65,169 +69,6 @@ CALIBRATORS: dict[str, Callable[[], Calibrator]] = {
     "bbq": BBQCalibrator,
     "bbq_paper": partial(BBQCalibrator, binning="quantile", score="bayesian"),
 }
-
-LogitsFn = Callable[[pl.LightningModule, Any], Tensor]
-
-
-def _find_module(pl_module: pl.LightningModule, name: str | None, owner: str) -> torch.nn.Module:
-    """The submodule called ``name`` (dotted path), or the LightningModule itself for ``None``."""
-    if name is None:
-        return pl_module
-    try:
-        return pl_module.get_submodule(name)
-    except AttributeError:
-        children = [n for n, _ in pl_module.named_children()]
-        raise ValueError(
-            f"{owner}(module={name!r}): the LightningModule has no submodule {name!r}. Name the submodule that "
-            f"returns the logits (a dotted path); its direct children are {children}."
-        ) from None
-
-
-def _defines_forward(pl_module: pl.LightningModule) -> bool:
-    return type(pl_module).forward is not pl.LightningModule.forward
-
-
-def _strategy_forward(trainer: pl.Trainer, pl_module: pl.LightningModule, fn: Callable[[], Tensor]) -> Tensor:
-    """Run ``fn`` inside the forward of the strategy's wrapper of the module (DDP, FSDP, DeepSpeed, ...).
-
-    Wrappers that shard or synchronise (FSDP1's flat parameters, ZeRO-3 partitions, DDP's buffer broadcast) prepare
-    the module in their own ``forward``; calling the LightningModule directly would bypass them. With no wrapper
-    (one device, FSDP2's in-place ``fully_shard``) ``fn`` runs as is, and ``fully_shard``'s hooks do their work.
-    """
-    wrapper = getattr(trainer.strategy, "model", None)
-    redirect = getattr(trainer.strategy, "_forward_redirection", None)
-    if wrapper is None or wrapper is pl_module or redirect is None:
-        return fn()
-    name = "_posthoc_calibration_forward"
-    object.__setattr__(pl_module, name, lambda *_: fn())
-    try:
-        return redirect(wrapper, pl_module, name, torch.zeros(()))
-    finally:
-        object.__delattr__(pl_module, name)
-
-
-_NOT_FITTED_WARNING = (
-    "PostHocCalibration is not fitted at {stage} start: the {stage} outputs are NOT calibrated. Fit it "
-    "(fit_on='fit_end', or calibrate(trainer, model)) or restore a checkpoint saved after calibration."
-)
-
-
-class _FitOnValidation(Callback):
-    """What the callbacks fitted on gathered validation outputs share: the data (the validation dataloader,
-    sharded without duplicates across processes), the logits of the named submodule inside the strategy's
-    forward, and the rewrite of this run's ``ModelCheckpoint`` files once fitted. Subclasses set ``split``,
-    ``logits_fn``, ``module`` and ``updated_checkpoints`` and define ``state_key`` and ``state_dict``."""
-
-    split: str
-    logits_fn: LogitsFn | None
-    module: str | None
-    updated_checkpoints: list[str]
-
-    def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        datamodule = getattr(trainer, "datamodule", None)
-        if self.split == "test":
-            loader: Any = datamodule.test_dataloader() if datamodule is not None else trainer.test_dataloaders
-        else:
-            loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()), None)
-        if not isinstance(loader, DataLoader):
-            raise RuntimeError(
-                f"{type(self).__name__} found no {self.split} dataloader to fit on. Give the Trainer validation data "
-                "(a datamodule with val_dataloader(), or val_dataloaders=...), or call calibrate(..., dataloader=...)."
-            )
-        return loader
-
-    def _shard(self, trainer: pl.Trainer, loader: DataLoader) -> tuple[DataLoader, int]:
-        """This process's share ``r, r + W, ...``, padded (with repeats) to the same length on every process."""
-        dataset = loader.dataset
-        world, rank = trainer.world_size, trainer.global_rank
-        if isinstance(dataset, IterableDataset) or world == 1:
-            return loader, -1
-        replicas = getattr(trainer, "distributed_sampler_kwargs", None) or {}
-        if replicas.get("num_replicas", world) != world:
-            raise RuntimeError(
-                f"{type(self).__name__} gathers the validation logits over every process and needs every process to be "
-                f"a data-parallel replica; this strategy has {replicas.get('num_replicas')} replicas on {world} "
-                "processes (tensor parallelism). Calibrate with fit_on='manual' on logits you gather yourself."
-            )
-        total = len(dataset)  # type: ignore[arg-type]
-        if total == 0:
-            raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
-        return shard_dataloader(loader, rank, world, pad=True), total
-
-    def _logits(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        if self.logits_fn is not None:
-            fn = self.logits_fn
-            return _strategy_forward(trainer, pl_module, lambda: fn(pl_module, batch))
-        x, _, _ = unpack_batch(batch)
-        if self.module is None:
-            return _strategy_forward(trainer, pl_module, lambda: pl_module(x))
-        target = _find_module(pl_module, self.module, type(self).__name__)
-        if not _defines_forward(pl_module):
-            return _strategy_forward(trainer, pl_module, lambda: target(x))
-        captured: list[Tensor] = []
-        handle = target.register_forward_hook(lambda m, a, out: captured.append(out) if not captured else None)
-        try:
-            _strategy_forward(trainer, pl_module, lambda: pl_module(x))
-        finally:
-            handle.remove()
-        if not captured or not isinstance(captured[0], Tensor):
-            raise RuntimeError(
-                f"{type(self).__name__}(module={self.module!r}): the LightningModule's forward did not return a tensor "
-                f"from {self.module!r} on the validation inputs. Pass logits_fn=(module, batch) -> logits."
-            )
-        return captured[0]
-
-    # ------------------------------------------------------------------ checkpoint files of the run
-
-    @staticmethod
-    def _run_checkpoint_paths(trainer: pl.Trainer) -> list[str]:
-        paths: dict[str, str] = {}
-        for cb in trainer.checkpoint_callbacks:
-            if not isinstance(cb, ModelCheckpoint):
-                continue
-            for path in [cb.best_model_path, cb.last_model_path, *cb.best_k_models]:
-                if path:
-                    key = os.path.realpath(path) if "://" not in str(path) else str(path)
-                    paths.setdefault(key, str(path))
-        return sorted(paths.values())
-
-    def _update_checkpoints(self, trainer: pl.Trainer) -> None:
-        """Write the fitted state into this run's checkpoint files (rank 0), then wait for every process."""
-        paths = self._run_checkpoint_paths(trainer)
-        if not paths:
-            return
-        updated: list[str] = []
-        if trainer.is_global_zero:
-            state = self.state_dict()
-            for path in paths:
-                if self._rewrite(path, state):
-                    updated.append(path)
-        if trainer.world_size > 1:
-            updated = trainer.strategy.broadcast(updated, src=0)
-            trainer.strategy.barrier(f"{type(self).__name__}.update_checkpoints")
-        self.updated_checkpoints = updated
-
-    def _rewrite(self, path: str, state: dict[str, Any]) -> bool:
-        fs = get_filesystem(path)
-        if not fs.exists(path):
-            return False
-        target = path
-        if fs.isdir(path):  # a distributed checkpoint: the callbacks' states live in its metadata file
-            target = os.path.join(path, "meta.pt")
-            if not fs.exists(target):
-                rank_zero_warn(
-                    f"{type(self).__name__} could not update the checkpoint directory {path} (no meta.pt): it holds "
-                    "the state of before the fit at the end of training. Save a checkpoint after fit to keep it."
-                )
-                return False
-        checkpoint = _load(target, map_location="cpu", weights_only=False)
-        checkpoint.setdefault("callbacks", {})[self.state_key] = state
-        _atomic_save(checkpoint, target)
-        return True
 
 
 class PostHocCalibration(_FitOnValidation):
@@ -295,6 +136,21 @@ class PostHocCalibration(_FitOnValidation):
         (False, ['calibrator', 'metrics', 'run_id'])
     """
 
+    _owner = "PostHocCalibration"
+    _not_fitted_warning = (
+        "PostHocCalibration is not fitted at {stage} start: the {stage} outputs are NOT calibrated. Fit it "
+        "(fit_on='fit_end', or calibrate(trainer, model)) or restore a checkpoint saved after calibration."
+    )
+    _kept_fit_warning = (
+        "PostHocCalibration: the checkpoint was written by this run before the calibration and holds "
+        "an unfitted calibrator; keeping the calibrator fitted at the end of fit."
+    )
+    _lost_fit_warning = (
+        "PostHocCalibration: loading a checkpoint of another run whose calibrator is unfitted over the "
+        "fitted one; the calibrator is now UNFITTED and test/predict outputs are not calibrated. Call "
+        "calibrate(trainer, model) on validation data, or restore a checkpoint saved after calibration."
+    )
+
     def __init__(
         self,
         calibrator: Calibrator | str = "temperature",
@@ -344,9 +200,6 @@ class PostHocCalibration(_FitOnValidation):
         self.module = module
         self.update_checkpoints = bool(update_checkpoints)
         self.metrics: dict[str, float] = {}
-        self.updated_checkpoints: list[str] = []
-        self._run_id: str | None = None
-        self._hook: Any = None
         self._inside_hook = False
         self._fired = False
         self._connection_checked = False
@@ -360,47 +213,20 @@ class PostHocCalibration(_FitOnValidation):
         """Whether the calibrator is fitted (by :meth:`calibrate` or from a checkpoint)."""
         return self.calibrator.is_fitted
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _find_module(pl_module, self.module, "PostHocCalibration")  # a wrong name fails before any work
-        if self._run_id is None and stage == "fit":
-            run_id = uuid.uuid4().hex if trainer.is_global_zero else None
-            self._run_id = trainer.strategy.broadcast(run_id, src=0) if trainer.world_size > 1 else run_id
-
     # ------------------------------------------------------------------ fitting
 
-    def _transformed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    @override
+    def _copies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor | None:
+        """The logits of the CA calibrator's transformed copies of the batch's inputs (other calibrators: none)."""
+        if not self.calibrator.needs_transformed_logits:
+            return None
         assert isinstance(self.calibrator, CorrectnessAwareCalibrator)
         calibrator = self.calibrator
         x, _, _ = unpack_batch(batch)
         model: Callable[[Tensor], Tensor] = (
-            pl_module if self.module is None else _find_module(pl_module, self.module, "PostHocCalibration")
+            pl_module if self.module is None else _find_module(pl_module, self.module, self._owner)
         )
         return _strategy_forward(trainer, pl_module, lambda: calibrator.transformed_logits(model, x))
-
-    @torch.no_grad()
-    def _collect(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        logits, targets, copies = [], [], []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            for batch in loader:
-                batch = move_data_to_device(batch, pl_module.device)
-                out = self._logits(trainer, pl_module, batch)
-                _, target, _ = unpack_batch(batch)
-                if target is None:
-                    raise ValueError("PostHocCalibration needs targets in the validation batches.")
-                logits.append(out.float())
-                targets.append(target)
-                if self.calibrator.needs_transformed_logits:
-                    copies.append(self._transformed(trainer, pl_module, batch).float())
-        finally:
-            pl_module.train(was_training)
-        if not logits:
-            raise RuntimeError("The calibration dataloader is empty: nothing to fit on.")
-        return torch.cat(logits), torch.cat(targets), (torch.cat(copies, dim=1) if copies else None)
 
     def calibrate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: DataLoader | None = None
@@ -410,19 +236,7 @@ class PostHocCalibration(_FitOnValidation):
         Call it on every process (it is collective under DDP). Then, with ``update_checkpoints``, rewrites this
         run's ``ModelCheckpoint`` files to carry the fitted calibrator.
         """
-        loader = dataloader if dataloader is not None else self._dataloader(trainer)
-        loader, total = self._shard(trainer, loader)
-        logits, target, copies = self._collect(trainer, pl_module, loader)
-        if total >= 0:
-            logits = gather_shards(logits, total, trainer)
-            target = gather_shards(target, total, trainer)
-            if copies is not None:
-                copies = gather_shards(copies.transpose(0, 1).contiguous(), total, trainer).transpose(0, 1)
-        elif trainer.world_size > 1:
-            raise RuntimeError(
-                "PostHocCalibration under several processes needs a map-style data set (with __len__) to split "
-                "without duplicates; an IterableDataset was given."
-            )
+        logits, target, copies = self._gathered(trainer, pl_module, dataloader)
         calibrator = self.calibrator.to(logits.device)
         if trainer.is_global_zero:
             if copies is not None:
@@ -454,8 +268,7 @@ class PostHocCalibration(_FitOnValidation):
             )
             for logger in trainer.loggers:
                 logger.log_metrics({f"calibration/{k}": v for k, v in self.metrics.items()}, step=trainer.global_step)
-        if self.update_checkpoints:
-            self._update_checkpoints(trainer)
+        self._update_checkpoints(trainer)
         return self.metrics
 
     # ------------------------------------------------------------------ applying
@@ -472,10 +285,10 @@ class PostHocCalibration(_FitOnValidation):
         return self._apply(calibrator, logits.float(), transformed_logits)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fit_on == "fit_end":
-            self.calibrate(trainer, pl_module)
+    def _fit_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.calibrate(trainer, pl_module)
 
+    @override
     def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if self._inside_hook or not isinstance(output, Tensor) or not output.is_floating_point():
             return output
@@ -491,25 +304,19 @@ class PostHocCalibration(_FitOnValidation):
                 self._inside_hook = False
         return self.calibrated(output, copies).to(output.dtype)
 
-    def _attach(self, pl_module: pl.LightningModule, stage: str) -> None:
-        self._connection_checked = False
-        if not self.is_fitted:
-            rank_zero_warn(_NOT_FITTED_WARNING.format(stage=stage))
-            return
-        if self._hook is None:
-            self.calibrator.to(pl_module.device)
-            target = _find_module(pl_module, self.module, "PostHocCalibration")
-            self._hook = target.register_forward_hook(self._forward_hook)
+    @override
+    def _stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage in self.apply_to:
+            self._connection_checked = False
+            if self._attach(pl_module, stage):
+                self.calibrator.to(pl_module.device)
 
-    def _detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
+    @override
     def _batch_start(self) -> None:
         self._fired = False
 
-    def _batch_end(self, pl_module: pl.LightningModule, stage: str) -> None:
+    @override
+    def _batch_end(self, pl_module: pl.LightningModule, batch: Any, stage: Stage) -> None:
         if self._hook is None or self._connection_checked:
             return
         self._connection_checked = True
@@ -523,95 +330,24 @@ class PostHocCalibration(_FitOnValidation):
                 f"(children of this module: {children}), or call self(x) in the step."
             )
 
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "test" in self.apply_to:
-            self._attach(pl_module, "test")
-
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start()
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(pl_module, "test")
-
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if "predict" in self.apply_to:
-            self._attach(pl_module, "predict")
-
-    @override
-    def on_predict_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start()
-
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._batch_end(pl_module, "predict")
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._detach()
-
     # ------------------------------------------------------------------ checkpoint
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def _fitted_state(self) -> dict[str, Any]:
         return {
             "calibrator": {k: v.detach().cpu().clone() for k, v in self.calibrator.state_dict().items()},
             "metrics": dict(self.metrics),
-            "run_id": self._run_id,
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _holds_fit(self, state_dict: dict[str, Any]) -> bool:
         incoming = state_dict["calibrator"]
-        incoming_fitted = bool(incoming["fitted"]) if "fitted" in incoming else False
-        run_id = state_dict.get("run_id")
-        if self.is_fitted and not incoming_fitted:
-            if run_id is not None and run_id == self._run_id:
-                rank_zero_warn(
-                    "PostHocCalibration: the checkpoint was written by this run before the calibration and holds "
-                    "an unfitted calibrator; keeping the calibrator fitted at the end of fit."
-                )
-                return
-            rank_zero_warn(
-                "PostHocCalibration: loading a checkpoint of another run whose calibrator is unfitted over the "
-                "fitted one; the calibrator is now UNFITTED and test/predict outputs are not calibrated. Call "
-                "calibrate(trainer, model) on validation data, or restore a checkpoint saved after calibration."
-            )
-        self.calibrator.load_state_dict(incoming)
+        return bool(incoming["fitted"]) if "fitted" in incoming else False
+
+    @override
+    def _load_fitted_state(self, state_dict: dict[str, Any]) -> None:
+        self.calibrator.load_state_dict(state_dict["calibrator"])
         self.metrics = dict(state_dict.get("metrics", {}))
-        if run_id is not None:
-            self._run_id = run_id
 
 
 # ---------------------------------------------------------------------- reliability diagrams
@@ -660,30 +396,6 @@ def reliability_diagram(
 
 
 _MONITOR_METRICS = ("ece", "mce", "ace", "classwise_ece", "ks", "nll", "brier")
-
-
-def _sampler_of(loader: Any) -> Any:
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler):
-        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", sampler)
-    return sampler
-
-
-def _real_samples(loader: Any) -> int | None:
-    """Samples of this process that are not the distributed sampler's padding (``None``: no padding to drop).
-
-    ``DistributedSampler(drop_last=False)`` repeats the first indices so that every process gets
-    ``ceil(N / W)``; the repeats sit at the end of the padded index list, so on process ``r`` they are the last
-    samples it reads: the real ones are the first ``len(range(r, N, W))``.
-    """
-    sampler = _sampler_of(loader)
-    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-        return None
-    try:
-        total = len(sampler.dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    return len(range(sampler.rank, total, sampler.num_replicas))
 
 
 class CalibrationMonitor(Callback):
@@ -758,8 +470,7 @@ class CalibrationMonitor(Callback):
         self.last_diagram: Path | None = None
         self._hook: Any = None
         self._captured: list[Tensor] = []
-        self._seen: dict[int, int] = {}
-        self._limit: dict[int, int | None] = {}
+        self._padding: dict[int, _SamplerPadding] = {}
 
     def _build(self) -> dict[str, Any]:
         makers: dict[str, Callable[[], Any]] = {
@@ -787,7 +498,7 @@ class CalibrationMonitor(Callback):
         for m in [*self._metrics.values(), self._bins]:
             m.to(pl_module.device)
             m.reset()
-        self._seen, self._limit = {}, {}
+        self._padding = {}
         if self._hook is None and not trainer.sanity_checking:
             target = _find_module(pl_module, self.module, "CalibrationMonitor")
             self._hook = target.register_forward_hook(self._capture)
@@ -807,18 +518,6 @@ class CalibrationMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._captured = []
-
-    def _limit_of(self, trainer: pl.Trainer, dataloader_idx: int) -> int | None:
-        if dataloader_idx not in self._limit:
-            limit = None
-            if trainer.world_size > 1:
-                loaders = trainer.val_dataloaders
-                if isinstance(loaders, dict):
-                    loaders = list(loaders.values())
-                loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-                limit = _real_samples(loader)
-            self._limit[dataloader_idx] = limit
-        return self._limit[dataloader_idx]
 
     @override
     def on_validation_batch_end(
@@ -846,12 +545,9 @@ class CalibrationMonitor(Callback):
             with torch.no_grad():
                 logits = pl_module(x)
         logits = logits.detach().float()
-        limit = self._limit_of(trainer, dataloader_idx)
-        seen = self._seen.get(dataloader_idx, 0)
-        self._seen[dataloader_idx] = seen + target.shape[0]
-        if limit is not None and seen + target.shape[0] > limit:  # the sampler's padding: repeated samples
-            keep = max(limit - seen, 0)
-            logits, target = logits[:keep], target[:keep]
+        if dataloader_idx not in self._padding:
+            self._padding[dataloader_idx] = _SamplerPadding.of(trainer, trainer.val_dataloaders, dataloader_idx)
+        logits, target = self._padding[dataloader_idx].drop(logits, target)
         for m in self._metrics.values():
             m.update(logits, target)
         self._bins.update(logits, target)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_losses.callbacks.calibration import LogitsFn, _find_module, _FitOnValidation, _real_samples
+from lightning_losses.callbacks._fitted import LogitsFn, Stage, _FitOnValidation, _SamplerPadding
 from lightning_losses.functional.calibration import (
     ConformalMethod,
     conformal_quantile,
@@ -23,7 +21,6 @@ from lightning_losses.functional.calibration import (
 from lightning_losses.metrics.calibration import PredictionSetCoverage, PredictionSetSize
 from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_choice, check_hyperparameter, check_int
-from lightning_losses.utilities.distributed import gather_shards
 
 __all__ = ["ConformalPrediction"]
 
@@ -79,6 +76,22 @@ class ConformalPrediction(_FitOnValidation):
         (False, ['num_samples', 'run_id', 'settings', 'threshold'])
     """
 
+    _owner = "ConformalPrediction"
+    _not_fitted_warning = (
+        "ConformalPrediction is not fitted at {stage} start: no prediction sets. Fit it (fit_on='fit_end', "
+        "or fit(trainer, model)) or restore a checkpoint saved after the fit."
+    )
+    _kept_fit_warning = (
+        "ConformalPrediction: the checkpoint was written by this run before the fit and holds no "
+        "threshold; keeping the threshold fitted at the end of fit."
+    )
+    _lost_fit_warning = (
+        "ConformalPrediction: loading a checkpoint of another run with no threshold over the fitted one; the "
+        "callback is now UNFITTED. Call fit(trainer, model), or restore a checkpoint saved after the fit."
+    )
+    #: Registered first, so that the hook sees the module's own output even under a PostHocCalibration hook.
+    _prepend_hook = True
+
     def __init__(
         self,
         alpha: float = 0.1,
@@ -122,15 +135,11 @@ class ConformalPrediction(_FitOnValidation):
         self.num_samples = 0
         self.test_metrics: dict[str, float] = {}
         self.predicted_sets: list[Tensor] = []
-        self.updated_checkpoints: list[str] = []
-        self._run_id: str | None = None
-        self._hook: Any = None
         self._captured: list[Tensor] = []
         self._generator: torch.Generator | None = None
         self._coverage = PredictionSetCoverage()
         self._size = PredictionSetSize()
-        self._seen = 0
-        self._limit: int | None = None
+        self._padding = _SamplerPadding()
 
     @property
     def state_key(self) -> str:
@@ -144,34 +153,7 @@ class ConformalPrediction(_FitOnValidation):
     def _settings(self) -> dict[str, Any]:
         return {"method": self.method, "randomized": self.randomized, "lam": self.lam, "k_reg": self.k_reg}
 
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _find_module(pl_module, self.module, "ConformalPrediction")
-        if self._run_id is None and stage == "fit":
-            run_id = uuid.uuid4().hex if trainer.is_global_zero else None
-            self._run_id = trainer.strategy.broadcast(run_id, src=0) if trainer.world_size > 1 else run_id
-
     # ------------------------------------------------------------------ fitting
-
-    @torch.no_grad()
-    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader) -> tuple[Tensor, Tensor]:
-        logits, targets = [], []
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            for batch in loader:
-                batch = move_data_to_device(batch, pl_module.device)
-                out = self._logits(trainer, pl_module, batch)
-                _, target, _ = unpack_batch(batch)
-                if target is None:
-                    raise ValueError("ConformalPrediction needs targets in the validation batches.")
-                logits.append(out.float())
-                targets.append(target)
-        finally:
-            pl_module.train(was_training)
-        if not logits:
-            raise RuntimeError("The conformal calibration dataloader is empty: nothing to fit on.")
-        return torch.cat(logits), torch.cat(targets)
 
     def calibration_scores(self, logits: Tensor, target: Tensor) -> Tensor:
         """The validation scores of ``(logits, target)`` with this callback's settings and seeded uniforms."""
@@ -182,16 +164,7 @@ class ConformalPrediction(_FitOnValidation):
 
     def fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataloader: DataLoader | None = None) -> float:
         """Collect and gather the validation logits, fit the threshold; returns it. Collective under DDP."""
-        loader = dataloader if dataloader is not None else self._dataloader(trainer)
-        loader, total = self._shard(trainer, loader)
-        logits, target = self._collect(trainer, pl_module, loader)
-        if total >= 0:
-            logits, target = gather_shards(logits, total, trainer), gather_shards(target, total, trainer)
-        elif trainer.world_size > 1:
-            raise RuntimeError(
-                "ConformalPrediction under several processes needs a map-style data set (with __len__) to split "
-                "without duplicates; an IterableDataset was given."
-            )
+        logits, target, _ = self._gathered(trainer, pl_module, dataloader)
         threshold = float(conformal_quantile(self.calibration_scores(logits.cpu(), target.cpu()), self.alpha))
         if trainer.world_size > 1:
             threshold = float(trainer.strategy.broadcast(threshold, src=0))
@@ -200,14 +173,12 @@ class ConformalPrediction(_FitOnValidation):
             f"ConformalPrediction ({self.method}, alpha={self.alpha:g}) fitted on {self.num_samples} {self.split} "
             f"samples: threshold {self.threshold:.6g}"
         )
-        if self.update_checkpoints:
-            self._update_checkpoints(trainer)
+        self._update_checkpoints(trainer)
         return threshold
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.fit_on == "fit_end":
-            self.fit(trainer, pl_module)
+    def _fit_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit(trainer, pl_module)
 
     def prediction_sets(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Boolean ``(N, C)`` prediction sets of ``logits`` (uniforms from ``generator`` when randomised)."""
@@ -220,30 +191,34 @@ class ConformalPrediction(_FitOnValidation):
 
     # ------------------------------------------------------------------ test / predict
 
-    def _capture(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    @override
+    def _forward_hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._captured and isinstance(output, Tensor) and output.is_floating_point() and output.ndim == 2:
             self._captured.append(output.detach())
 
-    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> bool:
-        if not self.is_fitted:
-            rank_zero_warn(
-                f"ConformalPrediction is not fitted at {stage} start: no prediction sets. Fit it (fit_on='fit_end', "
-                "or fit(trainer, model)) or restore a checkpoint saved after the fit."
-            )
-            return False
-        self._generator = torch.Generator().manual_seed(self.seed + 1 + trainer.global_rank)
-        if self._hook is None:
-            target = _find_module(pl_module, self.module, "ConformalPrediction")
-            self._hook = target.register_forward_hook(self._capture, prepend=True)
-        return True
-
+    @override
     def _detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        super()._detach()
+        self._captured = []
+        self._generator = None  # per stage; a torch.Generator cannot be sent to ddp_spawn's processes
+
+    @override
+    def _stage_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: Stage) -> None:
+        if stage == "test":
+            for metric in (self._coverage, self._size):
+                metric.reset()
+                metric.to(pl_module.device)
+            self._padding = _SamplerPadding.of(trainer, trainer.test_dataloaders)
+        else:
+            self.predicted_sets = []
+        if self._attach(pl_module, stage):
+            self._generator = torch.Generator().manual_seed(self.seed + 1 + trainer.global_rank)
+
+    @override
+    def _batch_start(self) -> None:
         self._captured = []
 
-    def _batch_sets(self, stage: str) -> Tensor | None:
+    def _batch_sets(self, stage: Stage) -> Tensor | None:
         captured, self._captured = self._captured, []
         if self._hook is None:
             return None
@@ -257,42 +232,17 @@ class ConformalPrediction(_FitOnValidation):
         return self.prediction_sets(captured[0], self._generator)
 
     @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._coverage.reset()
-        self._size.reset()
-        self._coverage.to(pl_module.device)
-        self._size.to(pl_module.device)
-        self._seen, self._limit = 0, None
-        if trainer.world_size > 1:
-            loaders = trainer.test_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            self._limit = _real_samples(loader)
-        self._attach(trainer, pl_module, "test")
-
-    @override
-    def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._captured = []
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        sets = self._batch_sets("test")
-        _, target, _ = unpack_batch(batch)
-        if sets is None or target is None:
+    def _batch_end(self, pl_module: pl.LightningModule, batch: Any, stage: Stage) -> None:
+        sets = self._batch_sets(stage)
+        if sets is None:
             return
-        seen, self._seen = self._seen, self._seen + target.shape[0]
-        if self._limit is not None and seen + target.shape[0] > self._limit:  # the sampler's padding
-            keep = max(self._limit - seen, 0)
-            sets, target = sets[:keep], target[:keep]
+        if stage == "predict":
+            self.predicted_sets.append(sets.cpu())
+            return
+        _, target, _ = unpack_batch(batch)
+        if target is None:
+            return
+        sets, target = self._padding.drop(sets, target)
         self._coverage.update(sets, target)
         self._size.update(sets)
 
@@ -308,76 +258,28 @@ class ConformalPrediction(_FitOnValidation):
         pl_module.log(f"{self.prefix}coverage", coverage.to(pl_module.device), sync_dist=False)
         pl_module.log(f"{self.prefix}set_size", size.to(pl_module.device), sync_dist=False)
 
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.predicted_sets = []
-        self._attach(trainer, pl_module, "predict")
-
-    @override
-    def on_predict_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._captured = []
-
-    @override
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        sets = self._batch_sets("predict")
-        if sets is not None:
-            self.predicted_sets.append(sets.cpu())
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._detach()
-
     # ------------------------------------------------------------------ checkpoint
 
     @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "threshold": self.threshold,
-            "num_samples": self.num_samples,
-            "settings": self._settings(),
-            "run_id": self._run_id,
-        }
+    def _fitted_state(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "num_samples": self.num_samples, "settings": self._settings()}
+
+    @override
+    def _holds_fit(self, state_dict: dict[str, Any]) -> bool:
+        return state_dict.get("threshold") is not None
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        incoming = state_dict.get("threshold")
-        run_id = state_dict.get("run_id")
         settings = state_dict.get("settings")
         if settings is not None and settings != self._settings():
             raise ValueError(
                 f"ConformalPrediction: the checkpoint's threshold was fitted with {settings}, this callback has "
                 f"{self._settings()}. Build the callback with the checkpoint's settings, or fit it again."
             )
-        if self.is_fitted and incoming is None:
-            if run_id is not None and run_id == self._run_id:
-                rank_zero_warn(
-                    "ConformalPrediction: the checkpoint was written by this run before the fit and holds no "
-                    "threshold; keeping the threshold fitted at the end of fit."
-                )
-                return
-            rank_zero_warn(
-                "ConformalPrediction: loading a checkpoint of another run with no threshold over the fitted one; the "
-                "callback is now UNFITTED. Call fit(trainer, model), or restore a checkpoint saved after the fit."
-            )
+        super().load_state_dict(state_dict)
+
+    @override
+    def _load_fitted_state(self, state_dict: dict[str, Any]) -> None:
+        incoming = state_dict.get("threshold")
         self.threshold = None if incoming is None else float(incoming)
         self.num_samples = int(state_dict.get("num_samples", 0))
-        if run_id is not None:
-            self._run_id = run_id

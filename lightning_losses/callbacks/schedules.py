@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
+from typing_extensions import Self, override
 
 from lightning_losses import hyperparameters as _hp
 from lightning_losses.hyperparameters import OPTIMIZER_HYPERPARAMETERS, apply_hyperparameters, read_hyperparameters
@@ -77,6 +77,43 @@ def _require_picklable(owner: str, functions: Mapping[str, object], forms: str =
         )
 
 
+class _SpawnPicklable:
+    """A callback holding user functions, sent to the worker processes of a spawn strategy.
+
+    Pickling checks that every function of :meth:`_functions` pickles (:func:`_require_picklable`, naming
+    ``_picklable_forms``); ``copy.copy`` and ``copy.deepcopy`` copy the instance dictionary instead, so that a copy
+    never needs picklable functions. The ``_transient`` attributes are neither pickled nor deep-copied: the copy
+    holds ``None``.
+    """
+
+    _picklable_forms = _PICKLABLE_FORMS
+    _transient: tuple[str, ...] = ()
+
+    def _functions(self) -> Mapping[str, object]:
+        """The user functions, by the name an error message gives them."""
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (to start the processes of a spawn strategy): every function must be picklable."""
+        _require_picklable(type(self).__name__, self._functions(), self._picklable_forms)
+        state = self.__dict__.copy()
+        state.update(dict.fromkeys(self._transient))
+        return state
+
+    def __copy__(self) -> Self:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k not in self._transient}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new.__dict__.update(dict.fromkeys(self._transient))
+        return new
+
+
 class Schedule:
     """A hyperparameter value as a function of the position ``t`` (step or epoch): ``schedule(t) -> float``."""
 
@@ -88,15 +125,22 @@ class Schedule:
         return f"{type(self).__name__}({fields})"
 
 
-def _check_duration(duration: float, offset: float) -> None:
-    if not duration > 0:
-        raise ValueError(f"`duration` must be > 0, got {duration}. Give the number of steps (or epochs) it lasts.")
-    if offset < 0:
-        raise ValueError(f"`offset` must be >= 0, got {offset}.")
+class _RampSchedule(Schedule):
+    r"""From ``start`` to ``end`` over ``duration`` positions after ``offset`` (flat outside): the value at the
+    progress :math:`p = \operatorname{clip}\big((t - t_0) / D, 0, 1\big)` is the subclass's ``_at(p)``."""
 
+    def __init__(self, start: float, end: float, duration: float, offset: float = 0.0) -> None:
+        if not duration > 0:
+            raise ValueError(f"`duration` must be > 0, got {duration}. Give the number of steps (or epochs) it lasts.")
+        if offset < 0:
+            raise ValueError(f"`offset` must be >= 0, got {offset}.")
+        self.start, self.end, self.duration, self.offset = float(start), float(end), float(duration), float(offset)
 
-def _progress(t: float, offset: float, duration: float) -> float:
-    return min(max((t - offset) / duration, 0.0), 1.0)
+    def __call__(self, t: float) -> float:
+        return self._at(min(max((t - self.offset) / self.duration, 0.0), 1.0))
+
+    def _at(self, p: float) -> float:
+        raise NotImplementedError
 
 
 class ConstantSchedule(Schedule):
@@ -114,7 +158,7 @@ class ConstantSchedule(Schedule):
         return self.value
 
 
-class LinearSchedule(Schedule):
+class LinearSchedule(_RampSchedule):
     r"""Linear ramp from ``start`` to ``end`` over ``duration`` positions after ``offset`` (flat outside).
 
     .. math:: v(t) = s + (e - s)\, p, \qquad p = \operatorname{clip}\big((t - t_0) / D, 0, 1\big)
@@ -124,16 +168,11 @@ class LinearSchedule(Schedule):
         2.0
     """
 
-    def __init__(self, start: float, end: float, duration: float, offset: float = 0.0) -> None:
-        _check_duration(duration, offset)
-        self.start, self.end, self.duration, self.offset = float(start), float(end), float(duration), float(offset)
-
-    def __call__(self, t: float) -> float:
-        p = _progress(t, self.offset, self.duration)
+    def _at(self, p: float) -> float:
         return self.start + (self.end - self.start) * p
 
 
-class CosineSchedule(Schedule):
+class CosineSchedule(_RampSchedule):
     r"""Half-cosine from ``start`` to ``end`` over ``duration`` positions after ``offset`` (warm-up or decay).
 
     .. math:: v(t) = e + (s - e)\,\tfrac{1}{2}\big(1 + \cos(\pi p)\big)
@@ -143,16 +182,11 @@ class CosineSchedule(Schedule):
         0.5
     """
 
-    def __init__(self, start: float, end: float, duration: float, offset: float = 0.0) -> None:
-        _check_duration(duration, offset)
-        self.start, self.end, self.duration, self.offset = float(start), float(end), float(duration), float(offset)
-
-    def __call__(self, t: float) -> float:
-        p = _progress(t, self.offset, self.duration)
+    def _at(self, p: float) -> float:
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class ExponentialSchedule(Schedule):
+class ExponentialSchedule(_RampSchedule):
     r"""Geometric interpolation from ``start`` to ``end`` (same sign, non-zero) over ``duration`` positions.
 
     .. math:: v(t) = s \,(e / s)^{p}
@@ -163,16 +197,14 @@ class ExponentialSchedule(Schedule):
     """
 
     def __init__(self, start: float, end: float, duration: float, offset: float = 0.0) -> None:
-        _check_duration(duration, offset)
+        super().__init__(start, end, duration, offset)
         if start == 0 or end == 0 or (start > 0) != (end > 0):
             raise ValueError(
                 f"ExponentialSchedule needs non-zero `start` and `end` of the same sign, got {start} and {end}. "
                 "Use LinearSchedule or CosineSchedule to reach zero."
             )
-        self.start, self.end, self.duration, self.offset = float(start), float(end), float(duration), float(offset)
 
-    def __call__(self, t: float) -> float:
-        p = _progress(t, self.offset, self.duration)
+    def _at(self, p: float) -> float:
         return self.start * (self.end / self.start) ** p
 
 
@@ -281,7 +313,7 @@ class LambdaSchedule(Schedule):
         return float(self.fn(t))
 
 
-class HyperparameterSchedule(Callback):
+class HyperparameterSchedule(_SpawnPicklable, Callback):
     r"""Drive named hyperparameters (and ``"lr"`` / ``"weight_decay"``) by schedules, per step or per epoch.
 
     With ``interval="step"`` the value at the trainer's ``global_step`` (optimizer steps taken) is applied before
@@ -339,21 +371,9 @@ class HyperparameterSchedule(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(names=sorted(self.schedules), interval=self.interval)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to start the processes of a spawn strategy): every schedule must be picklable."""
-        _require_picklable(type(self).__name__, self.schedules)
-        return self.__dict__.copy()
-
-    def __copy__(self) -> HyperparameterSchedule:
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> HyperparameterSchedule:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
+    @override
+    def _functions(self) -> Mapping[str, object]:
+        return self.schedules
 
     def value_at(self, t: float) -> dict[str, float]:
         """The value of every schedule at position ``t``."""

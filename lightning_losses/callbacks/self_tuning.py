@@ -26,7 +26,6 @@ picklable (``strategy="ddp_spawn"``) and its checkpoint stores only counters.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_losses import hyperparameters as _hp
-from lightning_losses.callbacks.schedules import _require_picklable
+from lightning_losses.callbacks.schedules import _SpawnPicklable
 from lightning_losses.hyperparameters import OPTIMIZER_HYPERPARAMETERS, apply_hyperparameters
 from lightning_losses.nn.stn import (
     BoundedTransform,
@@ -169,7 +168,7 @@ def _cycle(loader: Iterable[Any], skip: int) -> Iterator[Any]:
             raise ValueError("The STN validation dataloader is empty; it needs at least one batch.")
 
 
-class SelfTuning(Callback):
+class SelfTuning(_SpawnPicklable, Callback):
     r"""Tune named hyperparameters online with a Self-Tuning Network (best-response approximation).
 
     The module must contain STN hyper-layers whose ``num_hyperparameters`` equals the number of tuned names (in
@@ -211,6 +210,10 @@ class SelfTuning(Callback):
         >>> cb.names
         ['ls.amount']
     """
+
+    _picklable_forms = _PICKLABLE_FUNCTIONS
+    #: A Python generator; rebuilt lazily, skipping the batches already seen.
+    _transient = ("_val_iter",)
 
     def __init__(
         self,
@@ -272,27 +275,11 @@ class SelfTuning(Callback):
         self.draws += 1
         return generator
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (to start the processes of a spawn strategy): the user's functions must be picklable."""
+    @override
+    def _functions(self) -> Mapping[str, object]:
         functions: dict[str, object] = {f"derived[{k!r}]": fn for k, fn in self.derived.items()}
         functions["validation_loss"] = self.validation_loss
-        _require_picklable(type(self).__name__, functions, _PICKLABLE_FUNCTIONS)
-        state = self.__dict__.copy()
-        state["_val_iter"] = None  # a Python generator; rebuilt lazily, skipping the batches already seen
-        return state
-
-    def __copy__(self) -> SelfTuning:
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        return new
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SelfTuning:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "_val_iter"}
-        new.__dict__.update(copy.deepcopy(state, memo))
-        new._val_iter = None
-        return new
+        return functions
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _transform(self, pl_module: nn.Module, name: str, spec: TunedHyperparameter) -> HyperparameterTransform:

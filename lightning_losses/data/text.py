@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 from lightning_losses.integrations.tokenization import (
     as_pretrained_tokenizer,
     check_trainer_vocabulary,
+    common_prefix_length,
     padding_token_id,
 )
 from lightning_losses.utilities.imports import require
@@ -153,15 +154,6 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class TextCollator:
     """Tokenise and pad examples in TRL's dataset formats into causal-LM batches (usable alone as ``collate_fn``).
 
@@ -242,7 +234,7 @@ class TextCollator:
 
     def _prompt_answer(self, prompt: str, answer: str, special: bool) -> dict[str, list[int]]:
         full = self._eos(_encode(self.tokenizer, prompt + answer, special))
-        start = _common_prefix(_encode(self.tokenizer, prompt, special), full)
+        start = common_prefix_length(_encode(self.tokenizer, prompt, special), full)
         return self._row(full, start, "completion")
 
     def _messages(self, messages: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
@@ -256,7 +248,7 @@ class TextCollator:
                 continue
             before = _encode(self.tokenizer, render(list(messages[:k]), add_generation_prompt=True, **kwargs), False)
             through = _encode(self.tokenizer, render(list(messages[: k + 1]), **kwargs), False)
-            spans.append((_common_prefix(before, full), _common_prefix(through, full)))
+            spans.append((common_prefix_length(before, full), common_prefix_length(through, full)))
         if not spans and self.completion_only_loss:
             raise ValueError(
                 "A conversational example has no assistant message: with completion_only_loss=True only assistant "

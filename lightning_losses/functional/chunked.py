@@ -1106,23 +1106,16 @@ def linear_distillation_loss(
     extras = [rows_t, _select(beta_t, index)]
     if temperature_t is not None:
         extras.append(_select(temperature_t, index))
-    row_loss = _distillation_rows(
-        mode,
+    teacher_head = (
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
         None if teacher_softcap is None else float(teacher_softcap),
         use_t,
     )
+    row_loss = _distillation_rows(mode, *teacher_head)
     closed_form = None
     if mode != "mixed":
-        closed_form = _distillation_rows_and_grad(
-            mode,
-            teacher_weight.detach(),
-            None if teacher_bias is None else teacher_bias.detach(),
-            None if teacher_softcap is None else float(teacher_softcap),
-            use_t,
-            fused=fused,
-        )
+        closed_form = _distillation_rows_and_grad(mode, *teacher_head, fused=fused)
     if chunk_size is None:
         # The closed form keeps about 4 chunk-sized buffers, autograd through the row loss about twice as many.
         closed = closed_form is not None and student_softcap is None and not any(e.requires_grad for e in extras)

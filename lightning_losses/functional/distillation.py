@@ -109,6 +109,22 @@ def _logits_pair_validation(student: Tensor, teacher: Tensor, *, two_dim: bool =
     check_same_shape(student, teacher, "student_logits", "teacher_logits")
 
 
+def _pair_checks(student_logits: Tensor, teacher_logits: Tensor, reduction: str, validate_args: bool) -> DeferredChecks:
+    """Check a pair of ``(N, C)`` logits and a per-sample ``reduction``; open the value checks (finite logits)."""
+    _logits_pair_validation(student_logits, teacher_logits)
+    check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    return start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+
+
+def _targeted_pair_checks(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, reduction: str, validate_args: bool
+) -> DeferredChecks:
+    """:func:`_pair_checks`, and ``target`` class indices ``(N,)`` in ``[0, C)``."""
+    checks = _pair_checks(student_logits, teacher_logits, reduction, validate_args)
+    check_targets(target, student_logits.shape[1], student_logits.shape[0], checks=checks, validate=validate_args)
+    return checks
+
+
 def _require_finite_logits(checks: DeferredChecks, per_sample: Tensor, student: Tensor, teacher: Tensor) -> None:
     """Queue the finiteness of both logits through the per-sample loss computed from them.
 
@@ -123,6 +139,16 @@ def _require_finite_logits(checks: DeferredChecks, per_sample: Tensor, student: 
         return finite_error(student, "student_logits") or finite_error(teacher, "teacher_logits")
 
     checks.require(finite_flag(per_sample), error)
+
+
+def _checked_temperature(
+    temperature: float | Tensor, like: Tensor, checks: DeferredChecks, validate_args: bool
+) -> Tensor:
+    """``temperature > 0`` as a tensor like ``like`` (a number checked at once, a tensor's values queued on ``checks``
+    when ``validate_args``); then every check queued on ``checks`` is run, in one host synchronisation."""
+    temp = hyperparameter_tensor(temperature, like, "temperature", positive=True, validate=validate_args, checks=checks)
+    checks.run()
+    return temp
 
 
 def _log_softmax_pair(student: Tensor, teacher: Tensor, temperature: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,15 +286,12 @@ def kd_loss(
 def _dkd_arg_validation(
     student_logits: Tensor, teacher_logits: Tensor, target: Tensor, reduction: str, validate_args: bool
 ) -> DeferredChecks:
-    _logits_pair_validation(student_logits, teacher_logits)
+    checks = _targeted_pair_checks(student_logits, teacher_logits, target, reduction, validate_args)
     if student_logits.shape[1] < 2:
         raise ValueError(
             f"`student_logits` must have at least 2 classes for DKD (a target and a non-target part), got "
             f"{student_logits.shape[1]}."
         )
-    check_reduction(reduction, _SAMPLE_REDUCTIONS)
-    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
-    check_targets(target, student_logits.shape[1], student_logits.shape[0], checks=checks, validate=validate_args)
     return checks
 
 
@@ -351,10 +374,7 @@ def _dkd_per_sample(
 ) -> tuple[Tensor, Tensor]:
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        checks.run()
+        temp = _checked_temperature(temperature, student, checks, validate_args)
         if standardize:
             student = standardize_logits(student, validate_args=False)
             teacher = standardize_logits(teacher, validate_args=False)
@@ -474,15 +494,10 @@ def binary_kl_loss(
         >>> round(float(binary_kl_loss(torch.tensor([[4.0]]), torch.tensor([[0.0]]), temperature=1.0)), 4)
         1.325
     """
-    _logits_pair_validation(student_logits, teacher_logits)
-    check_reduction(reduction, _SAMPLE_REDUCTIONS)
-    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
+    checks = _pair_checks(student_logits, teacher_logits, reduction, validate_args)
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        checks.run()
+        temp = _checked_temperature(temperature, student, checks, validate_args)
         per_sample = _log_cosh((student - teacher) / (2.0 * temp)).sum(dim=-1) * flatten_per_sample(temp) ** 2
         return reduce_loss(per_sample, reduction)
 
@@ -615,25 +630,52 @@ def _jsd_arg_validation(
         shared = min(v_s, v_t)
         student_logits, teacher_logits = student_logits[..., :shared], teacher_logits[..., :shared]
     check_same_shape(student_logits, teacher_logits, "student_logits", "teacher_logits")
-    if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"`labels` must be a tensor of token ids or None, got {type(labels).__name__}.")
-        bad_dtype = labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
-        if bad_dtype or labels.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                f"`labels` must be an integer tensor of shape {tuple(student_logits.shape[:-1])} (the logits' shape "
-                f"without the vocabulary), got dtype {labels.dtype} and shape {tuple(labels.shape)}."
-            )
+    _token_labels_validation(labels, tuple(student_logits.shape[:-1]))
     check_reduction(reduction, _MEAN_REDUCTIONS, num_items_in_batch)
     checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
-    if not isinstance(beta, Tensor):
-        check_hyperparameter(beta, "beta", low=0.0, high=1.0)
-    else:
-        check_hyperparameter(beta, "beta", low=0.0, high=1.0, checks=checks, validate=validate_args)
+    _token_value_checks(checks, beta, num_items_in_batch, labels, student_logits.shape[-1], ignore_index, validate_args)
+    return student_logits, teacher_logits, checks
+
+
+def _token_labels_validation(labels: Tensor | None, lead: tuple[int, ...]) -> None:
+    """Check optional token labels: an integer tensor of shape ``lead``, the logits' shape without the vocabulary."""
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"`labels` must be a tensor of token ids or None, got {type(labels).__name__}.")
+    bad_dtype = labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
+    if bad_dtype or tuple(labels.shape) != lead:
+        raise ValueError(
+            f"`labels` must be an integer tensor of shape {lead} (the logits' shape without the vocabulary), "
+            f"got dtype {labels.dtype} and shape {tuple(labels.shape)}."
+        )
+
+
+def _token_value_checks(
+    checks: DeferredChecks,
+    beta: float | Tensor,
+    num_items_in_batch: NumItems,
+    labels: Tensor | None,
+    vocab: int,
+    ignore_index: int,
+    validate_args: bool,
+) -> None:
+    """Check ``beta`` in ``[0, 1]`` and ``num_items_in_batch`` (a number at once, a tensor's values queued on
+    ``checks`` when ``validate_args``), and queue the labels' range over a vocabulary of ``vocab`` entries."""
+    check_hyperparameter(beta, "beta", low=0.0, high=1.0, checks=checks, validate=validate_args)
     check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
     if validate_args and labels is not None:
-        check_labels(labels, student_logits.shape[-1], ignore_index, checks)
-    return student_logits, teacher_logits, checks
+        check_labels(labels, vocab, ignore_index, checks)
+
+
+def _jsd_hyperparameters(
+    temperature: float | Tensor, beta: float | Tensor, like: Tensor, checks: DeferredChecks, validate_args: bool
+) -> tuple[Tensor, float | Tensor]:
+    """The temperature of :func:`_checked_temperature` (which runs the queued checks) and ``beta``, a tensor like
+    ``like`` when given as one."""
+    if isinstance(beta, Tensor):
+        beta = hyperparameter_tensor(beta, like, "beta", validate=False)
+    return _checked_temperature(temperature, like, checks, validate_args), beta
 
 
 KLFromLogProbs = Callable[[Tensor, Tensor], Tensor]
@@ -775,13 +817,9 @@ def generalized_jsd_loss(
     )
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        beta_t = hyperparameter_tensor(beta, student, "beta", validate=False) if isinstance(beta, Tensor) else None
-        checks.run()
+        temp, beta = _jsd_hyperparameters(temperature, beta, student, checks, validate_args)
         log_ps, log_pt = _log_softmax_pair(student, teacher, temp)
-        per_token = jsd_from_log_probs(log_ps, log_pt, beta if beta_t is None else beta_t)
+        per_token = jsd_from_log_probs(log_ps, log_pt, beta)
         return masked_token_mean(per_token, labels, ignore_index, reduction, num_items_in_batch)
 
 
@@ -851,16 +889,6 @@ def project_conflicting_gradient(gradient: Tensor, reference: Tensor, *, validat
 # --------------------------------------------------------------------------------------------------------------------
 # Plackett-Luce distillation (PLD)
 # --------------------------------------------------------------------------------------------------------------------
-def _pld_arg_validation(
-    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, reduction: str, validate_args: bool
-) -> DeferredChecks:
-    _logits_pair_validation(student_logits, teacher_logits)
-    check_reduction(reduction, _SAMPLE_REDUCTIONS)
-    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
-    check_targets(target, student_logits.shape[1], student_logits.shape[0], checks=checks, validate=validate_args)
-    return checks
-
-
 def _teacher_optimal_permutation(teacher: Tensor, target: Tensor) -> Tensor:
     """Class indices ``(N, C)``: the target first, then the other classes by descending teacher logit.
 
@@ -927,13 +955,10 @@ def pld_loss(
         >>> bool(torch.isclose(pld_loss(s + 5.0, t - 2.0, y), pld_loss(s, t, y)))  # translation invariance
         True
     """
-    checks = _pld_arg_validation(student_logits, teacher_logits, target, reduction, validate_args)
+    checks = _targeted_pair_checks(student_logits, teacher_logits, target, reduction, validate_args)
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, teacher, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        checks.run()
+        temp = _checked_temperature(temperature, teacher, checks, validate_args)
         order = _teacher_optimal_permutation(teacher, target)
         ranked = student.gather(1, order)
         remaining = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
@@ -1015,22 +1040,17 @@ def dist_loss(
         >>> bool(torch.isclose(dist_loss(z + torch.randn(4, 1), z), dist_loss(z, z), atol=1e-6))  # shift invariance
         True
     """
-    _logits_pair_validation(student_logits, teacher_logits)
-    check_reduction(reduction, _SAMPLE_REDUCTIONS)
+    checks = _pair_checks(student_logits, teacher_logits, reduction, validate_args)
     if isinstance(gamma, Tensor) and gamma.numel() != 1:
         raise ValueError(
             f"`gamma` weights the intra-class relation, a statistic of the whole batch, so it must be a scalar; got "
             f"shape {tuple(gamma.shape)}. Pass one value (per-sample weights apply to `beta`)."
         )
-    checks = start_checks(validate_args, (student_logits, "student_logits"), (teacher_logits, "teacher_logits"))
     check_hyperparameter(beta, "beta", low=0.0, checks=checks, validate=validate_args)
     check_hyperparameter(gamma, "gamma", low=0.0, checks=checks, validate=validate_args)
     student, teacher = as_float32(student_logits, teacher_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        checks.run()
+        temp = _checked_temperature(temperature, student, checks, validate_args)
         p_s, p_t = F.softmax(student / temp, dim=-1), F.softmax(teacher / temp, dim=-1)
         scale = flatten_per_sample(temp) ** 2
         inter = scale * (1.0 - _pearson_rows(p_s, p_t, _DIST_EPS))

@@ -40,19 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_losses.functional.distillation import jsd_from_log_probs, masked_token_mean
+from lightning_losses.functional.distillation import (
+    _jsd_hyperparameters,
+    _token_labels_validation,
+    _token_value_checks,
+    jsd_from_log_probs,
+    masked_token_mean,
+)
 from lightning_losses.utilities.checks import (
     DeferredChecks,
     NumItems,
     check_hyperparameter,
     check_int,
-    check_labels,
-    check_num_items,
     check_reduction,
     check_tensor,
     start_checks,
 )
-from lightning_losses.utilities.numerics import as_float32, autocast_disabled, hyperparameter_tensor
+from lightning_losses.utilities.numerics import as_float32, autocast_disabled
 
 __all__ = ["TopKLogProbs", "sparse_generalized_jsd_loss", "topk_teacher_log_probs"]
 
@@ -127,26 +131,12 @@ def _sparse_arg_validation(
     k = teacher_log_probs.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"The teacher keeps k={k} entries per token; expected 1 <= k <= V={vocab}.")
-    if labels is not None:
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"`labels` must be a tensor of token ids or None, got {type(labels).__name__}.")
-        bad_dtype = labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool
-        if bad_dtype or tuple(labels.shape) != lead:
-            raise ValueError(
-                f"`labels` must be an integer tensor of shape {lead} (the logits' shape without the vocabulary), "
-                f"got dtype {labels.dtype} and shape {tuple(labels.shape)}."
-            )
+    _token_labels_validation(labels, lead)
     check_int(ignore_index, "ignore_index")
     check_reduction(reduction, ("mean", "sum", "none"), num_items_in_batch)
     checks = start_checks(validate_args, (student_logits, "student_logits"))
-    if isinstance(beta, Tensor):
-        check_hyperparameter(beta, "beta", low=0.0, high=1.0, checks=checks, validate=validate_args)
-    else:
-        check_hyperparameter(beta, "beta", low=0.0, high=1.0)
-    check_num_items(num_items_in_batch, checks=checks, validate=validate_args)
+    _token_value_checks(checks, beta, num_items_in_batch, labels, vocab, ignore_index, validate_args)
     if validate_args:
-        if labels is not None:
-            check_labels(labels, vocab, ignore_index, checks)
         idx = teacher_indices
         checks.require(
             ~((idx < 0) | (idx >= vocab)).any(),
@@ -273,11 +263,7 @@ def sparse_generalized_jsd_loss(
     )
     (student,) = as_float32(student_logits)
     with autocast_disabled(student):
-        temp = hyperparameter_tensor(
-            temperature, student, "temperature", positive=True, validate=validate_args, checks=checks
-        )
-        beta_t = hyperparameter_tensor(beta, student, "beta", validate=False) if isinstance(beta, Tensor) else None
-        checks.run()
+        temp, beta = _jsd_hyperparameters(temperature, beta, student, checks, validate_args)
         log_ps, log_pt = _buckets(student, teacher_log_probs.detach(), teacher_indices, temp)
-        per_token = jsd_from_log_probs(log_ps, log_pt, beta if beta_t is None else beta_t, kl=_bucket_kl)
+        per_token = jsd_from_log_probs(log_ps, log_pt, beta, kl=_bucket_kl)
         return masked_token_mean(per_token, labels, ignore_index, reduction, num_items_in_batch)

@@ -30,6 +30,7 @@ from lightning_losses.utilities.checks import (
     check_int,
     check_labels,
     check_num_items,
+    check_same_shape,
     check_tensor,
     start_checks,
 )
@@ -338,14 +339,7 @@ def membership_scores(
     check_hyperparameter(k, "k", validate=False)
     if isinstance(k, Tensor) or not 0 < k <= 1:
         raise ValueError(f"`k` must be a number in (0, 1], got {k!r}.")
-    check_tensor(log_probs, "log_probs")
-    check_tensor(mask, "mask", floating=False)
-    if mask.dtype != torch.bool:
-        raise TypeError(f"`mask` must be a bool tensor of counted tokens, got dtype {mask.dtype}. Pass `mask.bool()`.")
-    if log_probs.ndim != 2 or mask.shape != log_probs.shape:
-        raise ValueError(
-            f"`log_probs` and `mask` must both have shape (B, T), got {tuple(log_probs.shape)} and {tuple(mask.shape)}."
-        )
+    _check_token_mask(log_probs, mask, "log_probs")
     if (mu is None) != (sigma is None):
         raise ValueError("`mu` and `sigma` go together (Min-K%++): pass both or neither.")
     named = [(log_probs, "log_probs")]
@@ -400,6 +394,12 @@ def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str, *, floating_b: b
             f"`{name_a}` and `{name_b}` must have the same shape (one value per sequence), got {tuple(a.shape)} and "
             f"{tuple(b.shape)}."
         )
+
+
+def _check_pairs(first: tuple[Tensor, str], *others: tuple[Tensor, str]) -> None:
+    """:func:`_check_pair` of the first ``(tensor, name)`` with each of the others."""
+    for t, name in others:
+        _check_pair(first[0], t, first[1], name)
 
 
 def _check_lengths(lengths: Tensor, name: str, checks: DeferredChecks, validate: bool, *, positive: bool) -> None:
@@ -669,11 +669,7 @@ def retain_kl_loss(
     """
     check_tensor(policy_logits, "policy_logits")
     check_tensor(reference_logits, "reference_logits")
-    if policy_logits.shape != reference_logits.shape:
-        raise ValueError(
-            f"`policy_logits` and `reference_logits` must have the same shape, got {tuple(policy_logits.shape)} and "
-            f"{tuple(reference_logits.shape)}."
-        )
+    check_same_shape(policy_logits, reference_logits, "policy_logits", "reference_logits")
     check_int(ignore_index, "ignore_index")
     check_num_items(num_items_in_batch, validate=False)
     policy_logits, labels_s = _check_logits_labels(policy_logits, labels, shift, "policy_logits")
@@ -720,19 +716,14 @@ def idk_dpo_loss(
         >>> torch.allclose(idk_dpo_loss(z, z, z, z, beta=0.5), torch.tensor(2 / 0.5 * math.log(2)))
         True
     """
-    for t, name in (
-        (reference_idk_logps, "reference_idk_logps"),
-        (policy_forget_logps, "policy_forget_logps"),
-        (reference_forget_logps, "reference_forget_logps"),
-    ):
-        _check_pair(policy_idk_logps, t, "policy_idk_logps", name)
-    checks = start_checks(
-        validate_args,
+    named = (
         (policy_idk_logps, "policy_idk_logps"),
         (reference_idk_logps, "reference_idk_logps"),
         (policy_forget_logps, "policy_forget_logps"),
         (reference_forget_logps, "reference_forget_logps"),
     )
+    _check_pairs(*named)
+    checks = start_checks(validate_args, *named)
     policy_idk, reference_idk, policy_forget, reference_forget = as_float32(
         policy_idk_logps, reference_idk_logps.detach(), policy_forget_logps, reference_forget_logps.detach()
     )
@@ -844,16 +835,20 @@ def flat_loss(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_token_pair(token_logps: Tensor, mask: Tensor) -> None:
-    check_tensor(token_logps, "token_logps")
+def _check_token_mask(values: Tensor, mask: Tensor, name: str) -> None:
+    """``values`` a ``(B, T)`` floating-point tensor named ``name`` and ``mask`` the bool mask of its counted tokens."""
+    check_tensor(values, name)
     check_tensor(mask, "mask", floating=False)
     if mask.dtype != torch.bool:
         raise TypeError(f"`mask` must be a bool tensor of counted tokens, got dtype {mask.dtype}. Pass `mask.bool()`.")
-    if token_logps.ndim != 2 or mask.shape != token_logps.shape:
+    if values.ndim != 2 or mask.shape != values.shape:
         raise ValueError(
-            f"`token_logps` and `mask` must both have shape (B, T), got {tuple(token_logps.shape)} and "
-            f"{tuple(mask.shape)}."
+            f"`{name}` and `mask` must both have shape (B, T), got {tuple(values.shape)} and {tuple(mask.shape)}."
         )
+
+
+def _check_token_pair(token_logps: Tensor, mask: Tensor) -> None:
+    _check_token_mask(token_logps, mask, "token_logps")
     if token_logps.shape[0] == 0:
         raise ValueError("`token_logps` is empty: the batch has no sequence. Pass at least one forget example.")
 
@@ -1096,11 +1091,7 @@ def undial_loss(
     check_int(ignore_index, "ignore_index")
     z, target = _check_logits_labels(logits, labels, shift)
     check_tensor(reference_logits, "reference_logits")
-    if reference_logits.shape != logits.shape:
-        raise ValueError(
-            f"`logits` and `reference_logits` must have the same shape, got {tuple(logits.shape)} and "
-            f"{tuple(reference_logits.shape)}."
-        )
+    check_same_shape(logits, reference_logits, "logits", "reference_logits")
     z_ref = reference_logits[:, :-1] if shift else reference_logits
     mask = target != ignore_index
     checks = start_checks(validate_args, (logits, "logits"), (reference_logits, "reference_logits"))
@@ -1236,12 +1227,12 @@ def altpo_loss(
         >>> torch.allclose(altpo_loss(z, z, z, z, beta=0.5), torch.tensor(2 / 0.5 * math.log(2)))
         True
     """
-    for t, name in (
+    _check_pairs(
+        (policy_alternate_logps, "policy_alternate_logps"),
         (reference_alternate_logps, "reference_alternate_logps"),
         (policy_forget_logps, "policy_forget_logps"),
         (reference_forget_logps, "reference_forget_logps"),
-    ):
-        _check_pair(policy_alternate_logps, t, "policy_alternate_logps", name)
+    )
     return idk_dpo_loss(
         policy_alternate_logps,
         reference_alternate_logps,

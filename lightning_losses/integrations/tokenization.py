@@ -29,6 +29,7 @@ __all__ = [
     "as_pretrained_tokenizer",
     "check_trainer_vocabulary",
     "check_vocab_size",
+    "common_prefix_length",
     "encode_text",
     "model_vocab_size",
     "pad_token_id_of",
@@ -62,6 +63,21 @@ def pad_token_id_of(tokenizer: Any) -> int | None:
     return None
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading token ids ``a`` and ``b`` share.
+
+    Example:
+        >>> common_prefix_length([5, 6, 7], [5, 6, 9, 1])
+        2
+    """
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def prompt_token_count(tokenizer: Any, prompt: str, answer: str) -> int:
     """Number of leading tokens of ``tokenize(prompt + answer)`` that belong to the prompt alone.
 
@@ -74,14 +90,7 @@ def prompt_token_count(tokenizer: Any, prompt: str, answer: str) -> int:
         >>> prompt_token_count(Chars(), "xa", " b")   # "xa b" -> "x#": the merged token is an answer token
         1
     """
-    prompt_ids = encode_text(tokenizer, prompt)
-    full_ids = encode_text(tokenizer, prompt + answer)
-    n = 0
-    for a, b in zip(prompt_ids, full_ids):
-        if a != b:
-            break
-        n += 1
-    return n
+    return common_prefix_length(encode_text(tokenizer, prompt), encode_text(tokenizer, prompt + answer))
 
 
 def tokenize_prompt_answer(

@@ -167,12 +167,8 @@ def _choices(text: str | None, default: tuple[str, ...], allowed: tuple[str, ...
     return chosen
 
 
+@quiet_lightning()
 def run(args: argparse.Namespace) -> int:
-    with quiet_lightning():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (30 if args.quick else 40)
     width = args.width or (8 if args.quick else 16)
     subset = args.train_subset or (1000 if args.quick else None)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lightning_losses.demos import ConvNet
 from lightning_losses.demos import image_datamodule as pick_image_datamodule
 from lightning_losses.modules.classification import ClassificationModule
+from lightning_losses.tuning.common import segment_trainer
 
 __all__ = [
     "ClassifierModule",
@@ -59,6 +60,8 @@ def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's per-run banner lines ("GPU available: ...", the LitLogger tip, "`Trainer.fit`
     stopped: ...") and its data-loader hints inside the block; warnings and errors still show.
 
+    A job's ``run`` is decorated with ``@quiet_lightning()`` to run quietly as a whole.
+
     Example:
         >>> with quiet_lightning():
         ...     logging.getLogger("lightning.pytorch").getEffectiveLevel() == logging.WARNING
@@ -80,18 +83,7 @@ def quiet_lightning() -> Iterator[None]:
 
 def make_trainer(max_epochs: int, *, progress: bool = True, **kwargs: Any) -> pl.Trainer:
     """A CPU-friendly Trainer for the jobs: no checkpoints, no logger, no model summary unless asked."""
-    options: dict[str, Any] = dict(
-        max_epochs=max_epochs,
-        accelerator="auto",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress,
-        deterministic=False,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    return segment_trainer({"enable_progress_bar": progress, "deterministic": False, **kwargs}, max_epochs, [])
 
 
 @dataclass(frozen=True)

@@ -110,11 +110,6 @@ def _test_accuracy(trainer: pl.Trainer, module: pl.LightningModule, datamodule: 
     return float(metrics["test/acc"])
 
 
-def run(args: argparse.Namespace) -> int:
-    with quiet_lightning():
-        return _run(args)
-
-
 def _student_module(method: str, teacher: nn.Module, setting: Setting) -> pl.LightningModule:
     if method == "ce":
         return ClassificationModule(_student(method))
@@ -141,7 +136,8 @@ def _student_module(method: str, teacher: nn.Module, setting: Setting) -> pl.Lig
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+@quiet_lightning()
+def run(args: argparse.Namespace) -> int:
     setting = _setting(args)
     progress = not args.no_progress
 

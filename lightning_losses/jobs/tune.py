@@ -151,12 +151,8 @@ def _plot(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -
     plt.close(fig)
 
 
+@quiet_lightning()
 def run(args: argparse.Namespace) -> int:
-    with quiet_lightning():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (2 if args.quick else 6)
     teacher_epochs = args.teacher_epochs or (2 if args.quick else 6)
     subset = args.train_subset

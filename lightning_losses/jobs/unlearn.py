@@ -318,12 +318,8 @@ FORMATS = {
 }
 
 
+@quiet_lightning()
 def run(args: argparse.Namespace) -> int:
-    with quiet_lightning():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
     from lightning_losses.data.unlearning import UnlearningDataModule

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_losses.hyperparameters import register_hyperparameter
+from lightning_losses import hyperparameters as _hp
 
 __all__ = ["LossModule"]
 
@@ -15,23 +15,10 @@ class LossModule(nn.Module):
     Subclasses validate and store their settings in ``__init__`` and call the functional loss in ``forward``.
     """
 
-    def register_hyperparameter(
-        self,
-        name: str,
-        value: float | Tensor,
-        *,
-        low: float | None = None,
-        high: float | None = None,
-        low_inclusive: bool = True,
-        high_inclusive: bool = True,
-    ) -> None:
-        """Register a tunable hyperparameter; see :func:`lightning_losses.hyperparameters.register_hyperparameter`."""
-        register_hyperparameter(
-            self, name, value, low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
-        )
+    #: Register a tunable hyperparameter: :func:`lightning_losses.hyperparameters.register_hyperparameter` with
+    #: this module as ``module`` (``self.register_hyperparameter("temperature", 4.0, low=0.0)``).
+    register_hyperparameter = _hp.register_hyperparameter
 
     def extra_repr(self) -> str:
-        from lightning_losses.hyperparameters import named_hyperparameters
-
-        own = {k: v for k, v in named_hyperparameters(self).items() if "." not in k}
+        own = {k: v for k, v in _hp.named_hyperparameters(self).items() if "." not in k}
         return ", ".join(f"{k}={v.item():g}" if v.numel() == 1 else f"{k}=<{tuple(v.shape)}>" for k, v in own.items())

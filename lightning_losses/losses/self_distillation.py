@@ -7,8 +7,8 @@ from typing import Literal
 from torch import Tensor
 
 from lightning_losses.functional.self_distillation import self_distillation_loss
-from lightning_losses.losses.distillation import DistillationLoss, _number_validation
-from lightning_losses.utilities.checks import check_choice, check_reduction
+from lightning_losses.losses.distillation import _POSITIVE, _SAMPLE_REDUCTIONS, _UNIT_INTERVAL, DistillationLoss
+from lightning_losses.utilities.checks import check_choice
 
 __all__ = ["SelfDistillationLoss"]
 
@@ -54,14 +54,11 @@ class SelfDistillationLoss(DistillationLoss):
         reduction: Literal["batchmean", "sum", "none"] = "batchmean",
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=warmup_epochs)
-        _number_validation("xi", xi, low=0.0, strict=False, high=1.0)
-        _number_validation("temperature", temperature, low=0.0, strict=True)
+        self._register_settings(
+            reduction, _SAMPLE_REDUCTIONS, xi=(xi, _UNIT_INTERVAL), temperature=(temperature, _POSITIVE)
+        )
         check_choice("criterion", criterion, ("mse", "ce"))
-        check_reduction(reduction, ("batchmean", "sum", "none"))
         self.criterion: Literal["mse", "ce"] = criterion
-        self.reduction = reduction
-        self.register_hyperparameter("xi", xi, low=0.0, high=1.0)
-        self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
 
     def forward(
         self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int | float | None = None
@@ -76,4 +73,4 @@ class SelfDistillationLoss(DistillationLoss):
             criterion=self.criterion,
             reduction="none",
         )
-        return self.warmup_factor(epoch) * self._weighted(per_sample, self.reduction)
+        return self._output(per_sample, epoch)

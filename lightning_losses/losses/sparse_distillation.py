@@ -8,13 +8,19 @@ from typing import Literal
 from torch import Tensor
 
 from lightning_losses.functional.sparse_distillation import TopKLogProbs, sparse_generalized_jsd_loss
-from lightning_losses.losses.distillation import DistillationLoss
-from lightning_losses.utilities.checks import NumItems, check_hyperparameter, check_int, check_reduction
+from lightning_losses.losses.distillation import _Range, _TokenLoss
+from lightning_losses.utilities.checks import NumItems, check_hyperparameter
 
 __all__ = ["SparseGeneralizedJSDLoss"]
 
 
-class SparseGeneralizedJSDLoss(DistillationLoss):
+def _check_number_setting(name: str, value: float | Tensor, bounds: _Range) -> None:
+    """Check a setting given as a number; a tensor's values are checked when it is registered."""
+    if not isinstance(value, Tensor):
+        check_hyperparameter(value, name, low=0.0, high=bounds.high, low_inclusive=bounds.low_inclusive)
+
+
+class SparseGeneralizedJSDLoss(_TokenLoss):
     r"""Token-level generalized JSD against a teacher stored as top-k log-probabilities (plus the tail mass).
 
     .. math::
@@ -48,9 +54,6 @@ class SparseGeneralizedJSDLoss(DistillationLoss):
         True
     """
 
-    beta: Tensor
-    temperature: Tensor
-
     def __init__(
         self,
         beta: float | Tensor = 0.5,
@@ -59,17 +62,7 @@ class SparseGeneralizedJSDLoss(DistillationLoss):
         ignore_index: int = -100,
         reduction: Literal["mean", "sum", "none"] = "mean",
     ) -> None:
-        super().__init__(weight=weight, warmup_epochs=0)
-        if not isinstance(beta, Tensor):
-            check_hyperparameter(beta, "beta", low=0.0, high=1.0)
-        if not isinstance(temperature, Tensor):
-            check_hyperparameter(temperature, "temperature", low=0.0, low_inclusive=False)
-        check_reduction(reduction, ("mean", "sum", "none"))
-        check_int(ignore_index, "ignore_index")
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.register_hyperparameter("beta", beta, low=0.0, high=1.0)
-        self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
+        super().__init__(beta, temperature, weight, ignore_index, reduction, _check_number_setting)
 
     def forward(
         self,
@@ -92,11 +85,7 @@ class SparseGeneralizedJSDLoss(DistillationLoss):
                 "`teacher` must be a TopKLogProbs(log_probs, indices) pair (e.g. from TeacherLogitsDataset), got "
                 f"{type(teacher).__name__}. For full teacher logits use GeneralizedJSDLoss."
             )
-        if num_items_in_batch is not None and self.reduction != "mean":
-            raise ValueError(
-                "`num_items_in_batch` needs reduction='mean', but this loss was built with "
-                f"reduction={self.reduction!r}."
-            )
+        self._check_num_items_reduction(num_items_in_batch)
         per_token = sparse_generalized_jsd_loss(
             student_logits,
             teacher[0],
@@ -107,8 +96,4 @@ class SparseGeneralizedJSDLoss(DistillationLoss):
             ignore_index=self.ignore_index,
             reduction="none",
         )
-        if labels is None:
-            count = per_token.new_tensor(float(per_token.numel()))
-        else:
-            count = (labels != self.ignore_index).sum().to(per_token.dtype)
-        return self._weighted(per_token, self.reduction, count=count, num_items_in_batch=num_items_in_batch)
+        return self._token_mean(per_token, labels, num_items_in_batch)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args, overload
 
 from torch import Tensor, nn
 
@@ -125,13 +125,25 @@ RETAIN_SCORES = frozenset({"retain", "retain_activations", "retain_reference_act
 ACTIVATION_SCORES = frozenset({"activations", "retain_activations", "retain_reference_activations"})
 
 
-def _score_property(name: str, doc: str) -> Any:
-    """A read-only property giving the score ``name`` (computed on first access)."""
+class _Score:
+    """A read-only score of :class:`UnlearningScores`, computed on first access (typed as a ``Tensor``)."""
 
-    def get(self: UnlearningScores) -> Tensor:
-        return self._tensor(name)
+    def __init__(self, name: str, doc: str) -> None:
+        self.name, self.__doc__ = name, doc
 
-    return property(get, doc=doc)
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _Score: ...
+
+    @overload
+    def __get__(self, instance: UnlearningScores, owner: type | None = None) -> Tensor: ...
+
+    def __get__(self, instance: UnlearningScores | None, owner: type | None = None) -> Tensor | _Score:
+        return self if instance is None else instance._tensor(self.name)
+
+    def __set__(self, instance: UnlearningScores, value: Any) -> None:
+        raise AttributeError(
+            f"UnlearningScores.{self.name} is read-only: it is computed from the batch on first access."
+        )
 
 
 class UnlearningScores:
@@ -246,63 +258,49 @@ class UnlearningScores:
             raise ValueError(f"`scores.{name}` is not available for this step.")
         return value
 
-    @property
-    def policy_logps(self) -> Tensor:
-        """``(B,)`` summed answer log-probabilities of the forget answers under the model being unlearned."""
-        return self._tensor("policy_logps")
-
-    @property
-    def reference_logps(self) -> Tensor:
-        """``(B,)`` summed answer log-probabilities of the forget answers under the reference model."""
-        return self._tensor("reference_logps")
-
-    @property
-    def lengths(self) -> Tensor:
-        """``(B,)`` answer tokens of each forget sequence."""
-        return self._tensor("lengths")
-
-    @property
-    def mean_token_probs(self) -> Tensor:
-        """``(B,)`` mean answer-token probability of the forget answers under the model being unlearned."""
-        return self._tensor("mean_token_probs")
-
-    @property
-    def template_policy_logps(self) -> Tensor:
-        """``(B,)`` summed answer log-probabilities of the template answers under the model being unlearned."""
-        return self._tensor("template_policy_logps")
-
-    @property
-    def template_reference_logps(self) -> Tensor:
-        """``(B,)`` summed answer log-probabilities of the template answers under the reference model."""
-        return self._tensor("template_reference_logps")
-
-    @property
-    def template_lengths(self) -> Tensor:
-        """``(B,)`` answer tokens of each template answer."""
-        return self._tensor("template_lengths")
-
-    @property
-    def template_mean_token_probs(self) -> Tensor:
-        """``(B,)`` mean answer-token probability of the template answers under the model being unlearned."""
-        return self._tensor("template_mean_token_probs")
+    policy_logps = _Score(
+        "policy_logps",
+        "``(B,)`` summed answer log-probabilities of the forget answers under the model being unlearned.",
+    )
+    reference_logps = _Score(
+        "reference_logps", "``(B,)`` summed answer log-probabilities of the forget answers under the reference model."
+    )
+    lengths = _Score("lengths", "``(B,)`` answer tokens of each forget sequence.")
+    mean_token_probs = _Score(
+        "mean_token_probs",
+        "``(B,)`` mean answer-token probability of the forget answers under the model being unlearned.",
+    )
+    template_policy_logps = _Score(
+        "template_policy_logps",
+        "``(B,)`` summed answer log-probabilities of the template answers under the model being unlearned.",
+    )
+    template_reference_logps = _Score(
+        "template_reference_logps",
+        "``(B,)`` summed answer log-probabilities of the template answers under the reference model.",
+    )
+    template_lengths = _Score("template_lengths", "``(B,)`` answer tokens of each template answer.")
+    template_mean_token_probs = _Score(
+        "template_mean_token_probs",
+        "``(B,)`` mean answer-token probability of the template answers under the model being unlearned.",
+    )
 
     @property
     def retain(self) -> Tensor | None:
         """The retain term of the step (a scalar), or ``None`` where there is none."""
         return self.get("retain")
 
-    labels = _score_property("labels", "``(B, T)`` forget labels, prompt and padding at ``ignore_index``.")
-    token_logps = _score_property("token_logps", "``(B, T - 1)`` per-token log-probabilities of the forget answers.")
-    token_mask = _score_property("token_mask", "``(B, T - 1)`` bool mask of the forget answer tokens.")
-    logits = _score_property("logits", "``(B, T, V)`` logits of the model being unlearned on the forget batch.")
-    reference_logits = _score_property("reference_logits", "``(B, T, V)`` reference logits on the forget batch.")
-    activations = _score_property("activations", "``(B, T, D)`` the layer's output on the forget batch.")
-    activation_mask = _score_property("activation_mask", "``(B, T)`` answer positions of the forget batch.")
-    retain_activations = _score_property("retain_activations", "``(B, T, D)`` the layer's output on retain data.")
-    retain_reference_activations = _score_property(
+    labels = _Score("labels", "``(B, T)`` forget labels, prompt and padding at ``ignore_index``.")
+    token_logps = _Score("token_logps", "``(B, T - 1)`` per-token log-probabilities of the forget answers.")
+    token_mask = _Score("token_mask", "``(B, T - 1)`` bool mask of the forget answer tokens.")
+    logits = _Score("logits", "``(B, T, V)`` logits of the model being unlearned on the forget batch.")
+    reference_logits = _Score("reference_logits", "``(B, T, V)`` reference logits on the forget batch.")
+    activations = _Score("activations", "``(B, T, D)`` the layer's output on the forget batch.")
+    activation_mask = _Score("activation_mask", "``(B, T)`` answer positions of the forget batch.")
+    retain_activations = _Score("retain_activations", "``(B, T, D)`` the layer's output on retain data.")
+    retain_reference_activations = _Score(
         "retain_reference_activations", "``(B, T, D)`` the reference's layer output on retain data."
     )
-    retain_activation_mask = _score_property("retain_activation_mask", "``(B, T)`` answer positions of retain data.")
+    retain_activation_mask = _Score("retain_activation_mask", "``(B, T)`` answer positions of retain data.")
 
     def __repr__(self) -> str:
         pending = sorted(set(self._providers) - set(self._values))
@@ -337,6 +335,12 @@ def _check_settings(**values: object) -> None:
         check_hyperparameter(value, name, validate=False)
 
 
+# Bounds of a setting for ``register_hyperparameter``: > 0, >= 0, any value.
+_POSITIVE: Mapping[str, Any] = {"low": 0.0, "low_inclusive": False}
+_NON_NEGATIVE: Mapping[str, Any] = {"low": 0.0}
+_ANY: Mapping[str, Any] = {}
+
+
 class UnlearningLoss(LossModule):
     """Base of the unlearning losses: the scores they read, the forget / retain weights and their combination.
 
@@ -357,6 +361,12 @@ class UnlearningLoss(LossModule):
         _check_settings(forget_weight=forget_weight, retain_weight=retain_weight)
         self.register_hyperparameter("forget_weight", forget_weight, low=0.0)
         self.register_hyperparameter("retain_weight", retain_weight, low=0.0)
+
+    def _register_settings(self, **settings: tuple[float, Mapping[str, Any]]) -> None:
+        """Check that every setting is a number or a tensor, then register each ``name=(value, bounds)``."""
+        _check_settings(**{name: value for name, (value, _) in settings.items()})
+        for name, (value, bounds) in settings.items():
+            self.register_hyperparameter(name, value, **bounds)
 
     @property
     def needs_reference(self) -> bool:
@@ -380,6 +390,18 @@ class UnlearningLoss(LossModule):
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         """The method's forget term from the scores of a step (before ``forget_weight``)."""
         raise NotImplementedError(f"{type(self).__name__} must define `forget_term(scores)` or `forward(scores)`.")
+
+    def _forget(self, *tensors: Any, **kwargs: Any) -> Tensor:
+        """The forget term from tensors, for the losses that also take them (``loss(policy_logps, ...)``)."""
+        raise NotImplementedError(f"{type(self).__name__} takes its scores: call it as `loss(scores)`.")
+
+    def _scores_or_tensors(
+        self, first: Tensor | UnlearningScores, *tensors: Any, retain_loss: Tensor | None, **kwargs: Any
+    ) -> Tensor:
+        """``loss(scores)``, or the tensor form: ``combine(_forget(first, *tensors, **kwargs), retain_loss)``."""
+        if isinstance(first, UnlearningScores):
+            return UnlearningLoss.forward(self, first)
+        return self.combine(self._forget(first, *tensors, **kwargs), retain_loss)
 
     def combine(self, forget_term: Tensor, retain_loss: Tensor | None) -> Tensor:
         """Return ``forget_weight · forget_term + retain_weight · retain_loss``."""
@@ -437,22 +459,20 @@ class NPOLoss(UnlearningLoss):
         length_normalize: bool = False,
     ) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(beta=beta)
         if not isinstance(length_normalize, bool):
             raise TypeError(f"`length_normalize` must be a bool, got {type(length_normalize).__name__}.")
-        self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
+        self._register_settings(beta=(beta, _POSITIVE))
         self.length_normalize = length_normalize
         if length_normalize:
             self.__dict__["needs"] = (*type(self).needs, "lengths")
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         lengths = scores.lengths if self.length_normalize else None
+        return self._forget(scores.policy_logps, scores.reference_logps, lengths=lengths)
+
+    def _forget(self, policy_logps: Tensor, reference_logps: Tensor, lengths: Tensor | None = None) -> Tensor:
         return npo_loss(
-            scores.policy_logps,
-            scores.reference_logps,
-            self.beta,
-            lengths=lengths,
-            length_normalize=self.length_normalize,
+            policy_logps, reference_logps, self.beta, lengths=lengths, length_normalize=self.length_normalize
         )
 
     def forward(
@@ -463,16 +483,7 @@ class NPOLoss(UnlearningLoss):
         *,
         lengths: Tensor | None = None,
     ) -> Tensor:
-        if isinstance(policy_logps, UnlearningScores):
-            return super().forward(policy_logps)
-        forget = npo_loss(
-            policy_logps,
-            reference_logps,  # type: ignore[arg-type]
-            self.beta,
-            lengths=lengths,
-            length_normalize=self.length_normalize,
-        )
-        return self.combine(forget, retain_loss)
+        return self._scores_or_tensors(policy_logps, reference_logps, retain_loss=retain_loss, lengths=lengths)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", length_normalize=True" if self.length_normalize else "")
@@ -511,19 +522,18 @@ class SimNPOLoss(UnlearningLoss):
         self, beta: float = 4.5, delta: float = 0.0, forget_weight: float = 1.0, retain_weight: float = 0.125
     ) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(beta=beta, delta=delta)
-        self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
-        self.register_hyperparameter("delta", delta)
+        self._register_settings(beta=(beta, _POSITIVE), delta=(delta, _ANY))
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return simnpo_loss(scores.policy_logps, scores.lengths, self.beta, self.delta)
+        return self._forget(scores.policy_logps, scores.lengths)
+
+    def _forget(self, policy_logps: Tensor, lengths: Tensor) -> Tensor:
+        return simnpo_loss(policy_logps, lengths, self.beta, self.delta)
 
     def forward(
         self, policy_logps: Tensor | UnlearningScores, lengths: Tensor | None = None, retain_loss: Tensor | None = None
     ) -> Tensor:
-        if isinstance(policy_logps, UnlearningScores):
-            return super().forward(policy_logps)
-        return self.combine(simnpo_loss(policy_logps, lengths, self.beta, self.delta), retain_loss)  # type: ignore[arg-type]
+        return self._scores_or_tensors(policy_logps, lengths, retain_loss=retain_loss)
 
 
 class GradientAscentLoss(UnlearningLoss):
@@ -549,7 +559,12 @@ class GradientAscentLoss(UnlearningLoss):
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         lengths = scores.lengths
-        return gradient_ascent_loss(scores.policy_logps, lengths, num_items_in_batch=scores.step_items(lengths.sum()))
+        return self._forget(scores.policy_logps, lengths, num_items_in_batch=scores.step_items(lengths.sum()))
+
+    def _forget(
+        self, forget_logps: Tensor, lengths: Tensor | None = None, *, num_items_in_batch: NumItems = None
+    ) -> Tensor:
+        return gradient_ascent_loss(forget_logps, lengths, num_items_in_batch=num_items_in_batch)
 
     def forward(
         self,
@@ -559,10 +574,9 @@ class GradientAscentLoss(UnlearningLoss):
         *,
         num_items_in_batch: NumItems = None,
     ) -> Tensor:
-        if isinstance(forget_logps, UnlearningScores):
-            return super().forward(forget_logps)
-        forget = gradient_ascent_loss(forget_logps, lengths, num_items_in_batch=num_items_in_batch)
-        return self.combine(forget, retain_loss)
+        return self._scores_or_tensors(
+            forget_logps, lengths, retain_loss=retain_loss, num_items_in_batch=num_items_in_batch
+        )
 
 
 class FLATLoss(UnlearningLoss):
@@ -593,7 +607,10 @@ class FLATLoss(UnlearningLoss):
         self.divergence: Divergence = divergence
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return flat_loss(scores.mean_token_probs, scores.template_mean_token_probs, self.divergence)
+        return self._forget(scores.mean_token_probs, scores.template_mean_token_probs)
+
+    def _forget(self, forget_probs: Tensor, template_probs: Tensor) -> Tensor:
+        return flat_loss(forget_probs, template_probs, self.divergence)
 
     def forward(
         self,
@@ -601,9 +618,7 @@ class FLATLoss(UnlearningLoss):
         template_probs: Tensor | None = None,
         retain_loss: Tensor | None = None,
     ) -> Tensor:
-        if isinstance(forget_probs, UnlearningScores):
-            return super().forward(forget_probs)
-        return self.combine(flat_loss(forget_probs, template_probs, self.divergence), retain_loss)  # type: ignore[arg-type]
+        return self._scores_or_tensors(forget_probs, template_probs, retain_loss=retain_loss)
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence!r}, " + super().extra_repr()
@@ -630,16 +645,30 @@ class IdkDPOLoss(UnlearningLoss):
 
     def __init__(self, beta: float = 0.1, forget_weight: float = 1.0, retain_weight: float = 1.0) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(beta=beta)
-        self.register_hyperparameter("beta", beta, low=0.0, low_inclusive=False)
+        self._register_settings(beta=(beta, _POSITIVE))
 
-    def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return idk_dpo_loss(
+    @staticmethod
+    def _preference_logps(scores: UnlearningScores) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The policy and reference log-probabilities of the template (preferred) and of the forget answers."""
+        return (
             scores.template_policy_logps,
             scores.template_reference_logps,
             scores.policy_logps,
             scores.reference_logps,
-            self.beta,
+        )
+
+    def forget_term(self, scores: UnlearningScores) -> Tensor:
+        return self._forget(*self._preference_logps(scores))
+
+    def _forget(
+        self,
+        policy_idk_logps: Tensor,
+        reference_idk_logps: Tensor,
+        policy_forget_logps: Tensor,
+        reference_forget_logps: Tensor,
+    ) -> Tensor:
+        return idk_dpo_loss(
+            policy_idk_logps, reference_idk_logps, policy_forget_logps, reference_forget_logps, self.beta
         )
 
     def forward(
@@ -650,16 +679,9 @@ class IdkDPOLoss(UnlearningLoss):
         reference_forget_logps: Tensor | None = None,
         retain_loss: Tensor | None = None,
     ) -> Tensor:
-        if isinstance(policy_idk_logps, UnlearningScores):
-            return super().forward(policy_idk_logps)
-        forget = idk_dpo_loss(
-            policy_idk_logps,
-            reference_idk_logps,  # type: ignore[arg-type]
-            policy_forget_logps,  # type: ignore[arg-type]
-            reference_forget_logps,  # type: ignore[arg-type]
-            self.beta,
+        return self._scores_or_tensors(
+            policy_idk_logps, reference_idk_logps, policy_forget_logps, reference_forget_logps, retain_loss=retain_loss
         )
-        return self.combine(forget, retain_loss)
 
 
 class _TokenMeanLoss(UnlearningLoss):
@@ -695,8 +717,7 @@ class WGALoss(_TokenMeanLoss):
 
     def __init__(self, beta: float = 1.0, forget_weight: float = 1.0, retain_weight: float = 1.0) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(beta=beta)
-        self.register_hyperparameter("beta", beta, low=0.0)
+        self._register_settings(beta=(beta, _NON_NEGATIVE))
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         mask = scores.token_mask
@@ -735,9 +756,7 @@ class SatImpLoss(_TokenMeanLoss):
         self, beta1: float = 5.0, beta2: float = 1.0, forget_weight: float = 0.1, retain_weight: float = 1.0
     ) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(beta1=beta1, beta2=beta2)
-        self.register_hyperparameter("beta1", beta1, low=0.0)
-        self.register_hyperparameter("beta2", beta2, low=0.0)
+        self._register_settings(beta1=(beta1, _NON_NEGATIVE), beta2=(beta2, _NON_NEGATIVE))
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
         mask = scores.token_mask
@@ -825,9 +844,8 @@ class UNDIALLoss(_TokenMeanLoss):
         self, gamma: float = 10.0, forget_weight: float = 1.0, retain_weight: float = 0.0, ignore_index: int = -100
     ) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(gamma=gamma)
         check_int(ignore_index, "ignore_index")
-        self.register_hyperparameter("gamma", gamma, low=0.0)
+        self._register_settings(gamma=(gamma, _NON_NEGATIVE))
         self.ignore_index = ignore_index
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
@@ -901,11 +919,10 @@ class RMULoss(UnlearningLoss):
         seed: int = 0,
     ) -> None:
         super().__init__(forget_weight, retain_weight)
-        _check_settings(steering_coeff=steering_coeff)
         check_int(seed, "seed")
         if layer is not None and (not isinstance(layer, str) or not layer):
             raise TypeError(f"`layer` must be a module name (a non-empty str) or None, got {layer!r}.")
-        self.register_hyperparameter("steering_coeff", steering_coeff, low=0.0, low_inclusive=False)
+        self._register_settings(steering_coeff=(steering_coeff, _POSITIVE))
         self.layer, self.seed = layer, seed
 
     @property
@@ -950,13 +967,7 @@ class AltPOLoss(IdkDPOLoss):
     module_attribute = "altpo"
 
     def forget_term(self, scores: UnlearningScores) -> Tensor:
-        return altpo_loss(
-            scores.template_policy_logps,
-            scores.template_reference_logps,
-            scores.policy_logps,
-            scores.reference_logps,
-            self.beta,
-        )
+        return altpo_loss(*self._preference_logps(scores), self.beta)
 
 
 @dataclass(frozen=True)

@@ -219,13 +219,19 @@ class BlindspotLoss(UnlearningLoss):
             )
         blind_logits, blind_acts = self.blindspot_outputs(batch["input"])
         names = self.activation_layers
+        return self._forget(logits, blind_logits, [activations[n] for n in names], [blind_acts[n] for n in names])
+
+    def _forget(
+        self,
+        logits: Tensor,
+        blindspot_logits: Tensor | None,
+        activations: Sequence[Tensor] = (),
+        blindspot_activations: Sequence[Tensor] = (),
+    ) -> Tensor:
+        if blindspot_logits is None:
+            raise ValueError("Pass `blindspot_logits` (the blindspot model's logits on the same forget samples).")
         return blindspot_loss(
-            logits,
-            blind_logits,
-            [activations[n] for n in names],
-            [blind_acts[n] for n in names],
-            self.temperature,
-            self.attention_weight,
+            logits, blindspot_logits, activations, blindspot_activations, self.temperature, self.attention_weight
         )
 
     def forward(
@@ -236,11 +242,6 @@ class BlindspotLoss(UnlearningLoss):
         blindspot_activations: Sequence[Tensor] = (),
         retain_loss: Tensor | None = None,
     ) -> Tensor:
-        if isinstance(logits, UnlearningScores):
-            return super().forward(logits)
-        if blindspot_logits is None:
-            raise ValueError("Pass `blindspot_logits` (the blindspot model's logits on the same forget samples).")
-        forget = blindspot_loss(
-            logits, blindspot_logits, activations, blindspot_activations, self.temperature, self.attention_weight
+        return self._scores_or_tensors(
+            logits, blindspot_logits, activations, blindspot_activations, retain_loss=retain_loss
         )
-        return self.combine(forget, retain_loss)

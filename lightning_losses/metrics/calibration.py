@@ -60,16 +60,36 @@ __all__ = [
 ]
 
 
-class _BinnedMetric(Metric):
-    """Per-bin sums of top-label confidence and correctness (equal-width), or the samples (equal-mass)."""
+class _SummedMetric(Metric):
+    """A calibration metric whose states are float64 sums, added across processes."""
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
+    def _add_sums(self, shape: tuple[int, ...], *names: str) -> None:
+        """Add the zero float64 states ``names`` of ``shape``, summed across processes."""
+        for name in names:
+            self.add_state(name, torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+
+class _BinSumsMetric(_SummedMetric):
+    """Per-bin sums ``(count, confidence_sum, correct_sum)`` of equal-width bins (bins in the last dimension)."""
+
     count: Tensor
     confidence_sum: Tensor
     correct_sum: Tensor
+
+    def _add_bin_sums(self, *shape: int) -> None:
+        self._add_sums(shape, "count", "confidence_sum", "correct_sum")
+
+    def _bin_sums(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.count, self.confidence_sum, self.correct_sum
+
+
+class _BinnedMetric(_BinSumsMetric):
+    """Per-bin sums of top-label confidence and correctness (equal-width), or the samples (equal-mass)."""
+
     confidences: list[Tensor]
     corrects: list[Tensor]
 
@@ -88,8 +108,7 @@ class _BinnedMetric(Metric):
         self.n_bins, self.binning, self.input_type = n_bins, binning, input_type
         self.validate_args = validate_args
         if binning == "uniform":
-            for name in ("count", "confidence_sum", "correct_sum"):
-                self.add_state(name, torch.zeros(n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+            self._add_bin_sums(n_bins)
         else:
             self.add_state("confidences", [], dist_reduce_fx="cat")
             self.add_state("corrects", [], dist_reduce_fx="cat")
@@ -126,7 +145,7 @@ class _BinnedMetric(Metric):
         """Return ``(count, confidence_sum, correct_sum)`` per equal-width bin (for reliability diagrams)."""
         if self.binning != "uniform":
             raise ValueError("bins() needs binning='uniform'; equal-mass bins are formed only at compute().")
-        return self.count, self.confidence_sum, self.correct_sum
+        return self._bin_sums()
 
 
 class CalibrationError(_BinnedMetric):
@@ -169,9 +188,7 @@ class CalibrationError(_BinnedMetric):
 
     def compute(self) -> Tensor:
         if self.binning == "uniform":
-            return calibration_error_from_bins(
-                self.count, self.confidence_sum, self.correct_sum, self.norm, validate_args=False
-            ).float()
+            return calibration_error_from_bins(*self._bin_sums(), self.norm, validate_args=False).float()
         conf, correct = dim_zero_cat(self.confidences), dim_zero_cat(self.corrects)
         return _equal_mass_error(conf, correct, self.n_bins, self.norm).float()
 
@@ -193,7 +210,7 @@ class AverageCalibrationError(_BinnedMetric):
         super().__init__(n_bins, "uniform", input_type, validate_args, **kwargs)
 
     def compute(self) -> Tensor:
-        return _ace_from_bins(self.count, self.confidence_sum, self.correct_sum).float()
+        return _ace_from_bins(*self._bin_sums()).float()
 
 
 class DebiasedCalibrationError(_BinnedMetric):
@@ -225,7 +242,7 @@ class DebiasedCalibrationError(_BinnedMetric):
         self.squared = squared
 
     def compute(self) -> Tensor:
-        return _debiased_from_bins(self.count, self.confidence_sum, self.correct_sum, self.squared).float()
+        return _debiased_from_bins(*self._bin_sums(), self.squared).float()
 
 
 class KSCalibrationError(_BinnedMetric):
@@ -249,7 +266,7 @@ class KSCalibrationError(_BinnedMetric):
         return _ks_from_samples(conf, correct).float()
 
 
-class ClasswiseCalibrationError(Metric):
+class ClasswiseCalibrationError(_BinSumsMetric):
     r"""Classwise ECE (one-vs-rest ECE averaged over classes), streaming with ``(C, n_bins)`` per-bin sums; twin of
     :func:`~lightning_losses.functional.classwise_calibration_error`.
 
@@ -265,13 +282,6 @@ class ClasswiseCalibrationError(Metric):
         >>> round(float(m.compute()), 4)
         0.15
     """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    count: Tensor
-    confidence_sum: Tensor
-    correct_sum: Tensor
 
     def __init__(
         self,
@@ -290,8 +300,7 @@ class ClasswiseCalibrationError(Metric):
         check_choice("norm", norm, ("l1", "l2", "max"))
         check_choice("input_type", input_type, ("probs", "logits"))
         self.num_classes, self.n_bins, self.norm, self.input_type = num_classes, n_bins, norm, input_type
-        for name in ("count", "confidence_sum", "correct_sum"):
-            self.add_state(name, torch.zeros(num_classes, n_bins, dtype=torch.float64), dist_reduce_fx="sum")
+        self._add_bin_sums(num_classes, n_bins)
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of predictions and targets."""
@@ -305,16 +314,11 @@ class ClasswiseCalibrationError(Metric):
         self.correct_sum += acc
 
     def compute(self) -> Tensor:
-        per_class = calibration_error_from_bins(
-            self.count, self.confidence_sum, self.correct_sum, self.norm, validate_args=False
-        )
+        per_class = calibration_error_from_bins(*self._bin_sums(), self.norm, validate_args=False)
         return per_class.mean().float()
 
 
-class _MeanScore(Metric):
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
+class _MeanScore(_SummedMetric):
     total: Tensor
     n: Tensor
 
@@ -322,8 +326,7 @@ class _MeanScore(Metric):
         super().__init__(**kwargs)
         check_choice("input_type", input_type, ("probs", "logits"))
         self.input_type, self.validate_args = input_type, validate_args
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self._add_sums((), "total", "n")
 
     def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
@@ -386,7 +389,7 @@ class NegativeLogLikelihood(_MeanScore):
         return -logp.gather(1, target[:, None]).squeeze(1)
 
 
-class SmoothCalibrationError(Metric):
+class SmoothCalibrationError(_SummedMetric):
     r"""Smooth ECE (Błasiok & Nakkiran, 2023), streaming on a fine histogram; twin of
     :func:`~lightning_losses.functional.smooth_calibration_error`.
 
@@ -435,10 +438,6 @@ class SmoothCalibrationError(Metric):
         True
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
     residual_grid: Tensor
     abs_residual_sum: Tensor
     count: Tensor
@@ -458,9 +457,8 @@ class SmoothCalibrationError(Metric):
         self.grid_size, self.input_type, self.min_bandwidth = grid_size, input_type, float(min_bandwidth)
         self.validate_args = validate_args
         self.bandwidth: float | None = None
-        self.add_state("residual_grid", torch.zeros(grid_size, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("abs_residual_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self._add_sums((grid_size,), "residual_grid")
+        self._add_sums((), "abs_residual_sum", "count")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add a batch of predictions ``(N, C)`` / ``(N,)`` and targets ``(N,)``."""
@@ -485,7 +483,21 @@ class SmoothCalibrationError(Metric):
         return value.float()
 
 
-class PredictionSetCoverage(Metric):
+class _SetRatio(_SummedMetric):
+    """A sum over prediction sets (state ``_numerator``) divided by the number of sets ``count`` at ``compute``."""
+
+    count: Tensor
+    _numerator: str
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._add_sums((), self._numerator, "count")
+
+    def compute(self) -> Tensor:
+        return (getattr(self, self._numerator) / self.count.clamp_min(1)).float()
+
+
+class PredictionSetCoverage(_SetRatio):
     r"""Empirical coverage of prediction sets: the fraction of samples whose set holds the true class.
 
     .. math::
@@ -498,16 +510,9 @@ class PredictionSetCoverage(Metric):
         tensor(0.5000)
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
     covered: Tensor
-    count: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("covered", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    _numerator = "covered"
 
     def update(self, sets: Tensor, target: Tensor) -> None:
         """Add a batch of boolean sets ``(N, C)`` and targets ``(N,)``."""
@@ -519,11 +524,8 @@ class PredictionSetCoverage(Metric):
         self.covered += sets.gather(1, target[:, None].long()).sum()
         self.count += sets.shape[0]
 
-    def compute(self) -> Tensor:
-        return (self.covered / self.count.clamp_min(1)).float()
 
-
-class PredictionSetSize(Metric):
+class PredictionSetSize(_SetRatio):
     r"""Average size of prediction sets, :math:`\frac{1}{N}\sum_i \lvert \mathcal{C}(x_i) \rvert`.
 
     Example:
@@ -533,25 +535,14 @@ class PredictionSetSize(Metric):
         tensor(1.5000)
     """
 
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
     size_sum: Tensor
-    count: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("size_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    _numerator = "size_sum"
 
     def update(self, sets: Tensor, target: Tensor | None = None) -> None:
         """Add a batch of boolean sets ``(N, C)`` (``target`` is accepted and ignored)."""
         _check_sets(sets)
         self.size_sum += sets.sum()
         self.count += sets.shape[0]
-
-    def compute(self) -> Tensor:
-        return (self.size_sum / self.count.clamp_min(1)).float()
 
 
 def _check_sets(sets: object) -> None:

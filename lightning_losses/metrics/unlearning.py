@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -142,6 +142,18 @@ def _cat(metric: Metric, state: str) -> Tensor:
     return torch.cat(value) if value else torch.empty(0, device=metric.device)
 
 
+class _ListStateMetric(Metric):
+    """A metric whose states (``_states``) are lists of per-batch tensors, concatenated across processes."""
+
+    full_state_update = False
+    _states: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in self._states:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+
 def _dedupe(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
     """Keep the first occurrence of each index, sorted by index."""
     if index.numel() == 0:
@@ -152,7 +164,7 @@ def _dedupe(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
     return (unique, *(v[first] for v in values))
 
 
-class UnlearningSplitStatistics(Metric):
+class UnlearningSplitStatistics(_ListStateMetric):
     """Per-sample statistics of one evaluation split: NLL, token count and membership scores, keyed by sample index.
 
     ``update(log_probs, mask, index, mu=None, sigma=None, zlib=None, truth_ratios=None)`` with per-token
@@ -170,17 +182,14 @@ class UnlearningSplitStatistics(Metric):
         ([4, 7], 2.0, [-3.0, -2.0])
     """
 
-    full_state_update = False
     _keys = ("nll_sum", "tokens", "loss", "min_k", "min_k_plus_plus", "zlib", "truth_ratio")
+    _states = ("index", *_keys)
 
     def __init__(self, k: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if not 0 < k <= 1:
             raise ValueError(f"`k` must lie in (0, 1], got {k}.")
         self.k = k
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        for key in self._keys:
-            self.add_state(key, default=[], dist_reduce_fx="cat")
 
     def update(
         self,
@@ -223,7 +232,7 @@ class UnlearningSplitStatistics(Metric):
         return out
 
 
-class MembershipInferenceAUC(Metric):
+class MembershipInferenceAUC(_ListStateMetric):
     """Streaming AUC of a membership score: ``update(scores, members)`` with ``members`` True for training samples.
 
     0.5 means the attack cannot tell members from non-members (the goal of unlearning on the forget set).
@@ -235,12 +244,7 @@ class MembershipInferenceAUC(Metric):
         1.0
     """
 
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("members", default=[], dist_reduce_fx="cat")
+    _states = ("scores", "members")
 
     def update(self, scores: Tensor, members: Tensor) -> None:
         if scores.shape != members.shape:
@@ -254,7 +258,7 @@ class MembershipInferenceAUC(Metric):
         return auc_score(scores, members)
 
 
-class ForgetQuality(Metric):
+class ForgetQuality(_ListStateMetric):
     """KS-test p-value between a per-sample statistic of the unlearned model and a reference distribution.
 
     Args:
@@ -267,14 +271,13 @@ class ForgetQuality(Metric):
         1.0
     """
 
-    full_state_update = False
+    _states = ("values",)
 
     def __init__(self, reference: Tensor, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if reference.numel() == 0:
             raise ValueError("`reference` is empty: pass the retain model's statistic on the forget set.")
         self.reference = reference.detach().flatten().float().cpu()
-        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, values: Tensor) -> None:
         _append(self, "values", values.detach().flatten().float())
@@ -284,7 +287,7 @@ class ForgetQuality(Metric):
         return ks_2samp_pvalue(values.cpu(), self.reference)
 
 
-class TruthRatio(Metric):
+class TruthRatio(_ListStateMetric):
     r"""TOFU's truth ratio where paraphrased and perturbed answers exist.
 
     For each question, with :math:`\bar\ell` the mean token log-probability of an answer,
@@ -305,11 +308,7 @@ class TruthRatio(Metric):
         True
     """
 
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("ratios", default=[], dist_reduce_fx="cat")
+    _states = ("ratios",)
 
     def update(self, paraphrased_mean_logps: Tensor, perturbed_mean_logps: Tensor) -> None:
         _append(self, "ratios", truth_ratio(paraphrased_mean_logps, perturbed_mean_logps))
@@ -354,7 +353,7 @@ def classification_losses(logits: Tensor, target: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits.detach().float(), target.long(), reduction="none")
 
 
-class LossMembershipInference(Metric):
+class LossMembershipInference(_ListStateMetric):
     r"""Loss-based membership inference on a classifier: the AUC with which the per-sample loss tells members
     (samples the model was trained on, e.g. the forget set) from non-members (held-out samples).
 
@@ -378,13 +377,10 @@ class LossMembershipInference(Metric):
         1.0
     """
 
-    full_state_update = False
+    _states = ("losses", "members", "index")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.add_state("losses", default=[], dist_reduce_fx="cat")
-        self.add_state("members", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
         self._indexed: bool | None = None
 
     def update(self, logits: Tensor, target: Tensor, members: bool | Tensor, index: Tensor | None = None) -> None:
@@ -422,7 +418,7 @@ class LossMembershipInference(Metric):
         self._indexed = None
 
 
-class DedupedAccuracy(Metric):
+class DedupedAccuracy(_ListStateMetric):
     """Top-1 accuracy counting each sample once by its dataset ``index``: multi-process evaluation with a
     ``DistributedSampler`` (which repeats samples to even out the shards) equals the single-process accuracy.
 
@@ -437,12 +433,7 @@ class DedupedAccuracy(Metric):
         0.5
     """
 
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
+    _states = ("correct", "index")
 
     def update(self, logits: Tensor, target: Tensor, index: Tensor) -> None:
         if index is None:

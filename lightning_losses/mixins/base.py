@@ -63,40 +63,12 @@ class HyperparameterMixin:
         assert isinstance(self, nn.Module)
         return _hp.named_hyperparameters(self, include_attributes=include_attributes)
 
-    def expose_hyperparameter(
-        self,
-        name: str,
-        *,
-        low: float | None = None,
-        high: float | None = None,
-        low_inclusive: bool = True,
-        high_inclusive: bool = True,
-    ) -> None:
-        """Make the float attribute ``name`` of a submodule (``"student.drop.p"``) a named hyperparameter.
+    # The two functions of lightning_losses.hyperparameters below serve as methods as they are (self is the module).
 
-        Call it in ``__init__``. See :func:`lightning_losses.hyperparameters.expose_hyperparameter` (a dropout rate
-        gets the range [0, 1] unless bounds are given).
-        """
-        assert isinstance(self, nn.Module)
-        _hp.expose_hyperparameter(
-            self, name, low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
-        )
+    #: Make the float attribute ``name`` of a submodule (``"student.drop.p"``) a named hyperparameter; call it in
+    #: ``__init__`` (see :func:`lightning_losses.hyperparameters.expose_hyperparameter`).
+    expose_hyperparameter = _hp.expose_hyperparameter
 
-    def register_hyperparameter(
-        self,
-        name: str,
-        value: float | Tensor,
-        *,
-        low: float | None = None,
-        high: float | None = None,
-        low_inclusive: bool = True,
-        high_inclusive: bool = True,
-    ) -> None:
-        """Register a top-level hyperparameter (a loss weight, say) on the LightningModule itself.
-
-        See :func:`lightning_losses.hyperparameters.register_hyperparameter`; the bounds are checked on every set.
-        """
-        assert isinstance(self, nn.Module)
-        _hp.register_hyperparameter(
-            self, name, value, low=low, high=high, low_inclusive=low_inclusive, high_inclusive=high_inclusive
-        )
+    #: Register a top-level hyperparameter (a loss weight, say) on the LightningModule itself; the bounds are checked
+    #: on every set (see :func:`lightning_losses.hyperparameters.register_hyperparameter`).
+    register_hyperparameter = _hp.register_hyperparameter

@@ -23,9 +23,10 @@ from lightning_losses.losses.unlearning import (
     resolve_unlearning_loss,
 )
 from lightning_losses.mixins.base import HyperparameterMixin
-from lightning_losses.mixins.unlearning_reference import (
+from lightning_losses.mixins.unlearning_reference import (  # noqa: F401 - strategies exported: STRATEGY_EXPORTS
     REFERENCE_KEY,
     REFERENCE_MASK_KEY,
+    STRATEGY_EXPORTS,
     DisabledAdapterReference,
     ModelReference,
     NamedAdapterReference,
@@ -54,14 +55,7 @@ from lightning_losses.utilities.tokens import count_label_tokens, step_num_items
 __all__ = [
     "UNLEARNING_METHODS",
     "CausalLMScorer",
-    "DisabledAdapterReference",
-    "ModelReference",
-    "NamedAdapterReference",
-    "NoReference",
-    "PrecomputedReference",
-    "ReferenceMode",
-    "ReferenceStrategy",
-    "ReferenceTable",
+    *STRATEGY_EXPORTS,
     "UnlearningMethod",
     "UnlearningMixin",
 ]

@@ -39,9 +39,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "REFERENCE_KEY",
-    "REFERENCE_MASK_KEY",
+#: The reference strategies and their types, also exported by :mod:`lightning_losses.mixins.unlearning`.
+STRATEGY_EXPORTS: tuple[str, ...] = (
     "DisabledAdapterReference",
     "ModelReference",
     "NamedAdapterReference",
@@ -50,6 +49,11 @@ __all__ = [
     "ReferenceMode",
     "ReferenceStrategy",
     "ReferenceTable",
+)
+__all__ = [
+    "REFERENCE_KEY",
+    "REFERENCE_MASK_KEY",
+    *STRATEGY_EXPORTS,
     "check_frozen_base",
     "check_unlearning_models",
     "forget_dataloader",

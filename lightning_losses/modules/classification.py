@@ -39,7 +39,39 @@ def _takes_index(loss: Callable[..., Tensor]) -> bool:
         return False
 
 
-class ClassificationModule(HyperparameterMixin, pl.LightningModule):
+class ClassifierEvaluation(pl.LightningModule):
+    """The accuracy metrics and the validation and test steps shared by the classifier modules.
+
+    Each evaluation batch logs ``{stage}/loss`` (the cross-entropy, 0 on an empty batch) and ``{stage}/acc`` (the
+    ``val_accuracy`` / ``test_accuracy`` metric, per epoch) of the logits and targets that the subclass's
+    :meth:`_evaluation_outputs` returns.
+    """
+
+    def add_accuracy_metrics(self, num_classes: int) -> None:
+        """Create ``train_accuracy``, ``val_accuracy`` and ``test_accuracy``: micro-averaged top-1 accuracy."""
+        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    def _evaluation_outputs(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
+        """The logits and the class targets of an evaluation batch of ``stage`` (``"val"`` or ``"test"``)."""
+        raise NotImplementedError
+
+    def _evaluate(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> None:
+        logits, y = self._evaluation_outputs(batch, stage)
+        metric(logits, y)
+        loss = F.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=y.shape[0])
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_accuracy, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_accuracy, "test")
+
+
+class ClassificationModule(HyperparameterMixin, ClassifierEvaluation):
     r"""Train ``model`` (inputs → logits) with ``loss(logits, target)``, logging loss and accuracy per stage.
 
     ``loss`` is any classification loss: cross-entropy by default, or the library's
@@ -107,9 +139,7 @@ class ClassificationModule(HyperparameterMixin, pl.LightningModule):
         self.loss: Callable[..., Tensor] = CrossEntropyLoss() if loss is None else loss
         self.num_classes = num_classes
         self.loss_takes_index = _takes_index(self.loss)
-        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.add_accuracy_metrics(num_classes)
 
     def forward(self, x: Any) -> Tensor:
         """The model's logits."""
@@ -146,22 +176,13 @@ class ClassificationModule(HyperparameterMixin, pl.LightningModule):
             self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, batch_size=y.shape[0])
         return loss
 
-    def _evaluate(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> None:
+    def _evaluation_outputs(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         x, y, _ = unpack_batch(batch)
         if y is None:
             raise ValueError(f"ClassificationModule needs class targets in every {stage} batch.")
         logits = self(x)
         check_targets(y, self.num_classes, logits.shape[0])
-        metric(logits, y)
-        loss = F.cross_entropy(logits.float(), y) if y.numel() else logits.sum() * 0.0
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=y.shape[0])
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_accuracy, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_accuracy, "test")
+        return logits, y
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         if isinstance(batch, dict):

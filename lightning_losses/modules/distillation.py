@@ -13,12 +13,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_losses.callbacks.distillation import TeacherClassMeans
 from lightning_losses.functional.distillation import project_conflicting_gradient
@@ -26,6 +24,7 @@ from lightning_losses.losses.distillation import BinaryKLLoss, DISTLoss, DKDLoss
 from lightning_losses.losses.feature_distillation import AttentionTransferLoss, CRDLoss, FitNetLoss, RKDLoss
 from lightning_losses.mixins.distillation import DistillationMixin
 from lightning_losses.modules._optimizers import optimizer_and_schedule
+from lightning_losses.modules.classification import ClassifierEvaluation
 from lightning_losses.nn.distillation import DualHeadClassifier, FeatureProjector
 from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_choice, check_number, check_targets
@@ -192,7 +191,7 @@ def _accepts(cls: type[nn.Module], name: str) -> bool:
     return name in inspect.signature(cls.__init__).parameters
 
 
-class DistillationModule(DistillationMixin, pl.LightningModule):
+class DistillationModule(DistillationMixin, ClassifierEvaluation):
     r"""Train ``student`` to imitate a frozen ``teacher`` with one of the methods of :data:`DISTILLATION_PRESETS`.
 
     ========  ===========================================================================================
@@ -352,9 +351,7 @@ class DistillationModule(DistillationMixin, pl.LightningModule):
         self.gradient_alignment = gradient_alignment
         if gradient_alignment:
             self.automatic_optimization = False
-        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.add_accuracy_metrics(num_classes)
 
     def _build_feature_loss(
         self,
@@ -508,19 +505,11 @@ class DistillationModule(DistillationMixin, pl.LightningModule):
             if scheduler is not None:
                 scheduler.step()  # type: ignore[union-attr]
 
-    def _evaluate(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> None:
+    def _evaluation_outputs(self, batch: Any, stage: str) -> tuple[Tensor, Tensor]:
         x, y, _ = unpack_batch(batch)
         logits = self(x)
         assert y is not None
-        metric(logits, y)
-        self.log(f"{stage}/loss", F.cross_entropy(logits.float(), y), sync_dist=True, batch_size=y.shape[0])
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_accuracy, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.test_accuracy, "test")
+        return logits, y
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, _, _ = unpack_batch(batch)

@@ -49,7 +49,32 @@ def _bounded(raw: Tensor, tau_min: float, tau_max: float) -> Tensor:
     return tau.clamp(tau_min, tau_max)
 
 
-class TempNet(nn.Module):
+class _PooledTemperature(nn.Module):
+    """The output stage both TempNets share: softmax pooling with a learnable scale, a linear head, bounded τ."""
+
+    tau_min: float
+    tau_max: float
+
+    def _init_pooling(self, width: int, log_scale: float) -> None:
+        """Create the pooling scale ``s`` (``log_scale``) and the head ``a``, ``b`` (ones and zero) of ``width``."""
+        # shape (1,), not 0-dim: FSDP and DeepSpeed flatten, shard and broadcast parameters, and fail on 0-dim ones
+        self.log_pool_scale = nn.Parameter(torch.full((1,), log_scale))
+        self.head = nn.Linear(width, 1)
+        nn.init.ones_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def _pooled(self, scores: Tensor, values: Tensor) -> Tensor:
+        """τ from ``a^T((w - 1/W) ⊙ values) + b`` with ``w = softmax(scores / e^s)`` over the last dimension."""
+        w = torch.softmax(scores / self.log_pool_scale.exp(), dim=-1)
+        raw = self.head((w - 1.0 / scores.shape[-1]) * values).squeeze(-1)
+        return _bounded(raw, self.tau_min, self.tau_max)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        _load_scalar_as_vector(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class TempNet(_PooledTemperature):
     r"""Temperature network on logits (the LLM / classification variant).
 
     .. math::
@@ -109,15 +134,7 @@ class TempNet(nn.Module):
         self.proj = nn.Sequential(
             nn.Linear(vocab_size, hidden_dim), nn.Sigmoid(), nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim)
         )
-        # shape (1,), not 0-dim: FSDP and DeepSpeed flatten, shard and broadcast parameters, and fail on 0-dim ones
-        self.log_pool_scale = nn.Parameter(torch.zeros(1))
-        self.head = nn.Linear(hidden_dim, 1)
-        nn.init.ones_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        _load_scalar_as_vector(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._init_pooling(hidden_dim, 0.0)
 
     def forward(
         self,
@@ -148,9 +165,7 @@ class TempNet(nn.Module):
             first: nn.Linear = self.proj[0]  # type: ignore[assignment]
             pre = first(F.normalize(logits.detach().to(first.weight.dtype), dim=-1))
         h = self.proj[3](self.proj[2](self.proj[1](pre)))
-        w = torch.softmax(h / self.log_pool_scale.exp(), dim=-1)
-        raw = self.head((w - 1.0 / self.hidden_dim) * h).squeeze(-1)
-        return _bounded(raw, self.tau_min, self.tau_max)
+        return self._pooled(h, h)
 
     def _factorised_first_layer(
         self, logits: Tensor, features: Tensor, head_weight: Tensor | None, head_bias: Tensor | None
@@ -182,7 +197,7 @@ class TempNet(nn.Module):
         return projected / norm + first.bias
 
 
-class ContrastiveTempNet(nn.Module):
+class ContrastiveTempNet(_PooledTemperature):
     r"""Temperature network on embeddings with learnable prototypes (the contrastive / CLIP variant).
 
     .. math::
@@ -223,10 +238,7 @@ class ContrastiveTempNet(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(num_prototypes, embed_dim), dim=1))
-        self.log_pool_scale = nn.Parameter(torch.full((1,), math.log(0.01)))  # (1,): see TempNet
-        self.head = nn.Linear(num_prototypes, 1)
-        nn.init.ones_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self._init_pooling(num_prototypes, math.log(0.01))
         self.register_buffer("prototypes_initialized", torch.tensor(False))
 
     @torch.no_grad()
@@ -244,10 +256,6 @@ class ContrastiveTempNet(nn.Module):
         self.prototypes.copy_(F.normalize(rows[picks], dim=1))
         self.prototypes_initialized.fill_(True)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        _load_scalar_as_vector(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, embeddings: Tensor) -> Tensor:
         if embeddings.shape[-1] != self.embed_dim:
             raise ValueError(
@@ -255,9 +263,7 @@ class ContrastiveTempNet(nn.Module):
             )
         x = self.dropout(torch.sigmoid(self.proj(embeddings.detach().to(self.proj.weight.dtype))))
         prods = x @ F.normalize(self.prototypes, dim=1).T
-        w = torch.softmax(prods / self.log_pool_scale.exp(), dim=-1)
-        raw = self.head((w - 1.0 / self.num_prototypes) * torch.sigmoid(prods)).squeeze(-1)
-        return _bounded(raw, self.tau_min, self.tau_max)
+        return self._pooled(prods, torch.sigmoid(prods))
 
 
 class MultiHeadProjection(nn.Module):

@@ -157,6 +157,45 @@ def segment_trainer(trainer_kwargs: Mapping[str, Any], max_epochs: int, callback
     return pl.Trainer(**options)
 
 
+def check_population(
+    search_space: Mapping[str, Any],
+    population_size: int,
+    perturbation_interval: int,
+    epochs: int,
+    mode: str,
+    quantile_fraction: float,
+    *,
+    epochs_name: str = "max_epochs",
+) -> None:
+    """Raise ``ValueError`` on an empty search space, a population below 2, intervals below 1, a bad mode or fraction.
+
+    ``epochs_name`` is the name of the ``epochs`` argument in the message (``"generations"`` for the deprecated class).
+
+    Example:
+        >>> check_population({"lr": SearchDimension(0.1, 1.0)}, 4, 2, 0, "max", 0.25)
+        Traceback (most recent call last):
+        ...
+        ValueError: `perturbation_interval` and `max_epochs` must be >= 1, got 2 and 0.
+    """
+    if not search_space:
+        raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
+    if population_size < 2:
+        raise ValueError(f"`population_size` must be >= 2 for PBT to exploit, got {population_size}.")
+    if perturbation_interval < 1 or epochs < 1:
+        raise ValueError(
+            f"`perturbation_interval` and `{epochs_name}` must be >= 1, got {perturbation_interval} and {epochs}."
+        )
+    check_mode_and_quantile(mode, quantile_fraction)
+
+
+def check_mode_and_quantile(mode: str, quantile_fraction: float) -> None:
+    """Raise ``ValueError`` unless ``mode`` is ``"min"`` or ``"max"`` and ``quantile_fraction`` lies in ``(0, 0.5]``."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+    if not 0 < quantile_fraction <= 0.5:
+        raise ValueError(f"`quantile_fraction` must be in (0, 0.5], got {quantile_fraction}.")
+
+
 @dataclass
 class PBTResult:
     """What a PBT run found.

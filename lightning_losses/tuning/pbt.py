@@ -48,6 +48,8 @@ from lightning_losses.tuning.common import (
     ApplyHyperparameters,
     PBTResult,
     SearchDimension,
+    check_mode_and_quantile,
+    check_population,
     replay_schedule,
     segment_trainer,
 )
@@ -108,13 +110,6 @@ class ExploitDecision:
         _deprecated("ExploitDecision")
 
 
-def _check_pbt_args(mode: str, quantile_fraction: float) -> None:
-    if mode not in ("min", "max"):
-        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
-    if not 0 < quantile_fraction <= 0.5:
-        raise ValueError(f"`quantile_fraction` must be in (0, 0.5], got {quantile_fraction}.")
-
-
 def pbt_quantiles(
     table: Sequence[TrialRecord], mode: Literal["min", "max"], quantile_fraction: float = 0.25
 ) -> tuple[list[int], list[int]]:
@@ -130,7 +125,7 @@ def pbt_quantiles(
 def _quantiles(
     table: Sequence[TrialRecord], mode: Literal["min", "max"], quantile_fraction: float
 ) -> tuple[list[int], list[int]]:
-    _check_pbt_args(mode, quantile_fraction)
+    check_mode_and_quantile(mode, quantile_fraction)
     n = len(table)
     k = min(math.ceil(n * quantile_fraction), n // 2)
     if k == 0:
@@ -345,16 +340,15 @@ class PopulationBasedTraining:
             DeprecationWarning,
             stacklevel=2,
         )
-        if not space:
-            raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
-        if population_size < 2:
-            raise ValueError(f"`population_size` must be >= 2 for PBT to exploit, got {population_size}.")
-        if perturbation_interval < 1 or generations < 1:
-            raise ValueError(
-                f"`perturbation_interval` and `generations` must be >= 1, got {perturbation_interval} and "
-                f"{generations}."
-            )
-        _check_pbt_args(mode, quantile_fraction)
+        check_population(
+            space,
+            population_size,
+            perturbation_interval,
+            generations,
+            mode,
+            quantile_fraction,
+            epochs_name="generations",
+        )
         if explore not in ("pbt", "pb2"):
             raise ValueError(f"`explore` must be 'pbt' or 'pb2', got {explore!r}.")
         if initial_configs is not None and len(initial_configs) != population_size:

@@ -65,6 +65,7 @@ from lightning_losses.tuning.common import (
     ClipToBounds,
     PBTResult,
     SearchDimension,
+    check_population,
     segment_trainer,
 )
 from lightning_losses.utilities.imports import require
@@ -379,18 +380,7 @@ def tune_population_based_training(
         ...
         ValueError: `perturbation_factors` must be positive numbers, got (1.2, -1.0)...
     """
-    if not search_space:
-        raise ValueError("The search space is empty; give at least one name with its SearchDimension bounds.")
-    if population_size < 2:
-        raise ValueError(f"`population_size` must be >= 2 for PBT to exploit, got {population_size}.")
-    if perturbation_interval < 1 or max_epochs < 1:
-        raise ValueError(
-            f"`perturbation_interval` and `max_epochs` must be >= 1, got {perturbation_interval} and {max_epochs}."
-        )
-    if mode not in ("min", "max"):
-        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
-    if not 0 < quantile_fraction <= 0.5:
-        raise ValueError(f"`quantile_fraction` must be in (0, 0.5], got {quantile_fraction}.")
+    check_population(search_space, population_size, perturbation_interval, max_epochs, mode, quantile_fraction)
     if not 0 <= resample_probability <= 1:
         raise ValueError(f"`resample_probability` must be in [0, 1], got {resample_probability}.")
     if scheduler not in ("pbt", "pb2"):
