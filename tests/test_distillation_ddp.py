@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_losses import DistillationModule
 from tests.helpers.tolerances import tolerance
 from tests.helpers.trainer import cpu_trainer
-from tests.test_distillation_lightning import TinyNet, make_data
+from tests.modules.test_distillation import TinyNet, make_data
 
 
 def _module(teacher: torch.nn.Module) -> DistillationModule:

@@ -45,7 +45,7 @@ from tests.helpers.trainer import cpu_trainer
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 N = GLOBAL_BATCH * STEPS
 CLASSES = 3
-VOCAB, LENGTH = 48, 12  # the tiny language models (as in tests/test_unlearning_lightning.py)
+VOCAB, LENGTH = 48, 12  # the tiny language models (as in tests/modules/test_unlearning.py)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -83,7 +83,7 @@ class UnlearningShards(pl.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         from lightning_losses.data.unlearning import UnlearningBatchCollator
-        from tests.test_unlearning_lightning import items
+        from tests.modules.test_unlearning import items
 
         collate = UnlearningBatchCollator(2)
         loaders = {
@@ -233,13 +233,13 @@ def _tempnet() -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
 
 
 def _unlearning() -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
-    from tests.test_unlearning_lightning import tiny_lora
+    from tests.modules.test_unlearning import tiny_lora
 
     return ShardedUnlearning(tiny_lora(), method="npo_rt"), UnlearningShards(), []
 
 
 def _token_data(seed: int) -> Dataset:
-    from tests.test_unlearning_lightning import items
+    from tests.modules.test_unlearning import items
 
     return items(N, 0, seed)  # type: ignore[return-value]
 
@@ -254,7 +254,7 @@ def _tempnet_lm() -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
 
 
 def _unlearning_blocks() -> tuple[pl.LightningModule, pl.LightningDataModule, list]:
-    from tests.test_unlearning_lightning import tiny_lora
+    from tests.modules.test_unlearning import tiny_lora
 
     return BlockShardedUnlearning(tiny_lora(), method="npo_rt"), UnlearningShards(), []
 

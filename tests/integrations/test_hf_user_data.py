@@ -318,7 +318,7 @@ def _example():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "llm" / "train.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "llm" / "train.py"
     spec = importlib.util.spec_from_file_location("example_llm", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -347,7 +347,7 @@ def test_llm_example_and_its_config_run_at_the_smallest_settings(tmp_path, monke
     result = _example().main(["--quick", "--output", str(tmp_path)])
     assert {"forget_nll_before", "forget_nll_after", "sft_loss", "gkd_jsd_before", "gkd_jsd_after"} <= set(result)
     assert (tmp_path / "finetuned" / "config.json").is_file() and (tmp_path / "tokenizer").is_dir()
-    config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "llm" / "config.yaml")
+    config = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "examples" / "llm" / "config.yaml")
     args = ["lightning", "fit", "--config", config]
     args += ["--model.init_args.model.init_args.vocab_size", "512", "--model.init_args.model.init_args.n_embd", "64"]
     args += ["--model.init_args.model.init_args.weights", str(tmp_path / "finetuned.pt")]

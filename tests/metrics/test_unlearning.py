@@ -119,14 +119,14 @@ def _statistics(lp, mask, index):
 
 
 def _forget_items():
-    from tests.test_unlearning_lightning import items
+    from tests.modules.test_unlearning import items
 
     return items(9, 0, 1)
 
 
 def _tiny_module():
     from lightning_losses import UnlearningModule
-    from tests.test_unlearning_lightning import tiny_lora
+    from tests.modules.test_unlearning import tiny_lora
 
     return UnlearningModule(tiny_lora(), method="npo")
 

@@ -17,7 +17,7 @@ from lightning_losses.functional.unlearning import truth_ratio
 from lightning_losses.metrics.unlearning import TruthRatio
 from tests.helpers.distributed import run_distributed
 from tests.helpers.tolerances import tolerance
-from tests.test_unlearning_lightning import V, items, tiny_lora
+from tests.modules.test_unlearning import V, items, tiny_lora
 
 PROMPT, K = 3, 2
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses import DistillationMixin, DKDLoss, GeneralizedJSDLoss, KDLoss
 from tests.helpers.tolerances import tolerance
-from tests.test_distillation_lightning import TinyNet
+from tests.modules.test_distillation import TinyNet
 
 
 class Student(DistillationMixin, pl.LightningModule):

@@ -18,7 +18,7 @@ from lightning_losses.mixins.unlearning_reference import (
     resolve_reference,
 )
 from lightning_losses.mixins.unlearning_scoring import CausalLMScorer
-from tests.test_unlearning_lightning import _trained_adapter_model, first_forget_batch, tiny_lora
+from tests.modules.test_unlearning import _trained_adapter_model, first_forget_batch, tiny_lora
 
 
 def score(model: nn.Module, batch, prefix: str) -> Tensor:

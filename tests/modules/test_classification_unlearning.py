@@ -38,9 +38,9 @@ from lightning_losses.metrics.unlearning import classification_losses
 from tests.helpers.distributed import run_distributed
 from tests.helpers.resume import crash_and_resume
 from tests.helpers.trainer import cpu_trainer
-from tests.test_unlearning_truth_ratio import lightning_ddp_env
+from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- naive references

@@ -24,7 +24,7 @@ from lightning_losses import (
 )
 from lightning_losses.functional.unlearning import npo_loss, sequence_log_probs
 from lightning_losses.mixins.unlearning_scoring import CausalLMScorer
-from tests.test_unlearning_lightning import V, first_forget_batch, loaders, tiny_lm, tiny_lora, trainer
+from tests.modules.test_unlearning import V, first_forget_batch, loaders, tiny_lm, tiny_lora, trainer
 
 
 class LogRatioLoss(nn.Module):

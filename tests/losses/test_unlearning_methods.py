@@ -41,7 +41,7 @@ from lightning_losses.functional.unlearning import (
 )
 from lightning_losses.mixins.unlearning_scoring import find_layer
 from tests.helpers.loss_tester import assert_value_and_gradient
-from tests.test_unlearning_lightning import T, items, loaders, tiny_lora, trainer
+from tests.modules.test_unlearning import T, items, loaders, tiny_lora, trainer
 
 NEW_METHODS = ["wga", "satimp", "ceu", "undial", "rmu", "altpo"]
 G = torch.Generator().manual_seed(0)
@@ -406,7 +406,7 @@ def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="no module matches"):
         UnlearningModule(tiny_lora(), method="rmu", loss=RMULoss(layer="nope"))
     with pytest.raises(ValueError, match=r"no PEFT adapter to disable"):
-        from tests.test_unlearning_lightning import tiny_lm
+        from tests.modules.test_unlearning import tiny_lm
 
         UnlearningModule(tiny_lm(), method="undial")
 
@@ -586,7 +586,7 @@ def _fit_wga(loader, **trainer_kwargs):
 
 
 def _ddp_wga(rank: int, world_size: int):
-    from tests.test_unlearning_truth_ratio import lightning_ddp_env
+    from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 
     lightning_ddp_env(rank, world_size)
     return _fit_wga(
