@@ -12,9 +12,9 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lightning_losses import UnlearningModule
 from lightning_losses.data.unlearning import UnlearningBatchCollator
+from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 from tests.helpers.distributed import run_distributed
 from tests.modules.test_unlearning import items, tiny_lora
-from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 
 N, PER_RANK, WORLD, STEPS, LR = 8, 2, 2, 2, 0.5
 

@@ -35,10 +35,10 @@ from lightning_losses.data import ClassificationUnlearningDataModule, EpochShuff
 from lightning_losses.demos import ConvNet
 from lightning_losses.functional import attention_transfer_loss, blindspot_loss, class_log_probs, npo_loss
 from lightning_losses.metrics.unlearning import classification_losses
+from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 from tests.helpers.distributed import run_distributed
 from tests.helpers.resume import crash_and_resume
 from tests.helpers.trainer import cpu_trainer
-from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
