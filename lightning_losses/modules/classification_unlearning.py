@@ -40,6 +40,7 @@ from lightning_losses.metrics.unlearning import (
     classification_losses,
 )
 from lightning_losses.mixins.base import HyperparameterMixin
+from lightning_losses.mixins.unlearning_scoring import find_layer, uses_retain_data
 from lightning_losses.modules._optimizers import optimizer_and_schedule
 from lightning_losses.utilities.batches import unpack_batch
 from lightning_losses.utilities.checks import check_choice, check_number, check_targets
@@ -58,15 +59,11 @@ __all__ = [
 #: The scores the module computes for a classifier: a sample is an answer of one token (its label), so the
 #: token-level entries have one position (``labels`` ``(B, 2)`` is ``[ignore_index, y]`` in the causal-LM layout where
 #: ``logits[:, t]`` predicts ``labels[:, t + 1]``, and ``logits`` ``(B, 2, C)`` repeats the class logits at the unread
-#: last position). The layer entries of RMU (``activations`` with answer masks, on forget and retain batches) have
-#: no counterpart here.
-_LAYER_SCORES = frozenset(
-    {"activations", "activation_mask", "retain_activations", "retain_reference_activations", "retain_activation_mask"}
-)
-CLASSIFICATION_SCORES: frozenset[str] = (frozenset(get_args(ScoreName)) - _LAYER_SCORES) | {
-    "forget_logits",
-    "forget_activations",
-}
+#: last position). The layer entries of RMU (``activations``, ``retain_activations``,
+#: ``retain_reference_activations``) are the output of the loss's ``layer`` for each sample, flattened to one
+#: position: ``(B, 1, D)`` with ``D`` the product of its non-batch sizes, and masks of ones.
+CLASSIFICATION_SCORES: frozenset[str] = frozenset(get_args(ScoreName)) | {"forget_logits", "forget_activations"}
+_LAYER_SCORES = frozenset({"activations", "retain_activations", "retain_reference_activations"})
 #: Preset settings that differ on a classifier: CE-U leaves out the first answer token of each sequence by default,
 #: which on a classifier is the only one.
 CLASSIFIER_PRESET_SETTINGS: dict[str, dict[str, Any]] = {"ceu": {"ignore_first": 0}}
@@ -96,6 +93,11 @@ def _scale_gradient(x: Tensor, scale: float) -> Tensor:
     return x.detach() + scale * (x - x.detach())
 
 
+def _one_position(activations: Tensor) -> Tensor:
+    """A layer's output ``(B, ...)`` as one position per sample, ``(B, 1, D)``: the layout RMU's scores use."""
+    return activations.reshape(activations.shape[0], 1, -1)
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
@@ -122,6 +124,10 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
       batch size over the step's mean batch size, as ``num_items_in_batch`` does for tokens), so a multi-process run
       equals one process on the concatenated batches for every loss that is a mean of per-sample terms (all the
       library's). The logged values stay the local ones.
+    * **RMU** (:class:`~lightning_losses.RMULoss`): the layer entries are the output of the submodule ``loss.layer``
+      names (a dotted name or a unique suffix, as on a causal LM), flattened per sample to ``(B, 1, D)``: on the
+      forget batch from the same forward as the logits, on the retain batch under the model and the frozen
+      reference. Its LLM defaults need tuning on a small network (see ``docs/unlearning.md``).
     * **Validation**: one dataloader per split of ``split_names`` (``forget``, ``retain``, ``test``, ``heldout``);
       logs ``val/acc_<split>`` and ``val/mia_auc`` (loss-based membership inference, forget vs held-out), each
       sample counted once under a ``DistributedSampler``.
@@ -199,9 +205,14 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
                 f"token-level or layer entries of causal LMs. Classifier scores: {sorted(CLASSIFICATION_SCORES)}; "
                 f"methods: {', '.join(CLASSIFICATION_UNLEARNING_METHODS)}."
             )
-        wants_reference = bool(needs & {"reference_logps", "template_reference_logps", "reference_logits"}) or (
-            self.retain_loss == "kl" and "retain" in needs
-        )
+        wants_reference = bool(
+            needs & {"reference_logps", "template_reference_logps", "reference_logits", "retain_reference_activations"}
+        ) or (self.retain_loss == "kl" and "retain" in needs)
+        # RMU's steered layer: its full name in `model`, found as the causal-LM path finds it (a suffix is enough)
+        self.steered_layer: str | None = None
+        if needs & _LAYER_SCORES:
+            found = find_layer(model, getattr(loss_module, "layer", None))
+            self.steered_layer = next(name for name, module in model.named_modules() if module is found)
         if reference is model:
             raise ValueError(
                 "`reference` is the model being unlearned: pass 'copy' (a frozen copy of it now) or a separate model."
@@ -261,10 +272,7 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
     @property
     def uses_retain(self) -> bool:
         """Whether the loss adds the retain term now (a retain batch is then needed every step)."""
-        loss = self.unlearning_loss_module
-        flag = getattr(loss, "uses_retain", None)
-        uses = bool(flag) if flag is not None else "retain" in loss_needs(loss)
-        return uses and self.retain_loss is not None
+        return uses_retain_data(self.unlearning_loss_module, self.retain_loss)
 
     def train(self, mode: bool = True) -> ClassificationUnlearningModule:
         super().train(mode)
@@ -325,7 +333,9 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
         x, y, index = self._unpack(forget, "forget")
         check_targets(y, self.num_classes, len(y))
         loss = self.unlearning_loss_module
-        layers = tuple(getattr(loss, "activation_layers", ()))
+        steered = self.steered_layer
+        loss_layers = tuple(getattr(loss, "activation_layers", ()))
+        layers = loss_layers + (() if steered is None or steered in loss_layers else (steered,))
         cache: dict[str, Any] = {}
 
         def outputs() -> tuple[Tensor, dict[str, Tensor]]:
@@ -344,6 +354,24 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
         def template() -> Tensor:
             return template_targets(y, index, self.num_classes)
 
+        def retain_layer(model: nn.Module | None) -> Tensor:
+            """The steered layer's output on the retain batch: the model's (gradient scaled) or the reference's."""
+            if retain is None:
+                raise ValueError(f"{self.method!r} reads activations on retain data, but no retain batch was given.")
+            if model is None:
+                raise ValueError("No reference model: build the module with reference='copy' or a reference model.")
+            assert steered is not None
+            rx, ry, _ = self._unpack(retain, "retain")
+            grad = model is self.model and torch.is_grad_enabled()
+            with torch.set_grad_enabled(grad), record_activations(model, (steered,)) as acts:
+                self._logits(model, rx, len(ry))
+            out = _one_position(acts[steered])
+            return _scale_gradient(out, retain_scale) if model is self.model else out.detach()
+
+        def one_position_mask(batch: Any) -> Tensor:
+            n = len(self._unpack(batch, "retain")[1])
+            return torch.ones(n, 1, dtype=torch.bool, device=y.device)
+
         def policy() -> Tensor:
             return class_log_probs(outputs()[0], y)
 
@@ -359,7 +387,12 @@ class ClassificationUnlearningModule(HyperparameterMixin, pl.LightningModule):
             "logits": lambda: outputs()[0][:, None, :].expand(-1, 2, -1),
             "reference_logits": lambda: reference()[:, None, :].expand(-1, 2, -1),
             "forget_logits": lambda: outputs()[0],
-            "forget_activations": lambda: outputs()[1],
+            "forget_activations": lambda: {n: a for n, a in outputs()[1].items() if n in loss_layers},
+            "activations": lambda: _one_position(outputs()[1][steered]),  # type: ignore[index]
+            "activation_mask": lambda: torch.ones(len(y), 1, dtype=torch.bool, device=y.device),
+            "retain_activations": lambda: retain_layer(self.model),
+            "retain_reference_activations": lambda: retain_layer(self.reference),
+            "retain_activation_mask": lambda: one_position_mask(retain),
             "policy_logps": policy,
             "reference_logps": lambda: class_log_probs(reference(), y),
             "lengths": lambda: ones,

@@ -26,6 +26,7 @@ from lightning_losses import (
     ClassificationUnlearningScores,
     DedupedAccuracy,
     LossMembershipInference,
+    RMULoss,
     evaluate_classification_unlearning,
     record_activations,
     template_targets,
@@ -33,7 +34,13 @@ from lightning_losses import (
 )
 from lightning_losses.data import ClassificationUnlearningDataModule, EpochShuffle, IndexedTensorDataset
 from lightning_losses.demos import ConvNet
-from lightning_losses.functional import attention_transfer_loss, blindspot_loss, class_log_probs, npo_loss
+from lightning_losses.functional import (
+    attention_transfer_loss,
+    blindspot_loss,
+    class_log_probs,
+    npo_loss,
+    rmu_control_vector,
+)
 from lightning_losses.metrics.unlearning import classification_losses
 from tests.callbacks.test_unlearning_evaluation import lightning_ddp_env
 from tests.helpers.distributed import run_distributed
@@ -327,9 +334,13 @@ def test_every_preset_and_a_user_loss_run_through_the_same_scores():
     torch.manual_seed(0)
     forget, retain = _batch(4, 1), _batch(4, 2, 50)
     methods = [m for m in CLASSIFICATION_UNLEARNING_METHODS if m != "blindspot"]
-    assert {"ga", "graddiff", "graddiff_kl", "npo", "npo_rt", "npo_kl", "simnpo", "flat", "idkdpo"} <= set(methods)
+    assert {"ga", "graddiff", "graddiff_kl", "npo", "npo_rt", "npo_kl", "simnpo", "flat", "idkdpo", "rmu"} <= set(
+        methods
+    )
     for method in methods:
-        module = ClassificationUnlearningModule(MLP(), loss=method)
+        # RMU steers a named layer: the MLP has no nn.ModuleList of blocks to choose a default from
+        loss = RMULoss(layer="body") if method == "rmu" else method
+        module = ClassificationUnlearningModule(MLP(), loss=loss)
         loss = module.unlearning_loss(forget, retain)
         assert loss.ndim == 0 and torch.isfinite(loss), method
         loss.backward()
@@ -346,6 +357,46 @@ def test_every_preset_and_a_user_loss_run_through_the_same_scores():
     expected = module.model(x).softmax(-1).gather(1, y[:, None]).mean()
     torch.testing.assert_close(module.unlearning_loss(forget), expected)
     assert module.attribute == "unlearning" and module.reference is None
+
+
+def test_rmu_on_a_classifier_equals_the_naive_formula_value_and_gradient():
+    # The steered layer's output of each sample, flattened, is pushed toward c·u; on retain data it is held at the
+    # reference's. Written out by hand: mean over samples of the mean squared difference over the layer's D values.
+    torch.manual_seed(0)
+    module = ClassificationUnlearningModule(MLP(), loss=RMULoss(layer="body", steering_coeff=2.0, retain_weight=3.0))
+    assert module.steered_layer == "body" and module.reference is not None
+    with torch.no_grad():  # the model moves away from the reference, so the retain term is not zero
+        for p in module.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    forget, retain = _batch(6, 1), _batch(5, 2, 100)
+    loss = module.unlearning_loss(forget, retain)
+    grads = torch.autograd.grad(loss, list(module.model.parameters()), allow_unused=True)
+    u = rmu_control_vector(16, seed=0)
+    h_forget, h_retain = module.model.body(forget[0]), module.model.body(retain[0])
+    with torch.no_grad():
+        h_reference = module.reference.body(retain[0])
+    forget_term = torch.stack([((h - 2.0 * u) ** 2).mean() for h in h_forget]).mean()
+    retain_term = torch.stack([((h - r) ** 2).mean() for h, r in zip(h_retain, h_reference)]).mean()
+    expected = forget_term + 3.0 * retain_term
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    expected_grads = torch.autograd.grad(expected, list(module.model.parameters()), allow_unused=True)
+    for g, e in zip(grads, expected_grads):
+        if e is None:  # the head comes after the layer: no gradient, as in open-unlearning
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    # a conv layer's (B, C, H, W) output is flattened per sample, and the retain batch is needed
+    conv = ClassificationUnlearningModule(ConvNet(width=4), loss=RMULoss(layer="backbone.2"))
+    scores = conv.unlearning_scores(forget, retain)
+    assert tuple(scores.activations.shape) == (6, 1, 4 * 8 * 8) and scores.activation_mask.all()
+    assert tuple(scores.retain_reference_activations.shape) == (5, 1, 4 * 8 * 8)
+    assert not scores.retain_reference_activations.requires_grad
+    with pytest.raises(ValueError, match="no retain batch"):
+        conv.unlearning_loss(forget)
+    with pytest.raises(ValueError, match="name the layer"):
+        ClassificationUnlearningModule(MLP(), loss="rmu")
+    with pytest.raises(ValueError, match="no module matches"):
+        ClassificationUnlearningModule(MLP(), loss=RMULoss(layer="encoder"))
 
 
 def test_template_answers_are_another_class_fixed_per_sample():
@@ -458,6 +509,19 @@ def test_a_short_run_lowers_forget_accuracy_and_keeps_retain_accuracy(digits_stu
     if module.reference is not None:
         for a, b in zip(module.reference.state_dict().values(), original.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rmu_steering_a_conv_block_lowers_forget_accuracy_and_keeps_retain_accuracy(digits_study, tmp_path):
+    # open-unlearning's LLM defaults (c = 300, retain weight 1000) are for 4k-wide hidden states; on this ConvNet's
+    # 256 values of the second block (2·width channels at 4×4), c = 10 and a retain weight of 1 steer it in 10 epochs.
+    dm, original, _, loaders = digits_study
+    before = evaluate_classification_unlearning(original, loaders)
+    loss = RMULoss(layer="backbone.6", steering_coeff=10.0, retain_weight=1.0)
+    module = ClassificationUnlearningModule(copy.deepcopy(original), loss=loss, lr=1e-3)
+    _quiet_fit(cpu_trainer(tmp_path, max_epochs=10, limit_val_batches=0), module, datamodule=dm)
+    after = evaluate_classification_unlearning(module.model, loaders)
+    assert after["forget_acc"] < 0.6 * before["forget_acc"], (before, after)
+    assert after["retain_acc"] > 0.9 * before["retain_acc"], (before, after)
 
 
 def test_validation_logs_split_accuracy_and_membership_inference(digits_study, tmp_path):
