@@ -608,6 +608,39 @@ def test_two_process_ddp_with_unequal_batches_equals_one_process():
                 torch.testing.assert_close(rank_result[method][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _validation_study() -> tuple[ClassificationUnlearningDataModule, nn.Module]:
+    """Digits with one class forgotten and an MLP moved away from its initialisation (no training needed)."""
+    dm = ClassificationUnlearningDataModule("digits", forget="class", forget_class=3, batch_size=16, seed=0)
+    torch.manual_seed(0)
+    return dm, MLP()
+
+
+def _ddp_validate(rank: int, world_size: int) -> dict[str, float]:
+    lightning_ddp_env(rank, world_size)
+    dm, model = _validation_study()
+    module = ClassificationUnlearningModule(model, loss="npo")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*LeafSpec.*")
+        trainer = cpu_trainer(strategy="ddp", devices=world_size)  # Lightning's DistributedSampler pads the splits
+        return trainer.validate(module, datamodule=dm, verbose=False)[0]
+
+
+@pytest.mark.ddp
+def test_two_process_validation_metrics_equal_one_process_with_the_samplers_padding():
+    dm, model = _validation_study()
+    dm.setup()
+    sizes = [len(dm.dataset(name)) for name in ("forget", "retain", "test", "heldout")]
+    assert any(n % 2 for n in sizes), sizes  # an odd split: rank 1 reads a padded duplicate
+    expected = evaluate_classification_unlearning(
+        model, {n: dm.dataloader(n) for n in ("forget", "retain", "test", "heldout")}
+    )
+    results = run_distributed(_ddp_validate, world_size=2)
+    for metrics in results:
+        for split in ("forget", "retain", "test", "heldout"):
+            assert metrics[f"val/acc_{split}"] == pytest.approx(expected[f"{split}_acc"], abs=1e-6), split
+        assert metrics["val/mia_auc"] == pytest.approx(expected["mia_auc"], abs=1e-6)
+
+
 def test_the_step_scale_is_what_makes_unequal_batches_agree():
     """Without it DDP would average the ranks' own means (3 and 5 forget samples weighing alike): another gradient."""
     torch.manual_seed(0)
