@@ -179,6 +179,21 @@ class RKDLoss(DistillationLoss):
         return self.weight.to(total).reshape(()) * total
 
 
+def _sample_ids(sample_ids: Tensor | Sequence[int], num_samples: int) -> Tensor:
+    ids = torch.as_tensor(sample_ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.ndim != 1:
+        raise TypeError(
+            f"`sample_ids` must be a 1-D sequence of integer sample ids, got {ids.dtype} of shape {tuple(ids.shape)}."
+        )
+    ids = ids.long().sort().values
+    if ids.numel() != num_samples or bool((ids[1:] == ids[:-1]).any()):
+        raise ValueError(
+            f"`sample_ids` must hold num_samples = {num_samples} distinct ids (one bank row each), got "
+            f"{ids.numel()} with {ids.numel() - ids.unique().numel()} repeated."
+        )
+    return ids
+
+
 class CRDLoss(DistillationLoss):
     r"""Contrastive representation distillation with its embedding heads and memory bank, correct under DDP.
 
@@ -212,13 +227,18 @@ class CRDLoss(DistillationLoss):
     Args:
         student_dim: Flattened width of the student features.
         teacher_dim: Flattened width of the teacher features.
-        num_samples: Size of the training set (rows of the memory bank); ``index`` lies in ``[0, num_samples)``.
+        num_samples: Size of the training set (rows of the memory bank); ``index`` lies in ``[0, num_samples)``
+            unless ``sample_ids`` is given.
         embed_dim: Embedding width (official 128).
         num_negatives: Negatives per sample ``K`` (official 16384).
         temperature: ``τ > 0`` (hyperparameter ``temperature``, official 0.07).
         momentum: Memory momentum in ``[0, 1)`` (hyperparameter ``momentum``, official 0.5).
         weight: ``λ >= 0`` (hyperparameter ``weight``; RepDistiller uses 0.8 beside cross-entropy).
         seed: Seed of the initial bank and of the negatives.
+        sample_ids: The indices of the training samples, when they are ids in a larger data set (a student trained
+            on a subset whose batches carry each sample's global id): ``num_samples`` distinct integers, one bank
+            row each, so that the negatives are drawn from the training samples only; ``index`` must be among them.
+            ``None``: the ids are ``0, ..., num_samples - 1``.
 
     Example:
         >>> import torch
@@ -236,6 +256,7 @@ class CRDLoss(DistillationLoss):
     teacher_memory: Tensor
     log_normalizers: Tensor
     steps: Tensor
+    sample_ids: Tensor | None
 
     def __init__(
         self,
@@ -248,6 +269,7 @@ class CRDLoss(DistillationLoss):
         momentum: float | Tensor = 0.5,
         weight: float | Tensor = 1.0,
         seed: int = 0,
+        sample_ids: Tensor | Sequence[int] | None = None,
     ) -> None:
         super().__init__(weight=weight, warmup_epochs=0)
         for name, value in (
@@ -262,6 +284,8 @@ class CRDLoss(DistillationLoss):
         check_hyperparameter(temperature, "temperature", low=0.0, low_inclusive=False)
         check_hyperparameter(momentum, "momentum", low=0.0, high=1.0, high_inclusive=False)
         self.num_samples, self.num_negatives, self.seed = num_samples, num_negatives, seed
+        ids = None if sample_ids is None else _sample_ids(sample_ids, num_samples)
+        self.register_buffer("sample_ids", ids, persistent=False)  # sorted; a configuration, not a state
         self.embed_student = NormalizedEmbedding(student_dim, embed_dim)
         self.embed_teacher = NormalizedEmbedding(teacher_dim, embed_dim)
         self.register_hyperparameter("temperature", temperature, low=0.0, low_inclusive=False)
@@ -289,7 +313,7 @@ class CRDLoss(DistillationLoss):
         self._index_validation(student_features, index, contrast_index)
         vs = self.embed_student(student_features)
         vt = self.embed_teacher(teacher_features.detach())
-        index = index.to(device=vs.device, dtype=torch.long)
+        index = self._rows(index.to(device=vs.device, dtype=torch.long))
         if contrast_index is None:
             contrast_index = self._draw_negatives(index)
         contrast_index = contrast_index.to(device=vs.device, dtype=torch.long)
@@ -326,7 +350,15 @@ class CRDLoss(DistillationLoss):
                 f"`index` must have shape (B,) = ({features.shape[0]},), one index per sample, got "
                 f"{tuple(index.shape)}."
             )
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
+        if self.sample_ids is not None:
+            rows = self._rows(index.to(self.sample_ids.device, torch.long))
+            if index.numel() and not bool((self.sample_ids[rows] == index.to(rows)).all()):
+                missing = index[self.sample_ids[rows] != index.to(rows)][:5].tolist()
+                raise ValueError(
+                    f"`index` holds ids that are not among `sample_ids` (e.g. {missing}): give the ids of the "
+                    "training samples the batches carry."
+                )
+        elif index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_samples):
             raise ValueError(
                 f"`index` must lie in [0, num_samples={self.num_samples}), got values in "
                 f"[{int(index.min())}, {int(index.max())}]. Build CRDLoss with num_samples = the training set size."
@@ -339,6 +371,12 @@ class CRDLoss(DistillationLoss):
                 )
             if int(contrast_index.min()) < 0 or int(contrast_index.max()) >= self.num_samples:
                 raise ValueError(f"`contrast_index` must lie in [0, num_samples={self.num_samples}).")
+
+    def _rows(self, index: Tensor) -> Tensor:
+        """The bank rows of the samples ``index`` (themselves unless ``sample_ids`` maps ids to rows)."""
+        if self.sample_ids is None:
+            return index
+        return torch.searchsorted(self.sample_ids, index).clamp_(max=self.num_samples - 1)
 
     def _draw_negatives(self, index: Tensor) -> Tensor:
         rank, world = rank_and_world_size()

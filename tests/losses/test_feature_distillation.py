@@ -217,6 +217,30 @@ def test_crd_module_equals_the_official_memory_loop():
     assert int(loss.steps) == 3
 
 
+def test_crd_sample_ids_map_global_ids_to_the_bank_rows_of_the_training_samples():
+    # A student trained on 12 samples of a larger data set whose batches carry global ids: with `sample_ids` the bank
+    # has one row per training sample and the loss equals the dense bank fed the rows' positions instead of the ids.
+    ids = torch.tensor([3, 10, 11, 17, 20, 25, 31, 40, 41, 42, 56, 99])
+    shuffled = ids[torch.randperm(12)]  # any order: sorted inside
+    torch.manual_seed(0)
+    dense = _crd()
+    torch.manual_seed(0)
+    keyed = _crd(sample_ids=shuffled)
+    torch.testing.assert_close(keyed.student_memory, dense.student_memory)
+    for step in range(3):
+        fs, ft = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+        rows = torch.tensor([[0, 3, 5, 3], [1, 2, 11, 7], [4, 4, 9, 10]][step])
+        torch.testing.assert_close(keyed(fs, ft, ids[rows]), dense(fs, ft, rows))  # the same negatives are drawn
+        torch.testing.assert_close(keyed.student_memory, dense.student_memory)
+        torch.testing.assert_close(keyed.teacher_memory, dense.teacher_memory)
+    with pytest.raises(ValueError, match="not among `sample_ids`"):
+        keyed(fs, ft, torch.tensor([3, 4, 10, 11]))
+    with pytest.raises(ValueError, match="12 distinct ids"):
+        _crd(sample_ids=torch.tensor([1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))
+    with pytest.raises(TypeError, match="integer sample ids"):
+        _crd(sample_ids=torch.rand(12))
+
+
 def test_crd_eval_mode_leaves_the_memory_and_draws_are_seeded():
     loss = _crd().eval()
     before = loss.student_memory.clone()
