@@ -50,6 +50,7 @@ __all__ = [
     "OnPolicyDistillationMixin",
     "OnPolicySchedule",
     "generate_completions",
+    "sharded_across_processes",
 ]
 
 Source = Literal["student", "teacher", "data"]
@@ -114,6 +115,25 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
+def sharded_across_processes(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are split across the processes of a run (FSDP2's ``fully_shard``, FSDP1,
+    DeepSpeed ZeRO-3): generation must then keep every process running forward passes until all have finished
+    (transformers' ``synced_gpus``), or a process that stops early leaves the others waiting in a gather.
+
+    Example:
+        >>> from torch import nn
+        >>> sharded_across_processes(nn.Linear(2, 2))  # one process, plain parameters
+        False
+    """
+    if rank_and_world_size()[1] < 2:
+        return False
+    from torch.distributed.fsdp import FSDPModule  # fully_shard's modules (their parameters may be unsharded now)
+
+    if any(isinstance(m, FSDPModule) or type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in model.parameters())  # DeepSpeed's partitioned parameters
+
+
 def generate_completions(
     model: nn.Module,
     prompt_ids: Tensor,
@@ -123,6 +143,7 @@ def generate_completions(
     pad_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
     ignore_index: int = -100,
+    synced_gpus: bool | None = None,
 ) -> CompletionBatch:
     """Sample completions of ``prompt_ids`` with ``model.generate`` and lay them out for scoring.
 
@@ -138,6 +159,9 @@ def generate_completions(
         pad_token_id: Id used for padding; default the model's ``generation_config`` (then its EOS).
         eos_token_id: End-of-sequence id(s); default the model's ``generation_config``.
         ignore_index: Label of the tokens left out of the loss.
+        synced_gpus: Keep every process stepping until all have finished (transformers' ``synced_gpus``); the
+            finished ones draw no more samples, so each process's completions are those it would sample alone.
+            ``None`` (default): when the model is :func:`sharded_across_processes`.
 
     Returns:
         A :class:`CompletionBatch`, right-padded to the longest prompt + completion.
@@ -179,6 +203,8 @@ def generate_completions(
     if pad_token_id is None:
         pad_token_id = 0
     ids, mask = _pack_left(prompt_ids, prompt_mask)
+    if synced_gpus is None:
+        synced_gpus = sharded_across_processes(model)
     was_training = model.training
     model.eval()
     try:
@@ -188,6 +214,7 @@ def generate_completions(
                 attention_mask=mask,
                 pad_token_id=pad_token_id,
                 eos_token_id=eos_token_id,
+                synced_gpus=synced_gpus,
                 **settings.generate_kwargs(),
             )
     finally:

@@ -15,8 +15,10 @@ from lightning_losses.mixins.on_policy import (
     GenerationSettings,
     OnPolicyDistillationMixin,
     generate_completions,
+    sharded_across_processes,
 )
 from lightning_losses.modules.llm_distillation import CausalLMDistillationModule
+from tests.helpers.distributed import run_distributed
 from tests.helpers.trainer import cpu_trainer
 
 transformers = pytest.importorskip("transformers")
@@ -235,3 +237,35 @@ def test_bad_configuration_and_batches():
     too_long = torch.zeros(1, lm.config.n_positions, dtype=torch.long)  # no room left for a new token
     with pytest.raises(ValueError, match=r"exceeds the model's \d+ positions"):
         generate_completions(lm, too_long, torch.ones_like(too_long), GenerationSettings(max_new_tokens=1))
+
+
+def _sharded_generation(rank: int, world: int) -> dict:
+    """Each rank samples completions of its own prompts with a fully_shard-ed student (FSDP2), and alone with an
+    unsharded copy from the same seed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    whole, sharded = tiny_lm(0), tiny_lm(0)
+    mesh = init_device_mesh("cpu", (world,))
+    for block in sharded.transformer.h:  # blocks of their own: each forward all-gathers their weights
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    prompts = torch.randint(0, V, (1, 4), generator=torch.Generator().manual_seed(10 + rank))
+    settings = GenerationSettings(max_new_tokens=10)
+    runs = {}
+    for name, model in (("whole", whole), ("sharded", sharded)):
+        torch.manual_seed(100 + rank)
+        # EOS = 5 of 37 ids: rank 0 samples 10 tokens, rank 1 stops after 3
+        runs[name] = generate_completions(model, prompts, settings=settings, eos_token_id=5).input_ids
+    return {"synced": (sharded_across_processes(sharded), sharded_across_processes(whole)), **runs}
+
+
+@pytest.mark.ddp
+def test_a_sharded_student_generates_on_every_rank_what_it_samples_alone():
+    # Without transformers' synced_gpus the rank that finishes first stops calling the sharded forward and the other
+    # waits in its all-gather; with it (chosen automatically) every rank gets the completions it samples alone.
+    results = run_distributed(_sharded_generation, world_size=2)
+    for r in results:
+        assert r["synced"] == (True, False)
+        assert torch.equal(r["sharded"], r["whole"])
+    assert [r["whole"].shape[1] for r in results] == [4 + 10, 4 + 3]  # the ranks stopped at different steps
