@@ -59,9 +59,14 @@ def test_distill_job_settings_scale_dkd_beta_and_pair_seeds():
     full = distill._setting(parser.parse_args(["--full"]))
     assert set(full.methods) == set(distill.METHODS) and full.seeds >= default.seeds
     assert distill._setting(parser.parse_args(["--student-samples", "0"])).student_samples is None
-    module = distill._student_module("dkd", distill.ConvNet(width=8), default)
+    module = distill._student_module("dkd", distill.ConvNet(width=8), default, torch.arange(1000))
     assert float(module.kd.beta) == distill.FEW_CLASS_BETA
     assert float(module.kd.warmup_epochs) == default.warmup
+    # CRD banks the student's training images only (global ids), with RepDistiller's share of negatives
+    crd = distill._student_module("crd", distill.ConvNet(width=8), default, torch.arange(0, 3000, 3)).crd
+    assert crd.num_samples == 1000 and crd.num_negatives == 1000 * 16384 // 50000
+    assert torch.equal(crd.sample_ids, torch.arange(0, 3000, 3))
+    assert float(crd.temperature) == distill.CRD_TEMPERATURE
     with pytest.raises(SystemExit, match="Unknown methods"):
         distill._setting(parser.parse_args(["--methods", "ce,nope"]))
     with pytest.raises(SystemExit):
