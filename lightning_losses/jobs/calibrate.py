@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_losses.callbacks.calibration import CALIBRATORS, PostHocCalibration, reliability_diagram
+from lightning_losses.callbacks.conformal import ConformalPrediction
 from lightning_losses.demos import ConvNet, image_datamodule
 from lightning_losses.functional.calibration import (
     brier_score,
@@ -107,6 +108,11 @@ def _collect(
 
 FORMATS = {"ECE-em %": ".2f", "cw-ECE %": ".3f", "NLL": ".4f", "Brier": ".4f", "acc %": ".2f"}
 ECE_COLUMN, DELTA_COLUMN = "ECE % [95 % CI]", "Δ ECE vs uncalibrated, pp [95 % CI]"
+#: Conformal prediction sets on the cross-entropy model's logits: miscoverage α and the methods of the table.
+CONFORMAL_ALPHA = 0.1
+CONFORMAL = {"thr": "THR", "aps": "APS (randomised)", "raps": "RAPS (randomised, λ = 0.01, k_reg = 5)"}
+COVERAGE_COLUMN, SET_SIZE_COLUMN = "coverage %", "set size"
+SCORE_COLUMNS = (ECE_COLUMN, DELTA_COLUMN, "ECE-em %", "cw-ECE %", "NLL", "Brier", "acc %")
 # Validation and test splits of 25 % each (1,250 MNIST images): a calibrator is fitted on enough errors to be
 # estimated, and the test ECE's bootstrap interval is narrow enough to tell calibrators apart.
 VAL_FRACTION = TEST_FRACTION = 0.25
@@ -189,16 +195,27 @@ def run(args: argparse.Namespace) -> int:
     val_loader, test_loader = datamodule.val_dataloader(), datamodule.test_dataloader()
     table = ResultsTable(
         "Calibration on " + type(datamodule).__name__.replace("DataModule", ""),
-        ["method", "kind", ECE_COLUMN, DELTA_COLUMN, "ECE-em %", "cw-ECE %", "NLL", "Brier", "acc %", "fit s"],
-        formats={**FORMATS, "fit s": lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}"},
+        ["method", "kind", *SCORE_COLUMNS, "fit s", COVERAGE_COLUMN, SET_SIZE_COLUMN],
+        formats={
+            **FORMATS,
+            "fit s": lambda v: f"{v:.2f}" if v < 10 else f"{v:.1f}",
+            COVERAGE_COLUMN: ".2f",
+            SET_SIZE_COLUMN: ".2f",
+        },
     )
+    no_sets = {COVERAGE_COLUMN: None, SET_SIZE_COLUMN: None}
     diagrams: list[Path] = []
 
-    # 1. the over-confident reference model, temperature scaling fitted by the callback after fit
+    # 1. the over-confident reference model; temperature scaling and the conformal sets fitted by callbacks after fit
     model = calibration_classifier("ce", width=width)
     posthoc = PostHocCalibration("temperature")
+    conformal = {
+        name: ConformalPrediction(alpha=CONFORMAL_ALPHA, method=name, prefix=f"conformal_{name}/")  # type: ignore[arg-type]
+        for name in CONFORMAL
+    }
     with split.phase("training/CE + temperature") as timer:
-        make_trainer(epochs, progress=progress, callbacks=[posthoc]).fit(model, datamodule=datamodule)
+        trainer = make_trainer(epochs, progress=progress, callbacks=[posthoc, *conformal.values()])
+        trainer.fit(model, datamodule=datamodule)
     fitted = posthoc.metrics
     print(
         f"cross-entropy model trained in {timer.seconds:.1f} s; temperature scaling on the validation split: "
@@ -208,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
         test_logits, test_y, _ = _collect(model, test_loader)
         train_logits, train_y, _ = _collect(model, datamodule.train_dataloader())  # type: ignore[attr-defined]
     train_nll = float(negative_log_likelihood(train_logits, train_y, "logits"))
-    table.add(method="uncalibrated (CE)", kind="-", **_scores(test_logits, test_y, args.n_bins), **{"fit s": None})
+    table.add(
+        method="uncalibrated (CE)", kind="-", **_scores(test_logits, test_y, args.n_bins), **{"fit s": None}, **no_sets
+    )
     if _diagram(test_logits, test_y, args.n_bins, "cross-entropy, uncalibrated", out / "reliability_uncalibrated.png"):
         diagrams.append(out / "reliability_uncalibrated.png")
 
@@ -244,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         elif isinstance(CALIBRATORS.get(name), functools.partial):  # a preset with its own settings: say which
             label += f" ({name})"
         row = _scores(calibrated, test_y, args.n_bins, reference=test_logits)
-        table.add(method=label, kind="post-hoc", **row, **{"fit s": fit_s})
+        table.add(method=label, kind="post-hoc", **row, **{"fit s": fit_s}, **no_sets)
         if _diagram(calibrated, test_y, args.n_bins, label, out / f"reliability_{name}.png"):
             diagrams.append(out / f"reliability_{name}.png")
         print(f"{label}: test ECE {row[ECE_COLUMN]} %")
@@ -258,10 +277,22 @@ def run(args: argparse.Namespace) -> int:
         logits, target, _ = _collect(module, test_loader)
         loss_label = type(module.loss).__name__
         row = _scores(logits, target, args.n_bins, reference=test_logits)
-        table.add(method=loss_label, kind="train-time", **row, **{"fit s": timer.seconds})
+        table.add(method=loss_label, kind="train-time", **row, **{"fit s": timer.seconds}, **no_sets)
         if _diagram(logits, target, args.n_bins, loss_label, out / f"reliability_{name}.png"):
             diagrams.append(out / f"reliability_{name}.png")
         print(f"{loss_label}: trained in {timer.seconds:.1f} s, test ECE {row[ECE_COLUMN]} %")
+
+    # 4. conformal prediction sets of the cross-entropy model, fitted at the end of its fit, tested on the test split
+    with split.phase("evaluation"):
+        trainer.test(model, dataloaders=test_loader, verbose=False)
+    no_scores = dict.fromkeys([*SCORE_COLUMNS, "fit s"])
+    for name, label in CONFORMAL.items():
+        metrics = conformal[name].test_metrics
+        sets = {COVERAGE_COLUMN: 100 * metrics["coverage"], SET_SIZE_COLUMN: metrics["set_size"]}
+        table.add(**{**no_scores, "method": f"conformal {label}", "kind": "sets", **sets})
+        print(
+            f"conformal {label}: test coverage {sets[COVERAGE_COLUMN]:.2f} %, mean set size {sets[SET_SIZE_COLUMN]:.2f}"
+        )
 
     assert isinstance(posthoc.calibrator, TemperatureScaler)
     temperature = posthoc.calibrator.temperature
@@ -278,7 +309,12 @@ def run(args: argparse.Namespace) -> int:
         "resamples of the test split; the change against the uncalibrated model uses the same resamples, and "
         "'(noise)' marks a change the test split does not resolve), ECE-em with equal-mass bins. "
         f"{PlattScaler.__name__} is binary-only and not listed. Reliability diagrams: reliability_*.png; "
-        "fit s of TemperatureScaler: fitted by the PostHocCalibration callback at the end of training."
+        "fit s of TemperatureScaler: fitted by the PostHocCalibration callback at the end of training. "
+        f"Conformal rows: ConformalPrediction callbacks (α = {CONFORMAL_ALPHA}) fitted on the validation split at the "
+        "end of the cross-entropy model's fit, on its uncalibrated logits; coverage (≥ "
+        f"{100 * (1 - CONFORMAL_ALPHA):.0f} % in expectation over the draw of the splits; one test split of "
+        f"{len(test_y)} moves it by about ±{100 * (CONFORMAL_ALPHA * (1 - CONFORMAL_ALPHA) / len(test_y)) ** 0.5:.1f} "
+        "pp) and mean set size (the randomised sets and THR's may be empty) on the test split."
     )
     path = table.write(out, "calibrate" + ("_quick" if args.quick else ""), preamble)
     report(table, preamble, [path, path.with_suffix(".json"), *diagrams], split)

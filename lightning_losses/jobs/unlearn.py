@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--paper-defaults",
         action="store_true",
-        help="every method with its paper hyperparameters (no NPO-RT retain weight / SimNPO margin of this job)",
+        help="every method with its paper hyperparameters (no NPO-RT / RMU retain weight or SimNPO margin of this job)",
     )
     parser.add_argument(
         "--npo-betas",
@@ -220,8 +220,12 @@ def _job_loss(method: str, paper_defaults: bool) -> Any:
     * SimNPO: margin δ = 4 nats per token and retain weight 3. With δ = 0 its gradient weight
       2·σ(−β·NLL) is about 3e-6 at this model's forget NLL of 3 (the paper's LLMs start
       near 0), so it leaves the model unchanged; δ = 4 pushes the forget NLL up to about 4 and then lets go.
+    * RMU: retain weight 3 instead of open-unlearning's 1000 (c = 300 kept). The forget play and the retain plays are
+      the same kind of text, so holding the retain activations at 1000× holds the forget ones too: the model is left
+      unchanged (forget NLL 3.134, the original's); 10 and 100 barely move it, 1 forgets past the retain model
+      (4.88) at +0.95 retain NLL, 3 gives about NPO-RT's trade-off.
     """
-    from lightning_losses.losses.unlearning import NPOLoss, SimNPOLoss
+    from lightning_losses.losses.unlearning import NPOLoss, RMULoss, SimNPOLoss
 
     if paper_defaults:
         return None
@@ -229,6 +233,8 @@ def _job_loss(method: str, paper_defaults: bool) -> Any:
         return NPOLoss(beta=0.1, retain_weight=10.0)
     if method == "simnpo":
         return SimNPOLoss(beta=4.5, delta=4.0, retain_weight=3.0)
+    if method == "rmu":
+        return RMULoss(retain_weight=3.0)
     return None
 
 
@@ -416,7 +422,8 @@ def run(args: argparse.Namespace) -> int:
         + (
             " (paper hyperparameters)"
             if args.paper_defaults
-            else " (NPO-RT retain weight 10; SimNPO δ = 4, retain weight 3; others at paper defaults)"
+            else " (NPO-RT retain weight 10; SimNPO δ = 4, retain weight 3; RMU retain weight 3; others at paper "
+            "defaults)"
         )
         + ". NLL per token (higher on forget = more "
         "forgotten); mia_auc: min-k%++ attack, forget vs held-out (the retain model's value is the target); "
