@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_losses import hyperparameters as hp
 from lightning_losses.callbacks.schedules import HyperparameterSchedule, LinearSchedule
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter
-from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.nn.stn import HyperLinear
+from tests.helpers.modules import Smoothing
 from tests.helpers.trainer import cpu_trainer
 
 
@@ -123,15 +123,6 @@ def test_float_write_of_an_exposed_attribute_and_of_other_shapes_and_dtypes():
 
 
 # --------------------------------------------------------------------------------------------------- log=False
-class Smoothing(LossModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_hyperparameter("amount", 0.1, low=0.0, high=1.0)
-
-    def forward(self, logits, target):
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(1, target[:, None])[:, 0]
-        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
 
 
 class Model(HyperparameterMixin, pl.LightningModule):

@@ -22,21 +22,10 @@ from lightning_losses.callbacks.schedules import (
     StepSchedule,
     apply_hyperparameters,
 )
-from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
+from tests.helpers.modules import Smoothing
 from tests.helpers.resume import crash_and_resume
 from tests.helpers.trainer import cpu_trainer
-
-
-class Smoothing(LossModule):
-    def __init__(self, amount: float = 0.1) -> None:
-        super().__init__()
-        self.register_hyperparameter("amount", amount, low=0.0, high=1.0)
-
-    def forward(self, logits, target):
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(1, target[:, None])[:, 0]
-        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
 
 
 class Recorder(HyperparameterMixin, pl.LightningModule):

@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_losses.callbacks.self_tuning import SelfTuning, TunedHyperparameter, best_response_step
-from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.nn.stn import (
     BoundedTransform,
@@ -26,6 +25,7 @@ from lightning_losses.nn.stn import (
     condition_hyper_layers,
 )
 from tests.helpers.distributed import run_distributed
+from tests.helpers.modules import Smoothing
 from tests.helpers.resume import crash_and_resume
 from tests.helpers.trainer import cpu_trainer
 
@@ -193,15 +193,6 @@ def test_gradient_reaches_hyperparameters_only_through_the_hypernetwork():
 
 
 # ------------------------------------------------------------------------------------- SelfTuning callback
-class Smoothing(LossModule):
-    def __init__(self, amount: float = 0.1) -> None:
-        super().__init__()
-        self.register_hyperparameter("amount", amount, low=0.0, high=1.0)
-
-    def forward(self, logits, target):
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(1, target[:, None])[:, 0]
-        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
 
 
 class HyperClassifier(HyperparameterMixin, pl.LightningModule):

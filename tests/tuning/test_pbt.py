@@ -13,9 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.tuning import common
 from lightning_losses.tuning.pbt import (
@@ -30,6 +28,8 @@ from lightning_losses.tuning.pbt import (
     pbt_quantiles,
     replay_schedule,
 )
+from tests.helpers import modules as helper_modules
+from tests.helpers.modules import Smoothing, TinyData
 
 SPACE = {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(1e-3, 1.0, log=True)}
 
@@ -232,22 +232,13 @@ def test_replay_schedule_is_piecewise_constant_per_epoch():
 
 
 # ------------------------------------------------------------------------------------------- end to end
-class Smoothing(LossModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_hyperparameter("amount", 0.05, low=0.0, high=1.0)
-
-    def forward(self, logits, target):
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(1, target[:, None])[:, 0]
-        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
 
 
 class Tiny(HyperparameterMixin, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(4, 3)
-        self.ls = Smoothing()
+        self.ls = Smoothing(0.05)
         # the weights a segment starts from, saved in its checkpoint: proves which checkpoint was restored
         self.register_buffer("start_fingerprint", torch.zeros(()))
 
@@ -264,19 +255,6 @@ class Tiny(HyperparameterMixin, pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class TinyData(pl.LightningDataModule):
-    def setup(self, stage=None):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(48, 4, generator=g)
-        self.ds = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
-
-    def train_dataloader(self):
-        return DataLoader(self.ds, batch_size=16)
-
-    def val_dataloader(self):
-        return DataLoader(self.ds, batch_size=48)
 
 
 def _module():
@@ -319,7 +297,8 @@ def _check_exploit(result, population):
 @pytest.fixture
 def workers_see_this_module():
     ray = pytest.importorskip("ray")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
+    for module in (sys.modules[__name__], helper_modules):  # the test modules are not importable by workers
+        ray.cloudpickle.register_pickle_by_value(module)
     yield ray
     if ray.is_initialized():
         ray.shutdown()

@@ -14,12 +14,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_losses.losses.base import LossModule
 from lightning_losses.mixins.base import HyperparameterMixin
 from lightning_losses.tuning.common import SearchDimension
 from lightning_losses.tuning.ray_tune import ClipToBounds, tune_population_based_training
+from tests.helpers import modules as helper_modules
+from tests.helpers.modules import Smoothing, TinyData
 
 SPACE = {"ls.amount": SearchDimension(0.0, 0.3), "lr": SearchDimension(1e-3, 1.0, log=True)}
 
@@ -229,22 +229,13 @@ def test_a_failed_trial_raises_its_own_error():
 
 
 # ------------------------------------------------------------------------------------------- end to end
-class Smoothing(LossModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_hyperparameter("amount", 0.05, low=0.0, high=1.0)
-
-    def forward(self, logits, target):
-        logp = logits.log_softmax(-1)
-        nll = -logp.gather(1, target[:, None])[:, 0]
-        return ((1 - self.amount) * nll + self.amount * -logp.mean(-1)).mean()
 
 
 class Tiny(HyperparameterMixin, pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(4, 3)
-        self.ls = Smoothing()
+        self.ls = Smoothing(0.05)
         self.register_buffer("steps", torch.zeros(()))  # checkpointed counter: proves which checkpoint was restored
 
     def training_step(self, batch, batch_idx):
@@ -263,19 +254,6 @@ class Tiny(HyperparameterMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class TinyData(pl.LightningDataModule):
-    def setup(self, stage=None):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(48, 4, generator=g)
-        self.ds = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
-
-    def train_dataloader(self):
-        return DataLoader(self.ds, batch_size=16)
-
-    def val_dataloader(self):
-        return DataLoader(self.ds, batch_size=48)
-
-
 def _module():
     return Tiny()
 
@@ -287,7 +265,8 @@ def _datamodule():
 @pytest.mark.slow  # ~40 s: Ray's start-up and two trials of two epochs
 def test_pbt_on_ray_tune_exploits_donor_checkpoint_with_new_hyperparameters(tmp_path):
     ray = pytest.importorskip("ray")
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test module is not importable by workers
+    for module in (sys.modules[__name__], helper_modules):  # the test modules are not importable by workers
+        ray.cloudpickle.register_pickle_by_value(module)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         # trial 0 learns (lr 0.5), trial 1 barely moves (lr 0.001): trial 1 must exploit trial 0 after epoch 1
