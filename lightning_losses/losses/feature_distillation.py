@@ -310,10 +310,10 @@ class CRDLoss(DistillationLoss):
             contrast_index: Optional ``(B, K + 1)`` memory rows to score, each sample's own index first (the
                 official ``contrast_idx``); drawn uniformly when ``None``.
         """
-        self._index_validation(student_features, index, contrast_index)
+        rows_of_index = self._index_validation(student_features, index, contrast_index)
         vs = self.embed_student(student_features)
         vt = self.embed_teacher(teacher_features.detach())
-        index = self._rows(index.to(device=vs.device, dtype=torch.long))
+        index = rows_of_index.to(vs.device)
         if contrast_index is None:
             contrast_index = self._draw_negatives(index)
         contrast_index = contrast_index.to(device=vs.device, dtype=torch.long)
@@ -338,7 +338,8 @@ class CRDLoss(DistillationLoss):
             self._update_memory(index, vs.detach(), vt.detach())
         return self.weight.to(loss).reshape(()) * loss
 
-    def _index_validation(self, features: Tensor, index: Tensor, contrast_index: Tensor | None) -> None:
+    def _index_validation(self, features: Tensor, index: Tensor, contrast_index: Tensor | None) -> Tensor:
+        """Check the indices; return the bank rows of ``index`` (int64)."""
         if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool:
             raise TypeError(
                 f"`index` must be an integer tensor of sample indices, got {type(index).__name__}"
@@ -350,10 +351,11 @@ class CRDLoss(DistillationLoss):
                 f"`index` must have shape (B,) = ({features.shape[0]},), one index per sample, got "
                 f"{tuple(index.shape)}."
             )
+        rows = self._rows(index.long() if self.sample_ids is None else index.to(self.sample_ids.device, torch.long))
         if self.sample_ids is not None:
-            rows = self._rows(index.to(self.sample_ids.device, torch.long))
-            if index.numel() and not bool((self.sample_ids[rows] == index.to(rows)).all()):
-                missing = index[self.sample_ids[rows] != index.to(rows)][:5].tolist()
+            absent = self.sample_ids[rows] != index.to(rows)
+            if bool(absent.any()):
+                missing = index[absent.to(index.device)][:5].tolist()
                 raise ValueError(
                     f"`index` holds ids that are not among `sample_ids` (e.g. {missing}): give the ids of the "
                     "training samples the batches carry."
@@ -371,6 +373,7 @@ class CRDLoss(DistillationLoss):
                 )
             if int(contrast_index.min()) < 0 or int(contrast_index.max()) >= self.num_samples:
                 raise ValueError(f"`contrast_index` must lie in [0, num_samples={self.num_samples}).")
+        return rows
 
     def _rows(self, index: Tensor) -> Tensor:
         """The bank rows of the samples ``index`` (themselves unless ``sample_ids`` maps ids to rows)."""
